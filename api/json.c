@@ -1,0 +1,251 @@
+/*
+ * Encodings the API needs around its JSON bodies: base64 for binary MIME,
+ * UTF-8 checks to choose between "mime" and "mime_base64", and the
+ * certificate description shared by /v1/keys and the verify results.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <openssl/bio.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509v3.h>
+
+#include "api/internal.h"
+
+static int b64_value(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+')
+        return 62;
+    if (c == '/')
+        return 63;
+    return -1;
+}
+
+static int b64_space(unsigned char c)
+{
+    return c == '\r' || c == '\n' || c == ' ' || c == '\t';
+}
+
+unsigned char *api_base64_decode(const char *text, size_t text_len,
+                                 size_t *out_len)
+{
+    unsigned char *out = NULL, *ret = NULL;
+    uint32_t acc = 0;
+    size_t n = 0, i, pad = 0, quad = 0;
+
+    out = malloc(text_len / 4 * 3 + 3);
+    if (out == NULL)
+        goto out;
+    for (i = 0; i < text_len; i++) {
+        unsigned char c = (unsigned char)text[i];
+        int v;
+
+        if (b64_space(c))
+            continue;
+        if (c == '=') {
+            pad++;
+            continue;
+        }
+        /* data after padding means two documents glued together */
+        if (pad > 0)
+            goto out;
+        v = b64_value(c);
+        if (v < 0)
+            goto out;
+        acc = (acc << 6) | (uint32_t)v;
+        if (++quad == 4) {
+            out[n++] = (unsigned char)(acc >> 16);
+            out[n++] = (unsigned char)(acc >> 8);
+            out[n++] = (unsigned char)acc;
+            acc = 0;
+            quad = 0;
+        }
+    }
+    /* a lone sixth of a byte cannot be valid; padding must fill the quad */
+    if (quad == 1 || pad > 2 || (pad > 0 && quad + pad != 4))
+        goto out;
+    if (quad == 2) {
+        out[n++] = (unsigned char)(acc >> 4);
+    } else if (quad == 3) {
+        out[n++] = (unsigned char)(acc >> 10);
+        out[n++] = (unsigned char)(acc >> 2);
+    }
+    *out_len = n;
+    ret = out;
+    out = NULL;
+out:
+    free(out);
+    return ret;
+}
+
+char *api_base64_encode(const unsigned char *data, size_t len)
+{
+    char *out;
+    size_t outlen = 4 * ((len + 2) / 3) + 1;
+
+    if (len > INT32_MAX)
+        return NULL;
+    out = malloc(outlen);
+    if (out == NULL)
+        return NULL;
+    EVP_EncodeBlock((unsigned char *)out, data, (int)len);
+    return out;
+}
+
+int api_utf8_valid(const unsigned char *s, size_t len)
+{
+    size_t i = 0;
+
+    while (i < len) {
+        unsigned char c = s[i];
+        size_t need, k;
+        uint32_t cp;
+
+        if (c < 0x80) {
+            i++;
+            continue;
+        } else if ((c & 0xE0) == 0xC0) {
+            need = 1;
+            cp = c & 0x1F;
+        } else if ((c & 0xF0) == 0xE0) {
+            need = 2;
+            cp = c & 0x0F;
+        } else if ((c & 0xF8) == 0xF0) {
+            need = 3;
+            cp = c & 0x07;
+        } else {
+            return 0;
+        }
+        if (len - i <= need)
+            return 0;
+        for (k = 1; k <= need; k++) {
+            if ((s[i + k] & 0xC0) != 0x80)
+                return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        /* overlong forms, surrogates and values past U+10FFFF are not UTF-8 */
+        if ((need == 1 && cp < 0x80) || (need == 2 && cp < 0x800) ||
+            (need == 3 && cp < 0x10000) || cp > 0x10FFFF ||
+            (cp >= 0xD800 && cp <= 0xDFFF))
+            return 0;
+        i += need + 1;
+    }
+    return 1;
+}
+
+static json_t *name_json(const X509_NAME *name)
+{
+    BIO *bio = BIO_new(BIO_s_mem());
+    json_t *ret = NULL;
+    char *data;
+    long len;
+
+    if (bio == NULL)
+        return NULL;
+    if (X509_NAME_print_ex(bio, name, 0, XN_FLAG_RFC2253) < 0)
+        goto out;
+    len = BIO_get_mem_data(bio, &data);
+    ret = json_stringn(data, (size_t)len);
+out:
+    BIO_free(bio);
+    return ret;
+}
+
+static json_t *serial_json(X509 *cert)
+{
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), NULL);
+    json_t *ret = NULL;
+    char *hex = NULL;
+
+    if (bn == NULL)
+        return NULL;
+    hex = BN_bn2hex(bn);
+    if (hex != NULL)
+        ret = json_string(hex);
+    OPENSSL_free(hex);
+    BN_free(bn);
+    return ret;
+}
+
+static json_t *time_json(const ASN1_TIME *t)
+{
+    struct tm tm;
+    char buf[32];
+
+    if (!ASN1_TIME_to_tm(t, &tm))
+        return NULL;
+    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    return json_string(buf);
+}
+
+static json_t *emails_json(X509 *cert)
+{
+    STACK_OF(OPENSSL_STRING) *emails = X509_get1_email(cert);
+    json_t *arr = json_array();
+    int i;
+
+    for (i = 0; arr != NULL && i < sk_OPENSSL_STRING_num(emails); i++) {
+        if (json_array_append_new(
+                arr, json_string(sk_OPENSSL_STRING_value(emails, i))) != 0) {
+            json_decref(arr);
+            arr = NULL;
+        }
+    }
+    X509_email_free(emails);
+    return arr;
+}
+
+static json_t *pem_json(X509 *cert)
+{
+    BIO *bio = BIO_new(BIO_s_mem());
+    json_t *ret = NULL;
+    char *data;
+    long len;
+
+    if (bio == NULL)
+        return NULL;
+    if (PEM_write_bio_X509(bio, cert)) {
+        len = BIO_get_mem_data(bio, &data);
+        ret = json_stringn(data, (size_t)len);
+    }
+    BIO_free(bio);
+    return ret;
+}
+
+json_t *api_cert_json(X509 *cert)
+{
+    json_t *obj = json_object();
+    int days = 0, secs = 0;
+    int failed = obj == NULL;
+
+    failed = failed ||
+             json_object_set_new(obj, "subject",
+                                 name_json(X509_get_subject_name(cert))) ||
+             json_object_set_new(obj, "issuer",
+                                 name_json(X509_get_issuer_name(cert))) ||
+             json_object_set_new(obj, "serial", serial_json(cert)) ||
+             json_object_set_new(obj, "not_before",
+                                 time_json(X509_get0_notBefore(cert))) ||
+             json_object_set_new(obj, "not_after",
+                                 time_json(X509_get0_notAfter(cert))) ||
+             json_object_set_new(obj, "emails", emails_json(cert)) ||
+             json_object_set_new(obj, "pem", pem_json(cert));
+    /* whole days left, negative once expired, so monitoring can alert early */
+    if (!failed &&
+        ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notAfter(cert)))
+        failed = json_object_set_new(obj, "expires_in_days",
+                                     json_integer(days)) != 0;
+    if (failed) {
+        json_decref(obj);
+        return NULL;
+    }
+    return obj;
+}

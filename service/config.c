@@ -1,0 +1,486 @@
+/*
+ * Configuration loading. Each JSON object is checked against a table of its
+ * options (name, type, range) before any value is used, so unknown keys and
+ * wrong types are reported the same way everywhere; then the checks that
+ * need context (files exist, URIs parse, names are unique) run. Everything
+ * wrong is collected so one --check-config run shows all of it.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <jansson.h>
+
+#include "service/config.h"
+
+typedef enum { OPT_STRING, OPT_PATH, OPT_BOOL, OPT_INT, OPT_ARRAY } opt_type;
+
+typedef struct opt {
+    const char *name;
+    opt_type type;
+    int required;
+    json_int_t min, max; /* OPT_INT only */
+} opt;
+
+static const opt top_opts[] = {
+    {"listen", OPT_STRING, 0, 0, 0},
+    {"max_body_bytes", OPT_INT, 0, 1024, (json_int_t)1 << 40},
+    {"max_connections", OPT_INT, 0, 1, 65536},
+    {"request_timeout_s", OPT_INT, 0, 1, 3600},
+    {"log_level", OPT_STRING, 0, 0, 0},
+    {"log_file", OPT_STRING, 0, 0, 0},
+    {"tokens", OPT_ARRAY, 1, 0, 0},
+    {NULL, 0, 0, 0, 0},
+};
+
+static const opt token_opts[] = {
+    {"name", OPT_STRING, 0, 0, 0},
+    {"module", OPT_PATH, 1, 0, 0},
+    {"uri", OPT_STRING, 1, 0, 0},
+    {"pin_file", OPT_PATH, 0, 0, 0},
+    {"pin_env", OPT_STRING, 0, 0, 0},
+    {"chain", OPT_PATH, 0, 0, 0},
+    {"discovery", OPT_BOOL, 0, 0, 0},
+    {"optional", OPT_BOOL, 0, 0, 0},
+    {"max_sessions", OPT_INT, 0, 1, 16},
+    {"wait_ms", OPT_INT, 0, 0, 600000},
+    {"keys", OPT_ARRAY, 0, 0, 0},
+    {NULL, 0, 0, 0, 0},
+};
+
+static const opt key_opts[] = {
+    {"name", OPT_STRING, 1, 0, 0},
+    {"uri", OPT_STRING, 1, 0, 0},
+    {"certificate", OPT_PATH, 0, 0, 0},
+    {"chain", OPT_PATH, 0, 0, 0},
+    {NULL, 0, 0, 0, 0},
+};
+
+typedef struct config_priv {
+    json_t *root;
+    char **strings; /* resolved paths and copies, freed with the config */
+    size_t nstrings;
+} config_priv;
+
+typedef struct loader {
+    const char *file;
+    char *dir;
+    config *cfg;
+    config_problems *problems;
+} loader;
+
+void config_problems_clear(config_problems *p)
+{
+    size_t i;
+
+    for (i = 0; i < p->count; i++)
+        free(p->lines[i]);
+    free(p->lines);
+    p->lines = NULL;
+    p->count = 0;
+}
+
+__attribute__((format(printf, 3, 4))) static void
+problem(loader *ld, const char *where, const char *fmt, ...)
+{
+    char msg[512], *line = NULL, **grown;
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    grown = realloc(ld->problems->lines,
+                    (ld->problems->count + 1) * sizeof(*grown));
+    if (grown == NULL)
+        return;
+    ld->problems->lines = grown;
+    if (asprintf(&line, "%s: %s%s%s", ld->file, where, *where ? ": " : "",
+                 msg) < 0)
+        return;
+    grown[ld->problems->count++] = line;
+}
+
+/* Keeps s alive as long as the config; NULL on allocation failure. */
+static char *keep(loader *ld, char *s)
+{
+    config_priv *priv = ld->cfg->priv;
+    char **grown;
+
+    if (s == NULL)
+        return NULL;
+    grown = realloc(priv->strings, (priv->nstrings + 1) * sizeof(*grown));
+    if (grown == NULL) {
+        free(s);
+        return NULL;
+    }
+    priv->strings = grown;
+    grown[priv->nstrings++] = s;
+    return s;
+}
+
+static const char *type_name(opt_type t)
+{
+    switch (t) {
+    case OPT_BOOL:
+        return "a boolean";
+    case OPT_INT:
+        return "an integer";
+    case OPT_ARRAY:
+        return "an array";
+    default:
+        return "a string";
+    }
+}
+
+static int type_fits(opt_type t, json_t *v)
+{
+    switch (t) {
+    case OPT_BOOL:
+        return json_is_boolean(v);
+    case OPT_INT:
+        return json_is_integer(v);
+    case OPT_ARRAY:
+        return json_is_array(v);
+    default:
+        return json_is_string(v) && json_string_length(v) > 0 &&
+               strlen(json_string_value(v)) == json_string_length(v);
+    }
+}
+
+/* Checks obj against its table; 0 when every option fits. */
+static int check_object(loader *ld, const char *where, json_t *obj,
+                        const opt *opts)
+{
+    const char *name;
+    json_t *v;
+    const opt *o;
+    int bad = 0;
+
+    if (!json_is_object(obj)) {
+        problem(ld, where, "must be an object");
+        return -1;
+    }
+    json_object_foreach(obj, name, v)
+    {
+        for (o = opts; o->name != NULL; o++)
+            if (strcmp(o->name, name) == 0)
+                break;
+        if (o->name == NULL) {
+            problem(ld, where, "unknown option \"%s\"", name);
+            bad = 1;
+        } else if (!type_fits(o->type, v)) {
+            problem(ld, where, "\"%s\" must be %s%s", name,
+                    type_name(o->type),
+                    o->type == OPT_STRING || o->type == OPT_PATH
+                        ? " (non-empty, no NUL)"
+                        : "");
+            bad = 1;
+        } else if (o->type == OPT_INT && (json_integer_value(v) < o->min ||
+                                          json_integer_value(v) > o->max)) {
+            problem(ld, where, "\"%s\" must be between %lld and %lld", name,
+                    (long long)o->min, (long long)o->max);
+            bad = 1;
+        }
+    }
+    for (o = opts; o->name != NULL; o++) {
+        if (o->required && json_object_get(obj, o->name) == NULL) {
+            problem(ld, where, "\"%s\" is required", o->name);
+            bad = 1;
+        }
+    }
+    return bad ? -1 : 0;
+}
+
+static const char *get_string(json_t *obj, const char *name)
+{
+    return json_string_value(json_object_get(obj, name));
+}
+
+/* Paths inside the config are relative to its folder, so a config and its
+ * files can move together. */
+static char *resolve(loader *ld, const char *value)
+{
+    char *path = NULL;
+
+    if (value[0] == '/')
+        path = strdup(value);
+    else if (asprintf(&path, "%s/%s", ld->dir, value) < 0)
+        path = NULL;
+    return keep(ld, path);
+}
+
+/* Resolves a path option and checks that the file can be read; NULL (and a
+ * problem) when it cannot. */
+static const char *get_path(loader *ld, const char *where, json_t *obj,
+                            const char *name)
+{
+    const char *value = get_string(obj, name);
+    char *path;
+
+    if (value == NULL)
+        return NULL;
+    path = resolve(ld, value);
+    if (path == NULL) {
+        problem(ld, where, "out of memory");
+        return NULL;
+    }
+    if (access(path, R_OK) != 0) {
+        problem(ld, where, "\"%s\": cannot read %s: %s", name, path,
+                strerror(errno));
+        return NULL;
+    }
+    return path;
+}
+
+static int get_bool(json_t *obj, const char *name)
+{
+    return json_is_true(json_object_get(obj, name));
+}
+
+static int get_int(json_t *obj, const char *name, int dflt)
+{
+    json_t *v = json_object_get(obj, name);
+
+    return v != NULL ? (int)json_integer_value(v) : dflt;
+}
+
+static void check_uri(loader *ld, const char *where, const char *text,
+                      int for_key)
+{
+    token_uri uri = {0};
+    token_error err = {0};
+
+    if (text == NULL)
+        return;
+    if (token_uri_parse(text, &uri, &err) != 0) {
+        problem(ld, where, "\"uri\": %s", err.message);
+        return;
+    }
+    if (for_key && uri.object == NULL && uri.id == NULL)
+        problem(ld, where, "\"uri\" must name the key with object= or id=");
+    if (!for_key && (uri.object != NULL || uri.id != NULL))
+        problem(ld, where,
+                "\"uri\" selects the token; name keys in \"keys\" instead");
+    token_uri_clear(&uri);
+}
+
+/* Names are unique across the whole config: a request names a key alone. */
+static int name_taken(const config *cfg, size_t upto_token, size_t upto_key,
+                      const char *name)
+{
+    size_t t, k;
+
+    for (t = 0; t <= upto_token && t < cfg->ntokens; t++) {
+        size_t n = t == upto_token ? upto_key : cfg->tokens[t].nkeys;
+
+        for (k = 0; k < n; k++)
+            if (cfg->tokens[t].keys[k].name != NULL &&
+                strcmp(cfg->tokens[t].keys[k].name, name) == 0)
+                return 1;
+    }
+    return 0;
+}
+
+static void load_key(loader *ld, size_t ti, size_t ki, json_t *obj)
+{
+    token_key_spec *ks = (token_key_spec *)&ld->cfg->tokens[ti].keys[ki];
+    char where[64];
+
+    snprintf(where, sizeof(where), "tokens[%zu].keys[%zu]", ti, ki);
+    if (check_object(ld, where, obj, key_opts) != 0)
+        return;
+    ks->name = get_string(obj, "name");
+    ks->uri = get_string(obj, "uri");
+    ks->cert_file = get_path(ld, where, obj, "certificate");
+    ks->chain_file = get_path(ld, where, obj, "chain");
+    check_uri(ld, where, ks->uri, 1);
+    if (name_taken(ld->cfg, ti, ki, ks->name))
+        problem(ld, where, "key name \"%s\" is used twice", ks->name);
+}
+
+static void load_token(loader *ld, size_t ti, json_t *obj)
+{
+    token_spec *ts = &ld->cfg->tokens[ti];
+    json_t *keys;
+    char where[32];
+    size_t ki;
+
+    snprintf(where, sizeof(where), "tokens[%zu]", ti);
+    if (check_object(ld, where, obj, token_opts) != 0)
+        return;
+    ts->name = get_string(obj, "name");
+    ts->module = get_path(ld, where, obj, "module");
+    ts->uri = get_string(obj, "uri");
+    ts->pin_file = get_path(ld, where, obj, "pin_file");
+    ts->pin_env = get_string(obj, "pin_env");
+    ts->chain_file = get_path(ld, where, obj, "chain");
+    ts->discovery = get_bool(obj, "discovery");
+    ts->optional = get_bool(obj, "optional");
+    ts->max_sessions = get_int(obj, "max_sessions", 0);
+    ts->wait_ms = get_int(obj, "wait_ms", 5000);
+    check_uri(ld, where, ts->uri, 0);
+    if ((json_object_get(obj, "pin_file") != NULL) ==
+        (json_object_get(obj, "pin_env") != NULL))
+        problem(ld, where, "give exactly one of \"pin_file\" and \"pin_env\"");
+    if (ts->pin_env != NULL && getenv(ts->pin_env) == NULL)
+        problem(ld, where, "\"pin_env\": environment variable %s is not set",
+                ts->pin_env);
+    keys = json_object_get(obj, "keys");
+    if (!ts->discovery && json_array_size(keys) == 0)
+        problem(ld, where, "no keys: list some in \"keys\" or set "
+                           "\"discovery\": true");
+    if (json_array_size(keys) == 0)
+        return;
+    ts->keys = calloc(json_array_size(keys), sizeof(token_key_spec));
+    if (ts->keys == NULL) {
+        problem(ld, where, "out of memory");
+        return;
+    }
+    ts->nkeys = json_array_size(keys);
+    for (ki = 0; ki < ts->nkeys; ki++)
+        load_key(ld, ti, ki, json_array_get(keys, ki));
+}
+
+/* host:port, [v6]:port; the port may be 0 (any free port). */
+static void check_listen(loader *ld, const char *listen)
+{
+    const char *colon = strrchr(listen, ':');
+    char *end;
+    long port;
+
+    if (colon == NULL || colon == listen) {
+        problem(ld, "listen", "\"%s\" is not HOST:PORT", listen);
+        return;
+    }
+    errno = 0;
+    port = strtol(colon + 1, &end, 10);
+    if (colon[1] == '\0' || *end != '\0' || errno != 0 || port < 0 ||
+        port > 65535)
+        problem(ld, "listen", "\"%s\" has no valid port", listen);
+}
+
+static void load_top(loader *ld, json_t *root)
+{
+    config *cfg = ld->cfg;
+    json_t *tokens;
+    const char *s;
+    size_t ti;
+
+    if (check_object(ld, "", root, top_opts) != 0 &&
+        !json_is_object(root))
+        return;
+    s = get_string(root, "listen");
+    cfg->listen = keep(ld, strdup(s != NULL ? s : "127.0.0.1:8080"));
+    if (cfg->listen != NULL)
+        check_listen(ld, cfg->listen);
+    cfg->max_body_bytes = (size_t)get_int(root, "max_body_bytes", 0);
+    if (cfg->max_body_bytes == 0)
+        cfg->max_body_bytes = (size_t)64 << 20;
+    cfg->max_connections = (unsigned)get_int(root, "max_connections", 256);
+    cfg->request_timeout_s =
+        (unsigned)get_int(root, "request_timeout_s", 60);
+    s = get_string(root, "log_level");
+    cfg->log_level = LOG_LEVEL_INFO;
+    if (s != NULL && config_log_level_from_name(s, &cfg->log_level) != 0)
+        problem(ld, "log_level",
+                "must be \"error\", \"warn\", \"info\" or \"debug\"");
+    s = get_string(root, "log_file");
+    if (s != NULL && (cfg->log_file = resolve(ld, s)) == NULL)
+        problem(ld, "log_file", "out of memory");
+    tokens = json_object_get(root, "tokens");
+    if (!json_is_array(tokens))
+        return;
+    if (json_array_size(tokens) == 0) {
+        problem(ld, "tokens", "at least one token is required");
+        return;
+    }
+    cfg->tokens = calloc(json_array_size(tokens), sizeof(token_spec));
+    if (cfg->tokens == NULL) {
+        problem(ld, "tokens", "out of memory");
+        return;
+    }
+    cfg->ntokens = json_array_size(tokens);
+    for (ti = 0; ti < cfg->ntokens; ti++)
+        load_token(ld, ti, json_array_get(tokens, ti));
+}
+
+config *config_load(const char *path, config_problems *problems)
+{
+    loader ld = {path, NULL, NULL, problems};
+    config *cfg = NULL, *ret = NULL;
+    json_error_t jerr;
+    const char *slash;
+
+    cfg = calloc(1, sizeof(*cfg));
+    if (cfg == NULL || (cfg->priv = calloc(1, sizeof(config_priv))) == NULL) {
+        problem(&ld, "", "out of memory");
+        goto out;
+    }
+    ld.cfg = cfg;
+    slash = strrchr(path, '/');
+    ld.dir = slash == NULL ? strdup(".")
+                           : strndup(path, (size_t)(slash - path) +
+                                               (slash == path ? 1 : 0));
+    if (ld.dir == NULL) {
+        problem(&ld, "", "out of memory");
+        goto out;
+    }
+    /* duplicate keys would make one of two settings silently win */
+    ((config_priv *)cfg->priv)->root =
+        json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    if (((config_priv *)cfg->priv)->root == NULL) {
+        if (jerr.line > 0)
+            problem(&ld, "", "line %d column %d: %s", jerr.line, jerr.column,
+                    jerr.text);
+        else
+            problem(&ld, "", "%s", jerr.text);
+        goto out;
+    }
+    load_top(&ld, ((config_priv *)cfg->priv)->root);
+    if (problems->count == 0) {
+        ret = cfg;
+        cfg = NULL;
+    }
+out:
+    free(ld.dir);
+    config_free(cfg);
+    return ret;
+}
+
+void config_free(config *cfg)
+{
+    config_priv *priv;
+    size_t i;
+
+    if (cfg == NULL)
+        return;
+    for (i = 0; i < cfg->ntokens; i++)
+        free((void *)cfg->tokens[i].keys);
+    free(cfg->tokens);
+    priv = cfg->priv;
+    if (priv != NULL) {
+        for (i = 0; i < priv->nstrings; i++)
+            free(priv->strings[i]);
+        free(priv->strings);
+        json_decref(priv->root);
+        free(priv);
+    }
+    free(cfg);
+}
+
+int config_log_level_from_name(const char *name, log_level *level)
+{
+    static const char *const names[] = {"error", "warn", "info", "debug"};
+    size_t i;
+
+    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (strcmp(name, names[i]) == 0) {
+            *level = (log_level)i;
+            return 0;
+        }
+    }
+    return -1;
+}

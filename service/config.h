@@ -1,0 +1,47 @@
+/*
+ * config: the daemon's JSON configuration, checked completely before use.
+ * Options are declared in one table per object; every problem is reported
+ * with its location (file and JSON path), not just the first.
+ */
+#ifndef SMIMED_CONFIG_H
+#define SMIMED_CONFIG_H
+
+#include <stddef.h>
+
+#include "token/token.h"
+
+typedef enum {
+    LOG_LEVEL_ERROR,
+    LOG_LEVEL_WARN,
+    LOG_LEVEL_INFO,
+    LOG_LEVEL_DEBUG,
+} log_level;
+
+typedef struct config {
+    char *listen;          /* "host:port" */
+    size_t max_body_bytes; /* request body cap */
+    unsigned max_connections;
+    unsigned request_timeout_s;
+    log_level log_level;
+    char *log_file; /* NULL: stderr */
+    token_spec *tokens;
+    size_t ntokens;
+    void *priv; /* owns every string above */
+} config;
+
+/* Problems found while loading, one line each ("FILE: PATH: text"). */
+typedef struct config_problems {
+    char **lines;
+    size_t count;
+} config_problems;
+
+void config_problems_clear(config_problems *p);
+
+/* Loads and checks path. NULL when any problem was found; problems holds
+ * them all. Relative paths inside are resolved against the file's folder. */
+config *config_load(const char *path, config_problems *problems);
+void config_free(config *cfg);
+
+int config_log_level_from_name(const char *name, log_level *level);
+
+#endif

@@ -1,0 +1,426 @@
+/*
+ * libmicrohttpd wiring. The access handler is called first with the
+ * headers, then with each piece of the body, then once more at the end;
+ * everything the contract checks from headers alone (route, method, size,
+ * media type) is answered on the first call, before any body is read.
+ */
+#include <errno.h>
+#include <netdb.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <microhttpd.h>
+
+#include "service/http.h"
+#include "service/log.h"
+
+struct http_server {
+    struct MHD_Daemon *daemon;
+    api *api;
+    size_t max_body;
+    unsigned port;
+    pthread_mutex_t lock;
+    pthread_cond_t idle;
+    unsigned in_flight;
+    int closing;
+};
+
+typedef struct request {
+    http_server *srv;
+    struct timespec start;
+    const api_route *route;
+    api_body_kind kind;
+    unsigned char *body;
+    size_t len, cap;
+    int answered; /* a response is queued; ignore the rest of the body */
+    int status;
+    char method[16];
+    char path[128];
+    char key[128];
+} request;
+
+static double ms_since(const struct timespec *start)
+{
+    struct timespec now;
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - start->tv_sec) * 1e3 +
+           (double)(now.tv_nsec - start->tv_nsec) / 1e6;
+}
+
+static void on_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    char msg[512];
+    size_t n;
+
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    n = strlen(msg);
+    while (n > 0 && msg[n - 1] == '\n')
+        msg[--n] = '\0';
+    log_warn("libmicrohttpd: %s", msg);
+}
+
+/* Hands res->body to libmicrohttpd, which frees it after sending. */
+static enum MHD_Result queue(request *r, struct MHD_Connection *conn,
+                             api_response *res)
+{
+    struct MHD_Response *resp;
+    enum MHD_Result ret = MHD_NO;
+    size_t i;
+
+    resp = MHD_create_response_from_buffer_with_free_callback(
+        res->body_len, res->body, free);
+    if (resp == NULL)
+        goto out;
+    res->body = NULL;
+    if (MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+                                res->content_type) != MHD_YES)
+        goto out;
+    for (i = 0; i < res->nheaders; i++)
+        if (MHD_add_response_header(resp, res->headers[i].name,
+                                    res->headers[i].value) != MHD_YES)
+            goto out;
+    /* while shutting down, keep-alive would hold connections open */
+    if (r->srv->closing &&
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close") !=
+            MHD_YES)
+        goto out;
+    r->status = res->status;
+    r->answered = 1;
+    snprintf(r->key, sizeof(r->key), "%s", res->key);
+    ret = MHD_queue_response(conn, (unsigned)res->status, resp);
+out:
+    MHD_destroy_response(resp);
+    api_response_clear(res);
+    return ret;
+}
+
+static enum MHD_Result answer_error(request *r, struct MHD_Connection *conn,
+                                    const api_error *err)
+{
+    api_response res = {0};
+
+    if (api_response_set_error(&res, err) != 0) {
+        api_response_clear(&res);
+        return MHD_NO;
+    }
+    return queue(r, conn, &res);
+}
+
+static request *request_new(http_server *srv, const char *method,
+                            const char *url)
+{
+    request *r = calloc(1, sizeof(*r));
+
+    if (r == NULL)
+        return NULL;
+    r->srv = srv;
+    clock_gettime(CLOCK_MONOTONIC, &r->start);
+    snprintf(r->method, sizeof(r->method), "%s", method);
+    snprintf(r->path, sizeof(r->path), "%s", url);
+    pthread_mutex_lock(&srv->lock);
+    srv->in_flight++;
+    pthread_mutex_unlock(&srv->lock);
+    return r;
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn,
+                         void **req_cls, enum MHD_RequestTerminationCode toe)
+{
+    request *r = *req_cls;
+    http_server *srv = cls;
+
+    if (r == NULL)
+        return;
+    /* method, path, status, latency and key only: never content or PINs */
+    log_info("%s %s %d %.1fms key=%s%s", r->method, r->path, r->status,
+             ms_since(&r->start), r->key[0] ? r->key : "-",
+             toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " aborted");
+    free(r->body);
+    free(r);
+    *req_cls = NULL;
+    pthread_mutex_lock(&srv->lock);
+    if (--srv->in_flight == 0)
+        pthread_cond_broadcast(&srv->idle);
+    pthread_mutex_unlock(&srv->lock);
+}
+
+static int fail_status(api_error *err, int status, const char *code,
+                       const char *message)
+{
+    err->status = status;
+    err->code = code;
+    err->allow = NULL;
+    err->retry_after = 0;
+    snprintf(err->message, sizeof(err->message), "%s", message);
+    return -1;
+}
+
+/* The checks made from the headers alone, in the contract's order. */
+static int check_headers(request *r, struct MHD_Connection *conn,
+                         const char *method, const char *url, api_error *err)
+{
+    const char *clen, *ctype;
+    char *end;
+    unsigned long long n;
+
+    r->route = api_route_find(method, url, err);
+    if (r->route == NULL)
+        return -1;
+    if (!api_route_has_body(r->route))
+        return 0;
+    clen = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                       MHD_HTTP_HEADER_CONTENT_LENGTH);
+    if (clen != NULL) {
+        errno = 0;
+        n = strtoull(clen, &end, 10);
+        if (errno == 0 && *end == '\0' && n > r->srv->max_body) {
+            fail_status(err, 413, "body_too_large", "");
+            snprintf(err->message, sizeof(err->message),
+                     "request body of %llu bytes is over the limit of %zu",
+                     n, r->srv->max_body);
+            return -1;
+        }
+    }
+    ctype = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                        MHD_HTTP_HEADER_CONTENT_TYPE);
+    return api_route_check_media(r->route, ctype, &r->kind, err);
+}
+
+static int append_body(request *r, const char *data, size_t size,
+                       api_error *err)
+{
+    unsigned char *grown;
+    size_t cap;
+
+    /* chunked bodies carry no Content-Length: stop at the cap as they come */
+    if (size > r->srv->max_body - r->len)
+        return fail_status(err, 413, "body_too_large",
+                           "request body is over the limit");
+    if (r->len + size > r->cap) {
+        cap = r->cap ? r->cap : 16384;
+        while (cap < r->len + size)
+            cap *= 2;
+        if (cap > r->srv->max_body)
+            cap = r->srv->max_body;
+        grown = realloc(r->body, cap);
+        if (grown == NULL)
+            return fail_status(err, 503, "out_of_memory",
+                               "no memory for the request body");
+        r->body = grown;
+        r->cap = cap;
+    }
+    memcpy(r->body + r->len, data, size);
+    r->len += size;
+    return 0;
+}
+
+typedef struct query_iter {
+    int (*fn)(void *arg, const char *name);
+    void *arg;
+    int stopped;
+} query_iter;
+
+static enum MHD_Result on_query_arg(void *cls, enum MHD_ValueKind kind,
+                                    const char *key, const char *value)
+{
+    query_iter *it = cls;
+
+    if (it->fn(it->arg, key) != 0) {
+        it->stopped = 1;
+        return MHD_NO;
+    }
+    return MHD_YES;
+}
+
+static const char *query_get(void *ctx, const char *name)
+{
+    return MHD_lookup_connection_value(ctx, MHD_GET_ARGUMENT_KIND, name);
+}
+
+static int query_each(void *ctx, int (*fn)(void *arg, const char *name),
+                      void *arg)
+{
+    query_iter it = {fn, arg, 0};
+
+    MHD_get_connection_values(ctx, MHD_GET_ARGUMENT_KIND, on_query_arg, &it);
+    return it.stopped;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
+                                  const char *url, const char *method,
+                                  const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **req_cls)
+{
+    http_server *srv = cls;
+    request *r = *req_cls;
+    api_request areq = {0};
+    api_response res = {0};
+    api_error err = {0};
+
+    if (r == NULL) {
+        r = request_new(srv, method, url);
+        if (r == NULL)
+            return MHD_NO;
+        *req_cls = r;
+        if (check_headers(r, conn, method, url, &err) != 0)
+            return answer_error(r, conn, &err);
+        return MHD_YES;
+    }
+    if (r->answered) {
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (*upload_data_size > 0) {
+        size_t size = *upload_data_size;
+
+        *upload_data_size = 0;
+        if (!api_route_has_body(r->route))
+            return MHD_YES;
+        if (append_body(r, upload_data, size, &err) != 0)
+            return answer_error(r, conn, &err);
+        return MHD_YES;
+    }
+    areq.route = r->route;
+    areq.kind = r->kind;
+    areq.body = r->body;
+    areq.body_len = r->len;
+    areq.query = query_get;
+    areq.query_each = query_each;
+    areq.query_ctx = conn;
+    if (api_handle(srv->api, &areq, &res) != 0) {
+        api_response_clear(&res);
+        return MHD_NO;
+    }
+    return queue(r, conn, &res);
+}
+
+/* "host:port" or "[v6]:port" into a socket address. */
+static int parse_listen(const char *listen, struct sockaddr_storage *ss,
+                        socklen_t *sslen, char *errbuf, size_t errlen)
+{
+    struct addrinfo hints = {0}, *ai = NULL;
+    char host[256];
+    const char *colon = strrchr(listen, ':');
+    size_t hlen;
+    int rc;
+
+    if (colon == NULL || colon == listen) {
+        snprintf(errbuf, errlen, "listen address %s is not HOST:PORT", listen);
+        return -1;
+    }
+    hlen = (size_t)(colon - listen);
+    if (listen[0] == '[' && colon[-1] == ']') {
+        listen++;
+        hlen -= 2;
+    }
+    if (hlen >= sizeof(host)) {
+        snprintf(errbuf, errlen, "listen host is too long");
+        return -1;
+    }
+    memcpy(host, listen, hlen);
+    host[hlen] = '\0';
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    rc = getaddrinfo(host, colon + 1, &hints, &ai);
+    if (rc != 0) {
+        snprintf(errbuf, errlen, "listen address %s: %s", host,
+                 gai_strerror(rc));
+        return -1;
+    }
+    memcpy(ss, ai->ai_addr, ai->ai_addrlen);
+    *sslen = ai->ai_addrlen;
+    freeaddrinfo(ai);
+    return 0;
+}
+
+http_server *http_start(const http_options *opts, api *a, char *errbuf,
+                        size_t errlen)
+{
+    http_server *srv = NULL, *ret = NULL;
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    const union MHD_DaemonInfo *info;
+    unsigned flags = MHD_USE_AUTO | MHD_USE_INTERNAL_POLLING_THREAD |
+                     MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ITC |
+                     MHD_USE_ERROR_LOG;
+
+    if (parse_listen(opts->listen, &ss, &sslen, errbuf, errlen) != 0)
+        goto out;
+    if (ss.ss_family == AF_INET6)
+        flags |= MHD_USE_IPv6;
+    srv = calloc(1, sizeof(*srv));
+    if (srv == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto out;
+    }
+    srv->api = a;
+    srv->max_body = opts->max_body_bytes;
+    pthread_mutex_init(&srv->lock, NULL);
+    pthread_cond_init(&srv->idle, NULL);
+    srv->daemon = MHD_start_daemon(
+        flags, 0, NULL, NULL, on_request, srv, MHD_OPTION_SOCK_ADDR,
+        (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_LIMIT,
+        opts->max_connections, MHD_OPTION_CONNECTION_TIMEOUT, opts->timeout_s,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
+        MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL, MHD_OPTION_END);
+    if (srv->daemon == NULL) {
+        snprintf(errbuf, errlen, "cannot listen on %s: %s", opts->listen,
+                 strerror(errno));
+        goto out;
+    }
+    info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    srv->port = info != NULL ? info->port : 0;
+    ret = srv;
+    srv = NULL;
+out:
+    if (srv != NULL) {
+        pthread_cond_destroy(&srv->idle);
+        pthread_mutex_destroy(&srv->lock);
+        free(srv);
+    }
+    return ret;
+}
+
+unsigned http_port(const http_server *srv)
+{
+    return srv->port;
+}
+
+unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
+{
+    struct timespec deadline;
+    unsigned left;
+    MHD_socket fd;
+
+    pthread_mutex_lock(&srv->lock);
+    srv->closing = 1;
+    pthread_mutex_unlock(&srv->lock);
+    fd = MHD_quiesce_daemon(srv->daemon);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&srv->lock);
+    while (srv->in_flight > 0 &&
+           pthread_cond_timedwait(&srv->idle, &srv->lock, &deadline) == 0)
+        ;
+    left = srv->in_flight;
+    pthread_mutex_unlock(&srv->lock);
+    MHD_stop_daemon(srv->daemon);
+    pthread_cond_destroy(&srv->idle);
+    pthread_mutex_destroy(&srv->lock);
+    free(srv);
+    return left;
+}

@@ -1,0 +1,30 @@
+/*
+ * http: the libmicrohttpd server. One thread per connection, so a request
+ * blocked on a slow token never holds up /healthz or keys on another token;
+ * the per-token bound on work in flight lives in token/.
+ */
+#ifndef SMIMED_HTTP_H
+#define SMIMED_HTTP_H
+
+#include <stddef.h>
+
+#include "api/api.h"
+
+typedef struct http_options {
+    const char *listen; /* host:port; port 0 picks a free one */
+    size_t max_body_bytes;
+    unsigned max_connections;
+    unsigned timeout_s;
+} http_options;
+
+typedef struct http_server http_server;
+
+/* a is borrowed and must outlive the server. */
+http_server *http_start(const http_options *opts, api *a, char *errbuf,
+                        size_t errlen);
+unsigned http_port(const http_server *srv);
+/* Stops accepting, waits up to timeout_ms for requests in flight, stops.
+ * Returns the number of requests still running when it gave up. */
+unsigned http_shutdown(http_server *srv, unsigned timeout_ms);
+
+#endif

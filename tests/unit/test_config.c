@@ -1,0 +1,218 @@
+/*
+ * The config validator: every problem reported with its location, all of
+ * them at once, and a good config loaded with paths resolved against its
+ * folder.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "service/config.h"
+#include "tap.h"
+
+static char dir[] = "/tmp/smimed-config-XXXXXX";
+
+static void write_file(const char *name, const char *text)
+{
+    char path[256];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    f = fopen(path, "w");
+    if (f == NULL) {
+        perror(path);
+        exit(1);
+    }
+    fputs(text, f);
+    fclose(f);
+}
+
+/* Loads text as a config; returns it (or NULL) and leaves problems. */
+static config *load(const char *text, config_problems *p)
+{
+    char path[256];
+
+    write_file("smimed.conf", text);
+    snprintf(path, sizeof(path), "%s/smimed.conf", dir);
+    config_problems_clear(p);
+    return config_load(path, p);
+}
+
+static int has_problem(const config_problems *p, const char *a,
+                       const char *b)
+{
+    size_t i;
+
+    for (i = 0; i < p->count; i++)
+        if (strstr(p->lines[i], a) != NULL &&
+            (b == NULL || strstr(p->lines[i], b) != NULL))
+            return 1;
+    return 0;
+}
+
+/* One config with one thing wrong: it fails, naming where and what. */
+static void expect_problem(const char *name, const char *text,
+                           const char *where, const char *what)
+{
+    config_problems p = {0};
+    config *cfg = load(text, &p);
+
+    tap_ok(cfg == NULL && has_problem(&p, where, what), "%s (%s: %s)", name,
+           where, what);
+    if (cfg != NULL || !has_problem(&p, where, what)) {
+        size_t i;
+
+        for (i = 0; i < p.count; i++)
+            printf("# got: %s\n", p.lines[i]);
+    }
+    config_free(cfg);
+    config_problems_clear(&p);
+}
+
+#define TOKEN_OK                                                               \
+    "\"module\": \"module.so\", \"uri\": \"pkcs11:token=t\", "                 \
+    "\"pin_file\": \"pin\""
+
+static void test_good(void)
+{
+    config_problems p = {0};
+    config *cfg;
+    char want[256];
+
+    cfg = load("{\"listen\": \"127.0.0.1:0\", \"log_level\": \"debug\", "
+               "\"max_body_bytes\": 4096, \"tokens\": [{" TOKEN_OK
+               ", \"name\": \"hsm\", \"max_sessions\": 4, \"optional\": true, "
+               "\"keys\": [{\"name\": \"k1\", \"uri\": "
+               "\"pkcs11:object=k%201;id=%01%02\", \"certificate\": "
+               "\"cert.pem\"}]}, {" TOKEN_OK ", \"discovery\": true}]}",
+               &p);
+    tap_ok(cfg != NULL && p.count == 0, "a good config loads");
+    if (cfg == NULL)
+        return;
+    snprintf(want, sizeof(want), "%s/pin", dir);
+    tap_ok(strcmp(cfg->tokens[0].pin_file, want) == 0,
+           "relative paths resolve against the config's folder");
+    tap_ok(strcmp(cfg->listen, "127.0.0.1:0") == 0 &&
+               cfg->max_body_bytes == 4096 &&
+               cfg->log_level == LOG_LEVEL_DEBUG,
+           "top-level options are read");
+    tap_ok(cfg->ntokens == 2 && cfg->tokens[0].nkeys == 1 &&
+               strcmp(cfg->tokens[0].keys[0].name, "k1") == 0 &&
+               cfg->tokens[0].max_sessions == 4 && cfg->tokens[0].optional &&
+               cfg->tokens[1].discovery && cfg->tokens[1].nkeys == 0,
+           "tokens and keys are read");
+    config_free(cfg);
+
+    cfg = load("{\"tokens\": [{" TOKEN_OK ", \"discovery\": true}]}", &p);
+    tap_ok(cfg != NULL && cfg->max_body_bytes == (size_t)64 << 20 &&
+               strcmp(cfg->listen, "127.0.0.1:8080") == 0,
+           "defaults: 64 MiB body cap, 127.0.0.1:8080");
+    config_free(cfg);
+    config_problems_clear(&p);
+}
+
+static void test_problems(void)
+{
+    config_problems p = {0};
+    config *cfg;
+
+    expect_problem("malformed JSON", "{\"tokens\": [}", "smimed.conf",
+                   "line 1");
+    expect_problem("duplicate JSON key",
+                   "{\"listen\": \"a:1\", \"listen\": \"b:2\", \"tokens\": []}",
+                   "smimed.conf", "duplicate");
+    expect_problem("unknown top-level option",
+                   "{\"tokns\": [], \"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true}]}",
+                   "smimed.conf", "unknown option \"tokns\"");
+    expect_problem("tokens missing", "{}", "smimed.conf", "\"tokens\" is "
+                                                          "required");
+    expect_problem("tokens empty", "{\"tokens\": []}", "tokens",
+                   "at least one");
+    expect_problem("wrong type",
+                   "{\"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": \"yes\"}]}",
+                   "tokens[0]", "\"discovery\" must be a boolean");
+    expect_problem("integer out of range",
+                   "{\"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true, \"max_sessions\": 64}]}",
+                   "tokens[0]", "between 1 and 16");
+    expect_problem("missing file",
+                   "{\"tokens\": [{\"module\": \"module.so\", \"uri\": "
+                   "\"pkcs11:token=t\", \"pin_file\": \"nopin\", "
+                   "\"discovery\": true}]}",
+                   "tokens[0]", "cannot read");
+    expect_problem("bad token URI",
+                   "{\"tokens\": [{\"module\": \"module.so\", \"uri\": "
+                   "\"pkcs11:tokn=t\", \"pin_file\": \"pin\", "
+                   "\"discovery\": true}]}",
+                   "tokens[0]", "\"uri\"");
+    expect_problem("token URI naming a key",
+                   "{\"tokens\": [{\"module\": \"module.so\", \"uri\": "
+                   "\"pkcs11:token=t;object=k\", \"pin_file\": \"pin\", "
+                   "\"discovery\": true}]}",
+                   "tokens[0]", "selects the token");
+    expect_problem("key URI naming no key",
+                   "{\"tokens\": [{" TOKEN_OK ", \"keys\": [{\"name\": \"k\", "
+                   "\"uri\": \"pkcs11:token=t\"}]}]}",
+                   "tokens[0].keys[0]", "object= or id=");
+    expect_problem("key without name",
+                   "{\"tokens\": [{" TOKEN_OK ", \"keys\": [{"
+                   "\"uri\": \"pkcs11:object=k\"}]}]}",
+                   "tokens[0].keys[0]", "\"name\" is required");
+    expect_problem("duplicate key names",
+                   "{\"tokens\": [{" TOKEN_OK ", \"keys\": [{\"name\": \"k\", "
+                   "\"uri\": \"pkcs11:object=a\"}]}, {" TOKEN_OK
+                   ", \"keys\": [{\"name\": \"k\", \"uri\": "
+                   "\"pkcs11:object=b\"}]}]}",
+                   "tokens[1].keys[0]", "used twice");
+    expect_problem("both pin sources",
+                   "{\"tokens\": [{" TOKEN_OK
+                   ", \"pin_env\": \"HOME\", \"discovery\": true}]}",
+                   "tokens[0]", "exactly one");
+    expect_problem("pin_env not set",
+                   "{\"tokens\": [{\"module\": \"module.so\", \"uri\": "
+                   "\"pkcs11:token=t\", \"pin_env\": "
+                   "\"SMIMED_TEST_UNSET_PIN\", \"discovery\": true}]}",
+                   "tokens[0]", "SMIMED_TEST_UNSET_PIN is not set");
+    expect_problem("no keys and no discovery",
+                   "{\"tokens\": [{" TOKEN_OK "}]}", "tokens[0]", "no keys");
+    expect_problem("bad listen", "{\"listen\": \"localhost\", \"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true}]}",
+                   "listen", "HOST:PORT");
+    expect_problem("bad log level",
+                   "{\"log_level\": \"loud\", \"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true}]}",
+                   "log_level", "debug");
+
+    cfg = load("{\"bogus\": 1, \"tokens\": [{\"module\": \"nomodule.so\", "
+               "\"uri\": \"pkcs11:x=1\", \"pin_file\": \"pin\", "
+               "\"discovery\": 3}]}",
+               &p);
+    tap_ok(cfg == NULL && p.count >= 3 && has_problem(&p, "bogus", NULL) &&
+               has_problem(&p, "tokens[0]", "discovery"),
+           "every problem is reported, not just the first (%zu)", p.count);
+    config_free(cfg);
+    config_problems_clear(&p);
+}
+
+int main(void)
+{
+    char cmd[300];
+
+    if (mkdtemp(dir) == NULL) {
+        perror("mkdtemp");
+        return 1;
+    }
+    write_file("module.so", "not really a module; config only checks it "
+                            "can be read\n");
+    write_file("pin", "1234\n");
+    write_file("cert.pem", "");
+    test_good();
+    test_problems();
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    if (system(cmd) != 0)
+        printf("# could not remove %s\n", dir);
+    return tap_done();
+}

@@ -1,0 +1,117 @@
+/*
+ * token: private keys and their certificates on PKCS#11 tokens, through
+ * libp11. The only module that talks to PKCS#11. Knows nothing of HTTP or
+ * MIME; returns errors in a caller-owned struct and never logs.
+ */
+#ifndef SMIMED_TOKEN_H
+#define SMIMED_TOKEN_H
+
+#include <stddef.h>
+#include <time.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+
+typedef enum {
+    TOKEN_OK = 0,
+    TOKEN_ERR_CONFIG,      /* bad URI, unreadable file, unloadable module */
+    TOKEN_ERR_UNAVAILABLE, /* token absent, down, or login failed */
+    TOKEN_ERR_BUSY,        /* every session in use past the wait limit */
+    TOKEN_ERR_NOT_FOUND,   /* no such key */
+    TOKEN_ERR_INTERNAL,
+} token_status;
+
+typedef struct token_error {
+    token_status status;
+    char message[256];
+} token_error;
+
+/* RFC 7512 PKCS#11 URI, the path attributes this daemon selects by.
+ * Every field is NULL (or has_slot_id 0) when absent. */
+typedef struct token_uri {
+    char *token;
+    char *manufacturer;
+    char *serial;
+    char *model;
+    char *object;
+    unsigned char *id;
+    size_t id_len;
+    unsigned long slot_id;
+    int has_slot_id;
+} token_uri;
+
+/* Parses "pkcs11:..." into uri. Unknown path attributes are an error
+ * (a typo must not silently widen the selection); query attributes other
+ * than pin-source are refused for the same reason. */
+int token_uri_parse(const char *text, token_uri *uri, token_error *err);
+void token_uri_clear(token_uri *uri);
+
+/* Reads a PIN from a file (first line, trailing CR/LF stripped) or from an
+ * environment variable. The caller wipes and frees it with token_pin_free. */
+char *token_pin_read_file(const char *path, token_error *err);
+char *token_pin_read_env(const char *name, token_error *err);
+void token_pin_free(char *pin);
+
+/* One key named in the configuration. */
+typedef struct token_key_spec {
+    const char *name;       /* served name */
+    const char *uri;        /* pkcs11: URI with object= and/or id= */
+    const char *cert_file;  /* PEM certificate; NULL: the token's, same ID */
+    const char *chain_file; /* PEM bundle added to signatures; may be NULL */
+} token_key_spec;
+
+/* One token in the configuration. Strings are borrowed for the call. */
+typedef struct token_spec {
+    const char *name;       /* label in /readyz; defaults to the token label */
+    const char *module;     /* path of the PKCS#11 module */
+    const char *uri;        /* pkcs11: URI selecting exactly one token */
+    const char *pin_file;   /* one of pin_file / pin_env */
+    const char *pin_env;
+    const char *chain_file; /* default chain for its keys; may be NULL */
+    int discovery;          /* also serve every key with a same-ID cert */
+    int optional;           /* /readyz ignores this token when down */
+    int max_sessions;       /* operations in flight; 0 = default (16) */
+    int wait_ms;            /* how long an excess request waits for one */
+    const token_key_spec *keys;
+    size_t nkeys;
+} token_spec;
+
+typedef struct token_set token_set;
+typedef struct token_key token_key;
+
+token_set *token_set_new(void);
+void token_set_free(token_set *set);
+
+/* Loads the module (shared between tokens that name the same path), finds
+ * the token, logs in and resolves keys. A token that cannot be reached is
+ * still added, in the down state with its reason, so the daemon can start
+ * and report it; only configuration errors fail the call. */
+int token_set_add(token_set *set, const token_spec *spec, token_error *err);
+
+size_t token_set_count_tokens(const token_set *set);
+const char *token_set_token_name(const token_set *set, size_t i);
+/* 1 when usable; otherwise 0 and *reason says why. */
+int token_set_token_ready(const token_set *set, size_t i, const char **reason);
+int token_set_token_optional(const token_set *set, size_t i);
+
+size_t token_set_count_keys(const token_set *set);
+token_key *token_set_key_at(token_set *set, size_t i);
+token_key *token_set_find_key(token_set *set, const char *name);
+
+const char *token_key_name(const token_key *key);
+const char *token_key_token_name(const token_key *key);
+/* "rsa-2048", "ec-p256", "ec-p384" */
+const char *token_key_algorithm(const token_key *key);
+/* 1 when the key can be used now; otherwise 0 and *reason says why
+ * (certificate mismatch, expired, wrong key usage, token down). */
+int token_key_usable(const token_key *key, const char **reason);
+X509 *token_key_cert0(const token_key *key);
+STACK_OF(X509) *token_key_chain0(const token_key *key);
+
+/* Waits (bounded) for a free operation slot on the key's token and hands
+ * out the token-backed private key, borrowed until token_key_release.
+ * TOKEN_ERR_BUSY when the wait expires, TOKEN_ERR_UNAVAILABLE when the token
+ * or key is not usable. */
+int token_key_acquire(token_key *key, EVP_PKEY **pkey, token_error *err);
+void token_key_release(token_key *key);
+
+#endif
