@@ -375,8 +375,22 @@ static token_key *find_usable_key(api *a, const char *name, api_error *err)
 {
     token_key *key = token_set_find_key(a->tokens, name);
     const char *reason = NULL;
+    size_t i;
 
     if (key == NULL) {
+        /* a token that is down may hold it: discovery cannot list its keys,
+         * and "unknown" would send the caller looking in the wrong place */
+        for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
+            if (!token_set_token_ready(a->tokens, i, &reason)) {
+                fail(err, 503, "token_unavailable",
+                     "no key named \"%s\" is available; token %s is down: "
+                     "%s",
+                     name, token_set_token_name(a->tokens, i),
+                     reason != NULL ? reason : "unknown reason");
+                err->retry_after = 5;
+                return NULL;
+            }
+        }
         fail(err, 404, "unknown_key", "no key named \"%s\"", name);
         return NULL;
     }
@@ -415,11 +429,15 @@ static int cms_fail(api_error *err, const cms_error *cerr)
     }
 }
 
+/* HTTP has no empty header value that every client keeps, so an entity
+ * that needed no re-encoding says "none". */
 static char *reencoded_header(const cms_result *r)
 {
     size_t i, n = cms_result_count_reencoded(r), len = 1;
     char *s;
 
+    if (n == 0)
+        return strdup("none");
     for (i = 0; i < n; i++)
         len += strlen(cms_result_reencoded_at(r, i)) + 2;
     s = malloc(len);

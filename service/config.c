@@ -150,14 +150,16 @@ static int type_fits(opt_type t, json_t *v)
     }
 }
 
-/* Checks obj against its table; 0 when every option fits. */
+/* Checks obj against its table and records what does not fit; -1 only when
+ * obj is no object at all. Callers go on after mismatches so that one run
+ * reports every problem; the getters below read a mistyped option as
+ * absent. */
 static int check_object(loader *ld, const char *where, json_t *obj,
                         const opt *opts)
 {
     const char *name;
     json_t *v;
     const opt *o;
-    int bad = 0;
 
     if (!json_is_object(obj)) {
         problem(ld, where, "must be an object");
@@ -170,28 +172,23 @@ static int check_object(loader *ld, const char *where, json_t *obj,
                 break;
         if (o->name == NULL) {
             problem(ld, where, "unknown option \"%s\"", name);
-            bad = 1;
         } else if (!type_fits(o->type, v)) {
             problem(ld, where, "\"%s\" must be %s%s", name,
                     type_name(o->type),
                     o->type == OPT_STRING || o->type == OPT_PATH
                         ? " (non-empty, no NUL)"
                         : "");
-            bad = 1;
         } else if (o->type == OPT_INT && (json_integer_value(v) < o->min ||
                                           json_integer_value(v) > o->max)) {
             problem(ld, where, "\"%s\" must be between %lld and %lld", name,
                     (long long)o->min, (long long)o->max);
-            bad = 1;
         }
     }
     for (o = opts; o->name != NULL; o++) {
-        if (o->required && json_object_get(obj, o->name) == NULL) {
+        if (o->required && json_object_get(obj, o->name) == NULL)
             problem(ld, where, "\"%s\" is required", o->name);
-            bad = 1;
-        }
     }
-    return bad ? -1 : 0;
+    return 0;
 }
 
 static const char *get_string(json_t *obj, const char *name)
@@ -369,8 +366,7 @@ static void load_top(loader *ld, json_t *root)
     const char *s;
     size_t ti;
 
-    if (check_object(ld, "", root, top_opts) != 0 &&
-        !json_is_object(root))
+    if (check_object(ld, "", root, top_opts) != 0)
         return;
     s = get_string(root, "listen");
     cfg->listen = keep(ld, strdup(s != NULL ? s : "127.0.0.1:8080"));

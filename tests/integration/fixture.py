@@ -16,7 +16,7 @@ failure details as "#" lines right after, and exits 1 if any case failed.
 
 import base64
 import email
-import email.policy
+import email.message
 import http.client
 import json
 import os

@@ -1,0 +1,827 @@
+/*
+ * The MIME side of signing: split the submitted entity into the top-level
+ * mail headers, which stay outside the signature, and the entity to sign;
+ * make that entity CRLF-canonical and 7-bit safe (RFC 8551 §3.1); wrap the
+ * signature around it as S/MIME.
+ *
+ * Decisions:
+ * - The signed entity is the submitted Content-* and MIME-Version fields, in
+ *   their order and folding, a blank line and the body. An entity without
+ *   Content-Type is signed as given, without one: RFC 2045 already makes it
+ *   text/plain; charset=us-ascii for every reader, and adding the field would
+ *   sign bytes the client did not send. The result's own headers are the
+ *   other fields, then "MIME-Version: 1.0" and the new Content-Type.
+ * - A part that is already 7-bit safe keeps its exact bytes; only the CRLF
+ *   canonicalisation (bare LF and bare CR become CRLF) touches it. A part
+ *   that is not gets its Content-Transfer-Encoding fields replaced by one
+ *   naming the new encoding and its body re-encoded in place:
+ *   quoted-printable for any text type, base64 otherwise. GMime parses the
+ *   tree and encodes, but never writes the entity, so its formatting cannot
+ *   change the bytes of parts that needed nothing.
+ * - Non-text bodies are re-encoded from the submitted octets, not the
+ *   canonicalised ones: a Content-Transfer-Encoding: binary image keeps its
+ *   bare CR and LF octets.
+ * - Nothing inside multipart/signed or multipart/encrypted is rewritten: that
+ *   would break the inner signature. Header fields with 8-bit octets (RFC
+ *   6532) and empty bodies are left as they are.
+ * - Re-encoded parts are reported as "PART-NUMBER ENCODING": IMAP part
+ *   numbers ("1" for a single-part entity, "2.1" for the first child of the
+ *   second part, "2.1" also for the body of a message/rfc822 part 2) and
+ *   GMime's encoding names ("quoted-printable", "base64").
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <gmime/gmime.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include "cms/internal.h"
+
+/* RFC 5322 §2.1.1, without the CRLF. */
+#define LINE_MAX_OCTETS 998
+/* Real mail nests a handful of levels. GMime stops parsing at 1024 and
+ * leaves deeper parts unparsed, so they could not be made 7-bit safe. */
+#define MAX_DEPTH 64
+#define BOUNDARY_PREFIX "----=_smimed_"
+/* Prefix, 32 hex digits, NUL. */
+#define BOUNDARY_SIZE (sizeof(BOUNDARY_PREFIX) + 32)
+/* EVP_EncodeBlock turns 57 octets into one 76-character line. */
+#define B64_LINE_OCTETS 57
+
+static pthread_once_t gmime_once = PTHREAD_ONCE_INIT;
+
+void cms_init(void)
+{
+    /* g_mime_init also registers every GType the parser creates; GMime's
+     * lazy registration is not thread-safe, so it has to happen first. */
+    pthread_once(&gmime_once, g_mime_init);
+}
+
+int cms_buf_add(cms_buf *buf, const void *data, size_t len)
+{
+    unsigned char *p;
+    size_t need, cap;
+
+    if (len == 0)
+        return 0;
+    if (len > SIZE_MAX - buf->len)
+        return -1;
+    need = buf->len + len;
+    if (need > buf->cap) {
+        cap = buf->cap ? buf->cap : 256;
+        while (cap < need)
+            cap = cap > SIZE_MAX / 2 ? need : cap * 2;
+        p = realloc(buf->data, cap);
+        if (p == NULL)
+            return -1;
+        buf->data = p;
+        buf->cap = cap;
+    }
+    memcpy(buf->data + buf->len, data, len);
+    buf->len = need;
+    return 0;
+}
+
+void cms_buf_release(cms_buf *buf)
+{
+    free(buf->data);
+    buf->data = NULL;
+    buf->len = 0;
+    buf->cap = 0;
+}
+
+static int add_str(cms_buf *buf, const char *s)
+{
+    return cms_buf_add(buf, s, strlen(s));
+}
+
+void cms_entity_release(cms_entity *ent)
+{
+    size_t i;
+
+    cms_buf_release(&ent->outer);
+    cms_buf_release(&ent->content);
+    for (i = 0; i < ent->n_reencoded; i++)
+        free(ent->reencoded[i]);
+    free(ent->reencoded);
+    ent->reencoded = NULL;
+    ent->n_reencoded = 0;
+}
+
+/*
+ * Appends in[0..len) with every bare CR and bare LF turned into CRLF. With
+ * armour_from, a line starting "From " starts "=46rom " instead (only valid
+ * in quoted-printable). GMime's From filter is not used for this: it
+ * allocates a stack node for every "From " line in the buffer it is given.
+ */
+static int add_crlf(cms_buf *out, const unsigned char *in, size_t len,
+                    int armour_from)
+{
+    size_t i, run = 0;
+    int line_start = 1;
+
+    for (i = 0; i < len; i++) {
+        if (armour_from && line_start && len - i >= 5 &&
+            memcmp(in + i, "From ", 5) == 0) {
+            if (cms_buf_add(out, in + run, i - run) ||
+                cms_buf_add(out, "=46", 3))
+                return -1;
+            run = i + 1;
+        }
+        line_start = 0;
+        if (in[i] != '\r' && in[i] != '\n')
+            continue;
+        if (cms_buf_add(out, in + run, i - run) ||
+            cms_buf_add(out, "\r\n", 2))
+            return -1;
+        if (in[i] == '\r' && i + 1 < len && in[i + 1] == '\n')
+            i++;
+        run = i + 1;
+        line_start = 1;
+    }
+    return cms_buf_add(out, in + run, len - run);
+}
+
+/* End of the line starting at pos: just past its LF, or len. */
+static size_t line_end(const unsigned char *s, size_t len, size_t pos)
+{
+    const unsigned char *lf = memchr(s + pos, '\n', len - pos);
+
+    return lf ? (size_t)(lf - s) + 1 : len;
+}
+
+/* Length of the canonical line s[pos..end) without its CRLF. */
+static size_t line_text_len(const unsigned char *s, size_t pos, size_t end)
+{
+    size_t n = end - pos;
+
+    if (n >= 2 && s[end - 1] == '\n' && s[end - 2] == '\r')
+        n -= 2;
+    return n;
+}
+
+static int is_blank(unsigned char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+static int name_is(const unsigned char *s, size_t n, const char *name)
+{
+    size_t i;
+
+    if (n != strlen(name))
+        return 0;
+    for (i = 0; i < n; i++) {
+        if (g_ascii_tolower(s[i]) != g_ascii_tolower(name[i]))
+            return 0;
+    }
+    return 1;
+}
+
+/* Whether the field starting line[0..n) is called name; RFC 5322's obsolete
+ * syntax allows blanks before the colon. */
+static int field_is(const unsigned char *line, size_t n, const char *name)
+{
+    size_t k = strlen(name);
+
+    if (n < k || !name_is(line, k, name))
+        return 0;
+    while (k < n && is_blank(line[k]))
+        k++;
+    return k < n && line[k] == ':';
+}
+
+static int is_content_field(const unsigned char *name, size_t n)
+{
+    return (n > 8 && name_is(name, 8, "Content-")) ||
+           name_is(name, n, "MIME-Version");
+}
+
+/*
+ * Splits the header block of the canonical entity s[0..len): Content-* and
+ * MIME-Version fields go to inner, the others to outer, each line CRLF
+ * terminated. *body is where the body starts (len when there is none).
+ */
+static int split_headers(const unsigned char *s, size_t len, cms_buf *outer,
+                         cms_buf *inner, size_t *body, cms_error *err)
+{
+    const unsigned char *colon;
+    cms_buf *dst = NULL;
+    size_t pos = 0, end, n, k, i, lineno = 0;
+
+    while (pos < len) {
+        end = line_end(s, len, pos);
+        n = line_text_len(s, pos, end);
+        lineno++;
+        if (n == 0) {
+            *body = end;
+            return 0;
+        }
+        if (memchr(s + pos, '\0', n) != NULL) {
+            cms_set_error(err, CMS_ERR_INPUT,
+                          "header line %zu contains a NUL octet", lineno);
+            return -1;
+        }
+        if (is_blank(s[pos])) {
+            if (dst == NULL) {
+                cms_set_error(err, CMS_ERR_INPUT,
+                              "header line %zu continues a field, but no "
+                              "field precedes it",
+                              lineno);
+                return -1;
+            }
+        } else {
+            colon = memchr(s + pos, ':', n);
+            if (colon == NULL) {
+                cms_set_error(err, CMS_ERR_INPUT,
+                              "header line %zu has no colon (missing blank "
+                              "line between headers and body?)",
+                              lineno);
+                return -1;
+            }
+            k = (size_t)(colon - (s + pos));
+            while (k > 0 && is_blank(s[pos + k - 1]))
+                k--;
+            if (k == 0) {
+                cms_set_error(err, CMS_ERR_INPUT,
+                              "header line %zu has an empty field name",
+                              lineno);
+                return -1;
+            }
+            for (i = 0; i < k; i++) {
+                if (s[pos + i] <= ' ' || s[pos + i] >= 127) {
+                    cms_set_error(err, CMS_ERR_INPUT,
+                                  "header line %zu has octet 0x%02x in its "
+                                  "field name",
+                                  lineno, s[pos + i]);
+                    return -1;
+                }
+            }
+            dst = is_content_field(s + pos, k) ? inner : outer;
+        }
+        if (cms_buf_add(dst, s + pos, n) || cms_buf_add(dst, "\r\n", 2)) {
+            cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+            return -1;
+        }
+        pos = end;
+    }
+    *body = len;
+    return 0;
+}
+
+/* Whether a canonical body can travel unchanged over 7-bit transport. */
+static int is_7bit(const unsigned char *s, size_t len)
+{
+    size_t i, line = 0;
+
+    for (i = 0; i < len; i++) {
+        if (s[i] == 0 || s[i] >= 0x80)
+            return 0;
+        if (s[i] == '\n') {
+            line = 0;
+        } else if (s[i] != '\r' && ++line > LINE_MAX_OCTETS) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* State while walking the parsed tree of the entity to sign. */
+struct recoder {
+    const unsigned char *raw; /* as submitted */
+    size_t raw_len;
+    const unsigned char *text; /* the canonical entity to sign */
+    size_t text_len;
+    size_t text_body;  /* where its body starts in text ... */
+    size_t canon_body; /* ... and in the canonicalised submission */
+    size_t map_raw;    /* a position in raw ... */
+    size_t map_canon;  /* ... and where canonicalisation put it */
+    cms_buf out;       /* the rewritten entity, once a part changed */
+    size_t copied;     /* text[0..copied) has gone to out */
+    char **parts;
+    size_t n_parts;
+    cms_error *err;
+};
+
+/*
+ * Offset in the submitted octets of the body offset off in text. Leaves are
+ * visited in order, so the scan resumes where the last one stopped. Bodies
+ * start and end on line boundaries, which canonicalisation never splits.
+ */
+static size_t raw_offset(struct recoder *rc, size_t off)
+{
+    size_t target = off - rc->text_body + rc->canon_body;
+    size_t r = rc->map_raw, c = rc->map_canon;
+
+    if (c > target) {
+        r = 0;
+        c = 0;
+    }
+    while (c < target && r < rc->raw_len) {
+        if (rc->raw[r] == '\r' && r + 1 < rc->raw_len &&
+            rc->raw[r + 1] == '\n') {
+            r += 2;
+            c += 2;
+        } else if (rc->raw[r] == '\r' || rc->raw[r] == '\n') {
+            r++;
+            c += 2;
+        } else {
+            r++;
+            c++;
+        }
+    }
+    rc->map_raw = r;
+    rc->map_canon = c;
+    return r;
+}
+
+/* Appends the header lines text[from..to) minus any
+ * Content-Transfer-Encoding field (with its continuation lines). */
+static int add_headers_without_cte(cms_buf *out, const unsigned char *text,
+                                   size_t from, size_t to)
+{
+    size_t pos, end;
+    int dropping = 0;
+
+    for (pos = from; pos < to; pos = end) {
+        end = line_end(text, to, pos);
+        if (!is_blank(text[pos]))
+            dropping = field_is(text + pos, end - pos,
+                                "Content-Transfer-Encoding");
+        if (!dropping && cms_buf_add(out, text + pos, end - pos))
+            return -1;
+    }
+    return 0;
+}
+
+/* The body of part, decoded from the transfer encoding it declares. */
+static GByteArray *decode_content(GMimeDataWrapper *wrapper)
+{
+    GMimeStream *mem = g_mime_stream_mem_new();
+    GByteArray *bytes = NULL;
+
+    if (g_mime_data_wrapper_write_to_stream(wrapper, mem) >= 0) {
+        /* Keep the array when the stream goes. */
+        g_mime_stream_mem_set_owner(GMIME_STREAM_MEM(mem), FALSE);
+        bytes = g_mime_stream_mem_get_byte_array(GMIME_STREAM_MEM(mem));
+    }
+    g_object_unref(mem);
+    return bytes;
+}
+
+static int add_encoded(cms_buf *out, const unsigned char *in, size_t len,
+                       GMimeContentEncoding encoding)
+{
+    GMimeEncoding state;
+    char *enc;
+    size_t n;
+    int r;
+
+    g_mime_encoding_init_encode(&state, encoding);
+    enc = g_malloc(g_mime_encoding_outlen(&state, len));
+    n = g_mime_encoding_flush(&state, (const char *)in, len, enc);
+    r = add_crlf(out, (const unsigned char *)enc, n,
+                 encoding == GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE);
+    g_free(enc);
+    return r;
+}
+
+static int record_part(struct recoder *rc, const char *num,
+                       GMimeContentEncoding encoding)
+{
+    char **parts, *s;
+
+    parts = realloc(rc->parts, (rc->n_parts + 1) * sizeof(*parts));
+    if (parts == NULL)
+        return -1;
+    rc->parts = parts;
+    if (asprintf(&s, "%s %s", num,
+                 g_mime_content_encoding_to_string(encoding)) < 0)
+        return -1;
+    rc->parts[rc->n_parts++] = s;
+    return 0;
+}
+
+static int recode_leaf(struct recoder *rc, GMimePart *part, const char *num,
+                       int is_root)
+{
+    GMimeObject *obj = GMIME_OBJECT(part);
+    GMimeDataWrapper *wrapper = g_mime_part_get_content(part);
+    GMimeContentType *ctype = g_mime_object_get_content_type(obj);
+    GMimeContentEncoding declared, encoding;
+    GMimeHeaderList *headers;
+    GMimeStream *stream;
+    GByteArray *decoded = NULL;
+    const unsigned char *src;
+    gint64 start, length, off;
+    size_t b, e, h, src_len, rb;
+    int i, text, r = -1;
+
+    if (wrapper == NULL ||
+        (stream = g_mime_data_wrapper_get_stream(wrapper)) == NULL)
+        return 0;
+    /* The parser persists the stream, so a body is a window on text. */
+    if (g_mime_stream_reset(stream) < 0 ||
+        (start = g_mime_stream_tell(stream)) < 0 ||
+        (length = g_mime_stream_length(stream)) < 0 ||
+        (guint64)start > rc->text_len ||
+        (guint64)length > rc->text_len - (guint64)start) {
+        cms_set_error(rc->err, CMS_ERR_INTERNAL,
+                      "part %s: cannot locate its body", num);
+        return -1;
+    }
+    b = (size_t)start;
+    e = b + (size_t)length;
+    /* GMime cuts the line break before a delimiter as long as the
+     * delimiter's own; a last delimiter without one leaves the CR of the
+     * CRLF before it in the body. A canonical body never ends in a CR. */
+    if (e > b && rc->text[e - 1] == '\r')
+        e--;
+    declared = g_mime_data_wrapper_get_encoding(wrapper);
+    if (b == e || (declared != GMIME_CONTENT_ENCODING_8BIT &&
+                   declared != GMIME_CONTENT_ENCODING_BINARY &&
+                   is_7bit(rc->text + b, e - b)))
+        return 0;
+
+    /* A non-empty body follows the blank line ending its header block. */
+    if (b < 2 || b < rc->text_body || memcmp(rc->text + b - 2, "\r\n", 2)) {
+        cms_set_error(rc->err, CMS_ERR_INPUT,
+                      "part %s: no blank line before its body", num);
+        return -1;
+    }
+    h = b - 2;
+    if (is_root) {
+        h = 0;
+    } else {
+        headers = g_mime_object_get_header_list(obj);
+        for (i = 0; i < g_mime_header_list_get_count(headers); i++) {
+            off = g_mime_header_get_offset(
+                g_mime_header_list_get_header_at(headers, i));
+            if (off >= 0 && (guint64)off < h)
+                h = (size_t)off;
+        }
+    }
+    if (h < rc->copied) {
+        cms_set_error(rc->err, CMS_ERR_INTERNAL,
+                      "part %s: overlaps the part before it", num);
+        return -1;
+    }
+
+    text = ctype != NULL && g_mime_content_type_is_type(ctype, "text", "*");
+    encoding = text ? GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE
+                    : GMIME_CONTENT_ENCODING_BASE64;
+    switch (declared) {
+    case GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE:
+    case GMIME_CONTENT_ENCODING_BASE64:
+    case GMIME_CONTENT_ENCODING_UUENCODE:
+        decoded = decode_content(wrapper);
+        if (decoded == NULL) {
+            cms_set_error(rc->err, CMS_ERR_INPUT,
+                          "part %s: cannot decode its %s body", num,
+                          g_mime_content_encoding_to_string(declared));
+            return -1;
+        }
+        src = decoded->data;
+        src_len = decoded->len;
+        break;
+    default:
+        if (text) {
+            /* Text is lines; canonical line ends are what QP encodes. */
+            src = rc->text + b;
+            src_len = e - b;
+        } else {
+            rb = raw_offset(rc, b);
+            src = rc->raw + rb;
+            src_len = raw_offset(rc, e) - rb;
+        }
+        break;
+    }
+
+    if (cms_buf_add(&rc->out, rc->text + rc->copied, h - rc->copied) ||
+        add_headers_without_cte(&rc->out, rc->text, h, b - 2) ||
+        add_str(&rc->out, "Content-Transfer-Encoding: ") ||
+        add_str(&rc->out, g_mime_content_encoding_to_string(encoding)) ||
+        add_str(&rc->out, "\r\n\r\n") ||
+        add_encoded(&rc->out, src, src_len, encoding) ||
+        record_part(rc, num, encoding)) {
+        cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
+        goto out;
+    }
+    rc->copied = e;
+    r = 0;
+out:
+    if (decoded != NULL)
+        g_byte_array_unref(decoded);
+    return r;
+}
+
+/* num is the IMAP part number of obj, "" for the root. */
+static int recode_object(struct recoder *rc, GMimeObject *obj,
+                         const char *num, int depth)
+{
+    GMimeMultipart *mp;
+    GMimeMessage *msg;
+    GMimeObject *body;
+    const char *own = *num ? num : "1";
+    char *sub;
+    int i, r;
+
+    if (depth > MAX_DEPTH) {
+        cms_set_error(rc->err, CMS_ERR_INPUT,
+                      "parts are nested deeper than %d levels", MAX_DEPTH);
+        return -1;
+    }
+    if (GMIME_IS_MULTIPART(obj)) {
+        if (GMIME_IS_MULTIPART_SIGNED(obj) ||
+            GMIME_IS_MULTIPART_ENCRYPTED(obj))
+            return 0;
+        mp = GMIME_MULTIPART(obj);
+        /* g_mime_multipart_get_boundary would make one up. */
+        if (g_mime_object_get_content_type_parameter(obj, "boundary") ==
+            NULL) {
+            cms_set_error(rc->err, CMS_ERR_INPUT,
+                          "%s%s is a multipart without a boundary",
+                          *num ? "part " : "the entity", num);
+            return -1;
+        }
+        for (i = 0; i < g_mime_multipart_get_count(mp); i++) {
+            if (asprintf(&sub, *num ? "%s.%d" : "%s%d", num, i + 1) < 0) {
+                cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
+                return -1;
+            }
+            r = recode_object(rc, g_mime_multipart_get_part(mp, i), sub,
+                              depth + 1);
+            free(sub);
+            if (r != 0)
+                return r;
+        }
+        return 0;
+    }
+    if (GMIME_IS_MESSAGE_PART(obj)) {
+        msg = g_mime_message_part_get_message(GMIME_MESSAGE_PART(obj));
+        body = msg != NULL ? g_mime_message_get_mime_part(msg) : NULL;
+        if (body == NULL)
+            return 0;
+        /* The children of an encapsulated multipart are own.1, own.2, ...;
+         * a single-part body is own.1 itself. */
+        if (GMIME_IS_MULTIPART(body))
+            return recode_object(rc, body, own, depth + 1);
+        if (asprintf(&sub, "%s.1", own) < 0) {
+            cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
+            return -1;
+        }
+        r = recode_object(rc, body, sub, depth + 1);
+        free(sub);
+        return r;
+    }
+    if (GMIME_IS_PART(obj))
+        return recode_leaf(rc, GMIME_PART(obj), own, depth == 0);
+    return 0;
+}
+
+/* Rewrites the parts of rc->text that are not 7-bit safe into rc->out. */
+static int recode(struct recoder *rc)
+{
+    GMimeStream *stream;
+    GMimeParser *parser;
+    GMimeObject *root;
+    int r = -1;
+
+    /* GMime keeps a memory stream in a GByteArray, whose length is a guint. */
+    if (rc->text_len > G_MAXUINT) {
+        cms_set_error(rc->err, CMS_ERR_INPUT, "the entity is too large");
+        return -1;
+    }
+    stream = g_mime_stream_mem_new_with_buffer((const char *)rc->text,
+                                               rc->text_len);
+    parser = g_mime_parser_new_with_stream(stream);
+    g_mime_parser_set_persist_stream(parser, TRUE);
+    root = g_mime_parser_construct_part(parser, NULL);
+    if (root == NULL) {
+        cms_set_error(rc->err, CMS_ERR_INPUT, "GMime cannot parse the entity");
+    } else {
+        r = recode_object(rc, root, "", 0);
+        g_object_unref(root);
+    }
+    g_object_unref(parser);
+    g_object_unref(stream);
+    if (r == 0 && rc->n_parts > 0 &&
+        cms_buf_add(&rc->out, rc->text + rc->copied,
+                    rc->text_len - rc->copied)) {
+        cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
+        r = -1;
+    }
+    return r;
+}
+
+int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
+                     cms_error *err)
+{
+    cms_buf canon = {0}, outer = {0}, content = {0};
+    struct recoder rc;
+    size_t body, i;
+    int r = -1;
+
+    memset(&rc, 0, sizeof(rc));
+    if (mime == NULL || len == 0) {
+        cms_set_error(err, CMS_ERR_INPUT, "the MIME entity is empty");
+        goto out;
+    }
+    if (add_crlf(&canon, mime, len, 0)) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        goto out;
+    }
+    if (split_headers(canon.data, canon.len, &outer, &content, &body, err))
+        goto out;
+    rc.text_body = content.len + 2;
+    if (cms_buf_add(&content, "\r\n", 2) ||
+        cms_buf_add(&content, canon.data + body, canon.len - body)) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        goto out;
+    }
+
+    rc.raw = mime;
+    rc.raw_len = len;
+    rc.text = content.data;
+    rc.text_len = content.len;
+    rc.canon_body = body;
+    rc.err = err;
+    if (recode(&rc))
+        goto out;
+    if (rc.n_parts > 0) {
+        cms_buf_release(&content);
+        content = rc.out;
+        memset(&rc.out, 0, sizeof(rc.out));
+    }
+
+    ent->outer = outer;
+    ent->content = content;
+    ent->reencoded = rc.parts;
+    ent->n_reencoded = rc.n_parts;
+    memset(&outer, 0, sizeof(outer));
+    memset(&content, 0, sizeof(content));
+    rc.parts = NULL;
+    rc.n_parts = 0;
+    r = 0;
+out:
+    for (i = 0; i < rc.n_parts; i++)
+        free(rc.parts[i]);
+    free(rc.parts);
+    cms_buf_release(&rc.out);
+    cms_buf_release(&canon);
+    cms_buf_release(&outer);
+    cms_buf_release(&content);
+    return r;
+}
+
+static const char *micalg_name(cms_digest digest)
+{
+    switch (digest) {
+    case CMS_DIGEST_SHA256:
+        return "sha-256";
+    case CMS_DIGEST_SHA384:
+        return "sha-384";
+    case CMS_DIGEST_SHA512:
+        return "sha-512";
+    }
+    return NULL;
+}
+
+/* Base64 in 76-character lines, each ending in CRLF. */
+static int add_base64(cms_buf *out, const unsigned char *der, size_t len)
+{
+    unsigned char line[4 * B64_LINE_OCTETS / 3 + 2];
+    size_t off, n;
+    int k;
+
+    for (off = 0; off < len; off += n) {
+        n = len - off < B64_LINE_OCTETS ? len - off : B64_LINE_OCTETS;
+        k = EVP_EncodeBlock(line, der + off, (int)n);
+        line[k] = '\r';
+        line[k + 1] = '\n';
+        if (cms_buf_add(out, line, (size_t)k + 2))
+            return -1;
+    }
+    return 0;
+}
+
+/* A boundary that does not occur in the content (RFC 2046 §5.1.1): random,
+ * and "=_" cannot appear in quoted-printable or base64 text. */
+static int make_boundary(const cms_buf *content, char *boundary,
+                         cms_error *err)
+{
+    unsigned char rnd[16];
+    size_t i;
+    int attempt;
+
+    for (attempt = 0; attempt < 4; attempt++) {
+        if (RAND_bytes(rnd, sizeof(rnd)) != 1) {
+            cms_set_ssl_error(err, CMS_ERR_INTERNAL,
+                              "cannot generate a MIME boundary");
+            return -1;
+        }
+        memcpy(boundary, BOUNDARY_PREFIX, sizeof(BOUNDARY_PREFIX) - 1);
+        for (i = 0; i < sizeof(rnd); i++)
+            snprintf(boundary + sizeof(BOUNDARY_PREFIX) - 1 + 2 * i, 3,
+                     "%02x", rnd[i]);
+        if (memmem(content->data, content->len, boundary,
+                   BOUNDARY_SIZE - 1) == NULL)
+            return 0;
+    }
+    cms_set_error(err, CMS_ERR_INTERNAL,
+                  "cannot find a MIME boundary absent from the content");
+    return -1;
+}
+
+static int wrap_detached(const cms_entity *ent, cms_digest digest,
+                         const unsigned char *sig, size_t sig_len,
+                         cms_buf *out, cms_error *err)
+{
+    char boundary[BOUNDARY_SIZE];
+    const char *micalg = micalg_name(digest);
+
+    if (micalg == NULL) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "unknown digest %d", digest);
+        return -1;
+    }
+    if (make_boundary(&ent->content, boundary, err))
+        return -1;
+    if (add_str(out, "Content-Type: multipart/signed;\r\n"
+                     "\tprotocol=\"application/pkcs7-signature\";\r\n"
+                     "\tmicalg=") ||
+        add_str(out, micalg) || add_str(out, ";\r\n\tboundary=\"") ||
+        add_str(out, boundary) || add_str(out, "\"\r\n\r\n") ||
+        add_str(out, "This is an S/MIME signed message\r\n\r\n--") ||
+        add_str(out, boundary) || add_str(out, "\r\n") ||
+        cms_buf_add(out, ent->content.data, ent->content.len) ||
+        add_str(out, "\r\n--") || add_str(out, boundary) ||
+        add_str(out, "\r\n"
+                     "Content-Type: application/pkcs7-signature; "
+                     "name=smime.p7s\r\n"
+                     "Content-Transfer-Encoding: base64\r\n"
+                     "Content-Disposition: attachment; "
+                     "filename=smime.p7s\r\n"
+                     "\r\n") ||
+        add_base64(out, sig, sig_len) ||
+        /* The last base64 line's CRLF is part of the closing delimiter. */
+        add_str(out, "--") || add_str(out, boundary) ||
+        add_str(out, "--\r\n")) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+static int wrap_opaque(const unsigned char *der, size_t der_len, cms_buf *out,
+                       cms_error *err)
+{
+    if (add_str(out, "Content-Type: application/pkcs7-mime; "
+                     "smime-type=signed-data;\r\n"
+                     "\tname=smime.p7m\r\n"
+                     "Content-Transfer-Encoding: base64\r\n"
+                     "Content-Disposition: attachment; "
+                     "filename=smime.p7m\r\n"
+                     "\r\n") ||
+        add_base64(out, der, der_len)) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+int cms_entity_wrap(const cms_entity *ent, cms_mode mode, cms_digest digest,
+                    const unsigned char *der, size_t der_len, cms_buf *out,
+                    cms_error *err)
+{
+    cms_buf buf = {0};
+    int r = -1;
+
+    if (cms_buf_add(&buf, ent->outer.data, ent->outer.len) ||
+        add_str(&buf, "MIME-Version: 1.0\r\n")) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        goto out;
+    }
+    switch (mode) {
+    case CMS_MODE_DETACHED:
+        if (wrap_detached(ent, digest, der, der_len, &buf, err))
+            goto out;
+        break;
+    case CMS_MODE_OPAQUE:
+        if (wrap_opaque(der, der_len, &buf, err))
+            goto out;
+        break;
+    default:
+        cms_set_error(err, CMS_ERR_INTERNAL, "unknown mode %d", mode);
+        goto out;
+    }
+    *out = buf;
+    memset(&buf, 0, sizeof(buf));
+    r = 0;
+out:
+    cms_buf_release(&buf);
+    return r;
+}

@@ -1,0 +1,226 @@
+/*
+ * A session probe that goes around libp11.
+ *
+ * libp11 0.4.12 hands out sessions from a per-slot pool
+ * (pkcs11_get_session in src/p11_slot.c): when the pool is empty and fewer
+ * than 16 sessions exist it calls C_OpenSession, and when that fails with
+ * anything but CKR_SESSION_COUNT it falls through to pthread_cond_wait
+ * without a timeout. On a fresh context nothing is in flight to signal that
+ * condition, so the first login or object enumeration on a token whose
+ * sessions cannot be opened (absent card, broken reader, a module out of
+ * sessions) blocks its thread forever. Opening one session ourselves first,
+ * through the module's own function list, turns that into a CKR code we can
+ * report while libp11 is still untouched.
+ *
+ * dlopen of the path libp11 loads returns the same, already initialised
+ * module, so this needs no C_Initialize of its own.
+ *
+ * The few PKCS#11 declarations needed are written out here rather than
+ * taken from a pkcs11.h: libp11-dev ships none, and the layouts are fixed by
+ * the PKCS#11 2.x ABI (natural alignment on Unix).
+ */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "token/internal.h"
+
+typedef unsigned long ck_ulong;
+typedef ck_ulong ck_rv;
+
+#define CKR_OK 0UL
+#define CKF_SERIAL_SESSION 0x4UL
+#define CK_UNAVAILABLE_INFORMATION (~0UL)
+
+struct ck_version {
+    unsigned char major;
+    unsigned char minor;
+};
+
+struct ck_token_info {
+    unsigned char label[32];
+    unsigned char manufacturer_id[32];
+    unsigned char model[16];
+    unsigned char serial_number[16];
+    ck_ulong flags;
+    ck_ulong max_session_count;
+    ck_ulong session_count;
+    ck_ulong max_rw_session_count;
+    ck_ulong rw_session_count;
+    ck_ulong max_pin_len;
+    ck_ulong min_pin_len;
+    ck_ulong total_public_memory;
+    ck_ulong free_public_memory;
+    ck_ulong total_private_memory;
+    ck_ulong free_private_memory;
+    struct ck_version hardware_version;
+    struct ck_version firmware_version;
+    unsigned char utc_time[16];
+};
+
+typedef ck_rv (*ck_notify)(ck_ulong session, ck_ulong event, void *app);
+
+/* The head of CK_FUNCTION_LIST, up to the last entry used here; the module
+ * owns the full table and it is only ever read through this pointer. */
+struct ck_function_list_head {
+    struct ck_version version;
+    ck_rv (*C_Initialize)(void *args);
+    ck_rv (*C_Finalize)(void *reserved);
+    ck_rv (*C_GetInfo)(void *info);
+    ck_rv (*C_GetFunctionList)(void *list);
+    ck_rv (*C_GetSlotList)(unsigned char present, ck_ulong *slots,
+                           ck_ulong *count);
+    ck_rv (*C_GetSlotInfo)(ck_ulong slot, void *info);
+    ck_rv (*C_GetTokenInfo)(ck_ulong slot, struct ck_token_info *info);
+    ck_rv (*C_GetMechanismList)(ck_ulong slot, ck_ulong *list, ck_ulong *count);
+    ck_rv (*C_GetMechanismInfo)(ck_ulong slot, ck_ulong type, void *info);
+    ck_rv (*C_InitToken)(ck_ulong slot, unsigned char *pin, ck_ulong len,
+                         unsigned char *label);
+    ck_rv (*C_InitPIN)(ck_ulong session, unsigned char *pin, ck_ulong len);
+    ck_rv (*C_SetPIN)(ck_ulong session, unsigned char *old_pin,
+                      ck_ulong old_len, unsigned char *new_pin,
+                      ck_ulong new_len);
+    ck_rv (*C_OpenSession)(ck_ulong slot, ck_ulong flags, void *app,
+                           ck_notify notify, ck_ulong *session);
+    ck_rv (*C_CloseSession)(ck_ulong session);
+};
+
+typedef ck_rv (*ck_get_function_list)(struct ck_function_list_head **list);
+
+struct tk_probe {
+    void *handle;
+    struct ck_function_list_head *funcs;
+};
+
+tk_probe *tk_probe_open(const char *path, token_error *err)
+{
+    tk_probe *probe = NULL;
+    tk_probe *p = NULL;
+    ck_get_function_list get_list;
+    const char *why;
+    void *sym;
+    ck_rv rv;
+
+    p = calloc(1, sizeof(*p));
+    if (p == NULL) {
+        tk_error(err, TOKEN_ERR_INTERNAL, "out of memory");
+        goto out;
+    }
+    /* RTLD_NOW: a module with unresolved symbols fails here, with a reason,
+     * instead of at its first call. */
+    p->handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (p->handle == NULL) {
+        why = dlerror();
+        tk_error(err, TOKEN_ERR_CONFIG, "cannot load PKCS#11 module %s: %s",
+                 path, why != NULL ? why : "unknown error");
+        goto out;
+    }
+    sym = dlsym(p->handle, "C_GetFunctionList");
+    if (sym == NULL) {
+        tk_error(err, TOKEN_ERR_CONFIG,
+                 "%s is not a PKCS#11 module (no C_GetFunctionList)", path);
+        goto out;
+    }
+    /* ISO C has no conversion from void * to a function pointer. */
+    memcpy(&get_list, &sym, sizeof(get_list));
+    rv = get_list(&p->funcs);
+    if (rv != CKR_OK || p->funcs == NULL) {
+        char ckr[64];
+
+        tk_ckr_describe(rv, ckr, sizeof(ckr));
+        tk_error(err, TOKEN_ERR_CONFIG,
+                 "PKCS#11 module %s: C_GetFunctionList failed: %s", path, ckr);
+        goto out;
+    }
+    probe = p;
+    p = NULL;
+out:
+    tk_probe_close(p);
+    return probe;
+}
+
+void tk_probe_close(tk_probe *probe)
+{
+    if (probe == NULL)
+        return;
+    if (probe->handle != NULL)
+        dlclose(probe->handle);
+    free(probe);
+}
+
+int tk_probe_same_module(const tk_probe *a, const tk_probe *b)
+{
+    return a->handle == b->handle;
+}
+
+unsigned long tk_probe_session(const tk_probe *probe, unsigned long slot_id,
+                               unsigned long *max_sessions)
+{
+    struct ck_token_info info;
+    ck_ulong session;
+    ck_rv rv;
+
+    rv = probe->funcs->C_GetTokenInfo(slot_id, &info);
+    if (rv != CKR_OK)
+        return rv;
+    rv = probe->funcs->C_OpenSession(slot_id, CKF_SERIAL_SESSION, NULL, NULL,
+                                     &session);
+    if (rv != CKR_OK)
+        return rv;
+    /* A failed close leaves one stray session until the module is
+     * finalised; the probe's answer, that sessions can be opened, holds. */
+    probe->funcs->C_CloseSession(session);
+    *max_sessions = info.max_session_count == CK_UNAVAILABLE_INFORMATION
+                        ? 0
+                        : info.max_session_count;
+    return CKR_OK;
+}
+
+static const struct {
+    unsigned long rv;
+    const char *name;
+} ckr_names[] = {
+    {0x00, "CKR_OK"},
+    {0x01, "CKR_CANCEL"},
+    {0x02, "CKR_HOST_MEMORY"},
+    {0x03, "CKR_SLOT_ID_INVALID"},
+    {0x05, "CKR_GENERAL_ERROR"},
+    {0x06, "CKR_FUNCTION_FAILED"},
+    {0x07, "CKR_ARGUMENTS_BAD"},
+    {0x30, "CKR_DEVICE_ERROR"},
+    {0x31, "CKR_DEVICE_MEMORY"},
+    {0x32, "CKR_DEVICE_REMOVED"},
+    {0x54, "CKR_FUNCTION_NOT_SUPPORTED"},
+    {0x82, "CKR_OBJECT_HANDLE_INVALID"},
+    {0xa0, "CKR_PIN_INCORRECT"},
+    {0xa1, "CKR_PIN_INVALID"},
+    {0xa2, "CKR_PIN_LEN_RANGE"},
+    {0xa3, "CKR_PIN_EXPIRED"},
+    {0xa4, "CKR_PIN_LOCKED"},
+    {0xb0, "CKR_SESSION_CLOSED"},
+    {0xb1, "CKR_SESSION_COUNT"},
+    {0xb3, "CKR_SESSION_HANDLE_INVALID"},
+    {0xb4, "CKR_SESSION_PARALLEL_NOT_SUPPORTED"},
+    {0xe0, "CKR_TOKEN_NOT_PRESENT"},
+    {0xe1, "CKR_TOKEN_NOT_RECOGNIZED"},
+    {0x100, "CKR_USER_ALREADY_LOGGED_IN"},
+    {0x101, "CKR_USER_NOT_LOGGED_IN"},
+    {0x102, "CKR_USER_PIN_NOT_INITIALIZED"},
+    {0x103, "CKR_USER_TYPE_INVALID"},
+    {0x190, "CKR_CRYPTOKI_NOT_INITIALIZED"},
+    {0x191, "CKR_CRYPTOKI_ALREADY_INITIALIZED"},
+};
+
+void tk_ckr_describe(unsigned long rv, char *buf, size_t len)
+{
+    size_t i;
+
+    for (i = 0; i < sizeof(ckr_names) / sizeof(ckr_names[0]); i++) {
+        if (ckr_names[i].rv == rv) {
+            snprintf(buf, len, "%s (0x%lx)", ckr_names[i].name, rv);
+            return;
+        }
+    }
+    snprintf(buf, len, "CKR 0x%lx", rv);
+}
