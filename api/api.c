@@ -397,6 +397,8 @@ static token_key *find_usable_key(api *a, const char *name, api_error *err)
     if (!token_key_usable(key, &reason)) {
         fail(err, 503, "key_unavailable", "key \"%s\" cannot be used: %s",
              name, reason != NULL ? reason : "unknown reason");
+        /* an unfit certificate needs an operator, not a quick retry */
+        err->retry_after = 300;
         return NULL;
     }
     return key;

@@ -22,9 +22,9 @@ void cms_buf_release(cms_buf *buf);
 /* An entity split into what stays outside the signature and what is
  * signed. */
 typedef struct cms_entity {
-    cms_buf outer;     /* top-level mail headers, CRLF line ends */
-    cms_buf content;   /* the signed entity: CRLF line ends, 7-bit safe */
-    char **reencoded;  /* "PART-NUMBER ENCODING", malloc'd */
+    cms_buf outer;    /* top-level mail headers, CRLF line ends */
+    cms_buf content;  /* the signed entity: CRLF line ends, 7-bit safe */
+    char **reencoded; /* "PART-NUMBER ENCODING", malloc'd */
     size_t n_reencoded;
 } cms_entity;
 

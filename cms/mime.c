@@ -12,12 +12,16 @@
  *   sign bytes the client did not send. The result's own headers are the
  *   other fields, then "MIME-Version: 1.0" and the new Content-Type.
  * - A part that is already 7-bit safe keeps its exact bytes; only the CRLF
- *   canonicalisation (bare LF and bare CR become CRLF) touches it. A part
- *   that is not gets its Content-Transfer-Encoding fields replaced by one
- *   naming the new encoding and its body re-encoded in place:
- *   quoted-printable for any text type, base64 otherwise. GMime parses the
- *   tree and encodes, but never writes the entity, so its formatting cannot
- *   change the bytes of parts that needed nothing.
+ *   canonicalisation (bare LF and bare CR become CRLF) touches it. Safe
+ *   means no 8-bit octets, NULs or lines over 998 octets, no
+ *   Content-Transfer-Encoding 8bit or binary, and no line starting "From "
+ *   (GMime judges so too: mbox-style transports mangle such lines). A part
+ *   that is not safe gets its Content-Transfer-Encoding fields replaced by
+ *   one naming the new encoding and its body re-encoded in place:
+ *   quoted-printable for any text type, base64 otherwise (and for text that
+ *   was base64 already, say with over-long lines). GMime parses the tree and
+ *   encodes, but never writes the entity, so its formatting cannot change
+ *   the bytes of parts that needed nothing.
  * - Non-text bodies are re-encoded from the submitted octets, not the
  *   canonicalised ones: a Content-Transfer-Encoding: binary image keeps its
  *   bare CR and LF octets.
@@ -114,29 +118,32 @@ void cms_entity_release(cms_entity *ent)
 
 /*
  * Appends in[0..len) with every bare CR and bare LF turned into CRLF. With
- * armour_from, a line starting "From " starts "=46rom " instead (only valid
- * in quoted-printable). GMime's From filter is not used for this: it
- * allocates a stack node for every "From " line in the buffer it is given.
+ * qp_armour (quoted-printable text only), a line starting "From " starts
+ * "=46rom " (mbox-style transports mangle such lines) and one starting
+ * "--" starts "=2D-": a soft line break can put a delimiter of an
+ * enclosing multipart at the start of a line, where it would end the part.
+ * Both make that line two octets longer than QP's 76. GMime's From filter is
+ * not used: it allocates a stack node per "From " line in its input.
  */
 static int add_crlf(cms_buf *out, const unsigned char *in, size_t len,
-                    int armour_from)
+                    int qp_armour)
 {
     size_t i, run = 0;
     int line_start = 1;
 
     for (i = 0; i < len; i++) {
-        if (armour_from && line_start && len - i >= 5 &&
-            memcmp(in + i, "From ", 5) == 0) {
+        if (qp_armour && line_start &&
+            ((len - i >= 5 && memcmp(in + i, "From ", 5) == 0) ||
+             (len - i >= 2 && memcmp(in + i, "--", 2) == 0))) {
             if (cms_buf_add(out, in + run, i - run) ||
-                cms_buf_add(out, "=46", 3))
+                add_str(out, in[i] == 'F' ? "=46" : "=2D"))
                 return -1;
             run = i + 1;
         }
         line_start = 0;
         if (in[i] != '\r' && in[i] != '\n')
             continue;
-        if (cms_buf_add(out, in + run, i - run) ||
-            cms_buf_add(out, "\r\n", 2))
+        if (cms_buf_add(out, in + run, i - run) || cms_buf_add(out, "\r\n", 2))
             return -1;
         if (in[i] == '\r' && i + 1 < len && in[i + 1] == '\n')
             i++;
@@ -273,8 +280,13 @@ static int split_headers(const unsigned char *s, size_t len, cms_buf *outer,
     return 0;
 }
 
-/* Whether a canonical body can travel unchanged over 7-bit transport. */
-static int is_7bit(const unsigned char *s, size_t len)
+/*
+ * Whether a canonical body can travel unchanged over 7-bit transport: no
+ * 8-bit octets or NULs, no line over 998 octets, and (as GMime's best
+ * encoding also judges) no line starting "From ", which mbox-style
+ * transports turn into ">From " and so break the signature.
+ */
+static int is_transport_safe(const unsigned char *s, size_t len)
 {
     size_t i, line = 0;
 
@@ -283,9 +295,14 @@ static int is_7bit(const unsigned char *s, size_t len)
             return 0;
         if (s[i] == '\n') {
             line = 0;
-        } else if (s[i] != '\r' && ++line > LINE_MAX_OCTETS) {
-            return 0;
+            continue;
         }
+        if (s[i] == '\r')
+            continue;
+        if (line == 0 && len - i >= 5 && memcmp(s + i, "From ", 5) == 0)
+            return 0;
+        if (++line > LINE_MAX_OCTETS)
+            return 0;
     }
     return 1;
 }
@@ -350,8 +367,8 @@ static int add_headers_without_cte(cms_buf *out, const unsigned char *text,
     for (pos = from; pos < to; pos = end) {
         end = line_end(text, to, pos);
         if (!is_blank(text[pos]))
-            dropping = field_is(text + pos, end - pos,
-                                "Content-Transfer-Encoding");
+            dropping =
+                field_is(text + pos, end - pos, "Content-Transfer-Encoding");
         if (!dropping && cms_buf_add(out, text + pos, end - pos))
             return -1;
     }
@@ -444,7 +461,7 @@ static int recode_leaf(struct recoder *rc, GMimePart *part, const char *num,
     declared = g_mime_data_wrapper_get_encoding(wrapper);
     if (b == e || (declared != GMIME_CONTENT_ENCODING_8BIT &&
                    declared != GMIME_CONTENT_ENCODING_BINARY &&
-                   is_7bit(rc->text + b, e - b)))
+                   is_transport_safe(rc->text + b, e - b)))
         return 0;
 
     /* A non-empty body follows the blank line ending its header block. */
@@ -472,8 +489,11 @@ static int recode_leaf(struct recoder *rc, GMimePart *part, const char *num,
     }
 
     text = ctype != NULL && g_mime_content_type_is_type(ctype, "text", "*");
-    encoding = text ? GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE
-                    : GMIME_CONTENT_ENCODING_BASE64;
+    /* Base64 text only needs new lines; as QP its line ends would become
+     * CRLF. */
+    encoding = text && declared != GMIME_CONTENT_ENCODING_BASE64
+                   ? GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE
+                   : GMIME_CONTENT_ENCODING_BASE64;
     switch (declared) {
     case GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE:
     case GMIME_CONTENT_ENCODING_BASE64:
@@ -520,8 +540,8 @@ out:
 }
 
 /* num is the IMAP part number of obj, "" for the root. */
-static int recode_object(struct recoder *rc, GMimeObject *obj,
-                         const char *num, int depth)
+static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
+                         int depth)
 {
     GMimeMultipart *mp;
     GMimeMessage *msg;
@@ -536,13 +556,11 @@ static int recode_object(struct recoder *rc, GMimeObject *obj,
         return -1;
     }
     if (GMIME_IS_MULTIPART(obj)) {
-        if (GMIME_IS_MULTIPART_SIGNED(obj) ||
-            GMIME_IS_MULTIPART_ENCRYPTED(obj))
+        if (GMIME_IS_MULTIPART_SIGNED(obj) || GMIME_IS_MULTIPART_ENCRYPTED(obj))
             return 0;
         mp = GMIME_MULTIPART(obj);
         /* g_mime_multipart_get_boundary would make one up. */
-        if (g_mime_object_get_content_type_parameter(obj, "boundary") ==
-            NULL) {
+        if (g_mime_object_get_content_type_parameter(obj, "boundary") == NULL) {
             cms_set_error(rc->err, CMS_ERR_INPUT,
                           "%s%s is a multipart without a boundary",
                           *num ? "part " : "the entity", num);
@@ -596,8 +614,8 @@ static int recode(struct recoder *rc)
         cms_set_error(rc->err, CMS_ERR_INPUT, "the entity is too large");
         return -1;
     }
-    stream = g_mime_stream_mem_new_with_buffer((const char *)rc->text,
-                                               rc->text_len);
+    stream =
+        g_mime_stream_mem_new_with_buffer((const char *)rc->text, rc->text_len);
     parser = g_mime_parser_new_with_stream(stream);
     g_mime_parser_set_persist_stream(parser, TRUE);
     root = g_mime_parser_construct_part(parser, NULL);
@@ -711,8 +729,7 @@ static int add_base64(cms_buf *out, const unsigned char *der, size_t len)
 
 /* A boundary that does not occur in the content (RFC 2046 §5.1.1): random,
  * and "=_" cannot appear in quoted-printable or base64 text. */
-static int make_boundary(const cms_buf *content, char *boundary,
-                         cms_error *err)
+static int make_boundary(const cms_buf *content, char *boundary, cms_error *err)
 {
     unsigned char rnd[16];
     size_t i;
@@ -726,10 +743,10 @@ static int make_boundary(const cms_buf *content, char *boundary,
         }
         memcpy(boundary, BOUNDARY_PREFIX, sizeof(BOUNDARY_PREFIX) - 1);
         for (i = 0; i < sizeof(rnd); i++)
-            snprintf(boundary + sizeof(BOUNDARY_PREFIX) - 1 + 2 * i, 3,
-                     "%02x", rnd[i]);
-        if (memmem(content->data, content->len, boundary,
-                   BOUNDARY_SIZE - 1) == NULL)
+            snprintf(boundary + sizeof(BOUNDARY_PREFIX) - 1 + 2 * i, 3, "%02x",
+                     rnd[i]);
+        if (memmem(content->data, content->len, boundary, BOUNDARY_SIZE - 1) ==
+            NULL)
             return 0;
     }
     cms_set_error(err, CMS_ERR_INTERNAL,
@@ -738,8 +755,8 @@ static int make_boundary(const cms_buf *content, char *boundary,
 }
 
 static int wrap_detached(const cms_entity *ent, cms_digest digest,
-                         const unsigned char *sig, size_t sig_len,
-                         cms_buf *out, cms_error *err)
+                         const unsigned char *sig, size_t sig_len, cms_buf *out,
+                         cms_error *err)
 {
     char boundary[BOUNDARY_SIZE];
     const char *micalg = micalg_name(digest);

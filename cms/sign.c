@@ -232,8 +232,7 @@ int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
     }
     /* CMS_CADES adds ESS signingCertificateV2 to the default contentType,
      * messageDigest, signingTime and SMIMECapabilities attributes. */
-    if (CMS_add1_signer(cms, cert, pkey, md, CMS_BINARY | CMS_CADES) ==
-        NULL) {
+    if (CMS_add1_signer(cms, cert, pkey, md, CMS_BINARY | CMS_CADES) == NULL) {
         cms_set_ssl_error(err, CMS_ERR_KEY, "cannot add the signer");
         goto out;
     }

@@ -19,9 +19,16 @@
 #include "service/http.h"
 #include "service/log.h"
 
+/* An api generation and the requests using it, so a reload can wait for
+ * them before the old one is freed. */
+typedef struct api_ref {
+    api *api;
+    unsigned users;
+} api_ref;
+
 struct http_server {
     struct MHD_Daemon *daemon;
-    api *api;
+    api_ref *current;
     size_t max_body;
     unsigned port;
     pthread_mutex_t lock;
@@ -38,6 +45,8 @@ typedef struct request {
     unsigned char *body;
     size_t len, cap;
     int answered; /* a response is queued; ignore the rest of the body */
+    int refused;  /* body refused mid-upload: drain it, then send err */
+    api_error err;
     int status;
     char method[16];
     char path[128];
@@ -86,7 +95,7 @@ static enum MHD_Result queue(request *r, struct MHD_Connection *conn,
                                     res->headers[i].value) != MHD_YES)
             goto out;
     /* while shutting down, keep-alive would hold connections open */
-    if (r->srv->closing &&
+    if ((r->refused || __atomic_load_n(&r->srv->closing, __ATOMIC_RELAXED)) &&
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close") !=
             MHD_YES)
         goto out;
@@ -262,6 +271,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
     api_request areq = {0};
     api_response res = {0};
     api_error err = {0};
+    api_ref *ref;
+    int rc;
 
     if (r == NULL) {
         r = request_new(srv, method, url);
@@ -280,12 +291,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
         size_t size = *upload_data_size;
 
         *upload_data_size = 0;
-        if (!api_route_has_body(r->route))
-            return MHD_YES;
-        if (append_body(r, upload_data, size, &err) != 0)
-            return answer_error(r, conn, &err);
+        /* libmicrohttpd 0.9.75 takes no response while a body is still
+         * arriving: keep nothing more and answer once it has ended */
+        if (!r->refused && api_route_has_body(r->route) &&
+            append_body(r, upload_data, size, &r->err) != 0) {
+            r->refused = 1;
+            free(r->body);
+            r->body = NULL;
+            r->len = r->cap = 0;
+        }
         return MHD_YES;
     }
+    if (r->refused)
+        return answer_error(r, conn, &r->err);
     areq.route = r->route;
     areq.kind = r->kind;
     areq.body = r->body;
@@ -293,7 +311,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
     areq.query = query_get;
     areq.query_each = query_each;
     areq.query_ctx = conn;
-    if (api_handle(srv->api, &areq, &res) != 0) {
+    pthread_mutex_lock(&srv->lock);
+    ref = srv->current;
+    ref->users++;
+    pthread_mutex_unlock(&srv->lock);
+    rc = api_handle(ref->api, &areq, &res);
+    pthread_mutex_lock(&srv->lock);
+    if (--ref->users == 0)
+        pthread_cond_broadcast(&srv->idle);
+    pthread_mutex_unlock(&srv->lock);
+    if (rc != 0) {
         api_response_clear(&res);
         return MHD_NO;
     }
@@ -360,7 +387,12 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
         snprintf(errbuf, errlen, "out of memory");
         goto out;
     }
-    srv->api = a;
+    srv->current = calloc(1, sizeof(*srv->current));
+    if (srv->current == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto out;
+    }
+    srv->current->api = a;
     srv->max_body = opts->max_body_bytes;
     pthread_mutex_init(&srv->lock, NULL);
     pthread_cond_init(&srv->idle, NULL);
@@ -383,8 +415,28 @@ out:
     if (srv != NULL) {
         pthread_cond_destroy(&srv->idle);
         pthread_mutex_destroy(&srv->lock);
+        free(srv->current);
         free(srv);
     }
+    return ret;
+}
+
+api *http_set_api(http_server *srv, api *a)
+{
+    api_ref *fresh = calloc(1, sizeof(*fresh)), *old;
+    api *ret;
+
+    if (fresh == NULL)
+        return NULL;
+    fresh->api = a;
+    pthread_mutex_lock(&srv->lock);
+    old = srv->current;
+    srv->current = fresh;
+    while (old->users > 0)
+        pthread_cond_wait(&srv->idle, &srv->lock);
+    pthread_mutex_unlock(&srv->lock);
+    ret = old->api;
+    free(old);
     return ret;
 }
 
@@ -399,9 +451,7 @@ unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
     unsigned left;
     MHD_socket fd;
 
-    pthread_mutex_lock(&srv->lock);
-    srv->closing = 1;
-    pthread_mutex_unlock(&srv->lock);
+    __atomic_store_n(&srv->closing, 1, __ATOMIC_RELAXED);
     fd = MHD_quiesce_daemon(srv->daemon);
     if (fd != MHD_INVALID_SOCKET)
         close(fd);
@@ -421,6 +471,7 @@ unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
     MHD_stop_daemon(srv->daemon);
     pthread_cond_destroy(&srv->idle);
     pthread_mutex_destroy(&srv->lock);
+    free(srv->current);
     free(srv);
     return left;
 }

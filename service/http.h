@@ -19,10 +19,14 @@ typedef struct http_options {
 
 typedef struct http_server http_server;
 
-/* a is borrowed and must outlive the server. */
+/* a is borrowed; it must outlive the server or its replacement. */
 http_server *http_start(const http_options *opts, api *a, char *errbuf,
                         size_t errlen);
 unsigned http_port(const http_server *srv);
+/* Serves new requests with a and returns the api it replaces once no
+ * request uses that one any more (the caller frees it); NULL when out of
+ * memory, and a is not taken. */
+api *http_set_api(http_server *srv, api *a);
 /* Stops accepting, waits up to timeout_ms for requests in flight, stops.
  * Returns the number of requests still running when it gave up. */
 unsigned http_shutdown(http_server *srv, unsigned timeout_ms);

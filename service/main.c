@@ -93,8 +93,65 @@ static token_set *open_tokens(const config *cfg)
     return tokens;
 }
 
+/* What a reload replaces; the listening socket and its limits stay. */
+typedef struct running {
+    const char *config_path;
+    config *cfg;
+    token_set *tokens;
+    api *api;
+} running;
+
+/* Checks the new config completely and opens its tokens before swapping it
+ * in; on any problem the running one stays (OpenDKIM's reload habit). */
+static void reload(running *run, http_server *srv)
+{
+    config_problems problems = {0};
+    config *cfg = NULL;
+    token_set *tokens = NULL;
+    api *a = NULL, *old;
+    size_t i;
+
+    cfg = config_load(run->config_path, &problems);
+    for (i = 0; i < problems.count; i++)
+        log_error("reload: %s", problems.lines[i]);
+    if (cfg == NULL)
+        goto fail;
+    tokens = open_tokens(cfg);
+    if (tokens == NULL)
+        goto fail;
+    a = api_new(tokens);
+    if (a == NULL)
+        goto fail;
+    old = http_set_api(srv, a);
+    if (old == NULL)
+        goto fail;
+    api_free(old);
+    token_set_free(run->tokens);
+    if (strcmp(cfg->listen, run->cfg->listen) != 0 ||
+        cfg->max_body_bytes != run->cfg->max_body_bytes ||
+        cfg->max_connections != run->cfg->max_connections ||
+        cfg->request_timeout_s != run->cfg->request_timeout_s)
+        log_warn("reload: listen, max_body_bytes, max_connections and "
+                 "request_timeout_s take effect on restart only");
+    config_free(run->cfg);
+    run->cfg = cfg;
+    run->tokens = tokens;
+    run->api = a;
+    if (log_open(cfg->log_file, cfg->log_level) != 0)
+        log_error("reload: cannot open log file %s", cfg->log_file);
+    log_info("reload: configuration %s in service", run->config_path);
+    config_problems_clear(&problems);
+    return;
+fail:
+    log_error("reload: keeping the running configuration");
+    api_free(a);
+    token_set_free(tokens);
+    config_free(cfg);
+    config_problems_clear(&problems);
+}
+
 /* Serves until SIGTERM or SIGINT; returns the exit status. */
-static int serve(http_server *srv, const sigset_t *sigs)
+static int serve(http_server *srv, running *run, const sigset_t *sigs)
 {
     unsigned left;
     int sig;
@@ -110,8 +167,7 @@ static int serve(http_server *srv, const sigset_t *sigs)
             continue;
         }
         if (sig == SIGHUP) {
-            log_warn("SIGHUP: configuration reload is not supported yet; "
-                     "restart to apply changes");
+            reload(run, srv);
             continue;
         }
         break;
@@ -139,9 +195,7 @@ int main(int argc, char **argv)
     };
     const char *config_path = NULL, *listen = NULL;
     config_problems problems = {0};
-    config *cfg = NULL;
-    token_set *tokens = NULL;
-    api *a = NULL;
+    running run = {0};
     http_server *srv = NULL;
     http_options hopts;
     sigset_t sigs;
@@ -174,17 +228,18 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    cfg = config_load(config_path, &problems);
-    if (print_problems(&problems) || cfg == NULL)
+    run.config_path = config_path;
+    run.cfg = config_load(config_path, &problems);
+    if (print_problems(&problems) || run.cfg == NULL)
         goto out;
     if (check_only) {
         printf("%s: OK\n", config_path);
         ret = 0;
         goto out;
     }
-    if (log_open(cfg->log_file, cfg->log_level) != 0)
+    if (log_open(run.cfg->log_file, run.cfg->log_level) != 0)
         fprintf(stderr, "cannot open log file %s; logging to stderr\n",
-                cfg->log_file);
+                run.cfg->log_file);
 
     /* before any thread exists, so every thread inherits the mask */
     sigemptyset(&sigs);
@@ -197,30 +252,30 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     cms_init();
-    tokens = open_tokens(cfg);
-    if (tokens == NULL)
+    run.tokens = open_tokens(run.cfg);
+    if (run.tokens == NULL)
         goto out;
-    a = api_new(tokens);
-    if (a == NULL) {
+    run.api = api_new(run.tokens);
+    if (run.api == NULL) {
         log_error("out of memory");
         goto out;
     }
-    hopts.listen = listen != NULL ? listen : cfg->listen;
-    hopts.max_body_bytes = cfg->max_body_bytes;
-    hopts.max_connections = cfg->max_connections;
-    hopts.timeout_s = cfg->request_timeout_s;
-    srv = http_start(&hopts, a, errbuf, sizeof(errbuf));
+    hopts.listen = listen != NULL ? listen : run.cfg->listen;
+    hopts.max_body_bytes = run.cfg->max_body_bytes;
+    hopts.max_connections = run.cfg->max_connections;
+    hopts.timeout_s = run.cfg->request_timeout_s;
+    srv = http_start(&hopts, run.api, errbuf, sizeof(errbuf));
     if (srv == NULL) {
         log_error("%s", errbuf);
         goto out;
     }
     log_info("%s %s listening on %s (port %u)", SMIMED_NAME, SMIMED_VERSION,
              hopts.listen, http_port(srv));
-    ret = serve(srv, &sigs);
+    ret = serve(srv, &run, &sigs);
 out:
-    api_free(a);
-    token_set_free(tokens);
-    config_free(cfg);
+    api_free(run.api);
+    token_set_free(run.tokens);
+    config_free(run.cfg);
     config_problems_clear(&problems);
     log_close();
     return ret;

@@ -163,6 +163,34 @@ def p11tool(d, *args, login=True):
     return run(cmd + list(args), env=env)
 
 
+def _der(tag, content):
+    n = len(content)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        nb = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(nb)]) + nb
+    return bytes([tag]) + length + content
+
+
+def ec_spki_from_token(d, key_id):
+    """SubjectPublicKeyInfo DER of the EC public key with CKA_ID key_id,
+    from the EC_POINT and EC_PARAMS that `pkcs11-tool -O` prints."""
+    out = p11tool(d, "-O", login=False).stdout.decode()
+    for block in out.split("Public Key Object")[1:]:
+        if not re.search(r"^\s*ID:\s*%s\s*$" % re.escape(key_id), block, re.M | re.I):
+            continue
+        point = bytes.fromhex(re.search(r"EC_POINT:\s*([0-9a-fA-F]+)", block).group(1))
+        params = bytes.fromhex(re.search(r"EC_PARAMS:\s*([0-9a-fA-F]+)", block).group(1))
+        if point[0] == 0x04 and point[1] + 2 == len(point):  # DER OCTET STRING
+            point = point[2:]
+        elif point[0] == 0x04 and point[1] == 0x81:
+            point = point[3:]
+        alg = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d0201")) + params)
+        return _der(0x30, alg + _der(0x03, b"\x00" + point))
+    raise AssertionError("no EC public key with ID %s on the token" % key_id)
+
+
 def add_token_key(d, label, key_id, key_type, email_addr, key_usage):
     """Generates a key pair on the token in d and stores a CA-issued
     certificate next to it (same CKA_ID), as script/demo-token does."""
@@ -171,8 +199,13 @@ def add_token_key(d, label, key_id, key_type, email_addr, key_usage):
     try:
         p11tool(d, "--keypairgen", "--key-type", key_type, "--id", key_id,
                 "--label", label, "--usage-sign")
-        p11tool(d, "--read-object", "--type", "pubkey", "--id", key_id,
-                "-o", work / "pub.der", login=False)
+        if key_type.upper().startswith("EC:"):
+            # pkcs11-tool 0.23 cannot export P-384 public keys ("cannot
+            # create EVP_PKEY"): build the SubjectPublicKeyInfo ourselves
+            (work / "pub.der").write_bytes(ec_spki_from_token(d, key_id))
+        else:
+            p11tool(d, "--read-object", "--type", "pubkey", "--id", key_id,
+                    "-o", work / "pub.der", login=False)
         run(["openssl", "pkey", "-pubin", "-inform", "DER", "-in", work / "pub.der",
              "-out", work / "pub.pem"])
         run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout",

@@ -181,19 +181,25 @@ static void make_pki(void)
     if (ca_key == NULL || inter_key == NULL)
         die("CA keys");
     ca_cert = make_cert(ca_key, "smimed test CA", NULL, NULL, NULL, 1);
-    inter_cert = make_cert(inter_key, "smimed test intermediate", NULL,
-                           ca_cert, ca_key, 1);
+    inter_cert = make_cert(inter_key, "smimed test intermediate", NULL, ca_cert,
+                           ca_key, 1);
 
-    signers[0] = (struct signer){"RSA-2048", EVP_RSA_gen(2048), NULL,
+    signers[0] = (struct signer){"RSA-2048",
+                                 EVP_RSA_gen(2048),
+                                 NULL,
                                  {NID_sha256WithRSAEncryption,
                                   NID_sha384WithRSAEncryption,
                                   NID_sha512WithRSAEncryption}};
-    signers[1] = (struct signer){"P-256", EVP_EC_gen("P-256"), NULL,
-                                 {NID_ecdsa_with_SHA256, NID_ecdsa_with_SHA384,
-                                  NID_ecdsa_with_SHA512}};
-    signers[2] = (struct signer){"P-384", EVP_EC_gen("P-384"), NULL,
-                                 {NID_ecdsa_with_SHA256, NID_ecdsa_with_SHA384,
-                                  NID_ecdsa_with_SHA512}};
+    signers[1] = (struct signer){
+        "P-256",
+        EVP_EC_gen("P-256"),
+        NULL,
+        {NID_ecdsa_with_SHA256, NID_ecdsa_with_SHA384, NID_ecdsa_with_SHA512}};
+    signers[2] = (struct signer){
+        "P-384",
+        EVP_EC_gen("P-384"),
+        NULL,
+        {NID_ecdsa_with_SHA256, NID_ecdsa_with_SHA384, NID_ecdsa_with_SHA512}};
     for (int i = 0; i < 3; i++) {
         if (signers[i].key == NULL)
             die("signer key");
@@ -261,10 +267,10 @@ static void verified_free(struct verified *v)
     memset(v, 0, sizeof(*v));
 }
 
-#define FAIL(v, ...)                                                         \
-    do {                                                                     \
-        snprintf((v)->why, sizeof((v)->why), __VA_ARGS__);                   \
-        goto out;                                                            \
+#define FAIL(v, ...)                                                           \
+    do {                                                                       \
+        snprintf((v)->why, sizeof((v)->why), __VA_ARGS__);                     \
+        goto out;                                                              \
     } while (0)
 
 static bytes bio_bytes(BIO *bio)
@@ -407,12 +413,11 @@ static void verify_opaque(const bytes *res, struct verified *v)
                              "smime-type=signed-data;") ||
         !contains(&v->outer, "name=smime.p7m\r\n") ||
         !contains(&v->outer, "\r\nContent-Transfer-Encoding: base64\r\n") ||
-        !contains(&v->outer,
-                  "\r\nContent-Disposition: attachment; "
-                  "filename=smime.p7m\r\n"))
+        !contains(&v->outer, "\r\nContent-Disposition: attachment; "
+                             "filename=smime.p7m\r\n"))
         FAIL(v, "pkcs7-mime headers");
-    if (!b64_lines_ok(hdr_end + 4, res->len - (size_t)(hdr_end + 4 -
-                                                       res->data)))
+    if (!b64_lines_ok(hdr_end + 4,
+                      res->len - (size_t)(hdr_end + 4 - res->data)))
         FAIL(v, "base64 lines are not 76 characters");
     in = BIO_new_mem_buf(res->data, (int)res->len);
     outb = BIO_new(BIO_s_mem());
@@ -433,8 +438,10 @@ out:
 static int has_signed_attrs(CMS_ContentInfo *cms)
 {
     static const int nids[] = {
-        NID_pkcs9_contentType,  NID_pkcs9_messageDigest,
-        NID_pkcs9_signingTime,  NID_SMIMECapabilities,
+        NID_pkcs9_contentType,
+        NID_pkcs9_messageDigest,
+        NID_pkcs9_signingTime,
+        NID_SMIMECapabilities,
         NID_id_smime_aa_signingCertificateV2,
     };
     CMS_SignerInfo *si = sk_CMS_SignerInfo_value(CMS_get0_SignerInfos(cms), 0);
@@ -462,10 +469,10 @@ static int algs_are(CMS_ContentInfo *cms, int digest_nid, int sig_nid)
         return 0;
     nid = OBJ_obj2nid(sig->algorithm);
     /* OpenSSL writes rsaEncryption for PKCS#1 v1.5 in CMS. */
-    return nid == sig_nid || (nid == NID_rsaEncryption &&
-                              sig_nid != NID_ecdsa_with_SHA256 &&
-                              sig_nid != NID_ecdsa_with_SHA384 &&
-                              sig_nid != NID_ecdsa_with_SHA512);
+    return nid == sig_nid ||
+           (nid == NID_rsaEncryption && sig_nid != NID_ecdsa_with_SHA256 &&
+            sig_nid != NID_ecdsa_with_SHA384 &&
+            sig_nid != NID_ecdsa_with_SHA512);
 }
 
 static int cert_count(CMS_ContentInfo *cms)
@@ -534,20 +541,19 @@ static int reencoded_is(const cms_result *r, size_t n, ...)
 
 /* ---- the tests ------------------------------------------------------ */
 
-static const char sample[] =
-    "From: Alice <alice@example.org>\n"
-    "To: Bob <bob@example.org>\n"
-    "Subject: Quarterly report\n"
-    "Date: Mon, 1 Jan 2024 10:00:00 +0000\n"
-    "Message-ID: <1@example.org>\n"
-    "MIME-Version: 1.0\n"
-    "Content-Type: text/plain; charset=us-ascii\n"
-    "Content-Transfer-Encoding: 7bit\n"
-    "\n"
-    "Hello Bob,\n"
-    "\n"
-    "the numbers are in.\n"
-    "Regards\n";
+static const char sample[] = "From: Alice <alice@example.org>\n"
+                             "To: Bob <bob@example.org>\n"
+                             "Subject: Quarterly report\n"
+                             "Date: Mon, 1 Jan 2024 10:00:00 +0000\n"
+                             "Message-ID: <1@example.org>\n"
+                             "MIME-Version: 1.0\n"
+                             "Content-Type: text/plain; charset=us-ascii\n"
+                             "Content-Transfer-Encoding: 7bit\n"
+                             "\n"
+                             "Hello Bob,\n"
+                             "\n"
+                             "the numbers are in.\n"
+                             "Regards\n";
 
 static const char sample_signed[] =
     "MIME-Version: 1.0\r\n"
@@ -611,8 +617,8 @@ static void test_matrix(void)
                     verify_opaque(&res, &v);
                 else
                     verify_detached(&res, digests[d].micalg, &v);
-                tap_ok(v.ok, "%s %s %s: verifies against the CA (%s)",
-                       s->label, mode, digests[d].micalg, v.why);
+                tap_ok(v.ok, "%s %s %s: verifies against the CA (%s)", s->label,
+                       mode, digests[d].micalg, v.why);
                 tap_ok(all_crlf(res.data, res.len) && res.len >= 2 &&
                            memcmp(res.data + res.len - 2, "\r\n", 2) == 0,
                        "%s %s %s: every line ends in CRLF", s->label, mode,
@@ -755,10 +761,49 @@ static void test_reencode_text(void)
     verified_free(&v);
 }
 
+/* Base64 text with one 1368-character line keeps base64, so its octets
+ * (a bare LF included) survive. */
+static void test_rewrap_base64_text(void)
+{
+    struct verified v;
+    cms_result *r = NULL;
+    cms_error err;
+    unsigned char text[1026], b64[1400];
+    char *mime = xmalloc(2048);
+    bytes decoded = {0};
+    const unsigned char *body;
+    int n;
+
+    memset(text, 'x', sizeof(text));
+    text[500] = '\n';
+    EVP_EncodeBlock(b64, text, (int)sizeof(text));
+    n = snprintf(mime, 2048,
+                 "Content-Type: text/plain\n"
+                 "Content-Transfer-Encoding: base64\n\n%s\n",
+                 (char *)b64);
+    tap_ok(sign_verify(mime, (size_t)n, &r, &v, &err) == 0 && v.ok &&
+               reencoded_is(r, 1, "1 base64"),
+           "over-long base64 text is reported as \"1 base64\" (%s%s)",
+           err.message, v.why);
+    body = find(v.content.data, v.content.len, "\r\n\r\n");
+    if (body != NULL)
+        decoded = b64_decode(body + 4, v.content.len -
+                                           (size_t)(body + 4 - v.content.data));
+    tap_ok(decoded.len == sizeof(text) &&
+               memcmp(decoded.data, text, sizeof(text)) == 0 &&
+               b64_lines_ok(body + 4, v.content.len -
+                                          (size_t)(body + 4 - v.content.data)),
+           "... re-wrapped at 76 with the same octets");
+    free(decoded.data);
+    free(mime);
+    cms_result_free(r);
+    verified_free(&v);
+}
+
 static void test_reencode_multipart(void)
 {
-    static const unsigned char bin[] = {'P', 'N', 'G', '\r', '\n', 0x1a, '\n',
-                                        0,   0xff, '\r', 'x', '\n'};
+    static const unsigned char bin[] = {'P',  'N', 'G',  '\r', '\n', 0x1a,
+                                        '\n', 0,   0xff, '\r', 'x',  '\n'};
     struct verified v;
     cms_result *r = NULL;
     cms_error err;
@@ -810,8 +855,8 @@ static void test_reencode_multipart(void)
     n += snprintf(mime + n, sizeof(mime) - (size_t)n, "\n--xyz--\nepilogue\n");
 
     tap_ok(sign_verify(mime, (size_t)n, &r, &v, &err) == 0 && v.ok,
-           "multipart with 8-bit parts signs and verifies (%s%s)",
-           err.message, v.why);
+           "multipart with 8-bit parts signs and verifies (%s%s)", err.message,
+           v.why);
     tap_ok(reencoded_is(r, 2, "2 quoted-printable", "3 base64"),
            "reported as \"2 quoted-printable\" and \"3 base64\"");
     want = canon(want_head, strlen(want_head));
@@ -842,47 +887,46 @@ static void test_reencode_nested(void)
     char *mime = xmalloc(8192), want[200];
     size_t i;
     int n;
-    const char *head =
-        "Content-Type: multipart/mixed; boundary=outer\n"
-        "\n"
-        "--outer\n"
-        "Content-Type: text/plain\n"
-        "\n"
-        "first\n"
-        "--outer\n"
-        "Content-Type: multipart/alternative; boundary=inner\n"
-        "\n"
-        "--inner\n"
-        "Content-Type: text/plain\n"
-        "\n"
-        "ascii\n"
-        "--inner\n"
-        "Content-Type: text/html; charset=utf-8\n"
-        "\n"
-        "<p>\xe2\x82\xac</p>\n"
-        "--inner--\n"
-        "--outer\n"
-        "Content-Type: message/rfc822\n"
-        "\n"
-        "From: c@example.org\n"
-        "Subject: inner\n"
-        "Content-Type: text/plain; charset=utf-8\n"
-        "Content-Transfer-Encoding: 8bit\n"
-        "\n"
-        "na\xc3\xafve\n"
-        "--outer\n"
-        "Content-Type: multipart/signed; boundary=sig;\n"
-        " protocol=\"application/pkcs7-signature\"\n"
-        "\n"
-        "--sig\n"
-        "Content-Type: text/plain; charset=utf-8\n"
-        "\n"
-        "signed \xc3\xa9\n"
-        "--sig--\n"
-        "--outer\n"
-        "Content-Type: application/octet-stream\n"
-        "Content-Transfer-Encoding: base64\n"
-        "\n";
+    const char *head = "Content-Type: multipart/mixed; boundary=outer\n"
+                       "\n"
+                       "--outer\n"
+                       "Content-Type: text/plain\n"
+                       "\n"
+                       "first\n"
+                       "--outer\n"
+                       "Content-Type: multipart/alternative; boundary=inner\n"
+                       "\n"
+                       "--inner\n"
+                       "Content-Type: text/plain\n"
+                       "\n"
+                       "ascii\n"
+                       "--inner\n"
+                       "Content-Type: text/html; charset=utf-8\n"
+                       "\n"
+                       "<p>\xe2\x82\xac</p>\n"
+                       "--inner--\n"
+                       "--outer\n"
+                       "Content-Type: message/rfc822\n"
+                       "\n"
+                       "From: c@example.org\n"
+                       "Subject: inner\n"
+                       "Content-Type: text/plain; charset=utf-8\n"
+                       "Content-Transfer-Encoding: 8bit\n"
+                       "\n"
+                       "na\xc3\xafve\n"
+                       "--outer\n"
+                       "Content-Type: multipart/signed; boundary=sig;\n"
+                       " protocol=\"application/pkcs7-signature\"\n"
+                       "\n"
+                       "--sig\n"
+                       "Content-Type: text/plain; charset=utf-8\n"
+                       "\n"
+                       "signed \xc3\xa9\n"
+                       "--sig--\n"
+                       "--outer\n"
+                       "Content-Type: application/octet-stream\n"
+                       "Content-Transfer-Encoding: base64\n"
+                       "\n";
     const char *deep_qp = "Content-Type: text/html; charset=utf-8\r\n"
                           "Content-Transfer-Encoding: quoted-printable\r\n"
                           "\r\n"
@@ -925,34 +969,32 @@ static void test_unchanged_exact(void)
     struct verified v;
     cms_result *r = NULL;
     cms_error err;
-    const char *mime =
-        "Content-Type: multipart/alternative;\n"
-        "   boundary=\"=_b\"\n"
-        "Content-Transfer-Encoding: 7bit\n"
-        "\n"
-        "preamble   \n"
-        "--=_b\t\n"
-        "Content-Type: text/plain;charset=\"us-ascii\"\n"
-        "Content-Transfer-Encoding: quoted-printable\n"
-        "\n"
-        "trailing =20\n"
-        "soft=\n"
-        "break\n"
-        "\n"
-        "--=_b\n"
-        "\n"
-        "no headers at all\n"
-        "--=_b--   \n"
-        "\n"
-        "epilogue\n";
+    const char *mime = "Content-Type: multipart/alternative;\n"
+                       "   boundary=\"=_b\"\n"
+                       "Content-Transfer-Encoding: 7bit\n"
+                       "\n"
+                       "preamble   \n"
+                       "--=_b\t\n"
+                       "Content-Type: text/plain;charset=\"us-ascii\"\n"
+                       "Content-Transfer-Encoding: quoted-printable\n"
+                       "\n"
+                       "trailing =20\n"
+                       "soft=\n"
+                       "break\n"
+                       "\n"
+                       "--=_b\n"
+                       "\n"
+                       "no headers at all\n"
+                       "--=_b--   \n"
+                       "\n"
+                       "epilogue\n";
     bytes want = canon(mime, strlen(mime));
 
-    tap_ok(sign_verify(mime, strlen(mime), &r, &v, &err) == 0 && v.ok &&
-               cms_result_count_reencoded(r) == 0 &&
-               v.content.len == want.len &&
-               memcmp(v.content.data, want.data, want.len) == 0,
-           "a 7-bit multipart is signed byte for byte (%s%s)", err.message,
-           v.why);
+    tap_ok(
+        sign_verify(mime, strlen(mime), &r, &v, &err) == 0 && v.ok &&
+            cms_result_count_reencoded(r) == 0 && v.content.len == want.len &&
+            memcmp(v.content.data, want.data, want.len) == 0,
+        "a 7-bit multipart is signed byte for byte (%s%s)", err.message, v.why);
     free(want.data);
     cms_result_free(r);
     verified_free(&v);
@@ -1113,7 +1155,10 @@ static void test_malformed(void)
  * changes nothing (it is 7-bit safe by the module's own judgement). */
 static void test_fuzz(void)
 {
-#define TOKEN(s) {s, sizeof(s) - 1}
+#define TOKEN(s)                                                               \
+    {                                                                          \
+        s, sizeof(s) - 1                                                       \
+    }
     static const struct {
         const char *s;
         size_t n;
@@ -1173,8 +1218,8 @@ static void test_fuzz(void)
                                    heads[rand_r(&seed) % 4]);
             for (j = rand_r(&seed) % 60; j > 0; j--) {
                 size_t t = (size_t)rand_r(&seed) % n_tokens;
-                const char *e = eols[rand_r(&seed) % 8 < 6 ? 0
-                                                          : rand_r(&seed) % 4];
+                const char *e =
+                    eols[rand_r(&seed) % 8 < 6 ? 0 : rand_r(&seed) % 4];
 
                 if (len + tokens[t].n + 2 >= 65536)
                     break;
@@ -1216,8 +1261,7 @@ static void test_fuzz(void)
     }
     tap_ok(ok_crash, "400 random entities: no crash");
     tap_ok(ok_status, "failures are all CMS_ERR_INPUT");
-    tap_ok(ok_verify && successes > 200,
-           "%d successes, all verify", successes);
+    tap_ok(ok_verify && successes > 200, "%d successes, all verify", successes);
     tap_ok(ok_idem, "signed entities need no further re-encoding");
     free(buf);
 }
@@ -1277,8 +1321,8 @@ static void *sign_loop(void *arg)
     for (i = 0; i < 20; i++) {
         cms_result *r = NULL;
         cms_error err;
-        const char *mime = (i % 2) ? sample
-                                   : "Content-Type: text/plain\n\n\xe9t\xe9\n";
+        const char *mime =
+            (i % 2) ? sample : "Content-Type: text/plain\n\n\xe9t\xe9\n";
 
         if (cms_sign_entity((const unsigned char *)mime, strlen(mime),
                             signers[1 + (i % 2)].key, signers[1 + (i % 2)].cert,
@@ -1306,8 +1350,7 @@ static void test_threads(void)
         pthread_join(t[i], &ret);
         failures += (long)ret;
     }
-    tap_ok(failures == 0, "8 threads signing at once: %ld failures",
-           failures);
+    tap_ok(failures == 0, "8 threads signing at once: %ld failures", failures);
 }
 
 static int write_file(const char *path, const void *data, size_t len)
@@ -1392,6 +1435,7 @@ int main(void)
     test_no_content_type();
     test_line_ends();
     test_reencode_text();
+    test_rewrap_base64_text();
     test_reencode_multipart();
     test_reencode_nested();
     test_unchanged_exact();
