@@ -40,7 +40,8 @@ int cms_entity_wrap(const cms_entity *ent, cms_mode mode, cms_digest digest,
 
 __attribute__((format(printf, 3, 4))) void
 cms_set_error(cms_error *err, cms_status status, const char *fmt, ...);
-/* Appends OpenSSL's most recent error to the message. */
+/* Adds OpenSSL's queued errors to the message: the last one, and the first
+ * (usually the cause) when it differs. */
 void cms_set_ssl_error(cms_error *err, cms_status status, const char *what);
 
 #endif

@@ -224,6 +224,10 @@ int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
     }
     if (cms_entity_parse(mime, len, &ent, err))
         goto out;
+    if (ent.content.len > INT_MAX) {
+        cms_set_error(err, CMS_ERR_INPUT, "the entity is too large");
+        goto out;
+    }
 
     cms = CMS_sign(NULL, NULL, NULL, NULL, flags);
     if (cms == NULL) {
@@ -238,18 +242,14 @@ int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
     }
     if (chain != NULL && add_chain(cms, cert, chain, err))
         goto out;
-    /* The content is canonical already; CMS_BINARY keeps OpenSSL from
-     * touching its line ends. */
-    if (ent.content.len > INT_MAX) {
-        cms_set_error(err, CMS_ERR_INPUT, "the entity is too large");
-        goto out;
-    }
     content = BIO_new_mem_buf(ent.content.data, (int)ent.content.len);
     if (content == NULL) {
         cms_set_ssl_error(err, CMS_ERR_INTERNAL,
                           "cannot read the content to sign");
         goto out;
     }
+    /* The content is canonical already; CMS_BINARY keeps OpenSSL from
+     * touching its line ends. */
     if (CMS_final(cms, content, NULL, flags) != 1) {
         cms_set_ssl_error(err, CMS_ERR_KEY, "signing failed");
         goto out;

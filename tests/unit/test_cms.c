@@ -761,6 +761,90 @@ static void test_reencode_text(void)
     verified_free(&v);
 }
 
+/* A 7-bit body with a "From " line is re-encoded too: mbox-style transports
+ * would make it ">From " and break the signature. */
+static void test_from_lines(void)
+{
+    struct verified v;
+    cms_result *r = NULL;
+    cms_error err;
+    size_t i;
+    int from_line = 0;
+    const char *mime = "Content-Type: text/plain; charset=us-ascii\r\n"
+                       "\r\n"
+                       "From here on\r\n"
+                       "trailing space \r\n"
+                       "-- \r\n"
+                       "sig\r\n";
+    const char *other = "Content-Type: application/mbox\r\n"
+                        "\r\n"
+                        "From alice@example.org Thu Nov 26 10:00:00 2026\r\n";
+
+    tap_ok(sign_verify(mime, strlen(mime), &r, &v, &err) == 0 && v.ok &&
+               reencoded_is(r, 1, "1 quoted-printable"),
+           "7-bit text with a From line is re-encoded (%s%s)", err.message,
+           v.why);
+    tap_ok(equals(&v.content, "Content-Type: text/plain; charset=us-ascii\r\n"
+                              "Content-Transfer-Encoding: quoted-printable\r\n"
+                              "\r\n"
+                              "=46rom here on\r\n"
+                              "trailing space=20\r\n"
+                              "=2D-=20\r\n"
+                              "sig\r\n"),
+           "... with From and -- armoured and the trailing space kept");
+    for (i = 0; v.ok && i + 5 <= v.content.len; i++)
+        if ((i == 0 || v.content.data[i - 1] == '\n') &&
+            memcmp(v.content.data + i, "From ", 5) == 0)
+            from_line = 1;
+    tap_ok(v.ok && !from_line, "... and no line starts with \"From \"");
+    cms_result_free(r);
+    verified_free(&v);
+
+    r = NULL;
+    tap_ok(sign_verify(other, strlen(other), &r, &v, &err) == 0 && v.ok &&
+               reencoded_is(r, 1, "1 base64"),
+           "a non-text From line is re-encoded as base64 (%s%s)", err.message,
+           v.why);
+    cms_result_free(r);
+    verified_free(&v);
+}
+
+/* A soft line break can start a line with a delimiter of the enclosing
+ * multipart; QP armours a leading "--" so the part does not end early. */
+static void test_soft_break_delimiter(void)
+{
+    struct verified v, v2 = {0};
+    cms_result *r = NULL, *r2 = NULL;
+    cms_error err;
+    char mime[512], line[76];
+
+    memset(line, 'a', 75);
+    line[75] = '\0';
+    snprintf(mime, sizeof(mime),
+             "Content-Type: multipart/mixed; boundary=xyz\r\n\r\n"
+             "--xyz\r\n"
+             "Content-Type: text/plain; charset=iso-8859-1\r\n\r\n"
+             "%s--xyz\xe9\r\n"
+             "--xyz--\r\n",
+             line);
+    tap_ok(sign_verify(mime, strlen(mime), &r, &v, &err) == 0 && v.ok &&
+               reencoded_is(r, 1, "1 quoted-printable") &&
+               contains(&v.content, "aaa=\r\n=2D-xyz=E9\r\n--xyz--"),
+           "a soft break before \"--xyz\" is armoured (%s%s)", err.message,
+           v.why);
+    tap_ok(v.ok &&
+               sign_verify((const char *)v.content.data, v.content.len, &r2,
+                           &v2, &err) == 0 &&
+               v2.ok && cms_result_count_reencoded(r2) == 0 &&
+               v2.content.len == v.content.len &&
+               memcmp(v2.content.data, v.content.data, v.content.len) == 0,
+           "... so signing the result again changes nothing");
+    cms_result_free(r);
+    cms_result_free(r2);
+    verified_free(&v);
+    verified_free(&v2);
+}
+
 /* Base64 text with one 1368-character line keeps base64, so its octets
  * (a bare LF included) survive. */
 static void test_rewrap_base64_text(void)
@@ -1436,6 +1520,8 @@ int main(void)
     test_line_ends();
     test_reencode_text();
     test_rewrap_base64_text();
+    test_from_lines();
+    test_soft_break_delimiter();
     test_reencode_multipart();
     test_reencode_nested();
     test_unchanged_exact();
