@@ -35,7 +35,7 @@ int api_route_check_media(const api_route *route, const char *content_type,
                           api_body_kind *kind, api_error *err);
 int api_route_has_body(const api_route *route);
 
-#define API_MAX_HEADERS 4
+#define API_MAX_HEADERS 8
 
 typedef struct api_header {
     const char *name; /* static */
@@ -75,8 +75,11 @@ typedef struct api_request {
 
 typedef struct api api;
 
-/* tokens is borrowed and must outlive the api. */
-api *api_new(token_set *tokens);
+/* tokens, trust and crls are borrowed and must outlive the api; trust,
+ * trust_dir and crls (trust anchors and revocation lists for verification)
+ * may be NULL. */
+api *api_new(token_set *tokens, STACK_OF(X509) *trust, const char *trust_dir,
+             STACK_OF(X509_CRL) *crls);
 void api_free(api *a);
 
 /* Always fills res (a success body or an error body); -1 on a failure that

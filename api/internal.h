@@ -1,10 +1,138 @@
-/* Helpers shared inside api/; not part of its interface. */
+/* Shared inside api/; not part of its interface. */
 #ifndef SMIMED_API_INTERNAL_H
 #define SMIMED_API_INTERNAL_H
 
 #include <stddef.h>
 #include <jansson.h>
 #include <openssl/x509.h>
+
+#include "api/api.h"
+#include "cms/cms.h"
+
+/* Everything is borrowed from the service's configuration. */
+struct api {
+    token_set *tokens;
+    STACK_OF(X509) *trust;
+    const char *trust_dir;
+    STACK_OF(X509_CRL) *crls;
+};
+
+/* ---- errors and responses (api.c) ---- */
+
+__attribute__((format(printf, 4, 5))) int
+api_fail(api_error *err, int status, const char *code, const char *fmt, ...);
+/* 503 from a token failure, with Retry-After. */
+int api_fail_token(api_error *err, const token_error *terr);
+/* The status and code of a cms/ failure. */
+int api_fail_cms(api_error *err, const cms_error *cerr);
+
+/* Sets "mime" when the bytes are UTF-8 (so clients can use them as a JSON
+ * string as they are), "mime_base64" otherwise. */
+int api_set_mime_field(json_t *obj, const unsigned char *data, size_t len);
+/* Takes ownership of body on every path. */
+int api_respond_json(api_response *res, int status, json_t *body);
+/* Answers 200 with an entity. JSON mode: fields plus "mime" (or
+ * "mime_base64" when the bytes are not UTF-8). Raw mode: the entity itself
+ * as message/rfc822, each field of fields as an X-Smimed-* header. Takes
+ * ownership of fields on every path. */
+int api_respond_entity(api_response *res, api_body_kind kind,
+                       const unsigned char *data, size_t len, json_t *fields);
+
+/* ---- request input (api.c) ---- */
+
+/* What every POST endpoint starts from: the JSON object (NULL in raw mode)
+ * and the MIME entity it carries. */
+typedef struct api_input {
+    const api_request *req;
+    json_t *root;
+    const unsigned char *mime;
+    size_t mime_len;
+    unsigned char *mime_owned;
+} api_input;
+
+/* Parses the request and its entity; refuses fields (JSON) or query
+ * parameters (raw mode) not listed in known (NULL-terminated; "mime" and
+ * "mime_base64" are implied in JSON). */
+int api_input_open(api_input *in, const api_request *req,
+                   const char *const *known, api_error *err);
+void api_input_close(api_input *in);
+/* An optional string option; *out stays NULL when absent. */
+int api_input_string(api_input *in, const char *name, const char **out,
+                     api_error *err);
+/* An optional boolean option; *out stays as it was when absent. */
+int api_input_bool(api_input *in, const char *name, int *out,
+                   api_error *err);
+
+/* An optional list of strings: a JSON array, or a comma-separated query
+ * parameter in raw mode. */
+typedef struct api_strings {
+    char **items;
+    size_t count;
+} api_strings;
+
+int api_input_strings(api_input *in, const char *name, api_strings *out,
+                      api_error *err);
+void api_strings_clear(api_strings *s);
+
+/* ---- keys (keys.c) ---- */
+
+/* 404 unknown_key (or 503 when a down token may hold it), 503
+ * key_unavailable when the key cannot be used for use. */
+token_key *api_find_key(api *a, const char *name, token_use use,
+                        api_error *err);
+
+/* ---- encryption (crypt.c) ---- */
+
+/* Recipients named in a request, resolved to certificates. */
+typedef struct api_recipients {
+    STACK_OF(X509) *certs;
+    cms_cipher cipher;
+    cms_rsa_padding padding;
+} api_recipients;
+
+/* Reads list_field (recipients / encrypt_for) and the cipher, rsa_padding
+ * and allow_unfit_recipients options. 0 with out->certs NULL when
+ * list_field is absent and optional. */
+int api_recipients_read(api *a, api_input *in, const char *list_field,
+                        int required, api_recipients *out, api_error *err);
+void api_recipients_clear(api_recipients *r);
+/* {"subject","issuer","serial","emails"} of each recipient. */
+json_t *api_recipients_json(const api_recipients *r);
+
+/* ---- verification (verify.c) ---- */
+
+/* Trust anchors and CRLs for one request: the configured ones plus the
+ * request's "trust" and "crls" fields (400 when those do not parse). */
+typedef struct api_trust {
+    STACK_OF(X509) *anchors;
+    STACK_OF(X509_CRL) *crls;
+} api_trust;
+
+int api_trust_read(api *a, api_input *in, api_trust *t, api_error *err);
+void api_trust_clear(api_trust *t);
+
+/* Verifies an entity; *out is the verify response body. */
+int api_verify_entity(api *a, const api_trust *t, const unsigned char *mime,
+                      size_t len, json_t **out, api_error *err);
+
+/* ---- handlers ---- */
+
+int api_handle_sign(api *a, const api_request *req, api_response *res,
+                    api_error *err);
+int api_handle_encrypt(api *a, const api_request *req, api_response *res,
+                       api_error *err);
+int api_handle_decrypt(api *a, const api_request *req, api_response *res,
+                       api_error *err);
+int api_handle_verify(api *a, const api_request *req, api_response *res,
+                      api_error *err);
+int api_handle_keys(api *a, const api_request *req, api_response *res,
+                    api_error *err);
+int api_handle_healthz(api *a, const api_request *req, api_response *res,
+                       api_error *err);
+int api_handle_readyz(api *a, const api_request *req, api_response *res,
+                      api_error *err);
+
+/* ---- encodings (json.c) ---- */
 
 /* Strict base64 (RFC 4648 alphabet, padding optional only at the very end,
  * CR/LF/space/tab ignored). Returns a malloc'd buffer, NULL when invalid. */
@@ -14,7 +142,8 @@ char *api_base64_encode(const unsigned char *data, size_t len);
 
 int api_utf8_valid(const unsigned char *s, size_t len);
 
-/* {"subject","issuer","serial","not_before","not_after","emails","pem"} */
-json_t *api_cert_json(X509 *cert);
+/* {"subject","issuer","serial","not_before","not_after","emails"}, plus
+ * "expires_in_days" and "pem" when full is set. */
+json_t *api_cert_json(X509 *cert, int full);
 
 #endif

@@ -220,7 +220,7 @@ static json_t *pem_json(X509 *cert)
     return ret;
 }
 
-json_t *api_cert_json(X509 *cert)
+json_t *api_cert_json(X509 *cert, int full)
 {
     json_t *obj = json_object();
     int days = 0, secs = 0;
@@ -237,9 +237,9 @@ json_t *api_cert_json(X509 *cert)
              json_object_set_new(obj, "not_after",
                                  time_json(X509_get0_notAfter(cert))) ||
              json_object_set_new(obj, "emails", emails_json(cert)) ||
-             json_object_set_new(obj, "pem", pem_json(cert));
+             (full && json_object_set_new(obj, "pem", pem_json(cert)));
     /* whole days left, negative once expired, so monitoring can alert early */
-    if (!failed &&
+    if (!failed && full &&
         ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notAfter(cert)))
         failed = json_object_set_new(obj, "expires_in_days",
                                      json_integer(days)) != 0;

@@ -12,8 +12,10 @@
 
 typedef enum {
     CMS_OK = 0,
-    CMS_ERR_INPUT,   /* the entity cannot be processed (bad MIME) */
-    CMS_ERR_KEY,     /* the private-key operation failed */
+    CMS_ERR_INPUT,     /* the entity cannot be processed (bad MIME or CMS) */
+    CMS_ERR_KEY,       /* the private-key operation failed (signing) */
+    CMS_ERR_DECRYPT,   /* decryption failed; one message for every cause */
+    CMS_ERR_RECIPIENT, /* a recipient certificate cannot receive mail */
     CMS_ERR_INTERNAL,
 } cms_status;
 
@@ -59,5 +61,113 @@ const char *cms_result_reencoded_at(const cms_result *res, size_t i);
 int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
                     X509 *cert, STACK_OF(X509) *chain, cms_mode mode,
                     cms_digest digest, cms_result **out, cms_error *err);
+
+/* ---- decrypt ---- */
+
+/* A parsed S/MIME encrypted entity: EnvelopedData or AuthEnvelopedData. */
+typedef struct cms_envelope cms_envelope;
+
+/* Parses application/pkcs7-mime or application/x-pkcs7-mime (smime-type
+ * enveloped-data, authEnveloped-data, or none), base64 with or without line
+ * breaks or binary, DER or BER (indefinite lengths). Anything else (not
+ * MIME, another content type, SignedData, certificate-only, truncated or
+ * garbage CMS, nesting past a sane depth) is CMS_ERR_INPUT naming what is
+ * wrong. */
+int cms_envelope_parse(const unsigned char *mime, size_t len,
+                       cms_envelope **out, cms_error *err);
+void cms_envelope_free(cms_envelope *env);
+
+/* 1 when a KeyTransRecipientInfo or KeyAgreeRecipientInfo of env names cert
+ * (issuer and serial number, or subject key identifier). */
+int cms_envelope_names(const cms_envelope *env, X509 *cert);
+
+/* Decrypts env with pkey, the private key of cert (a token key: the RSA
+ * decryption or the ECDH derivation runs on the token). Every failure after
+ * parsing is CMS_ERR_DECRYPT with one fixed message, whether the key is
+ * wrong, the padding is bad, the tag does not match or the decrypted bytes
+ * are not a MIME entity (a random CBC key passes the padding check about
+ * once in 256 tries), so callers cannot serve as a padding oracle. On
+ * success *out holds the decrypted entity as it was encrypted and
+ * *is_signed says whether it is itself an S/MIME signed entity
+ * (multipart/signed or pkcs7-mime signed-data). */
+int cms_envelope_decrypt(cms_envelope *env, EVP_PKEY *pkey, X509 *cert,
+                         cms_result **out, int *is_signed, cms_error *err);
+
+/* ---- encrypt ---- */
+
+typedef enum {
+    CMS_CIPHER_AES128_CBC,
+    CMS_CIPHER_AES192_CBC,
+    CMS_CIPHER_AES256_CBC,
+    CMS_CIPHER_AES128_GCM,
+    CMS_CIPHER_AES256_GCM,
+} cms_cipher;
+
+typedef enum {
+    CMS_RSA_PKCS1, /* RSAES-PKCS1-v1_5, what every client reads */
+    CMS_RSA_OAEP,  /* RSAES-OAEP with SHA-256 */
+} cms_rsa_padding;
+
+/* "aes-256-cbc" ... "aes-256-gcm", "pkcs1"/"oaep"; -1 if unknown. */
+int cms_cipher_from_name(const char *name, cms_cipher *cipher);
+const char *cms_cipher_name(cms_cipher cipher);
+int cms_rsa_padding_from_name(const char *name, cms_rsa_padding *padding);
+
+/* 0 when cert can receive encrypted mail now: an RSA or EC (P-256, P-384,
+ * P-521) key, key usage allowing keyEncipherment (RSA) or keyAgreement (EC)
+ * when the extension is present, extended key usage allowing
+ * emailProtection when present, inside its validity dates. Otherwise -1
+ * with CMS_ERR_RECIPIENT and the reason. Chains are not checked: the
+ * caller vouches for its recipients. */
+int cms_recipient_check(X509 *cert, cms_error *err);
+
+/* Encrypts the entity to every recipient. As for signing, top-level mail
+ * headers stay outside and the Content-* headers and body (7-bit safe,
+ * CRLF) are encrypted. CBC ciphers give EnvelopedData with
+ * smime-type=enveloped-data, GCM ones AuthEnvelopedData with
+ * smime-type=authEnveloped-data. RSA recipients get KeyTransRecipientInfo
+ * with padding; EC recipients KeyAgreeRecipientInfo (ECDH, X9.63 KDF).
+ * Recipients are not checked here: call cms_recipient_check first. */
+int cms_encrypt_entity(const unsigned char *mime, size_t len,
+                       STACK_OF(X509) *recipients, cms_cipher cipher,
+                       cms_rsa_padding padding, cms_result **out,
+                       cms_error *err);
+
+/* ---- verify ---- */
+
+typedef struct cms_signer {
+    X509 *cert;            /* NULL when the signature carries none */
+    char signing_time[32]; /* RFC 3339 UTC; "" when absent */
+    char digest[16];       /* "sha256", "sha384", "sha512", "sha1"... */
+} cms_signer;
+
+typedef struct cms_verification cms_verification;
+
+/* Verifies a detached multipart/signed or an opaque application/pkcs7-mime
+ * (or x-pkcs7-mime) signed-data entity against the trust anchors (a stack,
+ * a hashed directory, or both; either may be NULL) and CRLs (checked for
+ * every certificate of the path when given; NULL: no revocation checks).
+ * -1 (CMS_ERR_INPUT) only when the entity cannot be parsed; a signature that
+ * does not verify is 0 with a result whose valid flag is 0 and whose reason
+ * is one of "bad_signature", "content_modified", "untrusted_signer",
+ * "certificate_expired", "certificate_not_yet_valid",
+ * "certificate_revoked", "crl_missing", "no_signers",
+ * "signer_certificate_missing", "unfit_certificate". */
+int cms_verify_entity(const unsigned char *mime, size_t len,
+                      STACK_OF(X509) *anchors, const char *anchor_dir,
+                      STACK_OF(X509_CRL) *crls, cms_verification **out,
+                      cms_error *err);
+void cms_verification_free(cms_verification *v);
+int cms_verification_valid(const cms_verification *v);
+/* NULL when valid. */
+const char *cms_verification_reason(const cms_verification *v);
+/* A sentence for people, e.g. OpenSSL's certificate verification error. */
+const char *cms_verification_detail(const cms_verification *v);
+size_t cms_verification_count_signers(const cms_verification *v);
+const cms_signer *cms_verification_signer_at(const cms_verification *v,
+                                             size_t i);
+/* The signed content (the inner entity as signed, CRLF). */
+const unsigned char *cms_verification_content(const cms_verification *v,
+                                              size_t *len);
 
 #endif

@@ -1,11 +1,13 @@
 /*
- * Private to cms/: what mime.c (entity in, S/MIME entity out) and sign.c
- * (the CMS structure and the public API) share.
+ * Private to cms/: what the MIME side (mime.c: entities in and out) and the
+ * CMS side (sign.c, encrypt.c, decrypt.c, verify.c) share.
  */
 #ifndef SMIMED_CMS_INTERNAL_H
 #define SMIMED_CMS_INTERNAL_H
 
 #include <stddef.h>
+
+#include <openssl/cms.h>
 
 #include "cms/cms.h"
 
@@ -17,13 +19,15 @@ typedef struct cms_buf {
 
 /* -1 when out of memory; buf is left as it was. */
 int cms_buf_add(cms_buf *buf, const void *data, size_t len);
+/* Appends in[0..len) with every bare CR and bare LF turned into CRLF. */
+int cms_buf_add_canonical(cms_buf *buf, const unsigned char *in, size_t len);
 void cms_buf_release(cms_buf *buf);
 
-/* An entity split into what stays outside the signature and what is
- * signed. */
+/* An entity split into what stays outside the signature or encryption and
+ * what goes inside. */
 typedef struct cms_entity {
     cms_buf outer;    /* top-level mail headers, CRLF line ends */
-    cms_buf content;  /* the signed entity: CRLF line ends, 7-bit safe */
+    cms_buf content;  /* the inner entity: CRLF line ends, 7-bit safe */
     char **reencoded; /* "PART-NUMBER ENCODING", malloc'd */
     size_t n_reencoded;
 } cms_entity;
@@ -37,6 +41,68 @@ void cms_entity_release(cms_entity *ent);
 int cms_entity_wrap(const cms_entity *ent, cms_mode mode, cms_digest digest,
                     const unsigned char *der, size_t der_len, cms_buf *out,
                     cms_error *err);
+/* Likewise for EnvelopedData (auth 0) or AuthEnvelopedData (auth 1). */
+int cms_entity_wrap_enveloped(const cms_entity *ent, int auth,
+                              const unsigned char *der, size_t der_len,
+                              cms_buf *out, cms_error *err);
+
+/*
+ * The header block at the start of s[0..len), read strictly: every line
+ * ends in LF or CRLF and is a field ("name:" with a name of printable
+ * US-ASCII other than the colon, blanks allowed before the colon) or the
+ * continuation of one; no NUL or bare CR; the block ends at an empty line
+ * or with the data. Values may hold 8-bit octets (RFC 6532).
+ */
+typedef struct cms_header_block {
+    size_t n_fields;
+    size_t n_mime_fields;    /* of them, Content-* and MIME-Version */
+    size_t body;             /* where the body starts; len when none */
+    char *content_type;      /* unfolded value, NULL when absent */
+    char *transfer_encoding; /* likewise Content-Transfer-Encoding */
+} cms_header_block;
+
+/* On failure hb is untouched and err (which may be NULL) says which line is
+ * wrong. Two Content-Type or two Content-Transfer-Encoding fields are
+ * refused: readers would disagree about which one counts. */
+int cms_header_block_read(const unsigned char *s, size_t len,
+                          cms_header_block *hb, cms_error *err);
+void cms_header_block_release(cms_header_block *hb);
+
+/* Undoes the Content-Transfer-Encoding cte (NULL: none) of body[0..len):
+ * base64, with any line breaks and blanks, or 7bit, 8bit and binary as
+ * they are. Appends to out. */
+int cms_body_decode(const unsigned char *body, size_t len, const char *cte,
+                    cms_buf *out, cms_error *err);
+
+/* A ContentInfo filling der[0..len) (DER or BER; blanks and line breaks may
+ * follow). NULL with CMS_ERR_INPUT naming the fault, the error queue
+ * cleared. */
+CMS_ContentInfo *cms_der_read(const unsigned char *der, size_t len,
+                              cms_error *err);
+
+/* A signed S/MIME entity taken apart, before any cryptography. */
+typedef struct cms_signed {
+    CMS_ContentInfo *cms; /* SignedData */
+    int detached;
+    cms_buf content; /* detached: the first part, CRLF; else empty */
+} cms_signed;
+
+/* Reads a multipart/signed or an application/(x-)pkcs7-mime signed-data
+ * entity; CMS_ERR_INPUT for anything else. */
+int cms_signed_read(const unsigned char *mime, size_t len, cms_signed *sd,
+                    cms_error *err);
+void cms_signed_release(cms_signed *sd);
+
+/* A result holding data, and the re-encoded parts of ent when not NULL;
+ * both are taken over on success. */
+int cms_result_new(cms_buf *data, cms_entity *ent, cms_result **out,
+                   cms_error *err);
+
+/* Who a certificate is for, in messages: its first e-mail address, else
+ * its subject's common name, else its whole subject. */
+void cms_cert_label(X509 *cert, char *buf, size_t size);
+/* RFC 3339 UTC ("2025-01-01T00:00:00Z"); -1 if t does not read as a time. */
+int cms_time_format(const ASN1_TIME *t, char *buf, size_t size);
 
 __attribute__((format(printf, 3, 4))) void
 cms_set_error(cms_error *err, cms_status status, const char *fmt, ...);

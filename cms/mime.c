@@ -1,8 +1,9 @@
 /*
- * The MIME side of signing: split the submitted entity into the top-level
- * mail headers, which stay outside the signature, and the entity to sign;
- * make that entity CRLF-canonical and 7-bit safe (RFC 8551 §3.1); wrap the
- * signature around it as S/MIME.
+ * The MIME side: split the submitted entity into the top-level mail
+ * headers, which stay outside the signature or encryption, and the entity
+ * to sign or encrypt; make that entity CRLF-canonical and 7-bit safe (RFC
+ * 8551 §3.1); wrap the CMS structure around it as S/MIME. And the way back:
+ * read a header block, undo a transfer encoding, read the CMS structure.
  *
  * Decisions:
  * - The signed entity is the submitted Content-* and MIME-Version fields, in
@@ -33,6 +34,7 @@
  *   second part, "2.1" also for the body of a message/rfc822 part 2) and
  *   GMime's encoding names ("quoted-printable", "base64").
  */
+#include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -40,6 +42,7 @@
 #include <string.h>
 
 #include <gmime/gmime.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
@@ -151,6 +154,11 @@ static int add_crlf(cms_buf *out, const unsigned char *in, size_t len,
         line_start = 1;
     }
     return cms_buf_add(out, in + run, len - run);
+}
+
+int cms_buf_add_canonical(cms_buf *buf, const unsigned char *in, size_t len)
+{
+    return add_crlf(buf, in, len, 0);
 }
 
 /* End of the line starting at pos: just past its LF, or len. */
@@ -793,17 +801,28 @@ static int wrap_detached(const cms_entity *ent, cms_digest digest,
     return 0;
 }
 
-static int wrap_opaque(const unsigned char *der, size_t der_len, cms_buf *out,
-                       cms_error *err)
+static int wrap_p7m(const char *smime_type, const unsigned char *der,
+                    size_t der_len, cms_buf *out, cms_error *err)
 {
-    if (add_str(out, "Content-Type: application/pkcs7-mime; "
-                     "smime-type=signed-data;\r\n"
+    if (add_str(out, "Content-Type: application/pkcs7-mime; smime-type=") ||
+        add_str(out, smime_type) ||
+        add_str(out, ";\r\n"
                      "\tname=smime.p7m\r\n"
                      "Content-Transfer-Encoding: base64\r\n"
                      "Content-Disposition: attachment; "
                      "filename=smime.p7m\r\n"
                      "\r\n") ||
         add_base64(out, der, der_len)) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+static int wrap_begin(const cms_entity *ent, cms_buf *out, cms_error *err)
+{
+    if (cms_buf_add(out, ent->outer.data, ent->outer.len) ||
+        add_str(out, "MIME-Version: 1.0\r\n")) {
         cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
         return -1;
     }
@@ -817,18 +836,15 @@ int cms_entity_wrap(const cms_entity *ent, cms_mode mode, cms_digest digest,
     cms_buf buf = {0};
     int r = -1;
 
-    if (cms_buf_add(&buf, ent->outer.data, ent->outer.len) ||
-        add_str(&buf, "MIME-Version: 1.0\r\n")) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+    if (wrap_begin(ent, &buf, err))
         goto out;
-    }
     switch (mode) {
     case CMS_MODE_DETACHED:
         if (wrap_detached(ent, digest, der, der_len, &buf, err))
             goto out;
         break;
     case CMS_MODE_OPAQUE:
-        if (wrap_opaque(der, der_len, &buf, err))
+        if (wrap_p7m("signed-data", der, der_len, &buf, err))
             goto out;
         break;
     default:
@@ -841,4 +857,288 @@ int cms_entity_wrap(const cms_entity *ent, cms_mode mode, cms_digest digest,
 out:
     cms_buf_release(&buf);
     return r;
+}
+
+int cms_entity_wrap_enveloped(const cms_entity *ent, int auth,
+                              const unsigned char *der, size_t der_len,
+                              cms_buf *out, cms_error *err)
+{
+    cms_buf buf = {0};
+
+    if (wrap_begin(ent, &buf, err) ||
+        wrap_p7m(auth ? "authEnveloped-data" : "enveloped-data", der, der_len,
+                 &buf, err)) {
+        cms_buf_release(&buf);
+        return -1;
+    }
+    *out = buf;
+    return 0;
+}
+
+/* ---- reading S/MIME entities ---------------------------------------- */
+
+/* RFC 5322 ftext: printable US-ASCII except the colon. */
+static int is_ftext(unsigned char c)
+{
+    return c > ' ' && c < 127 && c != ':';
+}
+
+/* Stores the value of the field whose text after the colon is s[from..to),
+ * unfolded (line breaks removed, RFC 5322 §2.2.3) and without surrounding
+ * blanks. The block has no NUL octets, so the value is a C string. */
+static int take_value(const unsigned char *s, size_t from, size_t to,
+                      char **slot)
+{
+    char *v = malloc(to - from + 1);
+    size_t i, n = 0, skip = 0;
+
+    if (v == NULL)
+        return -1;
+    for (i = from; i < to; i++) {
+        if (s[i] != '\r' && s[i] != '\n')
+            v[n++] = (char)s[i];
+    }
+    while (n > 0 && is_blank((unsigned char)v[n - 1]))
+        n--;
+    while (skip < n && is_blank((unsigned char)v[skip]))
+        skip++;
+    memmove(v, v + skip, n - skip);
+    v[n - skip] = '\0';
+    *slot = v;
+    return 0;
+}
+
+void cms_header_block_release(cms_header_block *hb)
+{
+    free(hb->content_type);
+    free(hb->transfer_encoding);
+    memset(hb, 0, sizeof(*hb));
+}
+
+int cms_header_block_read(const unsigned char *s, size_t len,
+                          cms_header_block *hb, cms_error *err)
+{
+    cms_header_block h = {0};
+    char **slot = NULL; /* where the value of the current field goes */
+    size_t pos = 0, end, n, k, name_len, lineno = 0, value = 0, field_end = 0;
+    int r = -1;
+
+    h.body = len;
+    while (pos < len) {
+        end = line_end(s, len, pos);
+        lineno++;
+        if (s[end - 1] != '\n') {
+            cms_set_error(err, CMS_ERR_INPUT,
+                          "header line %zu does not end in a line break",
+                          lineno);
+            goto out;
+        }
+        n = end - 1 - pos;
+        if (n > 0 && s[pos + n - 1] == '\r')
+            n--;
+        if (memchr(s + pos, '\0', n) != NULL ||
+            memchr(s + pos, '\r', n) != NULL) {
+            cms_set_error(err, CMS_ERR_INPUT,
+                          "header line %zu contains a NUL or a bare CR",
+                          lineno);
+            goto out;
+        }
+        if (n == 0 || !is_blank(s[pos])) {
+            if (slot != NULL && take_value(s, value, field_end, slot)) {
+                cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+                goto out;
+            }
+            slot = NULL;
+        }
+        if (n == 0) {
+            h.body = end;
+            break;
+        }
+        if (is_blank(s[pos])) {
+            if (h.n_fields == 0) {
+                cms_set_error(err, CMS_ERR_INPUT,
+                              "header line %zu continues a field, but no "
+                              "field precedes it",
+                              lineno);
+                goto out;
+            }
+        } else {
+            for (k = 0; k < n && is_ftext(s[pos + k]); k++)
+                ;
+            name_len = k;
+            while (k < n && is_blank(s[pos + k]))
+                k++;
+            if (name_len == 0 || k == n || s[pos + k] != ':') {
+                cms_set_error(err, CMS_ERR_INPUT,
+                              "header line %zu is not a header field", lineno);
+                goto out;
+            }
+            if (name_is(s + pos, name_len, "Content-Type"))
+                slot = &h.content_type;
+            else if (name_is(s + pos, name_len, "Content-Transfer-Encoding"))
+                slot = &h.transfer_encoding;
+            if (slot != NULL && *slot != NULL) {
+                cms_set_error(err, CMS_ERR_INPUT,
+                              "header line %zu repeats the %.*s field", lineno,
+                              (int)name_len, (const char *)s + pos);
+                goto out;
+            }
+            value = pos + k + 1;
+            h.n_fields++;
+            if (is_content_field(s + pos, name_len))
+                h.n_mime_fields++;
+        }
+        field_end = end;
+        pos = end;
+    }
+    if (slot != NULL && take_value(s, value, field_end, slot)) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        goto out;
+    }
+    *hb = h;
+    memset(&h, 0, sizeof(h));
+    r = 0;
+out:
+    cms_header_block_release(&h);
+    return r;
+}
+
+static int base64_value(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+')
+        return 62;
+    if (c == '/')
+        return 63;
+    return -1;
+}
+
+/* Strict about the alphabet and the padding, indifferent to line length and
+ * blanks: gpgsm and others write unbroken base64, and a stray octet means
+ * damage that a lenient decoder (GMime's, EVP_DecodeUpdate's) would turn
+ * into a misleading CMS parse error. */
+static int base64_decode(const unsigned char *in, size_t len, cms_buf *out,
+                         cms_error *err)
+{
+    unsigned char chunk[3 * 256];
+    size_t i, n = 0;
+    unsigned long acc = 0;
+    int k = 0, pad = 0, v;
+
+    for (i = 0; i < len; i++) {
+        if (in[i] == ' ' || in[i] == '\t' || in[i] == '\r' || in[i] == '\n')
+            continue;
+        if (in[i] == '=') {
+            if (k < 2 || k + ++pad > 4) {
+                cms_set_error(err, CMS_ERR_INPUT,
+                              "the base64 body has misplaced padding at "
+                              "offset %zu",
+                              i);
+                return -1;
+            }
+            continue;
+        }
+        v = base64_value(in[i]);
+        if (v < 0 || pad > 0) {
+            cms_set_error(err, CMS_ERR_INPUT,
+                          "the base64 body has %s 0x%02x at offset %zu",
+                          pad > 0 ? "data after the padding:" : "octet", in[i],
+                          i);
+            return -1;
+        }
+        acc = acc << 6 | (unsigned long)v;
+        if (++k < 4)
+            continue;
+        chunk[n++] = (unsigned char)(acc >> 16);
+        chunk[n++] = (unsigned char)(acc >> 8);
+        chunk[n++] = (unsigned char)acc;
+        acc = 0;
+        k = 0;
+        if (n == sizeof(chunk)) {
+            if (cms_buf_add(out, chunk, n))
+                goto oom;
+            n = 0;
+        }
+    }
+    if (k == 1 || (pad > 0 && k + pad != 4)) {
+        cms_set_error(err, CMS_ERR_INPUT, "the base64 body is truncated");
+        return -1;
+    }
+    /* Two or three leftover characters carry one or two octets, whether
+     * or not the padding was written. */
+    if (k == 2) {
+        chunk[n++] = (unsigned char)(acc >> 4);
+    } else if (k == 3) {
+        chunk[n++] = (unsigned char)(acc >> 10);
+        chunk[n++] = (unsigned char)(acc >> 2);
+    }
+    if (cms_buf_add(out, chunk, n))
+        goto oom;
+    return 0;
+oom:
+    cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+    return -1;
+}
+
+int cms_body_decode(const unsigned char *body, size_t len, const char *cte,
+                    cms_buf *out, cms_error *err)
+{
+    if (cte != NULL && g_ascii_strcasecmp(cte, "base64") == 0)
+        return base64_decode(body, len, out, err);
+    if (cte != NULL && g_ascii_strcasecmp(cte, "7bit") != 0 &&
+        g_ascii_strcasecmp(cte, "8bit") != 0 &&
+        g_ascii_strcasecmp(cte, "binary") != 0) {
+        cms_set_error(err, CMS_ERR_INPUT,
+                      "Content-Transfer-Encoding \"%.40s\" cannot carry CMS "
+                      "data",
+                      cte);
+        return -1;
+    }
+    if (cms_buf_add(out, body, len)) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+CMS_ContentInfo *cms_der_read(const unsigned char *der, size_t len,
+                              cms_error *err)
+{
+    const unsigned char *p = der;
+    CMS_ContentInfo *cms = NULL;
+    size_t i;
+
+    if (len == 0) {
+        cms_set_error(err, CMS_ERR_INPUT, "the body holds no CMS structure");
+        return NULL;
+    }
+    if (len > LONG_MAX) {
+        cms_set_error(err, CMS_ERR_INPUT, "the CMS structure is too large");
+        return NULL;
+    }
+    /* OpenSSL's decoder reads BER (indefinite lengths, constructed
+     * strings), checks every length against the data and stops nesting at
+     * 30 levels. */
+    cms = d2i_CMS_ContentInfo(NULL, &p, (long)len);
+    if (cms == NULL) {
+        cms_set_ssl_error(err, CMS_ERR_INPUT,
+                          "the body is not a CMS structure");
+        ERR_clear_error();
+        return NULL;
+    }
+    for (i = (size_t)(p - der); i < len; i++) {
+        if (der[i] != ' ' && der[i] != '\t' && der[i] != '\r' &&
+            der[i] != '\n') {
+            cms_set_error(err, CMS_ERR_INPUT,
+                          "%zu octets follow the CMS structure", len - i);
+            CMS_ContentInfo_free(cms);
+            return NULL;
+        }
+    }
+    return cms;
 }

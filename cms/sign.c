@@ -1,18 +1,21 @@
 /*
- * The CMS side of signing and the public API. The key is only an EVP_PKEY:
- * in the daemon a libp11 key whose RSA_METHOD / EC_KEY_METHOD calls the
- * token, so everything goes through the ordinary CMS API, which reaches the
- * key through EVP and works with such keys.
+ * The CMS side of signing, the public API every part shares (names,
+ * errors, results) and small helpers for the other parts. The key is only
+ * an EVP_PKEY: in the daemon a libp11 key whose RSA_METHOD / EC_KEY_METHOD
+ * calls the token, so everything goes through the ordinary CMS API, which
+ * reaches the key through EVP and works with such keys.
  */
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/bio.h>
 #include <openssl/cms.h>
 #include <openssl/err.h>
+#include <openssl/x509v3.h>
 
 #include "cms/internal.h"
 
@@ -122,6 +125,42 @@ void cms_set_ssl_error(cms_error *err, cms_status status, const char *what)
     cms_set_error(err, status, "%s: %s (%s)", what, effect, cause);
 }
 
+void cms_cert_label(X509 *cert, char *buf, size_t size)
+{
+    STACK_OF(OPENSSL_STRING) *emails = X509_get1_email(cert);
+    X509_NAME *subject = X509_get_subject_name(cert);
+    int i = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
+    ASN1_STRING *cn;
+    unsigned char *utf8 = NULL;
+    int n;
+
+    if (sk_OPENSSL_STRING_num(emails) > 0) {
+        snprintf(buf, size, "%s", sk_OPENSSL_STRING_value(emails, 0));
+    } else if (i >= 0 &&
+               (cn = X509_NAME_ENTRY_get_data(
+                    X509_NAME_get_entry(subject, i))) != NULL &&
+               (n = ASN1_STRING_to_UTF8(&utf8, cn)) >= 0) {
+        snprintf(buf, size, "%.*s", n, (const char *)utf8);
+    } else if (X509_NAME_oneline(subject, buf, (int)size) == NULL) {
+        snprintf(buf, size, "an unnamed subject");
+    }
+    OPENSSL_free(utf8);
+    X509_email_free(emails);
+    ERR_clear_error();
+}
+
+int cms_time_format(const ASN1_TIME *t, char *buf, size_t size)
+{
+    struct tm tm;
+
+    if (t == NULL || ASN1_TIME_to_tm(t, &tm) != 1 ||
+        strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0) {
+        ERR_clear_error();
+        return -1;
+    }
+    return 0;
+}
+
 void cms_result_free(cms_result *res)
 {
     size_t i;
@@ -133,6 +172,28 @@ void cms_result_free(cms_result *res)
         free(res->reencoded[i]);
     free(res->reencoded);
     free(res);
+}
+
+int cms_result_new(cms_buf *data, cms_entity *ent, cms_result **out,
+                   cms_error *err)
+{
+    cms_result *res = calloc(1, sizeof(*res));
+
+    if (res == NULL) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        return -1;
+    }
+    res->data = data->data;
+    res->len = data->len;
+    memset(data, 0, sizeof(*data));
+    if (ent != NULL) {
+        res->reencoded = ent->reencoded;
+        res->n_reencoded = ent->n_reencoded;
+        ent->reencoded = NULL;
+        ent->n_reencoded = 0;
+    }
+    *out = res;
+    return 0;
 }
 
 const unsigned char *cms_result_data(const cms_result *res, size_t *len)
@@ -194,7 +255,6 @@ int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
     cms_entity ent = {0};
     cms_buf wire = {0};
     CMS_ContentInfo *cms = NULL;
-    cms_result *res = NULL;
     BIO *content = NULL;
     unsigned char *der = NULL;
     const EVP_MD *md = digest_md(digest);
@@ -262,19 +322,8 @@ int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
     if (cms_entity_wrap(&ent, mode, digest, der, (size_t)der_len, &wire, err))
         goto out;
 
-    res = calloc(1, sizeof(*res));
-    if (res == NULL) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+    if (cms_result_new(&wire, &ent, out, err))
         goto out;
-    }
-    res->data = wire.data;
-    res->len = wire.len;
-    res->reencoded = ent.reencoded;
-    res->n_reencoded = ent.n_reencoded;
-    memset(&wire, 0, sizeof(wire));
-    ent.reencoded = NULL;
-    ent.n_reencoded = 0;
-    *out = res;
     r = 0;
 out:
     if (r != 0)

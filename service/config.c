@@ -12,7 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 #include <jansson.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
 
 #include "service/config.h"
 
@@ -32,6 +35,8 @@ static const opt top_opts[] = {
     {"request_timeout_s", OPT_INT, 0, 1, 3600},
     {"log_level", OPT_STRING, 0, 0, 0},
     {"log_file", OPT_STRING, 0, 0, 0},
+    {"trust", OPT_PATH, 0, 0, 0},
+    {"crls", OPT_PATH, 0, 0, 0},
     {"tokens", OPT_ARRAY, 1, 0, 0},
     {NULL, 0, 0, 0, 0},
 };
@@ -341,6 +346,56 @@ static void load_token(loader *ld, size_t ti, json_t *obj)
         load_key(ld, ti, ki, json_array_get(keys, ki));
 }
 
+/* Reads every certificate (want_crls 0) or CRL of a PEM file; a file with
+ * none is a problem, since a typo there would silently trust nothing. */
+static void load_pem_file(loader *ld, const char *where, const char *path,
+                          int want_crls)
+{
+    BIO *bio = BIO_new_file(path, "r");
+    config *cfg = ld->cfg;
+    X509 *cert;
+    X509_CRL *crl;
+    int n = 0;
+
+    if (want_crls)
+        cfg->crls = sk_X509_CRL_new_null();
+    else
+        cfg->trust = sk_X509_new_null();
+    while (bio != NULL && (want_crls ? cfg->crls != NULL : cfg->trust != NULL)) {
+        if (want_crls &&
+            (crl = PEM_read_bio_X509_CRL(bio, NULL, NULL, NULL)) != NULL) {
+            if (!sk_X509_CRL_push(cfg->crls, crl))
+                X509_CRL_free(crl);
+        } else if (!want_crls &&
+                   (cert = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+            if (!sk_X509_push(cfg->trust, cert))
+                X509_free(cert);
+        } else {
+            break;
+        }
+        n++;
+    }
+    BIO_free(bio);
+    ERR_clear_error();
+    if (n == 0)
+        problem(ld, where, "%s holds no PEM %s", path,
+                want_crls ? "CRL" : "certificate");
+}
+
+static void load_trust(loader *ld, json_t *root)
+{
+    const char *path = get_path(ld, "trust", root, "trust");
+    struct stat st;
+
+    if (path != NULL && stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+        ld->cfg->trust_dir = (char *)path;
+    else if (path != NULL)
+        load_pem_file(ld, "trust", path, 0);
+    path = get_path(ld, "crls", root, "crls");
+    if (path != NULL)
+        load_pem_file(ld, "crls", path, 1);
+}
+
 /* host:port, [v6]:port; the port may be 0 (any free port). */
 static void check_listen(loader *ld, const char *listen)
 {
@@ -386,6 +441,7 @@ static void load_top(loader *ld, json_t *root)
     s = get_string(root, "log_file");
     if (s != NULL && (cfg->log_file = resolve(ld, s)) == NULL)
         problem(ld, "log_file", "out of memory");
+    load_trust(ld, root);
     tokens = json_object_get(root, "tokens");
     if (!json_is_array(tokens))
         return;
@@ -456,6 +512,8 @@ void config_free(config *cfg)
     for (i = 0; i < cfg->ntokens; i++)
         free((void *)cfg->tokens[i].keys);
     free(cfg->tokens);
+    sk_X509_pop_free(cfg->trust, X509_free);
+    sk_X509_CRL_pop_free(cfg->crls, X509_CRL_free);
     priv = cfg->priv;
     if (priv != NULL) {
         for (i = 0; i < priv->nstrings; i++)

@@ -8,6 +8,8 @@
 
 #include <stddef.h>
 
+#include <openssl/x509.h>
+
 #include "token/token.h"
 
 typedef enum {
@@ -24,6 +26,11 @@ typedef struct config {
     unsigned request_timeout_s;
     log_level log_level;
     char *log_file; /* NULL: stderr */
+    /* verification: anchors from a PEM bundle or a hashed directory, and
+     * CRLs; NULL when not configured */
+    STACK_OF(X509) *trust;
+    char *trust_dir;
+    STACK_OF(X509_CRL) *crls;
     token_spec *tokens;
     size_t ntokens;
     void *priv; /* owns every string above */

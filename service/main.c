@@ -62,7 +62,7 @@ static void log_keys(token_set *tokens)
         token_key *key = token_set_key_at(tokens, i);
         const char *reason = NULL;
 
-        if (token_key_usable(key, &reason))
+        if (token_key_usable(key, TOKEN_USE_SIGN, &reason))
             log_info("key %s (%s) on %s usable", token_key_name(key),
                      token_key_algorithm(key), token_key_token_name(key));
         else
@@ -119,7 +119,7 @@ static void reload(running *run, http_server *srv)
     tokens = open_tokens(cfg);
     if (tokens == NULL)
         goto fail;
-    a = api_new(tokens);
+    a = api_new(tokens, cfg->trust, cfg->trust_dir, cfg->crls);
     if (a == NULL)
         goto fail;
     old = http_set_api(srv, a);
@@ -255,7 +255,8 @@ int main(int argc, char **argv)
     run.tokens = open_tokens(run.cfg);
     if (run.tokens == NULL)
         goto out;
-    run.api = api_new(run.tokens);
+    run.api = api_new(run.tokens, run.cfg->trust, run.cfg->trust_dir,
+                      run.cfg->crls);
     if (run.api == NULL) {
         log_error("out of memory");
         goto out;

@@ -110,6 +110,8 @@ struct token_key {
     STACK_OF(X509) *chain;
     char algorithm[80];
     char problem[200]; /* a fault found at load that stays; "" for none */
+    char sign_problem[80];    /* key usage forbids signing; "" for none */
+    char decrypt_problem[80]; /* key usage forbids decryption */
     time_t not_before;
     time_t not_after;
     char not_yet_valid[80];
@@ -453,11 +455,19 @@ static void key_check_cert(token_key *k)
     }
     if ((flags & EXFLAG_KUSAGE) &&
         !(X509_get_key_usage(k->cert) &
-          (KU_DIGITAL_SIGNATURE | KU_NON_REPUDIATION))) {
-        snprintf(k->problem, sizeof(k->problem),
+          (KU_DIGITAL_SIGNATURE | KU_NON_REPUDIATION)))
+        snprintf(k->sign_problem, sizeof(k->sign_problem),
                  "certificate key usage does not allow digitalSignature");
-        goto out;
-    }
+    /* RSA decrypts a transported key, EC agrees on one (ECDH) */
+    if ((flags & EXFLAG_KUSAGE) && EVP_PKEY_get_base_id(pub) == EVP_PKEY_EC &&
+        !(X509_get_key_usage(k->cert) & KU_KEY_AGREEMENT))
+        snprintf(k->decrypt_problem, sizeof(k->decrypt_problem),
+                 "certificate key usage does not allow keyAgreement");
+    else if ((flags & EXFLAG_KUSAGE) &&
+             EVP_PKEY_get_base_id(pub) != EVP_PKEY_EC &&
+             !(X509_get_key_usage(k->cert) & KU_KEY_ENCIPHERMENT))
+        snprintf(k->decrypt_problem, sizeof(k->decrypt_problem),
+                 "certificate key usage does not allow keyEncipherment");
     if ((flags & EXFLAG_XKUSAGE) &&
         !(X509_get_extended_key_usage(k->cert) & (XKU_SMIME | XKU_ANYEKU))) {
         snprintf(k->problem, sizeof(k->problem),
@@ -1177,7 +1187,7 @@ const char *token_key_algorithm(const token_key *key)
     return key->algorithm;
 }
 
-int token_key_usable(const token_key *key, const char **reason)
+int token_key_usable(const token_key *key, token_use use, const char **reason)
 {
     const char *why = NULL;
     time_t now;
@@ -1186,6 +1196,11 @@ int token_key_usable(const token_key *key, const char **reason)
         why = key->token->reason;
     } else if (key->problem[0] != '\0') {
         why = key->problem;
+    } else if (use == TOKEN_USE_DECRYPT) {
+        if (key->decrypt_problem[0] != '\0')
+            why = key->decrypt_problem;
+    } else if (key->sign_problem[0] != '\0') {
+        why = key->sign_problem;
     } else {
         now = time(NULL);
         if (now < key->not_before)
@@ -1210,7 +1225,8 @@ STACK_OF(X509) *token_key_chain0(const token_key *key)
     return key->chain;
 }
 
-int token_key_acquire(token_key *key, EVP_PKEY **pkey, token_error *err)
+int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
+                      token_error *err)
 {
     struct tk_token *t = key->token;
     struct timespec deadline;
@@ -1218,7 +1234,7 @@ int token_key_acquire(token_key *key, EVP_PKEY **pkey, token_error *err)
     int rc = 0;
     int r = -1;
 
-    if (!token_key_usable(key, &reason)) {
+    if (!token_key_usable(key, use, &reason)) {
         tk_error(err, TOKEN_ERR_UNAVAILABLE, "key %s: %s", key->name, reason);
         return -1;
     }

@@ -101,9 +101,18 @@ const char *token_key_name(const token_key *key);
 const char *token_key_token_name(const token_key *key);
 /* "rsa-2048", "ec-p256", "ec-p384" */
 const char *token_key_algorithm(const token_key *key);
-/* 1 when the key can be used now; otherwise 0 and *reason says why
- * (certificate mismatch, expired, wrong key usage, token down). */
-int token_key_usable(const token_key *key, const char **reason);
+/* What a key is wanted for: the certificate must allow it. */
+typedef enum {
+    TOKEN_USE_SIGN,    /* digitalSignature or nonRepudiation; valid now */
+    TOKEN_USE_DECRYPT, /* keyEncipherment (RSA) or keyAgreement (EC); an
+                        * expired certificate does not stop old mail from
+                        * being read */
+} token_use;
+
+/* 1 when the key can be used for use now; otherwise 0 and *reason (when
+ * reason is not NULL) says why: certificate mismatch, expired, wrong key
+ * usage, token down. */
+int token_key_usable(const token_key *key, token_use use, const char **reason);
 X509 *token_key_cert0(const token_key *key);
 STACK_OF(X509) *token_key_chain0(const token_key *key);
 
@@ -111,7 +120,8 @@ STACK_OF(X509) *token_key_chain0(const token_key *key);
  * out the token-backed private key, borrowed until token_key_release.
  * TOKEN_ERR_BUSY when the wait expires, TOKEN_ERR_UNAVAILABLE when the token
  * or key is not usable. */
-int token_key_acquire(token_key *key, EVP_PKEY **pkey, token_error *err);
+int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
+                      token_error *err);
 void token_key_release(token_key *key);
 
 #endif

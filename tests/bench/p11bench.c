@@ -54,7 +54,7 @@ static void *run(void *arg)
 
     memset(md, 0x5a, sizeof(md));
     while (now_s() < end) {
-        if (token_key_acquire(w->key, &pkey, &err) != 0) {
+        if (token_key_acquire(w->key, TOKEN_USE_SIGN, &pkey, &err) != 0) {
             w->failed = 1;
             break;
         }
@@ -107,7 +107,7 @@ int main(int argc, char **argv)
         }
     }
     key = tokens != NULL ? token_set_find_key(tokens, argv[2]) : NULL;
-    if (key == NULL || !token_key_usable(key, &reason)) {
+    if (key == NULL || !token_key_usable(key, TOKEN_USE_SIGN, &reason)) {
         fprintf(stderr, "p11bench: key %s is not usable: %s\n", argv[2],
                 reason != NULL ? reason : "no such key");
         goto out;

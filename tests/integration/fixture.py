@@ -228,6 +228,28 @@ def add_token_key(d, label, key_id, key_type, email_addr, key_usage):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def import_token_key(d, label, key_id, cert):
+    """Imports a file key pair (a Cert with .key and .pem) and its
+    certificate into the token in d (a copy: never the shared demo token)."""
+    d = Path(d)
+    work = Path(tempfile.mkdtemp(prefix="impkey", dir=str(IT)))
+    try:
+        run(["openssl", "pkey", "-in", cert.key, "-outform", "DER", "-out", work / "key.der"])
+        run(["openssl", "pkey", "-in", cert.key, "-pubout", "-outform", "DER",
+             "-out", work / "pub.der"])
+        run(["openssl", "x509", "-in", cert.pem, "-outform", "DER", "-out", work / "cert.der"])
+        usage = ["--usage-decrypt", "--usage-sign"] if cert.kind == "rsa" else \
+            ["--usage-derive", "--usage-sign"]
+        p11tool(d, "--write-object", work / "key.der", "--type", "privkey", "--id", key_id,
+                "--label", label, *usage)
+        p11tool(d, "--write-object", work / "pub.der", "--type", "pubkey", "--id", key_id,
+                "--label", label)
+        p11tool(d, "--write-object", work / "cert.der", "--type", "cert", "--id", key_id,
+                "--label", label)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- HTTP
 
 class Response:
@@ -514,22 +536,86 @@ class Gpgsm:
 
     HASH_ALGO = {"sha256": "8", "sha384": "9", "sha512": "10"}
 
-    def __init__(self, ca):
+    def __init__(self, ca, *more_cas):
         self.home = tempfile.mkdtemp(prefix="/tmp/g")
         os.chmod(self.home, 0o700)
         Path(self.home, "gpgsm.conf").write_text("disable-crl-checks\n")
         Path(self.home, "gpg-agent.conf").write_text("")
-        run(["gpgsm", "--homedir", self.home, "--batch", "--import", ca])
-        out = run(["gpgsm", "--homedir", self.home, "--with-colons", "--list-keys"]).stdout
-        fpr = None
-        for line in out.decode().splitlines():
-            if line.startswith("fpr:"):
-                fpr = line.split(":")[9]
-                break
-        if not fpr:
-            raise AssertionError("gpgsm did not import the CA")
-        colons = ":".join(fpr[i:i + 2] for i in range(0, len(fpr), 2))
-        Path(self.home, "trustlist.txt").write_text("%s S relax\n" % colons)
+        trust = []
+        for c in (ca,) + more_cas:
+            run(["gpgsm", "--homedir", self.home, "--batch", "--import", c])
+            out = run(["openssl", "x509", "-in", c, "-noout", "-fingerprint", "-sha1"]).stdout
+            fpr = out.decode().strip().split("=", 1)[1].replace(":", "")
+            listed = run(["gpgsm", "--homedir", self.home, "--with-colons", "--list-keys"]).stdout
+            if ("fpr:::::::::%s:" % fpr) not in listed.decode():
+                raise AssertionError("gpgsm did not import the CA %s" % c)
+            trust.append(":".join(fpr[i:i + 2] for i in range(0, len(fpr), 2)))
+        Path(self.home, "trustlist.txt").write_text("".join("%s S relax\n" % t for t in trust))
+        # an agent started by an import would not see the new trustlist
+        subprocess.run(["gpgconf", "--homedir", self.home, "--reload", "gpg-agent"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    passphrase = None  # of the imported secret key, given to gpgsm on demand
+
+    def _gpgsm(self, args, input=None, check=True):
+        pre = []
+        if input is None and self.passphrase is not None:
+            pre = ["--passphrase-fd", "0"]
+            input = (self.passphrase + "\n").encode()
+        return run(["gpgsm", "--homedir", self.home, "--batch", "--status-fd", "1",
+                    "--pinentry-mode", "loopback"] + pre + list(args),
+                   input=input if input is not None else b"", check=check)
+
+    def import_cert(self, pem):
+        self._gpgsm(["--import", pem])
+
+    def import_p12(self, p12, passphrase):
+        """Imports a PKCS#12 (made with `openssl pkcs12 -legacy`)."""
+        p = self._gpgsm(["--passphrase-fd", "0", "--import", p12],
+                        input=(passphrase + "\n").encode(), check=False)
+        if p.returncode != 0 or b"IMPORT_OK" not in p.stdout:
+            raise AssertionError("gpgsm --import %s failed: %s" % (
+                p12, (p.stdout + p.stderr).decode(errors="replace")[-1000:]))
+        self.passphrase = passphrase
+
+    def encrypt(self, data, recipient, workdir, cipher_algo=None, armor=False):
+        """gpgsm --encrypt (BER output); returns the bytes."""
+        i = Path(workdir) / "ge.in"
+        o = Path(workdir) / "ge.out"
+        i.write_bytes(data)
+        if o.exists():
+            o.unlink()
+        args = ["--encrypt", "-r", recipient, "--output", o]
+        if cipher_algo:
+            args = ["--cipher-algo", cipher_algo] + args
+        if armor:
+            args = ["--armor"] + args
+        self._gpgsm(args + [i])
+        return o.read_bytes()
+
+    def decrypt(self, der, workdir):
+        """gpgsm --decrypt; returns the plaintext."""
+        i = Path(workdir) / "gd.in"
+        o = Path(workdir) / "gd.out"
+        i.write_bytes(der)
+        if o.exists():
+            o.unlink()
+        p = self._gpgsm(["--output", o, "--decrypt", i], check=False)
+        if p.returncode != 0 or b"DECRYPTION_OKAY" not in p.stdout:
+            raise AssertionError("gpgsm --decrypt failed (%d): %s" % (
+                p.returncode, (p.stdout + p.stderr).decode(errors="replace")[-1200:]))
+        return o.read_bytes()
+
+    def sign(self, data, signer, workdir, detached=True):
+        """gpgsm --sign / --detach-sign with an imported key; returns the DER."""
+        i = Path(workdir) / "gs.in"
+        o = Path(workdir) / "gs.out"
+        i.write_bytes(data)
+        if o.exists():
+            o.unlink()
+        self._gpgsm(["-u", signer, "--output", o,
+                     "--detach-sign" if detached else "--sign", i])
+        return o.read_bytes()
 
     def _check(self, p, digest):
         status = p.stdout.decode(errors="replace")
@@ -669,3 +755,334 @@ class Suite:
 def workdir(prefix):
     IT.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix + "-", dir=str(IT)))
+
+
+# ---------------------------------------------------------------- test PKI
+# File-key CAs and end-entity certificates for the decrypt / encrypt /
+# verify suites (openssl CLI only), plus DER and S/MIME helpers.
+
+CA_CNF = """[ ca ]
+default_ca = CA_default
+[ CA_default ]
+dir = {dir}
+database = $dir/index.txt
+new_certs_dir = $dir/newcerts
+serial = $dir/serial
+crlnumber = $dir/crlnumber
+certificate = $dir/ca.pem
+private_key = $dir/ca.key
+default_md = sha256
+default_days = 365
+default_crl_days = 30
+policy = policy_any
+unique_subject = no
+[ policy_any ]
+commonName = supplied
+organizationName = optional
+"""
+
+
+class TestCA:
+    """A file-key CA run with `openssl ca` (so it can back-date, revoke and
+    issue CRLs) in its own directory."""
+
+    def __init__(self, base, name, cn=None):
+        self.dir = Path(base) / name
+        self.dir.mkdir(parents=True)
+        (self.dir / "newcerts").mkdir()
+        (self.dir / "index.txt").write_text("")
+        (self.dir / "serial").write_text("%08X\n" % (0x10000000 + int.from_bytes(os.urandom(3), "big")))
+        (self.dir / "crlnumber").write_text("1000\n")
+        self.cnf = self.dir / "ca.cnf"
+        self.cnf.write_text(CA_CNF.format(dir=self.dir))
+        self.pem = self.dir / "ca.pem"
+        self.key = self.dir / "ca.key"
+        run(["openssl", "req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-sha256",
+             "-days", "3650", "-keyout", self.key, "-out", self.pem,
+             "-subj", "/O=smimed tests/CN=%s" % (cn or name),
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-addext", "subjectKeyIdentifier=hash"])
+
+    def issue(self, name, kind="rsa", email_addr=None, ku=None, eku="emailProtection",
+              start=None, end=None, days=30):
+        """A key (kind "rsa" = RSA-2048, "ec" = P-256, "ec384", "k256" =
+        secp256k1, "ed25519") and its certificate.
+        Returns a Cert. start/end are openssl ca dates (YYYYMMDDHHMMSSZ)."""
+        email_addr = email_addr or "%s@file.smimed.test" % name
+        if ku is None:
+            ku = "digitalSignature,keyEncipherment" if kind == "rsa" else \
+                "digitalSignature,keyAgreement"
+        key = self.dir / ("%s.key" % name)
+        csr = self.dir / ("%s.csr" % name)
+        pem = self.dir / ("%s.pem" % name)
+        ext = self.dir / ("%s.ext" % name)
+        newkey = {
+            "rsa": ["-newkey", "rsa:2048"],
+            "ec": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+            "ec384": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384"],
+            "k256": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"],
+            "ed25519": ["-newkey", "ed25519"],
+        }[kind]
+        run(["openssl", "req", "-new"] + newkey + ["-nodes", "-keyout", key, "-out", csr,
+             "-subj", "/O=smimed tests/CN=%s" % name])
+        lines = ["basicConstraints=critical,CA:FALSE", "subjectAltName=email:%s" % email_addr,
+                 "subjectKeyIdentifier=hash", "authorityKeyIdentifier=keyid,issuer"]
+        if ku:
+            lines.append("keyUsage=critical,%s" % ku)
+        if eku:
+            lines.append("extendedKeyUsage=%s" % eku)
+        ext.write_text("\n".join(lines) + "\n")
+        dates = ["-startdate", start, "-enddate", end] if start else ["-days", str(days)]
+        run(["openssl", "ca", "-batch", "-config", self.cnf, "-in", csr, "-out", pem,
+             "-extfile", ext, "-notext"] + dates)
+        return Cert(name, kind, email_addr, pem, key)
+
+    def revoke(self, cert):
+        run(["openssl", "ca", "-config", self.cnf, "-revoke", cert.pem])
+
+    def crl(self):
+        out = self.dir / "crl.pem"
+        run(["openssl", "ca", "-config", self.cnf, "-gencrl", "-out", out])
+        return out
+
+
+class Cert:
+    def __init__(self, name, kind, email_addr, pem, key):
+        self.name = name
+        self.kind = kind
+        self.email = email_addr
+        self.pem = Path(pem)
+        self.key = Path(key)
+
+    def pem_text(self):
+        return self.pem.read_text()
+
+    def serial(self):
+        return cert_serial(self.pem)
+
+    def p12(self, passphrase):
+        """PKCS#12 that gpgsm 2.2 can import (-legacy)."""
+        out = self.pem.with_suffix(".p12")
+        run(["openssl", "pkcs12", "-export", "-legacy", "-in", self.pem, "-inkey", self.key,
+             "-out", out, "-passout", "pass:%s" % passphrase])
+        return out
+
+
+def cert_serial(pem):
+    """Serial number of a PEM certificate file as an int."""
+    out = run(["openssl", "x509", "-in", pem, "-noout", "-serial"]).stdout.decode()
+    return int(out.strip().split("=", 1)[1], 16)
+
+
+def rsa_public_numbers(pem):
+    """(n, e) of the RSA key in a PEM certificate file."""
+    out = run(["openssl", "x509", "-in", pem, "-noout", "-text"]).stdout.decode()
+    m = re.search(r"Modulus:\s*((?:[0-9a-f]{2}:?\s*)+)", out)
+    n = int(re.sub(r"[^0-9a-f]", "", m.group(1)), 16)
+    e = int(re.search(r"Exponent:\s*(\d+)", out).group(1))
+    return n, e
+
+
+def check_serial(got, want_int, what="serial"):
+    """A serial in the API format: uppercase hex without separators."""
+    check(isinstance(got, str) and re.match(r"^[0-9A-F]+$", got or ""),
+          "%s %r is not uppercase hex" % (what, got))
+    eq(int(got, 16), want_int, what)
+
+
+# ---------------------------------------------------------------- DER
+
+def der_header(buf, off):
+    """(tag, header length, content length or None for indefinite)."""
+    tag = buf[off]
+    b = buf[off + 1]
+    if b < 0x80:
+        return tag, 2, b
+    if b == 0x80:
+        return tag, 2, None
+    n = b & 0x7F
+    return tag, 2 + n, int.from_bytes(buf[off + 2:off + 2 + n], "big")
+
+
+def find_after(buf, marker, what, start=0):
+    i = buf.find(marker, start)
+    if i < 0:
+        raise AssertionError("%s not found in the DER" % what)
+    return i + len(marker)
+
+
+# DER bytes of some OIDs (tag + length + value)
+OID_RSA_ENCRYPTION = bytes.fromhex("06092a864886f70d010101")
+OID_RSAES_OAEP = bytes.fromhex("06092a864886f70d010107")
+OID_ENVELOPED_DATA = bytes.fromhex("06092a864886f70d010703")
+OID_AUTH_ENVELOPED_DATA = bytes.fromhex("060b2a864886f70d0109100117")
+CIPHER_OIDS = {
+    "aes-128-cbc": "2.16.840.1.101.3.4.1.2", "aes-192-cbc": "2.16.840.1.101.3.4.1.22",
+    "aes-256-cbc": "2.16.840.1.101.3.4.1.42", "aes-128-gcm": "2.16.840.1.101.3.4.1.6",
+    "aes-256-gcm": "2.16.840.1.101.3.4.1.46",
+}
+CIPHERS = ("aes-128-cbc", "aes-192-cbc", "aes-256-cbc", "aes-128-gcm", "aes-256-gcm")
+
+
+def ktri_encrypted_key(der, alg_oid=OID_RSA_ENCRYPTION, start=0):
+    """(offset, length) of the encryptedKey OCTET STRING content of the first
+    KeyTransRecipientInfo using alg_oid at or after start."""
+    i = find_after(der, alg_oid, "key encryption algorithm", start)
+    # the AlgorithmIdentifier may continue with parameters (NULL, OAEP params)
+    # inside its SEQUENCE; the OCTET STRING follows the SEQUENCE
+    seq = i - len(alg_oid) - 2  # SEQUENCE header of a short AlgorithmIdentifier
+    tag, hl, ln = der_header(der, seq)
+    check(tag == 0x30 and ln is not None, "unexpected AlgorithmIdentifier encoding")
+    j = seq + hl + ln
+    tag, hl, ln = der_header(der, j)
+    check(tag == 0x04 and ln is not None, "no encryptedKey OCTET STRING after the algorithm")
+    return j + hl, ln
+
+
+def replace_at(buf, off, new):
+    return buf[:off] + new + buf[off + len(new):]
+
+
+# ---------------------------------------------------------------- S/MIME
+
+def mime_of(j):
+    """The entity bytes of a JSON response ("mime" or "mime_base64")."""
+    if "mime" in j:
+        check(isinstance(j["mime"], str), "mime is not a string")
+        return j["mime"].encode("utf-8")
+    check("mime_base64" in j, "response has neither mime nor mime_base64: %r" % list(j))
+    return base64.b64decode(j["mime_base64"])
+
+
+def b64_lines(der, width=64):
+    s = base64.b64encode(der)
+    if not width:
+        return s + b"\r\n"
+    return b"".join(s[i:i + width] + b"\r\n" for i in range(0, len(s), width))
+
+
+OID_SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")
+
+
+def pkcs7_mime(der, smime_type="auto", ctype="application/pkcs7-mime",
+               width=64, headers=b""):
+    """Wraps CMS DER/BER into an S/MIME entity (base64, CRLF). smime_type
+    "auto" names the content type found at the start of der."""
+    if smime_type == "auto":
+        head = der[:24]
+        smime_type = ("authEnveloped-data" if OID_AUTH_ENVELOPED_DATA in head else
+                      "enveloped-data" if OID_ENVELOPED_DATA in head else
+                      "signed-data" if OID_SIGNED_DATA in head else "enveloped-data")
+    params = "; smime-type=%s" % smime_type if smime_type else ""
+    return (headers + b"MIME-Version: 1.0\r\n"
+            b"Content-Type: " + ("%s%s; name=\"smime.p7m\"" % (ctype, params)).encode() + b"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n"
+            b"Content-Disposition: attachment; filename=\"smime.p7m\"\r\n\r\n" + b64_lines(der, width))
+
+
+def multipart_signed(content, sig_der, micalg="sha-256", boundary="smimed-test-bnd"):
+    content = crlf(content)
+    return (b"MIME-Version: 1.0\r\nContent-Type: multipart/signed; "
+            b"protocol=\"application/pkcs7-signature\"; micalg=" + micalg.encode() +
+            b"; boundary=\"" + boundary.encode() + b"\"\r\n\r\n"
+            b"This is an S/MIME signed message\r\n\r\n--" + boundary.encode() + b"\r\n" +
+            content + b"\r\n--" + boundary.encode() + b"\r\n"
+            b"Content-Type: application/pkcs7-signature; name=\"smime.p7s\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n"
+            b"Content-Disposition: attachment; filename=\"smime.p7s\"\r\n\r\n" +
+            b64_lines(sig_der) + b"\r\n--" + boundary.encode() + b"--\r\n")
+
+
+def openssl_encrypt(plain, recips, workdir, cipher="-aes256", keyopts=(), extra=(),
+                    outform="SMIME"):
+    """`openssl cms -encrypt`; returns the output bytes (SMIME or DER/BER)."""
+    workdir = Path(workdir)
+    src = workdir / "enc.in"
+    out = workdir / "enc.out"
+    src.write_bytes(plain)
+    cmd = ["openssl", "cms", "-encrypt", cipher, "-in", src, "-out", out, "-outform", outform]
+    for r in recips:
+        cmd += ["-recip", r]
+        cmd += [x for ko in keyopts for x in ("-keyopt", ko)]
+    run(cmd + list(extra))
+    return out.read_bytes()
+
+
+def openssl_decrypt(raw, cert, key, workdir, inform="SMIME"):
+    """`openssl cms -decrypt` with a file key; returns the decrypted bytes."""
+    workdir = Path(workdir)
+    src = workdir / "dec.in"
+    out = workdir / "dec.out"
+    src.write_bytes(raw)
+    if out.exists():
+        out.unlink()
+    p = run(["openssl", "cms", "-decrypt", "-inform", inform, "-in", src, "-out", out,
+             "-recip", cert, "-inkey", key], check=False)
+    if p.returncode != 0:
+        raise AssertionError("openssl cms -decrypt failed (%d): %s" % (
+            p.returncode, p.stderr.decode(errors="replace")[-1500:]))
+    return out.read_bytes()
+
+
+def openssl_sign(content, cert, key, workdir, digest="sha256", detached=True, extra=()):
+    """`openssl cms -sign` → an S/MIME entity (multipart/signed or pkcs7-mime)."""
+    workdir = Path(workdir)
+    src = workdir / "sign.in"
+    out = workdir / "sign.out"
+    src.write_bytes(content)
+    cmd = ["openssl", "cms", "-sign", "-in", src, "-out", out, "-signer", cert,
+           "-inkey", key, "-md", digest]
+    if not detached:
+        cmd.append("-nodetach")
+    run(cmd + list(extra))
+    return out.read_bytes()
+
+
+def smime_der(raw):
+    """The CMS DER inside an application/pkcs7-mime entity (any base64)."""
+    return opaque_der(raw)[1]
+
+
+def smime_type(raw):
+    fields, _ = split_entity(raw)
+    ctype, params = header_params(get_field(fields, "Content-Type") or "")
+    return ctype, (params.get("smime-type") or "").lower()
+
+
+def same_entity(got, want, what="entity"):
+    """Equal modulo CRLF canonicalisation (and a trailing line end)."""
+    g, w = crlf(got), crlf(want)
+    if g.rstrip(b"\r\n") != w.rstrip(b"\r\n"):
+        raise AssertionError("%s differs:\n got %r\nwant %r" % (what, g[:400], w[:400]))
+
+
+def same_inner(got, want, what="entity"):
+    """Same Content-* headers and body (mail headers may differ), CRLF."""
+    g_fields, g_body = split_entity(got)
+    w_fields, w_body = split_entity(want)
+    eq(content_headers(g_fields), content_headers(w_fields), "%s Content-* headers" % what)
+    if crlf(g_body).rstrip(b"\r\n") != crlf(w_body).rstrip(b"\r\n"):
+        raise AssertionError("%s body differs:\n got %r\nwant %r" % (what, g_body[:400], w_body[:400]))
+
+
+class Matrix:
+    """Interop results printed at the end of a suite as
+    '# interop: <peer> <direction> <what> -> ok|FAIL'."""
+
+    def __init__(self):
+        self.rows = []
+
+    def run(self, suite, peer, direction, what, fn, *args, **kw):
+        skipped = suite.skipped
+        ok = suite.case("%s %s %s" % (peer, direction, what), fn, *args, **kw)
+        result = "skipped" if suite.skipped != skipped else "ok" if ok else "FAIL"
+        self.rows.append((peer, direction, what, result))
+        return ok
+
+    def note(self, peer, direction, what, result):
+        self.rows.append((peer, direction, what, result))
+
+    def print(self):
+        for peer, direction, what, result in self.rows:
+            print("# interop: %s %s %s -> %s" % (peer, direction, what, result), flush=True)

@@ -104,6 +104,12 @@ static void test_good(void)
            "tokens and keys are read");
     config_free(cfg);
 
+    cfg = load("{\"trust\": \".\", \"tokens\": [{" TOKEN_OK
+               ", \"discovery\": true}]}",
+               &p);
+    tap_ok(cfg != NULL && cfg->trust_dir != NULL && cfg->trust == NULL,
+           "a trust directory is kept as a hashed directory");
+    config_free(cfg);
     cfg = load("{\"tokens\": [{" TOKEN_OK ", \"discovery\": true}]}", &p);
     tap_ok(cfg != NULL && cfg->max_body_bytes == (size_t)64 << 20 &&
                strcmp(cfg->listen, "127.0.0.1:8080") == 0,
@@ -181,6 +187,14 @@ static void test_problems(void)
     expect_problem("bad listen", "{\"listen\": \"localhost\", \"tokens\": [{" TOKEN_OK
                    ", \"discovery\": true}]}",
                    "listen", "HOST:PORT");
+    expect_problem("trust file without certificates",
+                   "{\"trust\": \"pin\", \"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true}]}",
+                   "trust", "holds no PEM certificate");
+    expect_problem("crls file without CRLs",
+                   "{\"crls\": \"pin\", \"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true}]}",
+                   "crls", "holds no PEM CRL");
     expect_problem("bad log level",
                    "{\"log_level\": \"loud\", \"tokens\": [{" TOKEN_OK
                    ", \"discovery\": true}]}",

@@ -308,7 +308,7 @@ static int sign_and_verify(token_key *key)
     token_error err = {0};
     int ok;
 
-    if (md == NULL || token_key_acquire(key, &pkey, &err) < 0) {
+    if (md == NULL || token_key_acquire(key, TOKEN_USE_SIGN, &pkey, &err) < 0) {
         EVP_MD_CTX_free(md);
         return 0;
     }
@@ -330,7 +330,7 @@ static int key_reason_is(token_set *set, const char *name, const char *want)
     token_key *k = token_set_find_key(set, name);
     const char *reason = NULL;
 
-    return k != NULL && !token_key_usable(k, &reason) && reason != NULL &&
+    return k != NULL && !token_key_usable(k, TOKEN_USE_SIGN, &reason) && reason != NULL &&
            strncmp(reason, want, strlen(want)) == 0;
 }
 
@@ -373,9 +373,9 @@ static void test_no_wait(const token_spec *u_spec)
     spec.wait_ms = 0;
     ok = token_set_add(set, &spec, &err) == 0 &&
          (k = token_set_find_key(set, "u1")) != NULL &&
-         token_key_acquire(k, &pkey, &err) == 0;
+         token_key_acquire(k, TOKEN_USE_SIGN, &pkey, &err) == 0;
     clock_gettime(CLOCK_MONOTONIC, &start);
-    tap_ok(ok && token_key_acquire(k, &pkey, &err) < 0 &&
+    tap_ok(ok && token_key_acquire(k, TOKEN_USE_SIGN, &pkey, &err) < 0 &&
                err.status == TOKEN_ERR_BUSY && elapsed_ms(&start) < 50,
            "busy: wait_ms 0 fails at once");
     if (ok)
@@ -457,7 +457,7 @@ static void test_main_set(void)
            "discovery: labelled keys with a certificate only");
 
     k = token_set_find_key(set, "signer");
-    tap_ok(k != NULL && token_key_usable(k, &reason) &&
+    tap_ok(k != NULL && token_key_usable(k, TOKEN_USE_SIGN, &reason) &&
                strcmp(token_key_algorithm(k), "rsa-2048") == 0 &&
                strcmp(token_key_token_name(k), "hsm") == 0,
            "key signer: usable rsa-2048 on hsm");
@@ -468,12 +468,12 @@ static void test_main_set(void)
     tap_ok(k != NULL && sign_and_verify(k),
            "key signer: RSA SHA-256 signature verifies with the certificate");
     k = token_set_find_key(set, "k2");
-    tap_ok(k != NULL && token_key_usable(k, NULL) &&
+    tap_ok(k != NULL && token_key_usable(k, TOKEN_USE_SIGN, NULL) &&
                strcmp(token_key_algorithm(k), "ec-p256") == 0 &&
                sign_and_verify(k),
            "key k2 (by id): ec-p256, ECDSA signature verifies");
     k = token_set_find_key(set, "u1");
-    tap_ok(k != NULL && token_key_usable(k, NULL) &&
+    tap_ok(k != NULL && token_key_usable(k, TOKEN_USE_SIGN, NULL) &&
                strcmp(token_key_algorithm(k), "ec-p521") == 0 &&
                sign_and_verify(k),
            "key u1 (discovered): ec-p521, signature verifies");
@@ -486,28 +486,37 @@ static void test_main_set(void)
                          "certificate key usage does not allow "
                          "digitalSignature"),
            "key ku: keyEncipherment only refused");
+    k = token_set_find_key(set, "ku");
+    tap_ok(k != NULL && token_key_usable(k, TOKEN_USE_DECRYPT, NULL),
+           "key ku: keyEncipherment only is usable for decryption");
+    k = token_set_find_key(set, "expired");
+    tap_ok(k != NULL && token_key_usable(k, TOKEN_USE_DECRYPT, NULL),
+           "key expired: still usable for decryption (old mail)");
+    k = token_set_find_key(set, "mismatch");
+    tap_ok(k != NULL && !token_key_usable(k, TOKEN_USE_DECRYPT, NULL),
+           "key mismatch: not usable for decryption either");
     tap_ok(key_reason_is(set, "missing", "no private key on the token"),
            "key missing: not usable, reason");
     tap_ok(key_reason_is(set, "elsewhere", "the key URI names a different"),
            "key URI naming another token: not usable");
     k = token_set_find_key(set, "expired");
-    tap_ok(k != NULL && token_key_acquire(k, &p1, &err) < 0 &&
+    tap_ok(k != NULL && token_key_acquire(k, TOKEN_USE_SIGN, &p1, &err) < 0 &&
                err.status == TOKEN_ERR_UNAVAILABLE && p1 == NULL,
            "acquire: unusable key is TOKEN_ERR_UNAVAILABLE");
 
     /* max_sessions 1, wait_ms 100 on u. */
     k = token_set_find_key(set, "u1");
-    tap_ok(k != NULL && token_key_acquire(k, &p1, &err) == 0 && p1 != NULL,
+    tap_ok(k != NULL && token_key_acquire(k, TOKEN_USE_SIGN, &p1, &err) == 0 && p1 != NULL,
            "busy: first acquire");
     clock_gettime(CLOCK_MONOTONIC, &start);
-    rc = k != NULL ? token_key_acquire(k, &p2, &err) : 0;
+    rc = k != NULL ? token_key_acquire(k, TOKEN_USE_SIGN, &p2, &err) : 0;
     tap_ok(rc < 0 && err.status == TOKEN_ERR_BUSY && p2 == NULL &&
                elapsed_ms(&start) >= 90,
            "busy: second acquire waits ~100 ms, then TOKEN_ERR_BUSY (%s)",
            err.message);
     if (k != NULL)
         token_key_release(k);
-    tap_ok(k != NULL && token_key_acquire(k, &p2, &err) == 0,
+    tap_ok(k != NULL && token_key_acquire(k, TOKEN_USE_SIGN, &p2, &err) == 0,
            "busy: acquire again after release");
     if (k != NULL)
         token_key_release(k);
@@ -534,7 +543,7 @@ static void test_main_set(void)
     tap_ok(key_reason_is(set, "ghost-key", "no initialised token"),
            "token down: its key not usable, token reason");
     k = token_set_find_key(set, "ghost-key");
-    tap_ok(k != NULL && token_key_acquire(k, &p1, &err) < 0 &&
+    tap_ok(k != NULL && token_key_acquire(k, TOKEN_USE_SIGN, &p1, &err) < 0 &&
                err.status == TOKEN_ERR_UNAVAILABLE,
            "token down: acquire is TOKEN_ERR_UNAVAILABLE");
 

@@ -1,0 +1,338 @@
+/*
+ * POST /v1/encrypt and POST /v1/decrypt, and the recipient list that
+ * encrypt and sign's encrypt_for share.
+ */
+#include <stdio.h>
+#include <string.h>
+#include <openssl/pem.h>
+
+#include "api/internal.h"
+
+void api_recipients_clear(api_recipients *r)
+{
+    sk_X509_pop_free(r->certs, X509_free);
+    r->certs = NULL;
+}
+
+static X509 *pem_cert(const char *text)
+{
+    BIO *bio = BIO_new_mem_buf(text, -1);
+    X509 *cert = NULL;
+
+    if (bio != NULL)
+        cert = PEM_read_bio_X509(bio, NULL, NULL, NULL);
+    BIO_free(bio);
+    return cert;
+}
+
+static int is_pem(const char *s)
+{
+    while (*s == ' ' || *s == '\t' || *s == '\r' || *s == '\n')
+        s++;
+    return strncmp(s, "-----BEGIN", 10) == 0;
+}
+
+static int recipient_options(api_input *in, const char *list_field,
+                             int present, api_recipients *out, int *allow,
+                             api_error *err)
+{
+    const char *cipher = NULL, *padding = NULL;
+    int unset = -1;
+
+    if (api_input_string(in, "cipher", &cipher, err) != 0 ||
+        api_input_string(in, "rsa_padding", &padding, err) != 0 ||
+        api_input_bool(in, "allow_unfit_recipients", &unset, err) != 0)
+        return -1;
+    if (!present && (cipher != NULL || padding != NULL || unset != -1))
+        return api_fail(err, 400, "invalid_field",
+                        "cipher, rsa_padding and allow_unfit_recipients "
+                        "need %s",
+                        list_field);
+    *allow = unset == 1;
+    out->cipher = CMS_CIPHER_AES256_CBC;
+    out->padding = CMS_RSA_PKCS1;
+    if (cipher != NULL && cms_cipher_from_name(cipher, &out->cipher) != 0)
+        return api_fail(err, 400, "invalid_field",
+                        "cipher must be aes-128-cbc, aes-192-cbc, "
+                        "aes-256-cbc, aes-128-gcm or aes-256-gcm");
+    if (padding != NULL &&
+        cms_rsa_padding_from_name(padding, &out->padding) != 0)
+        return api_fail(err, 400, "invalid_field",
+                        "rsa_padding must be pkcs1 or oaep");
+    return 0;
+}
+
+/* Three passes in the contract's order: every PEM must parse (400), every
+ * name must be a key (404), every certificate must fit (422). */
+static int resolve_recipients(api *a, const api_strings *names,
+                              const char *list_field, int allow_unfit,
+                              STACK_OF(X509) *certs, api_error *err)
+{
+    token_key *key;
+    cms_error cerr = {0};
+    X509 *cert;
+    size_t i;
+
+    for (i = 0; i < names->count; i++) {
+        if (!is_pem(names->items[i]))
+            continue;
+        cert = pem_cert(names->items[i]);
+        if (cert == NULL || !sk_X509_push(certs, cert)) {
+            X509_free(cert);
+            return api_fail(err, 400, "invalid_certificate",
+                            "%s[%zu] is not a PEM certificate", list_field,
+                            i);
+        }
+    }
+    for (i = 0; i < names->count; i++) {
+        if (is_pem(names->items[i]))
+            continue;
+        key = token_set_find_key(a->tokens, names->items[i]);
+        if (key == NULL)
+            return api_fail(err, 404, "unknown_key",
+                            "%s[%zu]: no key named \"%s\"", list_field, i,
+                            names->items[i]);
+        cert = token_key_cert0(key);
+        if (cert == NULL)
+            return api_fail(err, 422, "unfit_recipient",
+                            "%s[%zu]: key \"%s\" has no certificate",
+                            list_field, i, names->items[i]);
+        if (!X509_up_ref(cert) || !sk_X509_push(certs, cert)) {
+            X509_free(cert);
+            return api_fail(err, 500, "internal_error", "out of memory");
+        }
+    }
+    for (i = 0; !allow_unfit && i < (size_t)sk_X509_num(certs); i++) {
+        if (cms_recipient_check(sk_X509_value(certs, (int)i), &cerr) != 0)
+            return api_fail(err, 422, "unfit_recipient", "%s",
+                            cerr.message);
+    }
+    return 0;
+}
+
+int api_recipients_read(api *a, api_input *in, const char *list_field,
+                        int required, api_recipients *out, api_error *err)
+{
+    api_strings names = {0};
+    STACK_OF(X509) *certs = NULL;
+    int allow = 0, ret = -1, present;
+
+    if (api_input_strings(in, list_field, &names, err) != 0)
+        goto out;
+    present = in->root != NULL ? json_object_get(in->root, list_field) != NULL
+                               : names.count > 0;
+    if (recipient_options(in, list_field, present, out, &allow, err) != 0)
+        goto out;
+    if (!present && !required) {
+        ret = 0;
+        goto out;
+    }
+    if (names.count == 0) {
+        api_fail(err, 400, present ? "invalid_field" : "missing_field",
+                 "%s must list at least one recipient", list_field);
+        goto out;
+    }
+    certs = sk_X509_new_null();
+    if (certs == NULL) {
+        api_fail(err, 500, "internal_error", "out of memory");
+        goto out;
+    }
+    if (resolve_recipients(a, &names, list_field, allow, certs, err) != 0)
+        goto out;
+    out->certs = certs;
+    certs = NULL;
+    ret = 0;
+out:
+    sk_X509_pop_free(certs, X509_free);
+    api_strings_clear(&names);
+    return ret;
+}
+
+json_t *api_recipients_json(const api_recipients *r)
+{
+    json_t *list = json_array();
+    int i;
+
+    for (i = 0; list != NULL && i < sk_X509_num(r->certs); i++) {
+        if (json_array_append_new(
+                list, api_cert_json(sk_X509_value(r->certs, i), 0)) != 0) {
+            json_decref(list);
+            list = NULL;
+        }
+    }
+    return list;
+}
+
+int api_handle_encrypt(api *a, const api_request *req, api_response *res,
+                       api_error *err)
+{
+    static const char *const fields[] = {"recipients", "cipher",
+                                         "rsa_padding",
+                                         "allow_unfit_recipients", NULL};
+    api_input in;
+    api_recipients rcpt = {0};
+    cms_result *enc = NULL;
+    cms_error cerr = {0};
+    const unsigned char *data;
+    size_t len;
+    int ret = -1;
+
+    if (api_input_open(&in, req, fields, err) != 0 ||
+        api_recipients_read(a, &in, "recipients", 1, &rcpt, err) != 0)
+        goto out;
+    if (cms_encrypt_entity(in.mime, in.mime_len, rcpt.certs, rcpt.cipher,
+                           rcpt.padding, &enc, &cerr) != 0) {
+        api_fail_cms(err, &cerr);
+        goto out;
+    }
+    data = cms_result_data(enc, &len);
+    if (api_respond_entity(
+            res, req->kind, data, len,
+            json_pack("{s:s,s:o}", "cipher", cms_cipher_name(rcpt.cipher),
+                      "recipients", api_recipients_json(&rcpt))) != 0) {
+        api_fail(err, 500, "internal_error", "out of memory");
+        goto out;
+    }
+    ret = 0;
+out:
+    cms_result_free(enc);
+    api_recipients_clear(&rcpt);
+    api_input_close(&in);
+    return ret;
+}
+
+/* The key to decrypt with: the one the request forces, or the first key we
+ * serve whose certificate a RecipientInfo names. */
+static token_key *choose_key(api *a, const cms_envelope *env,
+                             const char *forced, api_error *err)
+{
+    token_key *key, *named = NULL;
+    const char *reason;
+    size_t i;
+
+    if (forced != NULL) {
+        key = api_find_key(a, forced, TOKEN_USE_DECRYPT, err);
+        if (key != NULL && !cms_envelope_names(env, token_key_cert0(key))) {
+            api_fail(err, 422, "no_matching_recipient",
+                     "key \"%s\" is not among the message's recipients",
+                     forced);
+            return NULL;
+        }
+        return key;
+    }
+    for (i = 0; i < token_set_count_keys(a->tokens); i++) {
+        key = token_set_key_at(a->tokens, i);
+        if (token_key_cert0(key) == NULL ||
+            !cms_envelope_names(env, token_key_cert0(key)))
+            continue;
+        if (token_key_usable(key, TOKEN_USE_DECRYPT, NULL))
+            return key;
+        if (named == NULL)
+            named = key;
+    }
+    /* named but not usable: say why rather than "no recipient" */
+    if (named != NULL)
+        return api_find_key(a, token_key_name(named), TOKEN_USE_DECRYPT, err);
+    for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
+        if (!token_set_token_ready(a->tokens, i, &reason)) {
+            api_fail(err, 503, "token_unavailable",
+                     "no served key is a recipient, and token %s, which may "
+                     "hold one, is down: %s",
+                     token_set_token_name(a->tokens, i),
+                     reason != NULL ? reason : "unknown reason");
+            err->retry_after = 5;
+            return NULL;
+        }
+    }
+    api_fail(err, 422, "no_matching_recipient",
+             "none of the served keys is a recipient of this message");
+    return NULL;
+}
+
+/* What "verify": true adds: the verify response for a signed entity, or a
+ * negative one that says there was no signature to check. */
+static int decrypt_verification(api *a, const api_trust *t,
+                                const cms_result *r, int is_signed,
+                                json_t **out, api_error *err)
+{
+    const unsigned char *data;
+    size_t len;
+
+    if (!is_signed) {
+        *out = json_pack("{s:b,s:s,s:s,s:[]}", "valid", 0, "reason",
+                         "not_signed", "detail",
+                         "the decrypted entity carries no signature",
+                         "signers");
+        if (*out == NULL)
+            return api_fail(err, 500, "internal_error", "out of memory");
+        return 0;
+    }
+    data = cms_result_data(r, &len);
+    return api_verify_entity(a, t, data, len, out, err);
+}
+
+int api_handle_decrypt(api *a, const api_request *req, api_response *res,
+                       api_error *err)
+{
+    static const char *const fields[] = {"key", "verify", "trust", "crls",
+                                         NULL};
+    api_input in;
+    api_trust trust = {0};
+    const char *forced = NULL;
+    cms_envelope *env = NULL;
+    cms_result *plain = NULL;
+    cms_error cerr = {0};
+    token_error terr = {0};
+    token_key *key;
+    EVP_PKEY *pkey;
+    json_t *fields_out = NULL, *verification = NULL;
+    const unsigned char *data;
+    size_t len;
+    int verify = 0, is_signed = 0, ret = -1, rc;
+
+    if (api_input_open(&in, req, fields, err) != 0 ||
+        api_input_string(&in, "key", &forced, err) != 0 ||
+        api_input_bool(&in, "verify", &verify, err) != 0 ||
+        api_trust_read(a, &in, &trust, err) != 0)
+        goto out;
+    if (forced != NULL)
+        snprintf(res->key, sizeof(res->key), "%s", forced);
+    if (cms_envelope_parse(in.mime, in.mime_len, &env, &cerr) != 0) {
+        api_fail(err, 422, "invalid_smime", "%s", cerr.message);
+        goto out;
+    }
+    key = choose_key(a, env, forced, err);
+    if (key == NULL)
+        goto out;
+    snprintf(res->key, sizeof(res->key), "%s", token_key_name(key));
+    if (token_key_acquire(key, TOKEN_USE_DECRYPT, &pkey, &terr) != 0) {
+        api_fail_token(err, &terr);
+        goto out;
+    }
+    rc = cms_envelope_decrypt(env, pkey, token_key_cert0(key), &plain,
+                              &is_signed, &cerr);
+    token_key_release(key);
+    if (rc != 0) {
+        api_fail_cms(err, &cerr);
+        goto out;
+    }
+    if (verify && decrypt_verification(a, &trust, plain, is_signed,
+                                       &verification, err) != 0)
+        goto out;
+    fields_out = json_pack("{s:s,s:b,s:o*}", "key", token_key_name(key),
+                           "signed", is_signed, "verification", verification);
+    verification = NULL;
+    data = cms_result_data(plain, &len);
+    if (api_respond_entity(res, req->kind, data, len, fields_out) != 0) {
+        api_fail(err, 500, "internal_error", "out of memory");
+        goto out;
+    }
+    ret = 0;
+out:
+    json_decref(verification);
+    cms_result_free(plain);
+    cms_envelope_free(env);
+    api_trust_clear(&trust);
+    api_input_close(&in);
+    return ret;
+}

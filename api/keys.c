@@ -1,0 +1,132 @@
+/*
+ * Keys and readiness: /v1/keys, /healthz, /readyz, and the key lookup every
+ * private-key endpoint shares.
+ */
+#include <stdio.h>
+
+#include "api/internal.h"
+
+token_key *api_find_key(api *a, const char *name, token_use use,
+                        api_error *err)
+{
+    token_key *key = token_set_find_key(a->tokens, name);
+    const char *reason = NULL;
+    size_t i;
+
+    if (key == NULL) {
+        /* a token that is down may hold it: discovery cannot list its keys,
+         * and "unknown" would send the caller looking in the wrong place */
+        for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
+            if (!token_set_token_ready(a->tokens, i, &reason)) {
+                api_fail(err, 503, "token_unavailable",
+                         "no key named \"%s\" is available; token %s is "
+                         "down: %s",
+                         name, token_set_token_name(a->tokens, i),
+                         reason != NULL ? reason : "unknown reason");
+                err->retry_after = 5;
+                return NULL;
+            }
+        }
+        api_fail(err, 404, "unknown_key", "no key named \"%s\"", name);
+        return NULL;
+    }
+    if (!token_key_usable(key, use, &reason)) {
+        api_fail(err, 503, "key_unavailable", "key \"%s\" cannot be used: %s",
+                 name, reason != NULL ? reason : "unknown reason");
+        /* an unfit certificate needs an operator, not a quick retry */
+        err->retry_after = 300;
+        return NULL;
+    }
+    return key;
+}
+
+static json_t *key_json(token_key *key)
+{
+    const char *reason = NULL;
+    int usable = token_key_usable(key, TOKEN_USE_SIGN, &reason);
+    X509 *cert = token_key_cert0(key);
+    json_t *obj, *uses;
+
+    uses = json_array();
+    if (uses != NULL && usable)
+        json_array_append_new(uses, json_string("sign"));
+    if (uses != NULL && token_key_usable(key, TOKEN_USE_DECRYPT, NULL))
+        json_array_append_new(uses, json_string("decrypt"));
+    obj = json_pack("{s:s,s:s,s:s,s:b,s:o*}", "name", token_key_name(key),
+                    "token", token_key_token_name(key), "algorithm",
+                    token_key_algorithm(key), "usable", usable, "usable_for",
+                    uses);
+    if (obj == NULL)
+        return NULL;
+    if ((!usable && reason != NULL &&
+         json_object_set_new(obj, "reason", json_string(reason)) != 0) ||
+        (cert != NULL && json_object_set_new(obj, "certificate",
+                                             api_cert_json(cert, 1)) != 0)) {
+        json_decref(obj);
+        return NULL;
+    }
+    return obj;
+}
+
+int api_handle_keys(api *a, const api_request *req, api_response *res,
+                    api_error *err)
+{
+    json_t *keys = json_array();
+    size_t i, n = token_set_count_keys(a->tokens);
+
+    for (i = 0; keys != NULL && i < n; i++) {
+        if (json_array_append_new(
+                keys, key_json(token_set_key_at(a->tokens, i))) != 0) {
+            json_decref(keys);
+            keys = NULL;
+        }
+    }
+    if (keys == NULL ||
+        api_respond_json(res, 200, json_pack("{s:o}", "keys", keys)) != 0)
+        return api_fail(err, 500, "internal_error", "out of memory");
+    return 0;
+}
+
+int api_handle_healthz(api *a, const api_request *req, api_response *res,
+                       api_error *err)
+{
+    if (api_respond_json(res, 200, json_pack("{s:s}", "status", "ok")) != 0)
+        return api_fail(err, 500, "internal_error", "out of memory");
+    return 0;
+}
+
+int api_handle_readyz(api *a, const api_request *req, api_response *res,
+                      api_error *err)
+{
+    json_t *list = json_array(), *item;
+    size_t i, n = token_set_count_tokens(a->tokens);
+    int ready = 1;
+
+    for (i = 0; list != NULL && i < n; i++) {
+        const char *reason = NULL;
+        int up = token_set_token_ready(a->tokens, i, &reason);
+        int optional = token_set_token_optional(a->tokens, i);
+
+        if (!up && !optional)
+            ready = 0;
+        item = json_pack("{s:s,s:s,s:b}", "name",
+                         token_set_token_name(a->tokens, i), "state",
+                         up ? "ready" : "down", "optional", optional);
+        if (item != NULL && !up && reason != NULL &&
+            json_object_set_new(item, "reason", json_string(reason)) != 0) {
+            json_decref(item);
+            item = NULL;
+        }
+        if (json_array_append_new(list, item) != 0) {
+            json_decref(list);
+            list = NULL;
+        }
+    }
+    if (list == NULL ||
+        api_respond_json(res, ready ? 200 : 503,
+                         json_pack("{s:s,s:o}", "status",
+                                   ready ? "ready" : "not_ready", "tokens",
+                                   list)) != 0)
+        return api_fail(err, 500, "internal_error", "out of memory");
+    return 0;
+}

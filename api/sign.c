@@ -1,0 +1,133 @@
+/*
+ * POST /v1/sign, optionally followed by encryption of the signed entity
+ * (encrypt_for) in the same call.
+ */
+#include <stdio.h>
+
+#include "api/internal.h"
+
+static const char *const sign_fields[] = {
+    "key",    "mode",        "digest",
+    "cipher", "rsa_padding", "allow_unfit_recipients",
+    "encrypt_for", NULL,
+};
+
+typedef struct sign_params {
+    const char *key;
+    cms_mode mode;
+    cms_digest digest;
+} sign_params;
+
+static int sign_params_read(api_input *in, sign_params *p, api_error *err)
+{
+    const char *mode = NULL, *digest = NULL;
+
+    if (api_input_string(in, "key", &p->key, err) != 0 ||
+        api_input_string(in, "mode", &mode, err) != 0 ||
+        api_input_string(in, "digest", &digest, err) != 0)
+        return -1;
+    if (p->key == NULL)
+        return api_fail(err, 400, "missing_field", "key is required");
+    p->mode = CMS_MODE_DETACHED;
+    p->digest = CMS_DIGEST_SHA256;
+    if (mode != NULL && cms_mode_from_name(mode, &p->mode) != 0)
+        return api_fail(err, 400, "invalid_field",
+                        "mode must be \"detached\" or \"opaque\"");
+    if (digest != NULL && cms_digest_from_name(digest, &p->digest) != 0)
+        return api_fail(err, 400, "invalid_field",
+                        "digest must be \"sha256\", \"sha384\" or \"sha512\"");
+    return 0;
+}
+
+/* Response fields; reencoded lists what was changed to make it 7-bit
+ * safe. */
+static json_t *sign_fields_json(const sign_params *p, const cms_result *r,
+                                const api_recipients *rcpt)
+{
+    json_t *reenc = json_array(), *fields;
+    size_t i;
+
+    for (i = 0; reenc != NULL && i < cms_result_count_reencoded(r); i++) {
+        if (json_array_append_new(
+                reenc, json_string(cms_result_reencoded_at(r, i))) != 0) {
+            json_decref(reenc);
+            reenc = NULL;
+        }
+    }
+    fields = json_pack("{s:s,s:s,s:s,s:o}", "key", p->key, "digest",
+                       cms_digest_name(p->digest), "mode",
+                       cms_mode_name(p->mode), "reencoded", reenc);
+    if (fields != NULL && rcpt->certs != NULL &&
+        (json_object_set_new(fields, "cipher",
+                             json_string(cms_cipher_name(rcpt->cipher))) ||
+         json_object_set_new(fields, "recipients",
+                             api_recipients_json(rcpt)))) {
+        json_decref(fields);
+        return NULL;
+    }
+    return fields;
+}
+
+int api_handle_sign(api *a, const api_request *req, api_response *res,
+                    api_error *err)
+{
+    api_input in;
+    sign_params p = {0};
+    api_recipients rcpt = {0};
+    token_key *key;
+    token_error terr = {0};
+    cms_error cerr = {0};
+    cms_result *signed_res = NULL, *enc = NULL;
+    const cms_result *out;
+    const unsigned char *data;
+    EVP_PKEY *pkey = NULL;
+    size_t len;
+    int ret = -1, rc;
+
+    if (api_input_open(&in, req, sign_fields, err) != 0 ||
+        sign_params_read(&in, &p, err) != 0)
+        goto out;
+    snprintf(res->key, sizeof(res->key), "%s", p.key);
+    /* recipients are request syntax and content (400/404/422): all of it
+     * is checked before the token is asked for anything */
+    if (api_recipients_read(a, &in, "encrypt_for", 0, &rcpt, err) != 0)
+        goto out;
+    key = api_find_key(a, p.key, TOKEN_USE_SIGN, err);
+    if (key == NULL)
+        goto out;
+    if (token_key_acquire(key, TOKEN_USE_SIGN, &pkey, &terr) != 0) {
+        api_fail_token(err, &terr);
+        goto out;
+    }
+    rc = cms_sign_entity(in.mime, in.mime_len, pkey, token_key_cert0(key),
+                         token_key_chain0(key), p.mode, p.digest, &signed_res,
+                         &cerr);
+    token_key_release(key);
+    if (rc != 0) {
+        api_fail_cms(err, &cerr);
+        goto out;
+    }
+    out = signed_res;
+    if (rcpt.certs != NULL) {
+        data = cms_result_data(signed_res, &len);
+        if (cms_encrypt_entity(data, len, rcpt.certs, rcpt.cipher,
+                               rcpt.padding, &enc, &cerr) != 0) {
+            api_fail_cms(err, &cerr);
+            goto out;
+        }
+        out = enc;
+    }
+    data = cms_result_data(out, &len);
+    if (api_respond_entity(res, req->kind, data, len,
+                           sign_fields_json(&p, signed_res, &rcpt)) != 0) {
+        api_fail(err, 500, "internal_error", "out of memory");
+        goto out;
+    }
+    ret = 0;
+out:
+    cms_result_free(signed_res);
+    cms_result_free(enc);
+    api_recipients_clear(&rcpt);
+    api_input_close(&in);
+    return ret;
+}
