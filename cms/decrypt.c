@@ -46,12 +46,6 @@ struct cms_envelope {
     size_t der_len;
 };
 
-static int is_pkcs7_mime(GMimeContentType *ct)
-{
-    return g_mime_content_type_is_type(ct, "application", "pkcs7-mime") ||
-           g_mime_content_type_is_type(ct, "application", "x-pkcs7-mime");
-}
-
 int cms_envelope_parse(const unsigned char *mime, size_t len,
                        cms_envelope **out, cms_error *err)
 {
@@ -64,25 +58,13 @@ int cms_envelope_parse(const unsigned char *mime, size_t len,
     const char *smime_type;
     int nid, r = -1;
 
-    cms_init();
     if (out == NULL) {
         cms_set_error(err, CMS_ERR_INTERNAL, "no result");
         goto out;
     }
-    if (mime == NULL || len == 0) {
-        cms_set_error(err, CMS_ERR_INPUT, "the entity is empty");
+    if (cms_smime_header_read(mime, len, &hb, &ct, err) != 0)
         goto out;
-    }
-    if (cms_header_block_read(mime, len, &hb, err))
-        goto out;
-    if (hb.content_type == NULL) {
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "the entity has no Content-Type: not an S/MIME "
-                      "entity");
-        goto out;
-    }
-    ct = g_mime_content_type_parse(NULL, hb.content_type);
-    if (!is_pkcs7_mime(ct)) {
+    if (!cms_is_pkcs7_mime(ct)) {
         cms_set_error(err, CMS_ERR_INPUT,
                       "Content-Type %.60s/%.60s is not "
                       "application/pkcs7-mime",

@@ -31,64 +31,6 @@
 
 #include "cms/internal.h"
 
-#define N_ELEMENTS(a) (sizeof(a) / sizeof((a)[0]))
-
-static const struct {
-    const char *name;
-    cms_cipher cipher;
-} ciphers[] = {
-    {"aes-128-cbc", CMS_CIPHER_AES128_CBC},
-    {"aes-192-cbc", CMS_CIPHER_AES192_CBC},
-    {"aes-256-cbc", CMS_CIPHER_AES256_CBC},
-    {"aes-128-gcm", CMS_CIPHER_AES128_GCM},
-    {"aes-256-gcm", CMS_CIPHER_AES256_GCM},
-};
-
-static const struct {
-    const char *name;
-    cms_rsa_padding padding;
-} paddings[] = {
-    {"pkcs1", CMS_RSA_PKCS1},
-    {"oaep", CMS_RSA_OAEP},
-};
-
-int cms_cipher_from_name(const char *name, cms_cipher *cipher)
-{
-    size_t i;
-
-    for (i = 0; name != NULL && i < N_ELEMENTS(ciphers); i++) {
-        if (strcmp(name, ciphers[i].name) == 0) {
-            *cipher = ciphers[i].cipher;
-            return 0;
-        }
-    }
-    return -1;
-}
-
-const char *cms_cipher_name(cms_cipher cipher)
-{
-    size_t i;
-
-    for (i = 0; i < N_ELEMENTS(ciphers); i++) {
-        if (ciphers[i].cipher == cipher)
-            return ciphers[i].name;
-    }
-    return NULL;
-}
-
-int cms_rsa_padding_from_name(const char *name, cms_rsa_padding *padding)
-{
-    size_t i;
-
-    for (i = 0; name != NULL && i < N_ELEMENTS(paddings); i++) {
-        if (strcmp(name, paddings[i].name) == 0) {
-            *padding = paddings[i].padding;
-            return 0;
-        }
-    }
-    return -1;
-}
-
 static const EVP_CIPHER *cipher_evp(cms_cipher cipher)
 {
     switch (cipher) {

@@ -9,6 +9,8 @@
 
 #include <openssl/cms.h>
 
+#include <gmime/gmime.h>
+
 #include "cms/cms.h"
 
 typedef struct cms_buf {
@@ -67,6 +69,14 @@ typedef struct cms_header_block {
 int cms_header_block_read(const unsigned char *s, size_t len,
                           cms_header_block *hb, cms_error *err);
 void cms_header_block_release(cms_header_block *hb);
+
+/* The start every S/MIME reader shares: a non-empty entity, a strict header
+ * block and a Content-Type, parsed into *ct (the caller unrefs it). */
+int cms_smime_header_read(const unsigned char *mime, size_t len,
+                          cms_header_block *hb, GMimeContentType **ct,
+                          cms_error *err);
+/* application/pkcs7-mime, or the old application/x-pkcs7-mime. */
+int cms_is_pkcs7_mime(GMimeContentType *ct);
 
 /* Undoes the Content-Transfer-Encoding cte (NULL: none) of body[0..len):
  * base64, with any line breaks and blanks, or 7bit, 8bit and binary as

@@ -1085,6 +1085,33 @@ oom:
     return -1;
 }
 
+int cms_smime_header_read(const unsigned char *mime, size_t len,
+                          cms_header_block *hb, GMimeContentType **ct,
+                          cms_error *err)
+{
+    cms_init();
+    if (mime == NULL || len == 0) {
+        cms_set_error(err, CMS_ERR_INPUT, "the entity is empty");
+        return -1;
+    }
+    if (cms_header_block_read(mime, len, hb, err) != 0)
+        return -1;
+    if (hb->content_type == NULL) {
+        cms_set_error(err, CMS_ERR_INPUT,
+                      "the entity has no Content-Type: not an S/MIME "
+                      "entity");
+        return -1;
+    }
+    *ct = g_mime_content_type_parse(NULL, hb->content_type);
+    return 0;
+}
+
+int cms_is_pkcs7_mime(GMimeContentType *ct)
+{
+    return g_mime_content_type_is_type(ct, "application", "pkcs7-mime") ||
+           g_mime_content_type_is_type(ct, "application", "x-pkcs7-mime");
+}
+
 int cms_body_decode(const unsigned char *body, size_t len, const char *cte,
                     cms_buf *out, cms_error *err)
 {

@@ -247,25 +247,12 @@ int cms_signed_read(const unsigned char *mime, size_t len, cms_signed *sd,
     cms_signed s = {0};
     int r = -1;
 
-    cms_init();
-    if (mime == NULL || len == 0) {
-        cms_set_error(err, CMS_ERR_INPUT, "the entity is empty");
+    if (cms_smime_header_read(mime, len, &hb, &ct, err) != 0)
         goto out;
-    }
-    if (cms_header_block_read(mime, len, &hb, err))
-        goto out;
-    if (hb.content_type == NULL) {
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "the entity has no Content-Type: not an S/MIME "
-                      "entity");
-        goto out;
-    }
-    ct = g_mime_content_type_parse(NULL, hb.content_type);
     if (g_mime_content_type_is_type(ct, "multipart", "signed")) {
         if (read_detached(mime, len, &hb, ct, &s, err))
             goto out;
-    } else if (g_mime_content_type_is_type(ct, "application", "pkcs7-mime") ||
-               g_mime_content_type_is_type(ct, "application", "x-pkcs7-mime")) {
+    } else if (cms_is_pkcs7_mime(ct)) {
         if (read_opaque(mime, len, &hb, ct, &s, err))
             goto out;
     } else {

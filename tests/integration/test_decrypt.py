@@ -695,20 +695,20 @@ def main():
     S.case("GET /v1/keys usable_for sign and decrypt", keys_usable_for)
 
     for cipher in ("-aes128", "-aes192", "-aes256", "-aes-128-gcm", "-aes-256-gcm", "-des3"):
-        M.run(S, "openssl", "->smimed", "rsa-pkcs1 %s" % cipher[1:], openssl_to_demo,
+        M.run(S, "openssl", "->smimed-decrypt", "rsa-pkcs1 %s" % cipher[1:], openssl_to_demo,
               "demo-rsa", cipher)
     for md in ("sha1", "sha256"):
         for cipher in ("-aes256", "-aes-128-gcm"):
-            M.run(S, "openssl", "->smimed", "rsa-oaep-%s %s" % (md, cipher[1:]), openssl_to_demo,
+            M.run(S, "openssl", "->smimed-decrypt", "rsa-oaep-%s %s" % (md, cipher[1:]), openssl_to_demo,
                   "demo-rsa", cipher, ["rsa_padding_mode:oaep", "rsa_oaep_md:%s" % md])
     for cipher in ("-aes128", "-aes256", "-aes-256-gcm", "-des3"):
-        M.run(S, "openssl", "->smimed", "ecdh-p256 %s" % cipher[1:], openssl_to_demo,
+        M.run(S, "openssl", "->smimed-decrypt", "ecdh-p256 %s" % cipher[1:], openssl_to_demo,
               "demo-ec", cipher)
-    M.run(S, "openssl", "->smimed", "ecdh-p256-sha256kdf aes-128-gcm", openssl_to_demo,
+    M.run(S, "openssl", "->smimed-decrypt", "ecdh-p256-sha256kdf aes-128-gcm", openssl_to_demo,
           "demo-ec", "-aes-128-gcm", ["ecdh_kdf_md:sha256"])
-    M.run(S, "openssl", "->smimed", "rsa-pkcs1 aes128 -stream (BER)", stream_ber)
-    M.run(S, "openssl", "->smimed", "ecdh aes192 DER via mime_base64", der_as_base64, False)
-    M.run(S, "openssl", "->smimed", "ecdh aes192 BER (-indef) via mime_base64", der_as_base64, True)
+    M.run(S, "openssl", "->smimed-decrypt", "rsa-pkcs1 aes128 -stream (BER)", stream_ber)
+    M.run(S, "openssl", "->smimed-decrypt", "ecdh aes192 DER via mime_base64", der_as_base64, False)
+    M.run(S, "openssl", "->smimed-decrypt", "ecdh aes192 BER (-indef) via mime_base64", der_as_base64, True)
     S.case("base64 without line breaks", base64_one_line)
     S.case("application/x-pkcs7-mime", x_pkcs7_mime)
     S.case("pkcs7-mime without smime-type", no_smime_type)
@@ -722,7 +722,7 @@ def main():
     S.case("both demo keys: either, and each when forced", both_demo_keys)
 
     for algo, armor in (("AES128", False), ("AES256", False), ("AES", True)):
-        M.run(S, "gpgsm", "->smimed", "rsa-pkcs1 %s%s (BER)" % (algo.lower(), " armored" if armor else ""),
+        M.run(S, "gpgsm", "->smimed-decrypt", "rsa-pkcs1 %s%s (BER)" % (algo.lower(), " armored" if armor else ""),
               gpgsm_to_demo, algo, armor)
 
     S.case("raw message/rfc822, recipient chosen", raw_mode, "", None)
@@ -731,9 +731,9 @@ def main():
     S.case("forced key not among the recipients: 422 no_matching_recipient", forced_key_not_recipient)
     S.case("forced unknown key: 404 unknown_key", forced_unknown_key)
     S.case("raw message/rfc822, signed inside: X-Smimed-Signed true", raw_mode_signed)
-    M.run(S, "openssl", "->smimed", "rsa-pkcs1 aes128 subjectKeyIdentifier rid", subject_key_id,
+    M.run(S, "openssl", "->smimed-decrypt", "rsa-pkcs1 aes128 subjectKeyIdentifier rid", subject_key_id,
           "demo-rsa", "-aes128")
-    M.run(S, "openssl", "->smimed", "ecdh-p256 aes-128-gcm subjectKeyIdentifier rid",
+    M.run(S, "openssl", "->smimed-decrypt", "ecdh-p256 aes-128-gcm subjectKeyIdentifier rid",
           subject_key_id, "demo-ec", "-aes-128-gcm")
     S.case("password (PWRI) recipient only: 422 no_matching_recipient", password_only)
     S.case("non-UTF-8 plaintext comes back as mime_base64", not_utf8)

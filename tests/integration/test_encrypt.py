@@ -402,14 +402,14 @@ def main():
     for cipher in F.CIPHERS:
         for kind, padding in (("rsa", "pkcs1"), ("rsa", "oaep"), ("ec", None)):
             alg = "rsa-%s" % padding if kind == "rsa" else "ecdh-p256"
-            M.run(S, "openssl", "<-smimed", "%s %s" % (alg, cipher), to_file_key, cipher, kind, padding)
+            M.run(S, "openssl", "<-smimed-encrypt", "%s %s" % (alg, cipher), to_file_key, cipher, kind, padding)
     for cipher in ("aes-128-cbc", "aes-192-cbc", "aes-256-cbc"):
-        M.run(S, "gpgsm", "<-smimed", "rsa-pkcs1 %s" % cipher, gpgsm_decrypts, cipher)
-    M.note("gpgsm", "<-smimed", "aes-*-gcm, rsa-oaep, ecdh",
+        M.run(S, "gpgsm", "<-smimed-encrypt", "rsa-pkcs1 %s" % cipher, gpgsm_decrypts, cipher)
+    M.note("gpgsm", "<-smimed-encrypt", "aes-*-gcm, rsa-oaep, ecdh",
            "not tried (gpgsm 2.2.40: no AuthEnvelopedData, no OAEP, EC PKCS#12 import crashes)")
     for cipher in ("aes-256-cbc", "aes-128-gcm"):
-        M.run(S, "smimed", "<-smimed", "demo-rsa+demo-ec by name %s" % cipher, to_key_names, cipher)
-    M.run(S, "smimed", "<-smimed", "demo-rsa rsa-oaep aes-256-gcm", oaep_to_demo_rsa)
+        M.run(S, "smimed", "<-smimed-encrypt", "demo-rsa+demo-ec by name %s" % cipher, to_key_names, cipher)
+    M.run(S, "smimed", "<-smimed-encrypt", "demo-rsa rsa-oaep aes-256-gcm", oaep_to_demo_rsa)
     S.case("defaults: aes-256-cbc, PKCS#1 v1.5", defaults)
     S.case("PEM and key-name recipients mixed, oaep + gcm", mixed_recipients)
     S.case("mail headers stay outside the envelope", mail_headers_outside)
@@ -417,14 +417,15 @@ def main():
     S.case("mime_base64 input", base64_input)
     S.case("raw message/rfc822 with recipients and cipher in the query", raw_mode)
     for mode in ("detached", "opaque"):
-        M.run(S, "openssl+gpgsm+smimed", "<-smimed", "sign %s + encrypt_for aes-256-cbc rsa-pkcs1/ecdh"
-              % mode, sign_encrypt_for, mode)
-    M.run(S, "openssl+smimed", "<-smimed", "sign detached + encrypt_for aes-128-gcm rsa-oaep/ecdh",
+        M.run(S, "openssl+gpgsm+smimed", "<-smimed-sign+encrypt",
+              "sign %s + encrypt_for aes-256-cbc rsa-pkcs1/ecdh" % mode, sign_encrypt_for, mode)
+    M.run(S, "openssl+smimed", "<-smimed-sign+encrypt",
+          "sign detached + encrypt_for aes-128-gcm rsa-oaep/ecdh",
           sign_encrypt_for, "detached", "aes-128-gcm", "oaep")
     for name in UNFIT:
         S.case("unfit recipient %s: 422, 200 with allow_unfit_recipients" % name, unfit, name)
     S.case("recipient without key usage extensions is fit", fit_without_extensions, "rsa-noku")
-    M.run(S, "openssl", "<-smimed", "ecdh-p384 aes-256-gcm", to_file_key, "aes-256-gcm", "ec384", None)
+    M.run(S, "openssl", "<-smimed-encrypt", "ecdh-p384 aes-256-gcm", to_file_key, "aes-256-gcm", "ec384", None)
     S.case("secp256k1 recipient: 422 unfit_recipient", unsupported_key, "k256")
     S.case("Ed25519 recipient: 422 unfit_recipient", unsupported_key, "ed25519")
     S.case("self-signed recipient is fit (chains not checked)", fit_without_extensions, "self-signed")

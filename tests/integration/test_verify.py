@@ -408,14 +408,14 @@ def main():
             for detached in (True, False):
                 alg = "%s %s %s" % ("rsa-pkcs1" if kind == "rsa" else "ecdsa-p256", digest,
                                     "detached" if detached else "opaque")
-                M.run(S, "openssl", "->smimed", alg, openssl_signed, kind, digest, detached)
-    M.run(S, "gpgsm", "->smimed", "rsa-pkcs1 sha256 detached", gpgsm_signed, True)
-    M.run(S, "gpgsm", "->smimed", "rsa-pkcs1 sha256 opaque", gpgsm_signed, False)
+                M.run(S, "openssl", "->smimed-verify", alg, openssl_signed, kind, digest, detached)
+    M.run(S, "gpgsm", "->smimed-verify", "rsa-pkcs1 sha256 detached", gpgsm_signed, True)
+    M.run(S, "gpgsm", "->smimed-verify", "rsa-pkcs1 sha256 opaque", gpgsm_signed, False)
     for key, mode, digest in (("demo-rsa", "detached", "sha256"), ("demo-rsa", "opaque", "sha512"),
                               ("demo-ec", "detached", "sha384"), ("demo-ec", "opaque", "sha256")):
-        M.run(S, "smimed", "->smimed", "%s %s %s" % (key, digest, mode), daemon_signed, key, mode, digest)
-    M.run(S, "openssl", "->smimed", "rsa-pss sha256 detached", rsa_pss)
-    M.run(S, "openssl", "->smimed", "ecdsa-p256 sha256 detached, no signed attributes",
+        M.run(S, "smimed", "->smimed-verify", "%s %s %s" % (key, digest, mode), daemon_signed, key, mode, digest)
+    M.run(S, "openssl", "->smimed-verify", "rsa-pss sha256 detached", rsa_pss)
+    M.run(S, "openssl", "->smimed-verify", "ecdsa-p256 sha256 detached, no signed attributes",
           no_signed_attributes)
     S.case("detached signature, message with LF line ends", lf_line_ends)
     S.case("application/x-pkcs7-signature (old clients)", old_x_pkcs7_signature)
