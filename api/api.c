@@ -36,8 +36,7 @@ static const api_route routes[] = {
 
 #define NROUTES (sizeof(routes) / sizeof(routes[0]))
 
-int api_fail(api_error *err, int status, const char *code, const char *fmt,
-             ...)
+int api_fail(api_error *err, int status, const char *code, const char *fmt, ...)
 {
     va_list ap;
 
@@ -73,8 +72,9 @@ int api_fail_cms(api_error *err, const cms_error *cerr)
     case CMS_ERR_RECIPIENT:
         return api_fail(err, 422, "unfit_recipient", "%s", cerr->message);
     case CMS_ERR_KEY:
-        api_fail(err, 503, "token_unavailable", "private-key operation "
-                                                "failed: %s",
+        api_fail(err, 503, "token_unavailable",
+                 "private-key operation "
+                 "failed: %s",
                  cerr->message);
         err->retry_after = 5;
         return -1;
@@ -268,13 +268,13 @@ static char *header_value(json_t *v)
                           : json_string_value(json_object_get(v, "reason")));
     if (json_array_size(v) == 0)
         return strdup("none");
-    json_array_foreach(v, i, item) len += strlen(json_string_value(item)) + 2;
+    json_array_foreach (v, i, item)
+        len += strlen(json_string_value(item)) + 2;
     s = malloc(len);
     if (s == NULL)
         return NULL;
     s[0] = '\0';
-    json_array_foreach(v, i, item)
-    {
+    json_array_foreach (v, i, item) {
         if (i > 0)
             strcat(s, ", ");
         strcat(s, json_string_value(item));
@@ -282,8 +282,8 @@ static char *header_value(json_t *v)
     return s;
 }
 
-static int respond_raw(api_response *res, const unsigned char *data,
-                       size_t len, json_t *fields)
+static int respond_raw(api_response *res, const unsigned char *data, size_t len,
+                       json_t *fields)
 {
     size_t i;
     json_t *v;
@@ -384,8 +384,7 @@ static int input_mime_json(api_input *in, api_error *err)
         return api_fail(err, 400, "missing_field", "mime is required");
     if (text != NULL) {
         if (!json_is_string(text))
-            return api_fail(err, 400, "invalid_field",
-                            "mime must be a string");
+            return api_fail(err, 400, "invalid_field", "mime must be a string");
         in->mime = (const unsigned char *)json_string_value(text);
         in->mime_len = json_string_length(text);
         return 0;
@@ -431,8 +430,7 @@ int api_input_open(api_input *in, const api_request *req,
     if (!json_is_object(in->root))
         return api_fail(err, 400, "invalid_json",
                         "the request body must be a JSON object");
-    json_object_foreach(in->root, name, v)
-    {
+    json_object_foreach (in->root, name, v) {
         /* a typo in an option must not silently fall back to a default */
         if (!is_known(name, known) && strcmp(name, "mime") != 0 &&
             strcmp(name, "mime_base64") != 0)
@@ -462,8 +460,7 @@ int api_input_string(api_input *in, const char *name, const char **out,
     if (v == NULL)
         return 0;
     if (!json_is_string(v))
-        return api_fail(err, 400, "invalid_field", "%s must be a string",
-                        name);
+        return api_fail(err, 400, "invalid_field", "%s must be a string", name);
     *out = json_string_value(v);
     return 0;
 }
@@ -541,8 +538,7 @@ int api_input_strings(api_input *in, const char *name, api_strings *out,
     if (!json_is_array(v))
         return api_fail(err, 400, "invalid_field",
                         "%s must be an array of strings", name);
-    json_array_foreach(v, i, item)
-    {
+    json_array_foreach (v, i, item) {
         if (!json_is_string(item)) {
             api_strings_clear(out);
             return api_fail(err, 400, "invalid_field",

@@ -12,11 +12,11 @@
 #include "token/token.h"
 
 typedef struct api_error {
-    int status;           /* HTTP status */
-    const char *code;     /* snake_case, static */
+    int status;       /* HTTP status */
+    const char *code; /* snake_case, static */
     char message[256];
-    const char *allow;    /* Allow header for 405, static; else NULL */
-    int retry_after;      /* seconds for 503; 0 = no header */
+    const char *allow; /* Allow header for 405, static; else NULL */
+    int retry_after;   /* seconds for 503; 0 = no header */
 } api_error;
 
 typedef enum {

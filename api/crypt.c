@@ -32,9 +32,8 @@ static int is_pem(const char *s)
     return strncmp(s, "-----BEGIN", 10) == 0;
 }
 
-static int recipient_options(api_input *in, const char *list_field,
-                             int present, api_recipients *out, int *allow,
-                             api_error *err)
+static int recipient_options(api_input *in, const char *list_field, int present,
+                             api_recipients *out, int *allow, api_error *err)
 {
     const char *cipher = NULL, *padding = NULL;
     int unset = -1;
@@ -80,8 +79,7 @@ static int resolve_recipients(api *a, const api_strings *names,
         if (cert == NULL || !sk_X509_push(certs, cert)) {
             X509_free(cert);
             return api_fail(err, 400, "invalid_certificate",
-                            "%s[%zu] is not a PEM certificate", list_field,
-                            i);
+                            "%s[%zu] is not a PEM certificate", list_field, i);
         }
     }
     for (i = 0; i < names->count; i++) {
@@ -104,8 +102,7 @@ static int resolve_recipients(api *a, const api_strings *names,
     }
     for (i = 0; !allow_unfit && i < (size_t)sk_X509_num(certs); i++) {
         if (cms_recipient_check(sk_X509_value(certs, (int)i), &cerr) != 0)
-            return api_fail(err, 422, "unfit_recipient", "%s",
-                            cerr.message);
+            return api_fail(err, 422, "unfit_recipient", "%s", cerr.message);
     }
     return 0;
 }
@@ -166,8 +163,7 @@ json_t *api_recipients_json(const api_recipients *r)
 int api_handle_encrypt(api *a, const api_request *req, api_response *res,
                        api_error *err)
 {
-    static const char *const fields[] = {"recipients", "cipher",
-                                         "rsa_padding",
+    static const char *const fields[] = {"recipients", "cipher", "rsa_padding",
                                          "allow_unfit_recipients", NULL};
     api_input in;
     api_recipients rcpt = {0};
@@ -186,10 +182,10 @@ int api_handle_encrypt(api *a, const api_request *req, api_response *res,
         goto out;
     }
     data = cms_result_data(enc, &len);
-    if (api_respond_entity(
-            res, req->kind, data, len,
-            json_pack("{s:s,s:o}", "cipher", cms_cipher_name(rcpt.cipher),
-                      "recipients", api_recipients_json(&rcpt))) != 0) {
+    if (api_respond_entity(res, req->kind, data, len,
+                           json_pack("{s:s,s:o}", "cipher",
+                                     cms_cipher_name(rcpt.cipher), "recipients",
+                                     api_recipients_json(&rcpt))) != 0) {
         api_fail(err, 500, "internal_error", "out of memory");
         goto out;
     }
@@ -251,18 +247,16 @@ static token_key *choose_key(api *a, const cms_envelope *env,
 
 /* What "verify": true adds: the verify response for a signed entity, or a
  * negative one that says there was no signature to check. */
-static int decrypt_verification(api *a, const api_trust *t,
-                                const cms_result *r, int is_signed,
-                                json_t **out, api_error *err)
+static int decrypt_verification(api *a, const api_trust *t, const cms_result *r,
+                                int is_signed, json_t **out, api_error *err)
 {
     const unsigned char *data;
     size_t len;
 
     if (!is_signed) {
-        *out = json_pack("{s:b,s:s,s:s,s:[]}", "valid", 0, "reason",
-                         "not_signed", "detail",
-                         "the decrypted entity carries no signature",
-                         "signers");
+        *out = json_pack(
+            "{s:b,s:s,s:s,s:[]}", "valid", 0, "reason", "not_signed", "detail",
+            "the decrypted entity carries no signature", "signers");
         if (*out == NULL)
             return api_fail(err, 500, "internal_error", "out of memory");
         return 0;

@@ -60,8 +60,7 @@ void api_input_close(api_input *in);
 int api_input_string(api_input *in, const char *name, const char **out,
                      api_error *err);
 /* An optional boolean option; *out stays as it was when absent. */
-int api_input_bool(api_input *in, const char *name, int *out,
-                   api_error *err);
+int api_input_bool(api_input *in, const char *name, int *out, api_error *err);
 
 /* An optional list of strings: a JSON array, or a comma-separated query
  * parameter in raw mode. */

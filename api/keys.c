@@ -6,8 +6,7 @@
 
 #include "api/internal.h"
 
-token_key *api_find_key(api *a, const char *name, token_use use,
-                        api_error *err)
+token_key *api_find_key(api *a, const char *name, token_use use, api_error *err)
 {
     token_key *key = token_set_find_key(a->tokens, name);
     const char *reason = NULL;

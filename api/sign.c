@@ -7,8 +7,8 @@
 #include "api/internal.h"
 
 static const char *const sign_fields[] = {
-    "key",    "mode",        "digest",
-    "cipher", "rsa_padding", "allow_unfit_recipients",
+    "key",         "mode",        "digest",
+    "cipher",      "rsa_padding", "allow_unfit_recipients",
     "encrypt_for", NULL,
 };
 
@@ -110,8 +110,8 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
     out = signed_res;
     if (rcpt.certs != NULL) {
         data = cms_result_data(signed_res, &len);
-        if (cms_encrypt_entity(data, len, rcpt.certs, rcpt.cipher,
-                               rcpt.padding, &enc, &cerr) != 0) {
+        if (cms_encrypt_entity(data, len, rcpt.certs, rcpt.cipher, rcpt.padding,
+                               &enc, &cerr) != 0) {
             api_fail_cms(err, &cerr);
             goto out;
         }

@@ -49,9 +49,8 @@ static int read_pems(api_input *in, const char *field, STACK_OF(X509) *certs,
         BIO_free(bio);
         ERR_clear_error();
         if (found == 0) {
-            api_fail(err, 400, "invalid_field",
-                     "%s[%zu] holds no PEM %s", field, i,
-                     certs != NULL ? "certificate" : "CRL");
+            api_fail(err, 400, "invalid_field", "%s[%zu] holds no PEM %s",
+                     field, i, certs != NULL ? "certificate" : "CRL");
             goto out;
         }
     }
@@ -88,21 +87,20 @@ static json_t *verification_json(const cms_verification *v)
         failed = json_array_append_new(
             signers, signer_json(cms_verification_signer_at(v, i)));
     obj = failed ? NULL
-                 : json_pack("{s:b,s:o}", "valid",
-                             cms_verification_valid(v), "signers", signers);
+                 : json_pack("{s:b,s:o}", "valid", cms_verification_valid(v),
+                             "signers", signers);
     if (failed)
         json_decref(signers);
     if (obj == NULL)
         return NULL;
     content = cms_verification_content(v, &len);
-    failed = (!cms_verification_valid(v) &&
-              (json_object_set_new(
-                   obj, "reason",
-                   json_string(cms_verification_reason(v))) != 0 ||
-               json_object_set_new(
-                   obj, "detail",
-                   json_string(cms_verification_detail(v))) != 0)) ||
-             (content != NULL && api_set_mime_field(obj, content, len) != 0);
+    failed =
+        (!cms_verification_valid(v) &&
+         (json_object_set_new(obj, "reason",
+                              json_string(cms_verification_reason(v))) != 0 ||
+          json_object_set_new(obj, "detail",
+                              json_string(cms_verification_detail(v))) != 0)) ||
+        (content != NULL && api_set_mime_field(obj, content, len) != 0);
     if (failed) {
         json_decref(obj);
         return NULL;

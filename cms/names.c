@@ -37,8 +37,7 @@ static const name_entry paddings[] = {
     {"oaep", CMS_RSA_OAEP},
 };
 
-static int value_of(const name_entry *t, size_t n, const char *name,
-                    int *value)
+static int value_of(const name_entry *t, size_t n, const char *name, int *value)
 {
     size_t i;
 

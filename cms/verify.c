@@ -496,9 +496,8 @@ static BIO *digest_content(CMS_ContentInfo *cms, BIO *dcont)
 }
 
 /* The checks on an entity that parsed: fills v. */
-static int check(cms_verification *v, cms_signed *sd,
-                 STACK_OF(X509) *anchors, X509_STORE *store,
-                 STACK_OF(X509_CRL) *crls, cms_error *err)
+static int check(cms_verification *v, cms_signed *sd, STACK_OF(X509) *anchors,
+                 X509_STORE *store, STACK_OF(X509_CRL) *crls, cms_error *err)
 {
     STACK_OF(CMS_SignerInfo) *sinfos = CMS_get0_SignerInfos(sd->cms);
     STACK_OF(X509) *untrusted = NULL;

@@ -42,18 +42,12 @@ static const opt top_opts[] = {
 };
 
 static const opt token_opts[] = {
-    {"name", OPT_STRING, 0, 0, 0},
-    {"module", OPT_PATH, 1, 0, 0},
-    {"uri", OPT_STRING, 1, 0, 0},
-    {"pin_file", OPT_PATH, 0, 0, 0},
-    {"pin_env", OPT_STRING, 0, 0, 0},
-    {"chain", OPT_PATH, 0, 0, 0},
-    {"discovery", OPT_BOOL, 0, 0, 0},
-    {"optional", OPT_BOOL, 0, 0, 0},
-    {"max_sessions", OPT_INT, 0, 1, 16},
-    {"wait_ms", OPT_INT, 0, 0, 600000},
-    {"keys", OPT_ARRAY, 0, 0, 0},
-    {NULL, 0, 0, 0, 0},
+    {"name", OPT_STRING, 0, 0, 0},       {"module", OPT_PATH, 1, 0, 0},
+    {"uri", OPT_STRING, 1, 0, 0},        {"pin_file", OPT_PATH, 0, 0, 0},
+    {"pin_env", OPT_STRING, 0, 0, 0},    {"chain", OPT_PATH, 0, 0, 0},
+    {"discovery", OPT_BOOL, 0, 0, 0},    {"optional", OPT_BOOL, 0, 0, 0},
+    {"max_sessions", OPT_INT, 0, 1, 16}, {"wait_ms", OPT_INT, 0, 0, 600000},
+    {"keys", OPT_ARRAY, 0, 0, 0},        {NULL, 0, 0, 0, 0},
 };
 
 static const opt key_opts[] = {
@@ -170,16 +164,14 @@ static int check_object(loader *ld, const char *where, json_t *obj,
         problem(ld, where, "must be an object");
         return -1;
     }
-    json_object_foreach(obj, name, v)
-    {
+    json_object_foreach (obj, name, v) {
         for (o = opts; o->name != NULL; o++)
             if (strcmp(o->name, name) == 0)
                 break;
         if (o->name == NULL) {
             problem(ld, where, "unknown option \"%s\"", name);
         } else if (!type_fits(o->type, v)) {
-            problem(ld, where, "\"%s\" must be %s%s", name,
-                    type_name(o->type),
+            problem(ld, where, "\"%s\" must be %s%s", name, type_name(o->type),
                     o->type == OPT_STRING || o->type == OPT_PATH
                         ? " (non-empty, no NUL)"
                         : "");
@@ -332,8 +324,9 @@ static void load_token(loader *ld, size_t ti, json_t *obj)
                 ts->pin_env);
     keys = json_object_get(obj, "keys");
     if (!ts->discovery && json_array_size(keys) == 0)
-        problem(ld, where, "no keys: list some in \"keys\" or set "
-                           "\"discovery\": true");
+        problem(ld, where,
+                "no keys: list some in \"keys\" or set "
+                "\"discovery\": true");
     if (json_array_size(keys) == 0)
         return;
     ts->keys = calloc(json_array_size(keys), sizeof(token_key_spec));
@@ -361,7 +354,8 @@ static void load_pem_file(loader *ld, const char *where, const char *path,
         cfg->crls = sk_X509_CRL_new_null();
     else
         cfg->trust = sk_X509_new_null();
-    while (bio != NULL && (want_crls ? cfg->crls != NULL : cfg->trust != NULL)) {
+    while (bio != NULL &&
+           (want_crls ? cfg->crls != NULL : cfg->trust != NULL)) {
         if (want_crls &&
             (crl = PEM_read_bio_X509_CRL(bio, NULL, NULL, NULL)) != NULL) {
             if (!sk_X509_CRL_push(cfg->crls, crl))
@@ -431,8 +425,7 @@ static void load_top(loader *ld, json_t *root)
     if (cfg->max_body_bytes == 0)
         cfg->max_body_bytes = (size_t)64 << 20;
     cfg->max_connections = (unsigned)get_int(root, "max_connections", 256);
-    cfg->request_timeout_s =
-        (unsigned)get_int(root, "request_timeout_s", 60);
+    cfg->request_timeout_s = (unsigned)get_int(root, "request_timeout_s", 60);
     s = get_string(root, "log_level");
     cfg->log_level = LOG_LEVEL_INFO;
     if (s != NULL && config_log_level_from_name(s, &cfg->log_level) != 0)
@@ -473,9 +466,10 @@ config *config_load(const char *path, config_problems *problems)
     }
     ld.cfg = cfg;
     slash = strrchr(path, '/');
-    ld.dir = slash == NULL ? strdup(".")
-                           : strndup(path, (size_t)(slash - path) +
-                                               (slash == path ? 1 : 0));
+    ld.dir =
+        slash == NULL
+            ? strdup(".")
+            : strndup(path, (size_t)(slash - path) + (slash == path ? 1 : 0));
     if (ld.dir == NULL) {
         problem(&ld, "", "out of memory");
         goto out;

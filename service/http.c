@@ -82,8 +82,8 @@ static enum MHD_Result queue(request *r, struct MHD_Connection *conn,
     enum MHD_Result ret = MHD_NO;
     size_t i;
 
-    resp = MHD_create_response_from_buffer_with_free_callback(
-        res->body_len, res->body, free);
+    resp = MHD_create_response_from_buffer_with_free_callback(res->body_len,
+                                                              res->body, free);
     if (resp == NULL)
         goto out;
     res->body = NULL;
@@ -138,8 +138,8 @@ static request *request_new(http_server *srv, const char *method,
     return r;
 }
 
-static void on_completed(void *cls, struct MHD_Connection *conn,
-                         void **req_cls, enum MHD_RequestTerminationCode toe)
+static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
+                         enum MHD_RequestTerminationCode toe)
 {
     request *r = *req_cls;
     http_server *srv = cls;
@@ -191,8 +191,8 @@ static int check_headers(request *r, struct MHD_Connection *conn,
         if (errno == 0 && *end == '\0' && n > r->srv->max_body) {
             fail_status(err, 413, "body_too_large", "");
             snprintf(err->message, sizeof(err->message),
-                     "request body of %llu bytes is over the limit of %zu",
-                     n, r->srv->max_body);
+                     "request body of %llu bytes is over the limit of %zu", n,
+                     r->srv->max_body);
             return -1;
         }
     }

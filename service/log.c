@@ -89,8 +89,9 @@ void log_write(log_level level, const char *func, const char *fmt, ...)
     gettimeofday(&tv, NULL);
     gmtime_r(&tv.tv_sec, &tm);
     n = strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
-    r = snprintf(line + n, sizeof(line) - n, ".%03ldZ %s %s: ",
-                 (long)(tv.tv_usec / 1000), level_names[level], func);
+    r = snprintf(line + n, sizeof(line) - n,
+                 ".%03ldZ %s %s: ", (long)(tv.tv_usec / 1000),
+                 level_names[level], func);
     if (r > 0)
         n += (size_t)r;
     va_start(ap, fmt);

@@ -23,17 +23,16 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: smimed --config FILE [--listen HOST:PORT] "
-            "[--check-config]\n"
-            "       smimed --help | --version\n"
-            "\n"
-            "  -c, --config FILE     JSON configuration (see README.md)\n"
-            "  -l, --listen H:P      override the listen address "
-            "(port 0: any free port)\n"
-            "      --check-config    check FILE, print every problem, exit\n"
-            "  -h, --help            this text\n"
-            "  -V, --version         print the version\n");
+    fprintf(f, "usage: smimed --config FILE [--listen HOST:PORT] "
+               "[--check-config]\n"
+               "       smimed --help | --version\n"
+               "\n"
+               "  -c, --config FILE     JSON configuration (see README.md)\n"
+               "  -l, --listen H:P      override the listen address "
+               "(port 0: any free port)\n"
+               "      --check-config    check FILE, print every problem, exit\n"
+               "  -h, --help            this text\n"
+               "  -V, --version         print the version\n");
 }
 
 static int print_problems(const config_problems *p)
@@ -255,8 +254,8 @@ int main(int argc, char **argv)
     run.tokens = open_tokens(run.cfg);
     if (run.tokens == NULL)
         goto out;
-    run.api = api_new(run.tokens, run.cfg->trust, run.cfg->trust_dir,
-                      run.cfg->crls);
+    run.api =
+        api_new(run.tokens, run.cfg->trust, run.cfg->trust_dir, run.cfg->crls);
     if (run.api == NULL) {
         log_error("out of memory");
         goto out;

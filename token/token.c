@@ -109,8 +109,8 @@ struct token_key {
     X509 *cert;
     STACK_OF(X509) *chain;
     char algorithm[80];
-    char problem[200]; /* a fault found at load that stays; "" for none */
-    char sign_problem[80];    /* key usage forbids signing; "" for none */
+    char problem[200];     /* a fault found at load that stays; "" for none */
+    char sign_problem[80]; /* key usage forbids signing; "" for none */
     char decrypt_problem[80]; /* key usage forbids decryption */
     time_t not_before;
     time_t not_after;
@@ -663,8 +663,8 @@ struct tk_build {
     token_uri uri;
     struct tk_token *tok;
     STACK_OF(X509) *chain; /* the token's default chain */
-    token_uri *key_uris;    /* one per spec->keys entry */
-    token_key **keys;       /* configured keys first, then discovered ones */
+    token_uri *key_uris;   /* one per spec->keys entry */
+    token_key **keys;      /* configured keys first, then discovered ones */
     size_t nkeys;
     size_t cap;
 };

@@ -61,10 +61,10 @@ typedef struct token_key_spec {
 
 /* One token in the configuration. Strings are borrowed for the call. */
 typedef struct token_spec {
-    const char *name;       /* label in /readyz; defaults to the token label */
-    const char *module;     /* path of the PKCS#11 module */
-    const char *uri;        /* pkcs11: URI selecting exactly one token */
-    const char *pin_file;   /* one of pin_file / pin_env */
+    const char *name;     /* label in /readyz; defaults to the token label */
+    const char *module;   /* path of the PKCS#11 module */
+    const char *uri;      /* pkcs11: URI selecting exactly one token */
+    const char *pin_file; /* one of pin_file / pin_env */
     const char *pin_env;
     const char *chain_file; /* default chain for its keys; may be NULL */
     int discovery;          /* also serve every key with a same-ID cert */

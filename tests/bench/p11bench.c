@@ -129,8 +129,7 @@ int main(int argc, char **argv)
             ret = 1;
     }
     printf("%s %s threads=%d signatures=%lu rate=%.1f/s\n", argv[2],
-           token_key_algorithm(key), nthreads, total,
-           (double)total / seconds);
+           token_key_algorithm(key), nthreads, total, (double)total / seconds);
 out:
     free(workers);
     free(tids);

@@ -39,8 +39,7 @@ static config *load(const char *text, config_problems *p)
     return config_load(path, p);
 }
 
-static int has_problem(const config_problems *p, const char *a,
-                       const char *b)
+static int has_problem(const config_problems *p, const char *a, const char *b)
 {
     size_t i;
 
@@ -94,8 +93,7 @@ static void test_good(void)
     tap_ok(strcmp(cfg->tokens[0].pin_file, want) == 0,
            "relative paths resolve against the config's folder");
     tap_ok(strcmp(cfg->listen, "127.0.0.1:0") == 0 &&
-               cfg->max_body_bytes == 4096 &&
-               cfg->log_level == LOG_LEVEL_DEBUG,
+               cfg->max_body_bytes == 4096 && cfg->log_level == LOG_LEVEL_DEBUG,
            "top-level options are read");
     tap_ok(cfg->ntokens == 2 && cfg->tokens[0].nkeys == 1 &&
                strcmp(cfg->tokens[0].keys[0].name, "k1") == 0 &&
@@ -132,13 +130,13 @@ static void test_problems(void)
                    "{\"tokns\": [], \"tokens\": [{" TOKEN_OK
                    ", \"discovery\": true}]}",
                    "smimed.conf", "unknown option \"tokns\"");
-    expect_problem("tokens missing", "{}", "smimed.conf", "\"tokens\" is "
-                                                          "required");
+    expect_problem("tokens missing", "{}", "smimed.conf",
+                   "\"tokens\" is "
+                   "required");
     expect_problem("tokens empty", "{\"tokens\": []}", "tokens",
                    "at least one");
     expect_problem("wrong type",
-                   "{\"tokens\": [{" TOKEN_OK
-                   ", \"discovery\": \"yes\"}]}",
+                   "{\"tokens\": [{" TOKEN_OK ", \"discovery\": \"yes\"}]}",
                    "tokens[0]", "\"discovery\" must be a boolean");
     expect_problem("integer out of range",
                    "{\"tokens\": [{" TOKEN_OK
@@ -182,9 +180,10 @@ static void test_problems(void)
                    "\"pkcs11:token=t\", \"pin_env\": "
                    "\"SMIMED_TEST_UNSET_PIN\", \"discovery\": true}]}",
                    "tokens[0]", "SMIMED_TEST_UNSET_PIN is not set");
-    expect_problem("no keys and no discovery",
-                   "{\"tokens\": [{" TOKEN_OK "}]}", "tokens[0]", "no keys");
-    expect_problem("bad listen", "{\"listen\": \"localhost\", \"tokens\": [{" TOKEN_OK
+    expect_problem("no keys and no discovery", "{\"tokens\": [{" TOKEN_OK "}]}",
+                   "tokens[0]", "no keys");
+    expect_problem("bad listen",
+                   "{\"listen\": \"localhost\", \"tokens\": [{" TOKEN_OK
                    ", \"discovery\": true}]}",
                    "listen", "HOST:PORT");
     expect_problem("trust file without certificates",

@@ -330,8 +330,8 @@ static int key_reason_is(token_set *set, const char *name, const char *want)
     token_key *k = token_set_find_key(set, name);
     const char *reason = NULL;
 
-    return k != NULL && !token_key_usable(k, TOKEN_USE_SIGN, &reason) && reason != NULL &&
-           strncmp(reason, want, strlen(want)) == 0;
+    return k != NULL && !token_key_usable(k, TOKEN_USE_SIGN, &reason) &&
+           reason != NULL && strncmp(reason, want, strlen(want)) == 0;
 }
 
 struct worker {
@@ -506,7 +506,8 @@ static void test_main_set(void)
 
     /* max_sessions 1, wait_ms 100 on u. */
     k = token_set_find_key(set, "u1");
-    tap_ok(k != NULL && token_key_acquire(k, TOKEN_USE_SIGN, &p1, &err) == 0 && p1 != NULL,
+    tap_ok(k != NULL && token_key_acquire(k, TOKEN_USE_SIGN, &p1, &err) == 0 &&
+               p1 != NULL,
            "busy: first acquire");
     clock_gettime(CLOCK_MONOTONIC, &start);
     rc = k != NULL ? token_key_acquire(k, TOKEN_USE_SIGN, &p2, &err) : 0;
