@@ -3,6 +3,7 @@
  * encrypt and sign's encrypt_for share.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <openssl/pem.h>
 
@@ -62,49 +63,66 @@ static int recipient_options(api_input *in, const char *list_field, int present,
 }
 
 /* Three passes in the contract's order: every PEM must parse (400), every
- * name must be a key (404), every certificate must fit (422). */
+ * name must be a key (404), every certificate must fit (422). Certificates
+ * land in the request's order, so the response lists them as asked. */
 static int resolve_recipients(api *a, const api_strings *names,
                               const char *list_field, int allow_unfit,
                               STACK_OF(X509) *certs, api_error *err)
 {
+    X509 **slots = calloc(names->count, sizeof(*slots));
     token_key *key;
     cms_error cerr = {0};
-    X509 *cert;
     size_t i;
+    int ret = -1;
 
+    if (slots == NULL)
+        return api_fail(err, 500, "internal_error", "out of memory");
     for (i = 0; i < names->count; i++) {
-        if (!is_pem(names->items[i]))
-            continue;
-        cert = pem_cert(names->items[i]);
-        if (cert == NULL || !sk_X509_push(certs, cert)) {
-            X509_free(cert);
-            return api_fail(err, 400, "invalid_certificate",
-                            "%s[%zu] is not a PEM certificate", list_field, i);
+        if (is_pem(names->items[i]) &&
+            (slots[i] = pem_cert(names->items[i])) == NULL) {
+            api_fail(err, 400, "invalid_certificate",
+                     "%s[%zu] is not a PEM certificate", list_field, i);
+            goto out;
         }
     }
     for (i = 0; i < names->count; i++) {
-        if (is_pem(names->items[i]))
+        if (slots[i] != NULL)
             continue;
         key = token_set_find_key(a->tokens, names->items[i]);
-        if (key == NULL)
-            return api_fail(err, 404, "unknown_key",
-                            "%s[%zu]: no key named \"%s\"", list_field, i,
-                            names->items[i]);
-        cert = token_key_cert0(key);
-        if (cert == NULL)
-            return api_fail(err, 422, "unfit_recipient",
-                            "%s[%zu]: key \"%s\" has no certificate",
-                            list_field, i, names->items[i]);
-        if (!X509_up_ref(cert) || !sk_X509_push(certs, cert)) {
-            X509_free(cert);
-            return api_fail(err, 500, "internal_error", "out of memory");
+        if (key == NULL) {
+            api_fail(err, 404, "unknown_key", "%s[%zu]: no key named \"%s\"",
+                     list_field, i, names->items[i]);
+            goto out;
+        }
+        if (token_key_cert0(key) == NULL) {
+            api_fail(err, 422, "unfit_recipient",
+                     "%s[%zu]: key \"%s\" has no certificate", list_field, i,
+                     names->items[i]);
+            goto out;
+        }
+        slots[i] = token_key_cert0(key);
+        X509_up_ref(slots[i]);
+    }
+    for (i = 0; !allow_unfit && i < names->count; i++) {
+        if (cms_recipient_check(slots[i], &cerr) != 0) {
+            api_fail(err, 422, "unfit_recipient", "%s[%zu]: %s", list_field,
+                     i, cerr.message);
+            goto out;
         }
     }
-    for (i = 0; !allow_unfit && i < (size_t)sk_X509_num(certs); i++) {
-        if (cms_recipient_check(sk_X509_value(certs, (int)i), &cerr) != 0)
-            return api_fail(err, 422, "unfit_recipient", "%s", cerr.message);
+    for (i = 0; i < names->count; i++) {
+        if (!sk_X509_push(certs, slots[i])) {
+            api_fail(err, 500, "internal_error", "out of memory");
+            goto out;
+        }
+        slots[i] = NULL;
     }
-    return 0;
+    ret = 0;
+out:
+    for (i = 0; i < names->count; i++)
+        X509_free(slots[i]);
+    free(slots);
+    return ret;
 }
 
 int api_recipients_read(api *a, api_input *in, const char *list_field,

@@ -34,8 +34,8 @@
 
 /* The one message for every failure after parsing. */
 #define DECRYPT_FAILED                                                         \
-    "the message cannot be decrypted with this key (the key is not a "         \
-    "recipient's, or the message is damaged)"
+    "the message cannot be decrypted with this key: the key does not fit, "    \
+    "the message is damaged, or what it holds is not a MIME entity"
 
 struct cms_envelope {
     CMS_ContentInfo *cms; /* for cms_envelope_names */

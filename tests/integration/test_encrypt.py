@@ -72,9 +72,11 @@ def check_envelope(out, cipher, padding=None, kinds=()):
 
 
 def check_recipients(j, certs):
-    """The response's recipients describe certs (in any order)."""
+    """The response's recipients describe certs, in the request's order."""
     rs = j.get("recipients")
     check(isinstance(rs, list) and len(rs) == len(certs), "recipients %r" % rs)
+    check([int(g["serial"], 16) for g in rs] == [F.cert_serial(p) for p in certs],
+          "recipients not in the request's order: %r" % [g.get("serial") for g in rs])
     by_serial = {}
     for got in rs:
         check(isinstance(got, dict) and isinstance(got.get("serial"), str),
