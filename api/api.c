@@ -47,6 +47,9 @@ int api_fail(api_error *err, int status, const char *code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(err->message, sizeof(err->message), fmt, ap);
     va_end(ap);
+    /* messages quote requests and certificates, and may be cut mid
+     * character: the JSON error body must still be built */
+    api_utf8_sanitize(err->message);
     return -1;
 }
 
@@ -220,8 +223,8 @@ int api_response_set_error(api_response *res, const api_error *err)
     memcpy(key, res->key, sizeof(key));
     api_response_clear(res);
     memcpy(res->key, key, sizeof(key));
-    body = json_pack("{s:{s:s,s:s}}", "error", "code", err->code, "message",
-                     err->message);
+    body = json_pack("{s:{s:s,s:o}}", "error", "code", err->code, "message",
+                     api_json_text(err->message, strlen(err->message)));
     if (api_respond_json(res, err->status, body) != 0)
         return -1;
     if (err->allow != NULL && response_add_header(res, "Allow", err->allow))
@@ -459,8 +462,12 @@ int api_input_string(api_input *in, const char *name, const char **out,
     v = json_object_get(in->root, name);
     if (v == NULL)
         return 0;
-    if (!json_is_string(v))
-        return api_fail(err, 400, "invalid_field", "%s must be a string", name);
+    /* NUL is allowed in JSON strings (for mime), but an option cut at it
+     * would silently mean something else */
+    if (!json_is_string(v) ||
+        strlen(json_string_value(v)) != json_string_length(v))
+        return api_fail(err, 400, "invalid_field",
+                        "%s must be a string without NUL", name);
     *out = json_string_value(v);
     return 0;
 }
@@ -539,10 +546,11 @@ int api_input_strings(api_input *in, const char *name, api_strings *out,
         return api_fail(err, 400, "invalid_field",
                         "%s must be an array of strings", name);
     json_array_foreach (v, i, item) {
-        if (!json_is_string(item)) {
+        if (!json_is_string(item) ||
+            strlen(json_string_value(item)) != json_string_length(item)) {
             api_strings_clear(out);
             return api_fail(err, 400, "invalid_field",
-                            "%s[%zu] must be a string", name, i);
+                            "%s[%zu] must be a string without NUL", name, i);
         }
         if (strings_add(out, json_string_value(item),
                         strlen(json_string_value(item))) != 0)

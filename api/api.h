@@ -19,6 +19,11 @@ typedef struct api_error {
     int retry_after;   /* seconds for 503; 0 = no header */
 } api_error;
 
+/* Fills err (message made valid UTF-8) and returns -1, for
+ * "return api_fail(...)". */
+__attribute__((format(printf, 4, 5))) int
+api_fail(api_error *err, int status, const char *code, const char *fmt, ...);
+
 typedef enum {
     API_BODY_NONE,
     API_BODY_JSON,

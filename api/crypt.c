@@ -5,12 +5,20 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <openssl/err.h>
 #include <openssl/pem.h>
 
 #include "api/internal.h"
 
 void api_recipients_clear(api_recipients *r)
 {
+    size_t i;
+
+    for (i = 0; r->slots != NULL && i < r->names.count; i++)
+        X509_free(r->slots[i]);
+    free(r->slots);
+    r->slots = NULL;
+    api_strings_clear(&r->names);
     sk_X509_pop_free(r->certs, X509_free);
     r->certs = NULL;
 }
@@ -23,6 +31,7 @@ static X509 *pem_cert(const char *text)
     if (bio != NULL)
         cert = PEM_read_bio_X509(bio, NULL, NULL, NULL);
     BIO_free(bio);
+    ERR_clear_error();
     return cert;
 }
 
@@ -33,8 +42,8 @@ static int is_pem(const char *s)
     return strncmp(s, "-----BEGIN", 10) == 0;
 }
 
-static int recipient_options(api_input *in, const char *list_field, int present,
-                             api_recipients *out, int *allow, api_error *err)
+static int recipient_options(api_input *in, int present, api_recipients *out,
+                             api_error *err)
 {
     const char *cipher = NULL, *padding = NULL;
     int unset = -1;
@@ -47,8 +56,8 @@ static int recipient_options(api_input *in, const char *list_field, int present,
         return api_fail(err, 400, "invalid_field",
                         "cipher, rsa_padding and allow_unfit_recipients "
                         "need %s",
-                        list_field);
-    *allow = unset == 1;
+                        out->field);
+    out->allow_unfit = unset == 1;
     out->cipher = CMS_CIPHER_AES256_CBC;
     out->padding = CMS_RSA_PKCS1;
     if (cipher != NULL && cms_cipher_from_name(cipher, &out->cipher) != 0)
@@ -62,105 +71,72 @@ static int recipient_options(api_input *in, const char *list_field, int present,
     return 0;
 }
 
-/* Three passes in the contract's order: every PEM must parse (400), every
- * name must be a key (404), every certificate must fit (422). Certificates
- * land in the request's order, so the response lists them as asked. */
-static int resolve_recipients(api *a, const api_strings *names,
-                              const char *list_field, int allow_unfit,
-                              STACK_OF(X509) *certs, api_error *err)
+int api_recipients_read(api_input *in, const char *field, int required,
+                        api_recipients *out, api_error *err)
 {
-    X509 **slots = calloc(names->count, sizeof(*slots));
+    size_t i;
+    int present;
+
+    out->field = field;
+    if (api_input_strings(in, field, &out->names, err) != 0)
+        return -1;
+    present = in->root != NULL ? json_object_get(in->root, field) != NULL
+                               : out->names.count > 0;
+    if (recipient_options(in, present, out, err) != 0)
+        return -1;
+    if (!present && !required)
+        return 0;
+    if (out->names.count == 0)
+        return api_fail(err, 400, present ? "invalid_field" : "missing_field",
+                        "%s must list at least one recipient", field);
+    out->slots = calloc(out->names.count, sizeof(*out->slots));
+    if (out->slots == NULL)
+        return api_fail(err, 500, "internal_error", "out of memory");
+    for (i = 0; i < out->names.count; i++) {
+        if (is_pem(out->names.items[i]) &&
+            (out->slots[i] = pem_cert(out->names.items[i])) == NULL)
+            return api_fail(err, 400, "invalid_certificate",
+                            "%s[%zu] is not a PEM certificate", field, i);
+    }
+    return 0;
+}
+
+int api_recipients_resolve(api *a, api_recipients *r, api_error *err)
+{
     token_key *key;
     cms_error cerr = {0};
     size_t i;
-    int ret = -1;
 
-    if (slots == NULL)
-        return api_fail(err, 500, "internal_error", "out of memory");
-    for (i = 0; i < names->count; i++) {
-        if (is_pem(names->items[i]) &&
-            (slots[i] = pem_cert(names->items[i])) == NULL) {
-            api_fail(err, 400, "invalid_certificate",
-                     "%s[%zu] is not a PEM certificate", list_field, i);
-            goto out;
-        }
-    }
-    for (i = 0; i < names->count; i++) {
-        if (slots[i] != NULL)
+    if (r->names.count == 0)
+        return 0;
+    for (i = 0; i < r->names.count; i++) {
+        if (r->slots[i] != NULL)
             continue;
-        key = token_set_find_key(a->tokens, names->items[i]);
-        if (key == NULL) {
-            api_fail(err, 404, "unknown_key", "%s[%zu]: no key named \"%s\"",
-                     list_field, i, names->items[i]);
-            goto out;
-        }
-        if (token_key_cert0(key) == NULL) {
-            api_fail(err, 422, "unfit_recipient",
-                     "%s[%zu]: key \"%s\" has no certificate", list_field, i,
-                     names->items[i]);
-            goto out;
-        }
-        slots[i] = token_key_cert0(key);
-        X509_up_ref(slots[i]);
+        key = token_set_find_key(a->tokens, r->names.items[i]);
+        if (key == NULL)
+            return api_fail(err, 404, "unknown_key",
+                            "%s[%zu]: no key named \"%s\"", r->field, i,
+                            r->names.items[i]);
+        if (token_key_cert0(key) == NULL)
+            return api_fail(err, 422, "unfit_recipient",
+                            "%s[%zu]: key \"%s\" has no certificate", r->field,
+                            i, r->names.items[i]);
+        r->slots[i] = token_key_cert0(key);
+        X509_up_ref(r->slots[i]);
     }
-    for (i = 0; !allow_unfit && i < names->count; i++) {
-        if (cms_recipient_check(slots[i], &cerr) != 0) {
-            api_fail(err, 422, "unfit_recipient", "%s[%zu]: %s", list_field,
-                     i, cerr.message);
-            goto out;
-        }
+    for (i = 0; !r->allow_unfit && i < r->names.count; i++) {
+        if (cms_recipient_check(r->slots[i], &cerr) != 0)
+            return api_fail(err, 422, "unfit_recipient", "%s[%zu]: %s",
+                            r->field, i, cerr.message);
     }
-    for (i = 0; i < names->count; i++) {
-        if (!sk_X509_push(certs, slots[i])) {
-            api_fail(err, 500, "internal_error", "out of memory");
-            goto out;
-        }
-        slots[i] = NULL;
+    r->certs = sk_X509_new_reserve(NULL, (int)r->names.count);
+    if (r->certs == NULL)
+        return api_fail(err, 500, "internal_error", "out of memory");
+    for (i = 0; i < r->names.count; i++) {
+        sk_X509_push(r->certs, r->slots[i]);
+        r->slots[i] = NULL;
     }
-    ret = 0;
-out:
-    for (i = 0; i < names->count; i++)
-        X509_free(slots[i]);
-    free(slots);
-    return ret;
-}
-
-int api_recipients_read(api *a, api_input *in, const char *list_field,
-                        int required, api_recipients *out, api_error *err)
-{
-    api_strings names = {0};
-    STACK_OF(X509) *certs = NULL;
-    int allow = 0, ret = -1, present;
-
-    if (api_input_strings(in, list_field, &names, err) != 0)
-        goto out;
-    present = in->root != NULL ? json_object_get(in->root, list_field) != NULL
-                               : names.count > 0;
-    if (recipient_options(in, list_field, present, out, &allow, err) != 0)
-        goto out;
-    if (!present && !required) {
-        ret = 0;
-        goto out;
-    }
-    if (names.count == 0) {
-        api_fail(err, 400, present ? "invalid_field" : "missing_field",
-                 "%s must list at least one recipient", list_field);
-        goto out;
-    }
-    certs = sk_X509_new_null();
-    if (certs == NULL) {
-        api_fail(err, 500, "internal_error", "out of memory");
-        goto out;
-    }
-    if (resolve_recipients(a, &names, list_field, allow, certs, err) != 0)
-        goto out;
-    out->certs = certs;
-    certs = NULL;
-    ret = 0;
-out:
-    sk_X509_pop_free(certs, X509_free);
-    api_strings_clear(&names);
-    return ret;
+    return 0;
 }
 
 json_t *api_recipients_json(const api_recipients *r)
@@ -192,7 +168,8 @@ int api_handle_encrypt(api *a, const api_request *req, api_response *res,
     int ret = -1;
 
     if (api_input_open(&in, req, fields, err) != 0 ||
-        api_recipients_read(a, &in, "recipients", 1, &rcpt, err) != 0)
+        api_recipients_read(&in, "recipients", 1, &rcpt, err) != 0 ||
+        api_recipients_resolve(a, &rcpt, err) != 0)
         goto out;
     if (cms_encrypt_entity(in.mime, in.mime_len, rcpt.certs, rcpt.cipher,
                            rcpt.padding, &enc, &cerr) != 0) {
@@ -215,25 +192,15 @@ out:
     return ret;
 }
 
-/* The key to decrypt with: the one the request forces, or the first key we
- * serve whose certificate a RecipientInfo names. */
-static token_key *choose_key(api *a, const cms_envelope *env,
-                             const char *forced, api_error *err)
+/* The key to decrypt with when the request does not force one: the first
+ * served key whose certificate a RecipientInfo names and that may decrypt
+ * now. */
+static token_key *choose_key(api *a, const cms_envelope *env, api_error *err)
 {
     token_key *key, *named = NULL;
     const char *reason;
     size_t i;
 
-    if (forced != NULL) {
-        key = api_find_key(a, forced, TOKEN_USE_DECRYPT, err);
-        if (key != NULL && !cms_envelope_names(env, token_key_cert0(key))) {
-            api_fail(err, 422, "no_matching_recipient",
-                     "key \"%s\" is not among the message's recipients",
-                     forced);
-            return NULL;
-        }
-        return key;
-    }
     for (i = 0; i < token_set_count_keys(a->tokens); i++) {
         key = token_set_key_at(a->tokens, i);
         if (token_key_cert0(key) == NULL ||
@@ -245,10 +212,13 @@ static token_key *choose_key(api *a, const cms_envelope *env,
             named = key;
     }
     /* named but not usable: say why rather than "no recipient" */
-    if (named != NULL)
-        return api_find_key(a, token_key_name(named), TOKEN_USE_DECRYPT, err);
+    if (named != NULL) {
+        api_check_key(a, named, TOKEN_USE_DECRYPT, err);
+        return NULL;
+    }
     for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
-        if (!token_set_token_ready(a->tokens, i, &reason)) {
+        if (token_set_token_discovery(a->tokens, i) &&
+            !token_set_token_ready(a->tokens, i, &reason)) {
             api_fail(err, 503, "token_unavailable",
                      "no served key is a recipient, and token %s, which may "
                      "hold one, is down: %s",
@@ -261,6 +231,42 @@ static token_key *choose_key(api *a, const cms_envelope *env,
     api_fail(err, 422, "no_matching_recipient",
              "none of the served keys is a recipient of this message");
     return NULL;
+}
+
+/* The forced key, once the envelope is known: it must be a recipient
+ * (422) and usable (503). */
+static int check_forced(api *a, token_key *key, const cms_envelope *env,
+                        api_error *err)
+{
+    if (!cms_envelope_names(env, token_key_cert0(key)))
+        return api_fail(err, 422, "no_matching_recipient",
+                        "key \"%s\" is not among the message's recipients",
+                        token_key_name(key));
+    return api_check_key(a, key, TOKEN_USE_DECRYPT, err);
+}
+
+/* Decrypts with the key's token operation slot held. A failure is
+ * 422 decryption_failed unless the token itself stopped answering: that is
+ * a 503, and says nothing about the ciphertext. */
+static int decrypt_on_token(token_key *key, cms_envelope *env, cms_result **out,
+                            int *is_signed, api_error *err)
+{
+    token_error terr = {0};
+    cms_error cerr = {0};
+    EVP_PKEY *pkey;
+    int rc;
+
+    if (token_key_acquire(key, TOKEN_USE_DECRYPT, &pkey, &terr) != 0)
+        return api_fail_token(err, &terr);
+    rc = cms_envelope_decrypt(env, pkey, token_key_cert0(key), out, is_signed,
+                              &cerr);
+    token_key_release(key);
+    if (rc == 0)
+        return 0;
+    if (cerr.status == CMS_ERR_DECRYPT &&
+        token_key_check_fault(key, &terr) != 0)
+        return api_fail_token(err, &terr);
+    return api_fail_cms(err, &cerr);
 }
 
 /* What "verify": true adds: the verify response for a signed entity, or a
@@ -294,40 +300,35 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
     cms_envelope *env = NULL;
     cms_result *plain = NULL;
     cms_error cerr = {0};
-    token_error terr = {0};
-    token_key *key;
-    EVP_PKEY *pkey;
+    token_key *key = NULL;
     json_t *fields_out = NULL, *verification = NULL;
     const unsigned char *data;
     size_t len;
-    int verify = 0, is_signed = 0, ret = -1, rc;
+    int verify = 0, is_signed = 0, ret = -1;
 
+    /* the contract's order: request syntax (400), a forced key (404), the
+     * content (422), then the token (503) */
     if (api_input_open(&in, req, fields, err) != 0 ||
         api_input_string(&in, "key", &forced, err) != 0 ||
         api_input_bool(&in, "verify", &verify, err) != 0 ||
         api_trust_read(a, &in, &trust, err) != 0)
         goto out;
-    if (forced != NULL)
+    if (forced != NULL) {
         snprintf(res->key, sizeof(res->key), "%s", forced);
+        key = api_lookup_key(a, forced, err);
+        if (key == NULL)
+            goto out;
+    }
     if (cms_envelope_parse(in.mime, in.mime_len, &env, &cerr) != 0) {
         api_fail(err, 422, "invalid_smime", "%s", cerr.message);
         goto out;
     }
-    key = choose_key(a, env, forced, err);
-    if (key == NULL)
+    if (key != NULL ? check_forced(a, key, env, err) != 0
+                    : (key = choose_key(a, env, err)) == NULL)
         goto out;
     snprintf(res->key, sizeof(res->key), "%s", token_key_name(key));
-    if (token_key_acquire(key, TOKEN_USE_DECRYPT, &pkey, &terr) != 0) {
-        api_fail_token(err, &terr);
+    if (decrypt_on_token(key, env, &plain, &is_signed, err) != 0)
         goto out;
-    }
-    rc = cms_envelope_decrypt(env, pkey, token_key_cert0(key), &plain,
-                              &is_signed, &cerr);
-    token_key_release(key);
-    if (rc != 0) {
-        api_fail_cms(err, &cerr);
-        goto out;
-    }
     if (verify && decrypt_verification(a, &trust, plain, is_signed,
                                        &verification, err) != 0)
         goto out;

@@ -19,8 +19,6 @@ struct api {
 
 /* ---- errors and responses (api.c) ---- */
 
-__attribute__((format(printf, 4, 5))) int
-api_fail(api_error *err, int status, const char *code, const char *fmt, ...);
 /* 503 from a token failure, with Retry-After. */
 int api_fail_token(api_error *err, const token_error *terr);
 /* The status and code of a cms/ failure. */
@@ -75,25 +73,32 @@ void api_strings_clear(api_strings *s);
 
 /* ---- keys (keys.c) ---- */
 
-/* 404 unknown_key (or 503 when a down token may hold it), 503
- * key_unavailable when the key cannot be used for use. */
-token_key *api_find_key(api *a, const char *name, token_use use,
-                        api_error *err);
+/* 404 unknown_key (503 when a discovery token that may hold it is down). */
+token_key *api_lookup_key(api *a, const char *name, api_error *err);
+/* 503 key_unavailable when key cannot be used for use now. Checked after
+ * everything about the request itself (422 comes before 503). */
+int api_check_key(api *a, token_key *key, token_use use, api_error *err);
 
 /* ---- encryption (crypt.c) ---- */
 
-/* Recipients named in a request, resolved to certificates. */
+/* Recipients named in a request. Read in two steps so errors come in the
+ * contract's order around the caller's own checks: api_recipients_read
+ * parses the list, the options and every PEM (400); api_recipients_resolve
+ * looks up key names (404) and checks every certificate (422). */
 typedef struct api_recipients {
-    STACK_OF(X509) *certs;
+    const char *field;
+    api_strings names;
+    X509 **slots; /* per name: its certificate, once known */
+    int allow_unfit;
+    STACK_OF(X509) *certs; /* after resolve, in the request's order */
     cms_cipher cipher;
     cms_rsa_padding padding;
 } api_recipients;
 
-/* Reads list_field (recipients / encrypt_for) and the cipher, rsa_padding
- * and allow_unfit_recipients options. 0 with out->certs NULL when
- * list_field is absent and optional. */
-int api_recipients_read(api *a, api_input *in, const char *list_field,
-                        int required, api_recipients *out, api_error *err);
+/* 0 with out->names empty when field is absent and not required. */
+int api_recipients_read(api_input *in, const char *field, int required,
+                        api_recipients *out, api_error *err);
+int api_recipients_resolve(api *a, api_recipients *r, api_error *err);
 void api_recipients_clear(api_recipients *r);
 /* {"subject","issuer","serial","emails"} of each recipient. */
 json_t *api_recipients_json(const api_recipients *r);
@@ -140,6 +145,11 @@ unsigned char *api_base64_decode(const char *text, size_t text_len,
 char *api_base64_encode(const unsigned char *data, size_t len);
 
 int api_utf8_valid(const unsigned char *s, size_t len);
+/* Replaces every byte of s that is not part of valid UTF-8 with '?', so text
+ * from a request or a certificate can go into JSON. */
+void api_utf8_sanitize(char *s);
+/* A JSON string of s[0..len), sanitized when it is not valid UTF-8. */
+json_t *api_json_text(const char *s, size_t len);
 
 /* {"subject","issuer","serial","not_before","not_after","emails"}, plus
  * "expires_in_days" and "pem" when full is set. */

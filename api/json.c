@@ -141,6 +141,51 @@ int api_utf8_valid(const unsigned char *s, size_t len)
     return 1;
 }
 
+/* Length of the valid UTF-8 sequence at s[0..len), 0 when there is none. */
+static size_t utf8_seq(const unsigned char *s, size_t len)
+{
+    size_t n = s[0] < 0x80             ? 1
+               : (s[0] & 0xE0) == 0xC0 ? 2
+               : (s[0] & 0xF0) == 0xE0 ? 3
+               : (s[0] & 0xF8) == 0xF0 ? 4
+                                       : 0;
+
+    return n > 0 && n <= len && api_utf8_valid(s, n) ? n : 0;
+}
+
+void api_utf8_sanitize(char *s)
+{
+    unsigned char *p = (unsigned char *)s;
+    size_t len = strlen(s), n;
+
+    while (len > 0) {
+        n = utf8_seq(p, len);
+        if (n == 0) {
+            *p = '?';
+            n = 1;
+        }
+        p += n;
+        len -= n;
+    }
+}
+
+json_t *api_json_text(const char *s, size_t len)
+{
+    json_t *ret;
+    char *copy;
+
+    if (api_utf8_valid((const unsigned char *)s, len) &&
+        memchr(s, '\0', len) == NULL)
+        return json_stringn(s, len);
+    copy = strndup(s, len);
+    if (copy == NULL)
+        return NULL;
+    api_utf8_sanitize(copy);
+    ret = json_string(copy);
+    free(copy);
+    return ret;
+}
+
 static json_t *name_json(const X509_NAME *name)
 {
     BIO *bio = BIO_new(BIO_s_mem());
@@ -153,7 +198,7 @@ static json_t *name_json(const X509_NAME *name)
     if (X509_NAME_print_ex(bio, name, 0, XN_FLAG_RFC2253) < 0)
         goto out;
     len = BIO_get_mem_data(bio, &data);
-    ret = json_stringn(data, (size_t)len);
+    ret = api_json_text(data, (size_t)len);
 out:
     BIO_free(bio);
     return ret;
@@ -180,8 +225,10 @@ static json_t *time_json(const ASN1_TIME *t)
     struct tm tm;
     char buf[32];
 
+    /* an unreadable time in a certificate the caller sent is not our
+     * failure: say nothing rather than fail the request */
     if (!ASN1_TIME_to_tm(t, &tm))
-        return NULL;
+        return json_null();
     strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
     return json_string(buf);
 }
@@ -194,7 +241,9 @@ static json_t *emails_json(X509 *cert)
 
     for (i = 0; arr != NULL && i < sk_OPENSSL_STRING_num(emails); i++) {
         if (json_array_append_new(
-                arr, json_string(sk_OPENSSL_STRING_value(emails, i))) != 0) {
+                arr, api_json_text(
+                         sk_OPENSSL_STRING_value(emails, i),
+                         strlen(sk_OPENSSL_STRING_value(emails, i)))) != 0) {
             json_decref(arr);
             arr = NULL;
         }

@@ -3,40 +3,59 @@
  * private-key endpoint shares.
  */
 #include <stdio.h>
+#include <string.h>
 
 #include "api/internal.h"
 
-token_key *api_find_key(api *a, const char *name, token_use use, api_error *err)
+token_key *api_lookup_key(api *a, const char *name, api_error *err)
 {
     token_key *key = token_set_find_key(a->tokens, name);
     const char *reason = NULL;
     size_t i;
 
-    if (key == NULL) {
-        /* a token that is down may hold it: discovery cannot list its keys,
-         * and "unknown" would send the caller looking in the wrong place */
-        for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
-            if (!token_set_token_ready(a->tokens, i, &reason)) {
-                api_fail(err, 503, "token_unavailable",
-                         "no key named \"%s\" is available; token %s is "
-                         "down: %s",
-                         name, token_set_token_name(a->tokens, i),
-                         reason != NULL ? reason : "unknown reason");
-                err->retry_after = 5;
-                return NULL;
-            }
+    if (key != NULL)
+        return key;
+    /* a discovery token that is down may hold it, and "unknown" would send
+     * the caller looking in the wrong place */
+    for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
+        if (token_set_token_discovery(a->tokens, i) &&
+            !token_set_token_ready(a->tokens, i, &reason)) {
+            api_fail(err, 503, "token_unavailable",
+                     "no key named \"%s\" is available; token %s, which "
+                     "may hold it, is down: %s",
+                     name, token_set_token_name(a->tokens, i),
+                     reason != NULL ? reason : "unknown reason");
+            err->retry_after = 5;
+            return NULL;
         }
-        api_fail(err, 404, "unknown_key", "no key named \"%s\"", name);
-        return NULL;
     }
-    if (!token_key_usable(key, use, &reason)) {
-        api_fail(err, 503, "key_unavailable", "key \"%s\" cannot be used: %s",
-                 name, reason != NULL ? reason : "unknown reason");
-        /* an unfit certificate needs an operator, not a quick retry */
-        err->retry_after = 300;
-        return NULL;
+    api_fail(err, 404, "unknown_key", "no key named \"%s\"", name);
+    return NULL;
+}
+
+int api_check_key(api *a, token_key *key, token_use use, api_error *err)
+{
+    const char *reason = NULL, *why = NULL;
+    size_t i;
+
+    if (token_key_usable(key, use, &reason))
+        return 0;
+    for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
+        if (strcmp(token_set_token_name(a->tokens, i),
+                   token_key_token_name(key)) == 0 &&
+            !token_set_token_ready(a->tokens, i, &why)) {
+            api_fail(err, 503, "token_unavailable", "token %s is down: %s",
+                     token_key_token_name(key),
+                     why != NULL ? why : "unknown reason");
+            err->retry_after = 5;
+            return -1;
+        }
     }
-    return key;
+    api_fail(err, 503, "key_unavailable", "key \"%s\" cannot be used: %s",
+             token_key_name(key), reason != NULL ? reason : "unknown reason");
+    /* an unfit certificate needs an operator, not a quick retry */
+    err->retry_after = 300;
+    return -1;
 }
 
 static json_t *key_json(token_key *key)
@@ -58,7 +77,8 @@ static json_t *key_json(token_key *key)
     if (obj == NULL)
         return NULL;
     if ((!usable && reason != NULL &&
-         json_object_set_new(obj, "reason", json_string(reason)) != 0) ||
+         json_object_set_new(obj, "reason",
+                             api_json_text(reason, strlen(reason))) != 0) ||
         (cert != NULL && json_object_set_new(obj, "certificate",
                                              api_cert_json(cert, 1)) != 0)) {
         json_decref(obj);
@@ -112,7 +132,8 @@ int api_handle_readyz(api *a, const api_request *req, api_response *res,
                          token_set_token_name(a->tokens, i), "state",
                          up ? "ready" : "down", "optional", optional);
         if (item != NULL && !up && reason != NULL &&
-            json_object_set_new(item, "reason", json_string(reason)) != 0) {
+            json_object_set_new(item, "reason",
+                                api_json_text(reason, strlen(reason))) != 0) {
             json_decref(item);
             item = NULL;
         }

@@ -68,6 +68,30 @@ static json_t *sign_fields_json(const sign_params *p, const cms_result *r,
     return fields;
 }
 
+/* Signs with the key's token operation slot held only for the signature:
+ * the entity was prepared (and refused, if need be) before. */
+static int sign_on_token(token_key *key, const cms_prepared *prep,
+                         const sign_params *p, cms_result **out, api_error *err)
+{
+    token_error terr = {0};
+    cms_error cerr = {0};
+    EVP_PKEY *pkey;
+    int rc;
+
+    if (token_key_acquire(key, TOKEN_USE_SIGN, &pkey, &terr) != 0)
+        return api_fail_token(err, &terr);
+    rc = cms_sign_prepared(prep, pkey, token_key_cert0(key),
+                           token_key_chain0(key), p->mode, p->digest, out,
+                           &cerr);
+    token_key_release(key);
+    if (rc == 0)
+        return 0;
+    /* a token that stopped answering is a 503, whatever OpenSSL said */
+    if (cerr.status == CMS_ERR_KEY && token_key_check_fault(key, &terr) != 0)
+        return api_fail_token(err, &terr);
+    return api_fail_cms(err, &cerr);
+}
+
 int api_handle_sign(api *a, const api_request *req, api_response *res,
                     api_error *err)
 {
@@ -75,38 +99,31 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
     sign_params p = {0};
     api_recipients rcpt = {0};
     token_key *key;
-    token_error terr = {0};
     cms_error cerr = {0};
+    cms_prepared *prep = NULL;
     cms_result *signed_res = NULL, *enc = NULL;
     const cms_result *out;
     const unsigned char *data;
-    EVP_PKEY *pkey = NULL;
     size_t len;
-    int ret = -1, rc;
+    int ret = -1;
 
+    /* the contract's order: request syntax (400), the key (404), the
+     * content and the recipients (422), then the token (503) */
     if (api_input_open(&in, req, sign_fields, err) != 0 ||
-        sign_params_read(&in, &p, err) != 0)
+        sign_params_read(&in, &p, err) != 0 ||
+        api_recipients_read(&in, "encrypt_for", 0, &rcpt, err) != 0)
         goto out;
     snprintf(res->key, sizeof(res->key), "%s", p.key);
-    /* recipients are request syntax and content (400/404/422): all of it
-     * is checked before the token is asked for anything */
-    if (api_recipients_read(a, &in, "encrypt_for", 0, &rcpt, err) != 0)
+    key = api_lookup_key(a, p.key, err);
+    if (key == NULL || api_recipients_resolve(a, &rcpt, err) != 0)
         goto out;
-    key = api_find_key(a, p.key, TOKEN_USE_SIGN, err);
-    if (key == NULL)
-        goto out;
-    if (token_key_acquire(key, TOKEN_USE_SIGN, &pkey, &terr) != 0) {
-        api_fail_token(err, &terr);
-        goto out;
-    }
-    rc = cms_sign_entity(in.mime, in.mime_len, pkey, token_key_cert0(key),
-                         token_key_chain0(key), p.mode, p.digest, &signed_res,
-                         &cerr);
-    token_key_release(key);
-    if (rc != 0) {
+    if (cms_prepare_entity(in.mime, in.mime_len, &prep, &cerr) != 0) {
         api_fail_cms(err, &cerr);
         goto out;
     }
+    if (api_check_key(a, key, TOKEN_USE_SIGN, err) != 0 ||
+        sign_on_token(key, prep, &p, &signed_res, err) != 0)
+        goto out;
     out = signed_res;
     if (rcpt.certs != NULL) {
         data = cms_result_data(signed_res, &len);
@@ -127,6 +144,7 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
 out:
     cms_result_free(signed_res);
     cms_result_free(enc);
+    cms_prepared_free(prep);
     api_recipients_clear(&rcpt);
     api_input_close(&in);
     return ret;

@@ -3,6 +3,8 @@
  * entity when asked. A request that parses is answered 200 with valid true
  * or false; only an entity that is not signed S/MIME at all is an error.
  */
+#include <string.h>
+
 #include <openssl/err.h>
 #include <openssl/pem.h>
 
@@ -98,8 +100,10 @@ static json_t *verification_json(const cms_verification *v)
         (!cms_verification_valid(v) &&
          (json_object_set_new(obj, "reason",
                               json_string(cms_verification_reason(v))) != 0 ||
-          json_object_set_new(obj, "detail",
-                              json_string(cms_verification_detail(v))) != 0)) ||
+          json_object_set_new(
+              obj, "detail",
+              api_json_text(cms_verification_detail(v),
+                            strlen(cms_verification_detail(v)))) != 0)) ||
         (content != NULL && api_set_mime_field(obj, content, len) != 0);
     if (failed) {
         json_decref(obj);

@@ -21,7 +21,7 @@ typedef enum {
 
 typedef struct cms_error {
     cms_status status;
-    char message[256];
+    char message[256]; /* for people; valid UTF-8 */
 } cms_error;
 
 typedef enum {
@@ -57,10 +57,30 @@ const char *cms_result_reencoded_at(const cms_result *res, size_t i);
 /* Signs the MIME entity mime[0..len). Top-level mail headers (From, To,
  * Subject, ...) stay outside the signature and are repeated on the result;
  * the Content-* headers and the body are made 7-bit safe, canonicalised to
- * CRLF and signed. chain may be NULL. */
+ * CRLF and signed. An entity that cannot be made 7-bit safe (8-bit octets
+ * in a header field, a preamble or epilogue, inside a multipart/signed,
+ * ...) is CMS_ERR_INPUT naming the part. chain may be NULL. The same as
+ * cms_prepare_entity, then cms_sign_prepared. */
 int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
                     X509 *cert, STACK_OF(X509) *chain, cms_mode mode,
                     cms_digest digest, cms_result **out, cms_error *err);
+
+/* An entity made ready for signing (split, 7-bit safe, canonical), so the
+ * private key is needed only for the signature itself. */
+typedef struct cms_prepared cms_prepared;
+/* Everything of signing that can fail on the input (parsing, re-encoding,
+ * the 7-bit check; CMS_ERR_INPUT as for cms_sign_entity), without a key:
+ * callers holding a scarce key (a token session) prepare first. */
+int cms_prepare_entity(const unsigned char *mime, size_t len,
+                       cms_prepared **out, cms_error *err);
+void cms_prepared_free(cms_prepared *prep);
+/* Signs a prepared entity; prep can be signed again (e.g. another digest).
+ * prep is only read, so threads may sign the same one at once. The content
+ * is digested here (OpenSSL 3.0 cannot sign a digest made before), then
+ * the key makes the one signature. */
+int cms_sign_prepared(const cms_prepared *prep, EVP_PKEY *pkey, X509 *cert,
+                      STACK_OF(X509) *chain, cms_mode mode, cms_digest digest,
+                      cms_result **out, cms_error *err);
 
 /* ---- decrypt ---- */
 
@@ -78,7 +98,9 @@ int cms_envelope_parse(const unsigned char *mime, size_t len,
 void cms_envelope_free(cms_envelope *env);
 
 /* 1 when a KeyTransRecipientInfo or KeyAgreeRecipientInfo of env names cert
- * (issuer and serial number, or subject key identifier). */
+ * (issuer and serial number, or subject key identifier). OpenSSL does not
+ * promise that reading a parsed CMS structure from two threads is safe, so
+ * the same cms_envelope must not be used from two threads at once. */
 int cms_envelope_names(const cms_envelope *env, X509 *cert);
 
 /* Decrypts env with pkey, the private key of cert (a token key: the RSA
@@ -89,7 +111,8 @@ int cms_envelope_names(const cms_envelope *env, X509 *cert);
  * once in 256 tries), so callers cannot serve as a padding oracle. On
  * success *out holds the decrypted entity as it was encrypted and
  * *is_signed says whether it is itself an S/MIME signed entity
- * (multipart/signed or pkcs7-mime signed-data). */
+ * (multipart/signed or pkcs7-mime signed-data). The same cms_envelope
+ * must not be used from two threads at once. */
 int cms_envelope_decrypt(cms_envelope *env, EVP_PKEY *pkey, X509 *cert,
                          cms_result **out, int *is_signed, cms_error *err);
 
@@ -113,12 +136,12 @@ int cms_cipher_from_name(const char *name, cms_cipher *cipher);
 const char *cms_cipher_name(cms_cipher cipher);
 int cms_rsa_padding_from_name(const char *name, cms_rsa_padding *padding);
 
-/* 0 when cert can receive encrypted mail now: an RSA or EC (P-256, P-384,
- * P-521) key, key usage allowing keyEncipherment (RSA) or keyAgreement (EC)
- * when the extension is present, extended key usage allowing
- * emailProtection when present, inside its validity dates. Otherwise -1
- * with CMS_ERR_RECIPIENT and the reason. Chains are not checked: the
- * caller vouches for its recipients. */
+/* 0 when cert can receive encrypted mail now: an RSA key of at least 2048
+ * bits or an EC key on P-256, P-384 or P-521, key usage allowing
+ * keyEncipherment (RSA) or keyAgreement (EC) when the extension is
+ * present, extended key usage allowing emailProtection when present,
+ * inside its validity dates. Otherwise -1 with CMS_ERR_RECIPIENT and the
+ * reason. Chains are not checked: the caller vouches for its recipients. */
 int cms_recipient_check(X509 *cert, cms_error *err);
 
 /* Encrypts the entity to every recipient. As for signing, top-level mail
@@ -127,7 +150,10 @@ int cms_recipient_check(X509 *cert, cms_error *err);
  * smime-type=enveloped-data, GCM ones AuthEnvelopedData with
  * smime-type=authEnveloped-data. RSA recipients get KeyTransRecipientInfo
  * with padding; EC recipients KeyAgreeRecipientInfo (ECDH, X9.63 KDF).
- * Recipients are not checked here: call cms_recipient_check first. */
+ * Recipients are not checked here: call cms_recipient_check first. A
+ * recipient whose key cannot take the content-encryption key (an RSA key
+ * too small for OAEP, say) is CMS_ERR_RECIPIENT naming it. The inner
+ * entity must be 7-bit safe after re-encoding, as for signing. */
 int cms_encrypt_entity(const unsigned char *mime, size_t len,
                        STACK_OF(X509) *recipients, cms_cipher cipher,
                        cms_rsa_padding padding, cms_result **out,
@@ -147,10 +173,12 @@ typedef struct cms_verification cms_verification;
  * (or x-pkcs7-mime) signed-data entity against the trust anchors (a stack,
  * a hashed directory, or both; either may be NULL) and CRLs (checked for
  * every certificate of the path when given; NULL: no revocation checks).
- * -1 (CMS_ERR_INPUT) only when the entity cannot be parsed; a signature that
- * does not verify is 0 with a result whose valid flag is 0 and whose reason
- * is one of "bad_signature", "content_modified", "untrusted_signer",
- * "certificate_expired", "certificate_not_yet_valid",
+ * -1 (CMS_ERR_INPUT) only when the entity cannot be parsed or holds more
+ * than 16 SignerInfos or 256 certificates (bounds on the work one request
+ * can cause; real mail has one signer and a handful of certificates); a
+ * signature that does not verify is 0 with a result whose valid flag is 0
+ * and whose reason is one of "bad_signature", "content_modified",
+ * "untrusted_signer", "certificate_expired", "certificate_not_yet_valid",
  * "certificate_revoked", "crl_missing", "no_signers",
  * "signer_certificate_missing", "unfit_certificate". */
 int cms_verify_entity(const unsigned char *mime, size_t len,
@@ -161,7 +189,8 @@ void cms_verification_free(cms_verification *v);
 int cms_verification_valid(const cms_verification *v);
 /* NULL when valid. */
 const char *cms_verification_reason(const cms_verification *v);
-/* A sentence for people, e.g. OpenSSL's certificate verification error. */
+/* A sentence for people, e.g. OpenSSL's certificate verification error;
+ * valid UTF-8, names from certificates escaped as by error messages. */
 const char *cms_verification_detail(const cms_verification *v);
 size_t cms_verification_count_signers(const cms_verification *v);
 const cms_signer *cms_verification_signer_at(const cms_verification *v,

@@ -56,6 +56,7 @@ int cms_envelope_parse(const unsigned char *mime, size_t len,
     cms_envelope *env = NULL;
     cms_buf der = {0};
     const char *smime_type;
+    char shown[128];
     int nid, r = -1;
 
     if (out == NULL) {
@@ -65,20 +66,18 @@ int cms_envelope_parse(const unsigned char *mime, size_t len,
     if (cms_smime_header_read(mime, len, &hb, &ct, err) != 0)
         goto out;
     if (!cms_is_pkcs7_mime(ct)) {
+        cms_content_type_text(ct, shown, sizeof(shown));
         cms_set_error(err, CMS_ERR_INPUT,
-                      "Content-Type %.60s/%.60s is not "
-                      "application/pkcs7-mime",
-                      g_mime_content_type_get_media_type(ct),
-                      g_mime_content_type_get_media_subtype(ct));
+                      "Content-Type %s is not application/pkcs7-mime", shown);
         goto out;
     }
     smime_type = g_mime_content_type_get_parameter(ct, "smime-type");
     if (smime_type != NULL &&
         g_ascii_strcasecmp(smime_type, "enveloped-data") != 0 &&
         g_ascii_strcasecmp(smime_type, "authEnveloped-data") != 0) {
+        cms_text_escape(shown, sizeof(shown), smime_type, strlen(smime_type));
         cms_set_error(err, CMS_ERR_INPUT,
-                      "smime-type %.60s is not an encrypted entity",
-                      smime_type);
+                      "smime-type %s is not an encrypted entity", shown);
         goto out;
     }
     if (cms_body_decode(mime + hb.body, len - hb.body, hb.transfer_encoding,

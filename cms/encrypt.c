@@ -31,6 +31,10 @@
 
 #include "cms/internal.h"
 
+/* NIST SP 800-131A: RSA under 2048 bits no longer protects anything, and
+ * smaller keys cannot even carry an AES-256 key with OAEP-SHA-256. */
+#define MIN_RSA_BITS 2048
+
 static const EVP_CIPHER *cipher_evp(cms_cipher cipher)
 {
     switch (cipher) {
@@ -109,6 +113,13 @@ int cms_recipient_check(X509 *cert, cms_error *err)
     }
     switch (EVP_PKEY_get_base_id(pub)) {
     case EVP_PKEY_RSA:
+        if (EVP_PKEY_get_bits(pub) < MIN_RSA_BITS) {
+            cms_set_error(err, CMS_ERR_RECIPIENT,
+                          "certificate for %s has a %d-bit RSA key; at least "
+                          "%d bits are needed",
+                          who, EVP_PKEY_get_bits(pub), MIN_RSA_BITS);
+            goto out;
+        }
         need = KU_KEY_ENCIPHERMENT;
         usage = "keyEncipherment";
         break;
@@ -232,6 +243,43 @@ static int add_recipient(CMS_ContentInfo *cms, X509 *cert,
     return 0;
 }
 
+/*
+ * After CMS_final failed: finds the recipient it failed for. OpenSSL
+ * encrypts the content-encryption key to every recipient inside CMS_final
+ * and does not say which one it could not (an RSA key too small for the
+ * padding, an EC key the ECDH derivation refuses), so each recipient is
+ * tried alone with empty content. When one fails, err names it with
+ * CMS_ERR_RECIPIENT; otherwise err stays as it was.
+ */
+static void blame_recipient(STACK_OF(X509) *recipients, const EVP_CIPHER *evp,
+                            cms_rsa_padding padding, cms_error *err)
+{
+    CMS_ContentInfo *cms;
+    BIO *empty;
+    X509 *cert;
+    char who[128], what[200];
+    int i, failed = 0;
+
+    for (i = 0; !failed && i < sk_X509_num(recipients); i++) {
+        cert = sk_X509_value(recipients, i);
+        cms = CMS_encrypt(NULL, NULL, evp, CMS_PARTIAL | CMS_BINARY);
+        empty = BIO_new_mem_buf("", 0);
+        if (cms != NULL && empty != NULL &&
+            add_recipient(cms, cert, padding, i, NULL) == 0 &&
+            CMS_final(cms, empty, NULL, CMS_BINARY) != 1) {
+            cms_cert_label(cert, who, sizeof(who));
+            snprintf(what, sizeof(what),
+                     "recipient %d (%s) cannot receive encrypted mail", i + 1,
+                     who);
+            cms_set_ssl_error(err, CMS_ERR_RECIPIENT, what);
+            failed = 1;
+        }
+        ERR_clear_error();
+        BIO_free(empty);
+        CMS_ContentInfo_free(cms);
+    }
+}
+
 int cms_encrypt_entity(const unsigned char *mime, size_t len,
                        STACK_OF(X509) *recipients, cms_cipher cipher,
                        cms_rsa_padding padding, cms_result **out,
@@ -290,6 +338,8 @@ int cms_encrypt_entity(const unsigned char *mime, size_t len,
      * touching its line ends. */
     if (CMS_final(cms, content, NULL, CMS_BINARY) != 1) {
         cms_set_ssl_error(err, CMS_ERR_INTERNAL, "encryption failed");
+        ERR_clear_error();
+        blame_recipient(recipients, evp, padding, err);
         goto out;
     }
     der_len = i2d_CMS_ContentInfo(cms, &der);

@@ -77,6 +77,8 @@ int cms_smime_header_read(const unsigned char *mime, size_t len,
                           cms_error *err);
 /* application/pkcs7-mime, or the old application/x-pkcs7-mime. */
 int cms_is_pkcs7_mime(GMimeContentType *ct);
+/* "type/subtype" of ct for a message, escaped as by cms_text_escape. */
+void cms_content_type_text(GMimeContentType *ct, char *buf, size_t size);
 
 /* Undoes the Content-Transfer-Encoding cte (NULL: none) of body[0..len):
  * base64, with any line breaks and blanks, or 7bit, 8bit and binary as
@@ -103,17 +105,41 @@ int cms_signed_read(const unsigned char *mime, size_t len, cms_signed *sd,
                     cms_error *err);
 void cms_signed_release(cms_signed *sd);
 
-/* A result holding data, and the re-encoded parts of ent when not NULL;
- * both are taken over on success. */
-int cms_result_new(cms_buf *data, cms_entity *ent, cms_result **out,
+/* Whether the canonical line s[pos..pos+n) is a delimiter of boundary
+ * (RFC 2046 §5.1.1: "--boundary", "--" more for the closing one, then
+ * optional blanks); if so, *close says which. */
+int cms_is_delimiter(const unsigned char *s, size_t pos, size_t n,
+                     const char *boundary, size_t blen, int *close);
+
+/* A result holding data, taken over on success, and a copy of the
+ * re-encoded parts of ent when not NULL. */
+int cms_result_new(cms_buf *data, const cms_entity *ent, cms_result **out,
                    cms_error *err);
 
 /* Who a certificate is for, in messages: its first e-mail address, else
- * its subject's common name, else its whole subject. */
+ * its subject's common name, else its whole subject; escaped as by
+ * cms_text_escape. Leaves OpenSSL's error queue as it was. */
 void cms_cert_label(X509 *cert, char *buf, size_t size);
 /* RFC 3339 UTC ("2025-01-01T00:00:00Z"); -1 if t does not read as a time. */
 int cms_time_format(const ASN1_TIME *t, char *buf, size_t size);
 
+/*
+ * Messages end up in JSON and logs, so they must be valid UTF-8. Text from
+ * the input (header values, certificate names) goes in through
+ * cms_text_escape; cms_format_text then only has to mend a cut made by its
+ * buffer size.
+ */
+
+/* Copies s[0..len) into buf[0..size) (size > 0) for a message: valid UTF-8
+ * sequences stay, control characters and octets that are not valid UTF-8
+ * become "\xNN". Copies as many whole characters and escapes as fit;
+ * always terminates buf. */
+void cms_text_escape(char *buf, size_t size, const char *s, size_t len);
+/* snprintf whose result is valid UTF-8: a character cut off at the end of
+ * buf is dropped, and any other invalid octet becomes '?'. */
+__attribute__((format(printf, 3, 4))) void
+cms_format_text(char *buf, size_t size, const char *fmt, ...);
+/* Sets err's status and message, formatted as by cms_format_text. */
 __attribute__((format(printf, 3, 4))) void
 cms_set_error(cms_error *err, cms_status status, const char *fmt, ...);
 /* Adds OpenSSL's queued errors to the message: the last one, and the first

@@ -27,8 +27,17 @@
  *   canonicalised ones: a Content-Transfer-Encoding: binary image keeps its
  *   bare CR and LF octets.
  * - Nothing inside multipart/signed or multipart/encrypted is rewritten: that
- *   would break the inner signature. Header fields with 8-bit octets (RFC
- *   6532) and empty bodies are left as they are.
+ *   would break the inner signature. Header fields, preambles and epilogues
+ *   are not rewritten either: a preamble has no transfer encoding, and RFC
+ *   2047/2231 encoding a field would be guessing at what the client meant.
+ *   Empty bodies are left as they are.
+ * - After re-encoding, the whole inner entity must pass the check a body
+ *   does. What still fails it (8-bit octets in a header field inside or a
+ *   preamble, anything inside a multipart/signed, the lines after a header
+ *   block that no blank line ends, which GMime drops from its tree) is
+ *   CMS_ERR_INPUT naming the part: a signature over it would not survive
+ *   7-bit transport. The top-level fields that stay outside may have 8-bit
+ *   octets (RFC 6532).
  * - Re-encoded parts are reported as "PART-NUMBER ENCODING": IMAP part
  *   numbers ("1" for a single-part entity, "2.1" for the first child of the
  *   second part, "2.1" also for the body of a message/rfc822 part 2) and
@@ -184,6 +193,12 @@ static int is_blank(unsigned char c)
     return c == ' ' || c == '\t';
 }
 
+/* RFC 5322 ftext: printable US-ASCII except the colon. */
+static int is_ftext(unsigned char c)
+{
+    return c > ' ' && c < 127 && c != ':';
+}
+
 static int name_is(const unsigned char *s, size_t n, const char *name)
 {
     size_t i;
@@ -289,18 +304,23 @@ static int split_headers(const unsigned char *s, size_t len, cms_buf *outer,
 }
 
 /*
- * Whether a canonical body can travel unchanged over 7-bit transport: no
- * 8-bit octets or NULs, no line over 998 octets, and (as GMime's best
- * encoding also judges) no line starting "From ", which mbox-style
- * transports turn into ">From " and so break the signature.
+ * What in the canonical text s[0..len) cannot travel unchanged over 7-bit
+ * transport, and where (*at): an 8-bit octet or a NUL, a line over 998
+ * octets, or (as GMime's best encoding also judges) a line starting
+ * "From ", which mbox-style transports turn into ">From " and so break the
+ * signature. NULL when there is nothing.
  */
-static int is_transport_safe(const unsigned char *s, size_t len)
+static const char *transport_fault(const unsigned char *s, size_t len,
+                                   size_t *at)
 {
     size_t i, line = 0;
 
     for (i = 0; i < len; i++) {
-        if (s[i] == 0 || s[i] >= 0x80)
-            return 0;
+        *at = i;
+        if (s[i] == 0)
+            return "a NUL octet";
+        if (s[i] >= 0x80)
+            return "8-bit octets";
         if (s[i] == '\n') {
             line = 0;
             continue;
@@ -308,11 +328,18 @@ static int is_transport_safe(const unsigned char *s, size_t len)
         if (s[i] == '\r')
             continue;
         if (line == 0 && len - i >= 5 && memcmp(s + i, "From ", 5) == 0)
-            return 0;
+            return "a line starting \"From \"";
         if (++line > LINE_MAX_OCTETS)
-            return 0;
+            return "a line over 998 octets";
     }
-    return 1;
+    return NULL;
+}
+
+static int is_transport_safe(const unsigned char *s, size_t len)
+{
+    size_t at;
+
+    return transport_fault(s, len, &at) == NULL;
 }
 
 /* State while walking the parsed tree of the entity to sign. */
@@ -644,6 +671,230 @@ static int recode(struct recoder *rc)
     return r;
 }
 
+int cms_is_delimiter(const unsigned char *s, size_t pos, size_t n,
+                     const char *boundary, size_t blen, int *close)
+{
+    size_t k;
+    int closing;
+
+    if (n < 2 + blen || s[pos] != '-' || s[pos + 1] != '-' ||
+        memcmp(s + pos + 2, boundary, blen) != 0)
+        return 0;
+    k = 2 + blen;
+    closing = n - k >= 2 && s[pos + k] == '-' && s[pos + k + 1] == '-';
+    if (closing)
+        k += 2;
+    while (k < n && is_blank(s[pos + k]))
+        k++;
+    if (k != n)
+        return 0;
+    *close = closing;
+    return 1;
+}
+
+/*
+ * Naming where an entity is not 7-bit safe. GMime's tree cannot say: it
+ * leaves out text it cannot place (the lines after a part's header block
+ * that no blank line ends, a part that starts with such a line), which is
+ * just where such faults hide. So a small reader of its own follows the
+ * header blocks and delimiters down to the fault; it only words the
+ * message, the decision is transport_fault's.
+ */
+struct locator {
+    const unsigned char *s;
+    size_t at;        /* the fault */
+    const char *what; /* and what it is */
+    cms_error *err;
+};
+
+/* Whether the line s[0..n) starts a header field: "name:" with blanks
+ * allowed before the colon. */
+static int is_field_line(const unsigned char *s, size_t n)
+{
+    size_t k = 0;
+
+    while (k < n && is_ftext(s[k]))
+        k++;
+    if (k == 0)
+        return 0;
+    while (k < n && is_blank(s[k]))
+        k++;
+    return k < n && s[k] == ':';
+}
+
+/* "part NUM", or "the entity" for the root (num ""). */
+static void part_label(const char *num, char *buf, size_t size)
+{
+    if (*num)
+        snprintf(buf, size, "part %s", num);
+    else
+        snprintf(buf, size, "the entity");
+}
+
+/* The error for a fault in a region of the part labelled num: "part 2:
+ * REGION 8-bit octets, which cannot be made 7-bit safe", then why.
+ * frozen names the multipart/signed or multipart/encrypted around the
+ * part, if any, and is the reason then. */
+static void fault_error(const struct locator *lc, const char *num,
+                        const char *region, const char *why, const char *frozen)
+{
+    char label[128], inside[64] = "";
+
+    part_label(num, label, sizeof(label));
+    if (frozen != NULL) {
+        snprintf(inside, sizeof(inside), " inside a multipart/%s", frozen);
+        why = " (re-encoding would break it)";
+    }
+    cms_set_error(lc->err, CMS_ERR_INPUT,
+                  "%s: %s %s, which cannot be made 7-bit safe%s%s", label,
+                  region, lc->what, inside, why);
+}
+
+static void locate(const struct locator *lc, size_t start, size_t end,
+                   const char *num, const char *leaf_num, const char *frozen,
+                   int depth);
+
+/* Sub-part n of base, IMAP style ("" + 2 is "2", "3" + 2 is "3.2"); NULL
+ * with err set when out of memory. */
+static char *sub_number(const struct locator *lc, const char *base, int n)
+{
+    char *sub;
+
+    if (asprintf(&sub, *base ? "%s.%d" : "%s%d", base, n) < 0) {
+        cms_set_error(lc->err, CMS_ERR_INTERNAL, "out of memory");
+        return NULL;
+    }
+    return sub;
+}
+
+/* Locates the fault in the body s[body..end) of the multipart labelled
+ * num with the given boundary. */
+static void locate_in_multipart(const struct locator *lc, size_t body,
+                                size_t end, const char *num,
+                                const char *boundary, const char *frozen,
+                                int depth)
+{
+    size_t blen = strlen(boundary), pos, next, part_start = body;
+    int parts = 0, close = 0;
+    char *sub;
+
+    for (pos = body; pos < end; pos = next) {
+        next = line_end(lc->s, end, pos);
+        if (!cms_is_delimiter(lc->s, pos, line_text_len(lc->s, pos, next),
+                              boundary, blen, &close))
+            continue;
+        if (lc->at < pos)
+            break;
+        if (lc->at < next) {
+            fault_error(lc, num, "a delimiter line has", "", frozen);
+            return;
+        }
+        if (close) {
+            fault_error(lc, num, "the multipart epilogue has", "", frozen);
+            return;
+        }
+        parts++;
+        part_start = next;
+    }
+    if (parts == 0) {
+        fault_error(lc, num, "the multipart preamble has", "", frozen);
+        return;
+    }
+    /* The CRLF before a delimiter belongs to the delimiter. */
+    if (pos < end && pos >= part_start + 2)
+        pos -= 2;
+    sub = sub_number(lc, num, parts);
+    if (sub != NULL)
+        locate(lc, part_start, pos, sub, sub, frozen, depth + 1);
+    free(sub);
+}
+
+/* Locates the fault in the entity s[start..end), labelled num; leaf_num
+ * labels it when it is neither a multipart nor a message ("1" for a
+ * single-part root) and is the base of the numbers inside an
+ * encapsulated message. */
+static void locate(const struct locator *lc, size_t start, size_t end,
+                   const char *num, const char *leaf_num, const char *frozen,
+                   int depth)
+{
+    cms_header_block hb = {0};
+    GMimeContentType *ct = NULL;
+    const char *boundary = NULL, *inner = frozen;
+    size_t pos, next, n, body = end;
+    char *sub = NULL;
+    int stray = 0;
+
+    for (pos = start; pos < end; pos = next) {
+        next = line_end(lc->s, end, pos);
+        n = line_text_len(lc->s, pos, next);
+        if (n == 0) {
+            body = next;
+            break;
+        }
+        if (!is_blank(lc->s[pos]) && !is_field_line(lc->s + pos, n)) {
+            stray = 1;
+            break;
+        }
+    }
+    if (lc->at < pos) {
+        fault_error(lc, num, "a header field has",
+                    " (header fields are not re-encoded)", frozen);
+        goto out;
+    }
+    if (stray) {
+        fault_error(lc, num,
+                    "its header block does not end in a blank line, and the "
+                    "lines after it have",
+                    "", frozen);
+        goto out;
+    }
+    if (depth < MAX_DEPTH &&
+        cms_header_block_read(lc->s + start, body - start, &hb, NULL) == 0 &&
+        hb.content_type != NULL) {
+        ct = g_mime_content_type_parse(NULL, hb.content_type);
+        boundary = g_mime_content_type_get_parameter(ct, "boundary");
+    }
+    if (boundary != NULL && g_mime_content_type_is_type(ct, "multipart", "*")) {
+        if (inner == NULL &&
+            g_mime_content_type_is_type(ct, "multipart", "signed"))
+            inner = "signed";
+        else if (inner == NULL &&
+                 g_mime_content_type_is_type(ct, "multipart", "encrypted"))
+            inner = "encrypted";
+        locate_in_multipart(lc, body, end, num, boundary, inner, depth);
+    } else if (ct != NULL &&
+               g_mime_content_type_is_type(ct, "message", "rfc822")) {
+        /* As recode_object numbers them: the encapsulated header block is
+         * the part's, its children or body are leaf_num.1, ... */
+        sub = sub_number(lc, leaf_num, 1);
+        if (sub != NULL)
+            locate(lc, body, end, leaf_num, sub, frozen, depth + 1);
+    } else {
+        fault_error(lc, leaf_num, "its body has", "", frozen);
+    }
+out:
+    free(sub);
+    if (ct != NULL)
+        g_object_unref(ct);
+    cms_header_block_release(&hb);
+}
+
+/* Refuses the inner entity s[0..len) when it is still not 7-bit safe after
+ * re-encoding: what is left is what re-encoding does not touch (header
+ * fields, preambles and epilogues, parts inside multipart/signed), and
+ * signing it would give a signature that 7-bit transport breaks. */
+static int check_transport_safe(const unsigned char *s, size_t len,
+                                cms_error *err)
+{
+    struct locator lc = {s, 0, NULL, err};
+
+    lc.what = transport_fault(s, len, &lc.at);
+    if (lc.what == NULL)
+        return 0;
+    locate(&lc, 0, len, "", "1", NULL, 0);
+    return -1;
+}
+
 int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
                      cms_error *err)
 {
@@ -683,6 +934,8 @@ int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
         content = rc.out;
         memset(&rc.out, 0, sizeof(rc.out));
     }
+    if (check_transport_safe(content.data, content.len, err))
+        goto out;
 
     ent->outer = outer;
     ent->content = content;
@@ -876,12 +1129,6 @@ int cms_entity_wrap_enveloped(const cms_entity *ent, int auth,
 }
 
 /* ---- reading S/MIME entities ---------------------------------------- */
-
-/* RFC 5322 ftext: printable US-ASCII except the colon. */
-static int is_ftext(unsigned char c)
-{
-    return c > ' ' && c < 127 && c != ':';
-}
 
 /* Stores the value of the field whose text after the colon is s[from..to),
  * unfolded (line breaks removed, RFC 5322 §2.2.3) and without surrounding
@@ -1112,18 +1359,32 @@ int cms_is_pkcs7_mime(GMimeContentType *ct)
            g_mime_content_type_is_type(ct, "application", "x-pkcs7-mime");
 }
 
+void cms_content_type_text(GMimeContentType *ct, char *buf, size_t size)
+{
+    const char *type = g_mime_content_type_get_media_type(ct);
+    const char *subtype = g_mime_content_type_get_media_subtype(ct);
+    char *both = g_strdup_printf("%s/%s", type != NULL ? type : "",
+                                 subtype != NULL ? subtype : "");
+
+    cms_text_escape(buf, size, both, strlen(both));
+    g_free(both);
+}
+
 int cms_body_decode(const unsigned char *body, size_t len, const char *cte,
                     cms_buf *out, cms_error *err)
 {
+    char shown[41];
+
     if (cte != NULL && g_ascii_strcasecmp(cte, "base64") == 0)
         return base64_decode(body, len, out, err);
     if (cte != NULL && g_ascii_strcasecmp(cte, "7bit") != 0 &&
         g_ascii_strcasecmp(cte, "8bit") != 0 &&
         g_ascii_strcasecmp(cte, "binary") != 0) {
+        cms_text_escape(shown, sizeof(shown), cte, strlen(cte));
         cms_set_error(err, CMS_ERR_INPUT,
-                      "Content-Transfer-Encoding \"%.40s\" cannot carry CMS "
+                      "Content-Transfer-Encoding \"%s\" cannot carry CMS "
                       "data",
-                      cte);
+                      shown);
         return -1;
     }
     if (cms_buf_add(out, body, len)) {

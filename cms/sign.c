@@ -4,6 +4,11 @@
  * an EVP_PKEY: in the daemon a libp11 key whose RSA_METHOD / EC_KEY_METHOD
  * calls the token, so everything goes through the ordinary CMS API, which
  * reaches the key through EVP and works with such keys.
+ *
+ * Signing comes in two steps so that a caller can do all that depends on
+ * the input alone before it takes a key others wait for:
+ * cms_prepare_entity parses and re-encodes (and refuses bad input),
+ * cms_sign_prepared digests and signs.
  */
 #include <limits.h>
 #include <stdarg.h>
@@ -26,6 +31,103 @@ struct cms_result {
     size_t n_reencoded;
 };
 
+struct cms_prepared {
+    cms_entity ent;
+};
+
+/* Length of the UTF-8 sequence starting s[0..len) (RFC 3629: no overlong
+ * forms, surrogates or code points past U+10FFFF); 0 when there is none. */
+static size_t utf8_seq(const unsigned char *s, size_t len)
+{
+    unsigned char lo = 0x80, hi = 0xbf;
+    size_t n, i;
+
+    if (len == 0)
+        return 0;
+    if (s[0] < 0x80)
+        return 1;
+    if (s[0] >= 0xc2 && s[0] <= 0xdf) {
+        n = 2;
+    } else if (s[0] >= 0xe0 && s[0] <= 0xef) {
+        n = 3;
+        if (s[0] == 0xe0)
+            lo = 0xa0;
+        else if (s[0] == 0xed)
+            hi = 0x9f;
+    } else if (s[0] >= 0xf0 && s[0] <= 0xf4) {
+        n = 4;
+        if (s[0] == 0xf0)
+            lo = 0x90;
+        else if (s[0] == 0xf4)
+            hi = 0x8f;
+    } else {
+        return 0;
+    }
+    if (len < n || s[1] < lo || s[1] > hi)
+        return 0;
+    for (i = 2; i < n; i++) {
+        if (s[i] < 0x80 || s[i] > 0xbf)
+            return 0;
+    }
+    return n;
+}
+
+void cms_text_escape(char *buf, size_t size, const char *s, size_t len)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i, n, o = 0;
+
+    for (i = 0; i < len; i += n) {
+        n = utf8_seq(p + i, len - i);
+        if (n == 0 || (n == 1 && (p[i] < 0x20 || p[i] == 0x7f))) {
+            if (size - o <= 4)
+                break;
+            snprintf(buf + o, 5, "\\x%02x", p[i]);
+            o += 4;
+            n = 1;
+        } else {
+            if (size - o <= n)
+                break;
+            memcpy(buf + o, p + i, n);
+            o += n;
+        }
+    }
+    buf[o] = '\0';
+}
+
+/* Makes the NUL-terminated buf valid UTF-8 in place; see cms_format_text. */
+static void utf8_mend(char *buf)
+{
+    unsigned char *p = (unsigned char *)buf;
+    size_t len = strlen(buf), i, n, k;
+
+    for (i = 0; i < len; i += n) {
+        n = utf8_seq(p + i, len - i);
+        if (n > 0)
+            continue;
+        /* A lead octet whose continuation octets run to the end: the
+         * character the buffer size cut. */
+        for (k = i + 1; k < len && (p[k] & 0xc0) == 0x80; k++)
+            ;
+        if (k == len && p[i] >= 0xc2 && p[i] <= 0xf4 && len - i < 4) {
+            p[i] = '\0';
+            return;
+        }
+        p[i] = '?';
+        n = 1;
+    }
+}
+
+void cms_format_text(char *buf, size_t size, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(buf, size, fmt, ap);
+    va_end(ap);
+    utf8_mend(buf);
+}
+
 void cms_set_error(cms_error *err, cms_status status, const char *fmt, ...)
 {
     va_list ap;
@@ -36,6 +138,7 @@ void cms_set_error(cms_error *err, cms_status status, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(err->message, sizeof(err->message), fmt, ap);
     va_end(ap);
+    utf8_mend(err->message);
 }
 
 void cms_set_ssl_error(cms_error *err, cms_status status, const char *what)
@@ -60,26 +163,42 @@ void cms_set_ssl_error(cms_error *err, cms_status status, const char *what)
 
 void cms_cert_label(X509 *cert, char *buf, size_t size)
 {
-    STACK_OF(OPENSSL_STRING) *emails = X509_get1_email(cert);
+    STACK_OF(OPENSSL_STRING) *emails;
     X509_NAME *subject = X509_get_subject_name(cert);
     int i = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
     ASN1_STRING *cn;
     unsigned char *utf8 = NULL;
+    const char *email;
+    char oneline[256];
     int n;
 
+    /* Callers label the certificate an OpenSSL failure was about, with
+     * that failure still queued for the message. (On an empty queue
+     * ERR_set_mark sets no mark, and popping to it empties the queue,
+     * which is as it was.) */
+    ERR_set_mark();
+    emails = X509_get1_email(cert);
+
+    /* An IA5String address may hold any octet, a common name any
+     * character (controls included), so each is escaped. */
     if (sk_OPENSSL_STRING_num(emails) > 0) {
-        snprintf(buf, size, "%s", sk_OPENSSL_STRING_value(emails, 0));
+        email = sk_OPENSSL_STRING_value(emails, 0);
+        cms_text_escape(buf, size, email, strlen(email));
     } else if (i >= 0 &&
                (cn = X509_NAME_ENTRY_get_data(
                     X509_NAME_get_entry(subject, i))) != NULL &&
                (n = ASN1_STRING_to_UTF8(&utf8, cn)) >= 0) {
-        snprintf(buf, size, "%.*s", n, (const char *)utf8);
-    } else if (X509_NAME_oneline(subject, buf, (int)size) == NULL) {
+        cms_text_escape(buf, size, (const char *)utf8, (size_t)n);
+    } else if (X509_NAME_oneline(subject, oneline, (int)sizeof(oneline)) !=
+                   NULL &&
+               oneline[0] != '\0') {
+        cms_text_escape(buf, size, oneline, strlen(oneline));
+    } else {
         snprintf(buf, size, "an unnamed subject");
     }
     OPENSSL_free(utf8);
     X509_email_free(emails);
-    ERR_clear_error();
+    ERR_pop_to_mark();
 }
 
 int cms_time_format(const ASN1_TIME *t, char *buf, size_t size)
@@ -107,26 +226,39 @@ void cms_result_free(cms_result *res)
     free(res);
 }
 
-int cms_result_new(cms_buf *data, cms_entity *ent, cms_result **out,
+int cms_result_new(cms_buf *data, const cms_entity *ent, cms_result **out,
                    cms_error *err)
 {
     cms_result *res = calloc(1, sizeof(*res));
+    size_t i;
+    int r = -1;
 
-    if (res == NULL) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        return -1;
+    if (res == NULL)
+        goto oom;
+    /* A copy: a prepared entity is signed again, and frees its own. */
+    if (ent != NULL && ent->n_reencoded > 0) {
+        res->reencoded = calloc(ent->n_reencoded, sizeof(*res->reencoded));
+        if (res->reencoded == NULL)
+            goto oom;
+        for (i = 0; i < ent->n_reencoded; i++) {
+            res->reencoded[i] = strdup(ent->reencoded[i]);
+            if (res->reencoded[i] == NULL)
+                goto oom;
+            res->n_reencoded++;
+        }
     }
     res->data = data->data;
     res->len = data->len;
     memset(data, 0, sizeof(*data));
-    if (ent != NULL) {
-        res->reencoded = ent->reencoded;
-        res->n_reencoded = ent->n_reencoded;
-        ent->reencoded = NULL;
-        ent->n_reencoded = 0;
-    }
     *out = res;
-    return 0;
+    res = NULL;
+    r = 0;
+    goto out;
+oom:
+    cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+out:
+    cms_result_free(res);
+    return r;
 }
 
 const unsigned char *cms_result_data(const cms_result *res, size_t *len)
@@ -181,46 +313,93 @@ static int add_chain(CMS_ContentInfo *cms, X509 *cert, STACK_OF(X509) *chain,
     return 0;
 }
 
-int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
-                    X509 *cert, STACK_OF(X509) *chain, cms_mode mode,
-                    cms_digest digest, cms_result **out, cms_error *err)
+/* The checks on what the caller passes for signing, before anything is
+ * parsed or signed. */
+static int check_signing(EVP_PKEY *pkey, X509 *cert, cms_mode mode,
+                         cms_digest digest, cms_result **out, cms_error *err)
 {
-    cms_entity ent = {0};
-    cms_buf wire = {0};
-    CMS_ContentInfo *cms = NULL;
-    BIO *content = NULL;
-    unsigned char *der = NULL;
-    const EVP_MD *md = digest_md(digest);
-    unsigned int flags = CMS_PARTIAL | CMS_BINARY;
-    int der_len, r = -1;
-
-    cms_init();
     if (pkey == NULL || cert == NULL || out == NULL) {
         cms_set_error(err, CMS_ERR_INTERNAL, "no key, certificate or result");
-        goto out;
+        return -1;
     }
-    if (md == NULL) {
+    if (digest_md(digest) == NULL) {
         cms_set_error(err, CMS_ERR_INTERNAL, "unknown digest %d", digest);
-        goto out;
+        return -1;
     }
-    if (mode == CMS_MODE_DETACHED) {
-        flags |= CMS_DETACHED;
-    } else if (mode != CMS_MODE_OPAQUE) {
+    if (mode != CMS_MODE_DETACHED && mode != CMS_MODE_OPAQUE) {
         cms_set_error(err, CMS_ERR_INTERNAL, "unknown mode %d", mode);
-        goto out;
+        return -1;
     }
     /* An RSA-PSS key can only make PSS signatures, which gpgsm cannot
      * verify; S/MIME here means PKCS#1 v1.5 or ECDSA. */
     if (EVP_PKEY_is_a(pkey, "RSA-PSS")) {
         cms_set_error(err, CMS_ERR_KEY, "RSA-PSS keys are not supported");
+        return -1;
+    }
+    return 0;
+}
+
+int cms_prepare_entity(const unsigned char *mime, size_t len,
+                       cms_prepared **out, cms_error *err)
+{
+    cms_prepared *prep = NULL;
+    int r = -1;
+
+    cms_init();
+    if (out == NULL) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "no result");
         goto out;
     }
-    if (cms_entity_parse(mime, len, &ent, err))
+    prep = calloc(1, sizeof(*prep));
+    if (prep == NULL) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
         goto out;
-    if (ent.content.len > INT_MAX) {
+    }
+    if (cms_entity_parse(mime, len, &prep->ent, err))
+        goto out;
+    /* OpenSSL's memory BIO takes an int length. */
+    if (prep->ent.content.len > INT_MAX) {
         cms_set_error(err, CMS_ERR_INPUT, "the entity is too large");
         goto out;
     }
+    *out = prep;
+    prep = NULL;
+    r = 0;
+out:
+    if (r != 0)
+        ERR_clear_error();
+    cms_prepared_free(prep);
+    return r;
+}
+
+void cms_prepared_free(cms_prepared *prep)
+{
+    if (prep == NULL)
+        return;
+    cms_entity_release(&prep->ent);
+    free(prep);
+}
+
+int cms_sign_prepared(const cms_prepared *prep, EVP_PKEY *pkey, X509 *cert,
+                      STACK_OF(X509) *chain, cms_mode mode, cms_digest digest,
+                      cms_result **out, cms_error *err)
+{
+    cms_buf wire = {0};
+    CMS_ContentInfo *cms = NULL;
+    BIO *content = NULL;
+    unsigned char *der = NULL;
+    unsigned int flags = CMS_PARTIAL | CMS_BINARY;
+    int der_len, r = -1;
+
+    cms_init();
+    if (check_signing(pkey, cert, mode, digest, out, err))
+        goto out;
+    if (prep == NULL) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "no prepared entity");
+        goto out;
+    }
+    if (mode == CMS_MODE_DETACHED)
+        flags |= CMS_DETACHED;
 
     cms = CMS_sign(NULL, NULL, NULL, NULL, flags);
     if (cms == NULL) {
@@ -229,13 +408,15 @@ int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
     }
     /* CMS_CADES adds ESS signingCertificateV2 to the default contentType,
      * messageDigest, signingTime and SMIMECapabilities attributes. */
-    if (CMS_add1_signer(cms, cert, pkey, md, CMS_BINARY | CMS_CADES) == NULL) {
+    if (CMS_add1_signer(cms, cert, pkey, digest_md(digest),
+                        CMS_BINARY | CMS_CADES) == NULL) {
         cms_set_ssl_error(err, CMS_ERR_KEY, "cannot add the signer");
         goto out;
     }
     if (chain != NULL && add_chain(cms, cert, chain, err))
         goto out;
-    content = BIO_new_mem_buf(ent.content.data, (int)ent.content.len);
+    content =
+        BIO_new_mem_buf(prep->ent.content.data, (int)prep->ent.content.len);
     if (content == NULL) {
         cms_set_ssl_error(err, CMS_ERR_INTERNAL,
                           "cannot read the content to sign");
@@ -252,10 +433,9 @@ int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
         cms_set_ssl_error(err, CMS_ERR_INTERNAL, "cannot encode SignedData");
         goto out;
     }
-    if (cms_entity_wrap(&ent, mode, digest, der, (size_t)der_len, &wire, err))
-        goto out;
-
-    if (cms_result_new(&wire, &ent, out, err))
+    if (cms_entity_wrap(&prep->ent, mode, digest, der, (size_t)der_len, &wire,
+                        err) ||
+        cms_result_new(&wire, &prep->ent, out, err))
         goto out;
     r = 0;
 out:
@@ -265,6 +445,23 @@ out:
     BIO_free(content);
     CMS_ContentInfo_free(cms);
     cms_buf_release(&wire);
-    cms_entity_release(&ent);
+    return r;
+}
+
+int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
+                    X509 *cert, STACK_OF(X509) *chain, cms_mode mode,
+                    cms_digest digest, cms_result **out, cms_error *err)
+{
+    cms_prepared *prep = NULL;
+    int r = -1;
+
+    /* The caller's mistakes first, as before there was a prepare step. */
+    if (check_signing(pkey, cert, mode, digest, out, err) ||
+        cms_prepare_entity(mime, len, &prep, err) ||
+        cms_sign_prepared(prep, pkey, cert, chain, mode, digest, out, err))
+        goto out;
+    r = 0;
+out:
+    cms_prepared_free(prep);
     return r;
 }

@@ -32,6 +32,11 @@
 
 #include "cms/internal.h"
 
+/* Bounds on the work one entity can ask for (see check); mail has one
+ * signer, rarely two, and a chain or two of a few certificates. */
+#define MAX_SIGNERS 16
+#define MAX_CERTS 256
+
 struct cms_verification {
     int valid;
     const char *reason;
@@ -79,30 +84,6 @@ out:
     return cms;
 }
 
-/* Whether the canonical line s[pos..pos+n) is a delimiter of boundary (RFC
- * 2046 §5.1.1: "--boundary", "--" more for the closing one, then optional
- * blanks); if so, *close says which. */
-static int is_delimiter(const unsigned char *s, size_t pos, size_t n,
-                        const char *boundary, size_t blen, int *close)
-{
-    size_t k;
-    int closing;
-
-    if (n < 2 + blen || s[pos] != '-' || s[pos + 1] != '-' ||
-        memcmp(s + pos + 2, boundary, blen) != 0)
-        return 0;
-    k = 2 + blen;
-    closing = n - k >= 2 && s[pos + k] == '-' && s[pos + k + 1] == '-';
-    if (closing)
-        k += 2;
-    while (k < n && (s[pos + k] == ' ' || s[pos + k] == '\t'))
-        k++;
-    if (k != n)
-        return 0;
-    *close = closing;
-    return 1;
-}
-
 /*
  * Finds the two parts of the canonical multipart body s[0..len): part i is
  * s[start[i]..end[i]), the exact octets between its delimiter line and the
@@ -121,7 +102,7 @@ static int split_parts(const unsigned char *s, size_t len, const char *boundary,
         n = next - pos;
         if (n >= 2 && s[next - 1] == '\n' && s[next - 2] == '\r')
             n -= 2;
-        if (is_delimiter(s, pos, n, boundary, blen, &close)) {
+        if (cms_is_delimiter(s, pos, n, boundary, blen, &close)) {
             if (parts > 0)
                 end[parts - 1] = pos > start[parts - 1] ? pos - 2 : pos;
             if (close)
@@ -222,11 +203,13 @@ static int read_opaque(const unsigned char *mime, size_t len,
 {
     const char *smime_type =
         g_mime_content_type_get_parameter(ct, "smime-type");
+    char shown[61];
 
     if (smime_type != NULL &&
         g_ascii_strcasecmp(smime_type, "signed-data") != 0) {
+        cms_text_escape(shown, sizeof(shown), smime_type, strlen(smime_type));
         cms_set_error(err, CMS_ERR_INPUT,
-                      "smime-type %.60s is not a signed entity", smime_type);
+                      "smime-type %s is not a signed entity", shown);
         return -1;
     }
     sd->cms = read_signed_data(mime, len, hb, err);
@@ -245,6 +228,7 @@ int cms_signed_read(const unsigned char *mime, size_t len, cms_signed *sd,
     cms_header_block hb = {0};
     GMimeContentType *ct = NULL;
     cms_signed s = {0};
+    char shown[128];
     int r = -1;
 
     if (cms_smime_header_read(mime, len, &hb, &ct, err) != 0)
@@ -256,11 +240,9 @@ int cms_signed_read(const unsigned char *mime, size_t len, cms_signed *sd,
         if (read_opaque(mime, len, &hb, ct, &s, err))
             goto out;
     } else {
+        cms_content_type_text(ct, shown, sizeof(shown));
         cms_set_error(err, CMS_ERR_INPUT,
-                      "Content-Type %.60s/%.60s is not a signed S/MIME "
-                      "entity",
-                      g_mime_content_type_get_media_type(ct),
-                      g_mime_content_type_get_media_subtype(ct));
+                      "Content-Type %s is not a signed S/MIME entity", shown);
         goto out;
     }
     *sd = s;
@@ -367,10 +349,10 @@ static int check_path(cms_verification *v, size_t i, X509 *cert,
     failed = X509_STORE_CTX_get_current_cert(ctx);
     cms_cert_label(failed != NULL ? failed : cert, who, sizeof(who));
     v->reason = path_reason(code);
-    snprintf(v->detail, sizeof(v->detail),
-             "signer %zu: certificate of %s (depth %d): %s", i + 1, who,
-             X509_STORE_CTX_get_error_depth(ctx),
-             X509_verify_cert_error_string(code));
+    cms_format_text(v->detail, sizeof(v->detail),
+                    "signer %zu: certificate of %s (depth %d): %s", i + 1, who,
+                    X509_STORE_CTX_get_error_depth(ctx),
+                    X509_verify_cert_error_string(code));
 out:
     X509_STORE_CTX_free(ctx);
     return ok;
@@ -386,7 +368,7 @@ static void fail_ssl(cms_verification *v, size_t i, const char *reason,
     snprintf(msg, sizeof(msg), "signer %zu: %s", i + 1, what);
     cms_set_ssl_error(&e, CMS_ERR_INTERNAL, msg);
     v->reason = reason;
-    snprintf(v->detail, sizeof(v->detail), "%s", e.message);
+    cms_format_text(v->detail, sizeof(v->detail), "%s", e.message);
     ERR_clear_error();
 }
 
@@ -403,17 +385,14 @@ static int check_signer(cms_verification *v, size_t i, CMS_SignerInfo *si,
     CMS_SignerInfo_get0_algs(si, NULL, &cert, NULL, NULL);
     if (cert == NULL) {
         v->reason = "signer_certificate_missing";
-        snprintf(v->detail, sizeof(v->detail),
-                 "signer %zu: its certificate is not in the message", i + 1);
+        cms_format_text(v->detail, sizeof(v->detail),
+                        "signer %zu: its certificate is not in the message",
+                        i + 1);
         return 0;
     }
     if (has_attrs && CMS_SignerInfo_verify(si) != 1) {
         fail_ssl(v, i, "bad_signature",
                  "the signature over the signed attributes does not verify");
-        return 0;
-    }
-    if (digests == NULL) {
-        fail_ssl(v, i, "bad_signature", "cannot digest the content");
         return 0;
     }
     rc = CMS_SignerInfo_verify_content(si, digests);
@@ -463,36 +442,66 @@ static void signer_info(CMS_SignerInfo *si, cms_signer *s)
         s->signing_time[0] = '\0';
 }
 
-/* Frees the BIOs of chain down to, not including, upto. */
-static void free_chain(BIO *chain, BIO *upto)
+/* Whether chain has a digest BIO for md already. */
+static int has_digest(BIO *chain, const EVP_MD *md)
 {
-    BIO *next;
+    const EVP_MD *m;
 
-    while (chain != NULL && chain != upto) {
-        next = BIO_pop(chain);
-        BIO_free(chain);
-        chain = next;
+    for (; chain != NULL; chain = BIO_next(chain)) {
+        if (BIO_method_type(chain) == BIO_TYPE_MD &&
+            BIO_get_md(chain, &m) > 0 && m != NULL &&
+            EVP_MD_get_type(m) == EVP_MD_get_type(md))
+            return 1;
     }
+    return 0;
 }
 
-/* Reads the content through the digest BIOs of the SignedData; NULL when
- * OpenSSL cannot set them up (an unknown digest algorithm). The chain ends
- * in dcont when that is not NULL. */
-static BIO *digest_content(CMS_ContentInfo *cms, BIO *dcont)
+/*
+ * Reads content through one digest BIO per digest algorithm the signers
+ * name; CMS_SignerInfo_verify_content finds its own in the chain. Not
+ * CMS_dataInit: it makes one BIO per entry of the SignedData's
+ * digestAlgorithms set, which the sender writes, so a few kilobytes of
+ * repeated entries would mean thousands of passes over the content. A
+ * signer whose algorithm is unknown gets no BIO and fails alone. NULL when
+ * out of memory.
+ */
+static BIO *digest_content(STACK_OF(CMS_SignerInfo) *sinfos,
+                           const cms_buf *content)
 {
     unsigned char buf[4096];
-    BIO *chain = CMS_dataInit(cms, dcont);
-    int n;
+    X509_ALGOR *dig;
+    const EVP_MD *md;
+    BIO *chain = NULL, *b;
+    int i, n;
 
-    if (chain == NULL)
-        return NULL;
+    for (i = 0; i < sk_CMS_SignerInfo_num(sinfos); i++) {
+        dig = NULL;
+        CMS_SignerInfo_get0_algs(sk_CMS_SignerInfo_value(sinfos, i), NULL, NULL,
+                                 &dig, NULL);
+        md = dig != NULL ? EVP_get_digestbyobj(dig->algorithm) : NULL;
+        if (md == NULL || has_digest(chain, md))
+            continue;
+        b = BIO_new(BIO_f_md());
+        if (b == NULL || BIO_set_md(b, md) <= 0) {
+            BIO_free(b);
+            goto fail;
+        }
+        chain = chain != NULL ? BIO_push(chain, b) : b;
+    }
+    b = BIO_new_mem_buf(content->len > 0 ? content->data
+                                         : (const unsigned char *)"",
+                        (int)content->len);
+    if (b == NULL)
+        goto fail;
+    chain = chain != NULL ? BIO_push(chain, b) : b;
     while ((n = BIO_read(chain, buf, sizeof(buf))) > 0)
         ;
-    if (n < 0) {
-        free_chain(chain, dcont);
-        return NULL;
-    }
+    if (n < 0)
+        goto fail;
     return chain;
+fail:
+    BIO_free_all(chain);
+    return NULL;
 }
 
 /* The checks on an entity that parsed: fills v. */
@@ -502,7 +511,7 @@ static int check(cms_verification *v, cms_signed *sd, STACK_OF(X509) *anchors,
     STACK_OF(CMS_SignerInfo) *sinfos = CMS_get0_SignerInfos(sd->cms);
     STACK_OF(X509) *untrusted = NULL;
     ASN1_OCTET_STRING **econtent;
-    BIO *dcont = NULL, *chain = NULL;
+    BIO *chain = NULL;
     size_t i, n;
     int ok = 1, r = -1;
 
@@ -522,10 +531,25 @@ static int check(cms_verification *v, cms_signed *sd, STACK_OF(X509) *anchors,
         }
     }
     n = sinfos != NULL ? (size_t)sk_CMS_SignerInfo_num(sinfos) : 0;
+    /* Every signer costs a signature check, a path and a pass over the
+     * certificates; every certificate a place in each path search. */
+    if (n > MAX_SIGNERS) {
+        cms_set_error(err, CMS_ERR_INPUT,
+                      "the signed data has more than %d signers (%zu)",
+                      MAX_SIGNERS, n);
+        goto out;
+    }
+    untrusted = CMS_get1_certs(sd->cms);
+    if (sk_X509_num(untrusted) > MAX_CERTS) {
+        cms_set_error(err, CMS_ERR_INPUT,
+                      "the signed data has more than %d certificates (%d)",
+                      MAX_CERTS, sk_X509_num(untrusted));
+        goto out;
+    }
     if (n == 0) {
         v->reason = "no_signers";
-        snprintf(v->detail, sizeof(v->detail),
-                 "the signed data has no SignerInfo");
+        cms_format_text(v->detail, sizeof(v->detail),
+                        "the signed data has no SignerInfo");
         r = 0;
         goto out;
     }
@@ -542,17 +566,13 @@ static int check(cms_verification *v, cms_signed *sd, STACK_OF(X509) *anchors,
         signer_info(sk_CMS_SignerInfo_value(sinfos, (int)i), &v->signers[i]);
     v->n_signers = n;
 
-    if (sd->detached) {
-        dcont = BIO_new_mem_buf(v->content.len > 0 ? v->content.data
-                                                   : (unsigned char *)"",
-                                (int)v->content.len);
-        if (dcont == NULL) {
-            cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-            goto out;
-        }
+    /* The detached content was checked against INT_MAX when read; an
+     * encapsulated one has an int length. */
+    chain = digest_content(sinfos, &v->content);
+    if (chain == NULL) {
+        cms_set_ssl_error(err, CMS_ERR_INTERNAL, "cannot digest the content");
+        goto out;
     }
-    chain = digest_content(sd->cms, dcont);
-    untrusted = CMS_get1_certs(sd->cms);
     ERR_clear_error();
     for (i = 0; ok == 1 && i < n; i++)
         ok = check_signer(v, i, sk_CMS_SignerInfo_value(sinfos, (int)i), chain,
@@ -562,13 +582,13 @@ static int check(cms_verification *v, cms_signed *sd, STACK_OF(X509) *anchors,
     if (ok) {
         v->valid = 1;
         v->reason = NULL;
-        snprintf(v->detail, sizeof(v->detail),
-                 "every signature verifies and chains to a trust anchor");
+        cms_format_text(v->detail, sizeof(v->detail),
+                        "every signature verifies and chains to a trust "
+                        "anchor");
     }
     r = 0;
 out:
-    free_chain(chain, dcont);
-    BIO_free(dcont);
+    BIO_free_all(chain);
     sk_X509_pop_free(untrusted, X509_free);
     return r;
 }

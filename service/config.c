@@ -234,11 +234,12 @@ static int get_bool(json_t *obj, const char *name)
     return json_is_true(json_object_get(obj, name));
 }
 
-static int get_int(json_t *obj, const char *name, int dflt)
+/* The table bounds every integer option, so the narrowing is safe. */
+static json_int_t get_int(json_t *obj, const char *name, json_int_t dflt)
 {
     json_t *v = json_object_get(obj, name);
 
-    return v != NULL ? (int)json_integer_value(v) : dflt;
+    return v != NULL ? json_integer_value(v) : dflt;
 }
 
 static void check_uri(loader *ld, const char *where, const char *text,
@@ -313,8 +314,8 @@ static void load_token(loader *ld, size_t ti, json_t *obj)
     ts->chain_file = get_path(ld, where, obj, "chain");
     ts->discovery = get_bool(obj, "discovery");
     ts->optional = get_bool(obj, "optional");
-    ts->max_sessions = get_int(obj, "max_sessions", 0);
-    ts->wait_ms = get_int(obj, "wait_ms", 5000);
+    ts->max_sessions = (int)get_int(obj, "max_sessions", 0);
+    ts->wait_ms = (int)get_int(obj, "wait_ms", 5000);
     check_uri(ld, where, ts->uri, 0);
     if ((json_object_get(obj, "pin_file") != NULL) ==
         (json_object_get(obj, "pin_env") != NULL))
@@ -421,9 +422,8 @@ static void load_top(loader *ld, json_t *root)
     cfg->listen = keep(ld, strdup(s != NULL ? s : "127.0.0.1:8080"));
     if (cfg->listen != NULL)
         check_listen(ld, cfg->listen);
-    cfg->max_body_bytes = (size_t)get_int(root, "max_body_bytes", 0);
-    if (cfg->max_body_bytes == 0)
-        cfg->max_body_bytes = (size_t)64 << 20;
+    cfg->max_body_bytes =
+        (size_t)get_int(root, "max_body_bytes", (json_int_t)64 << 20);
     cfg->max_connections = (unsigned)get_int(root, "max_connections", 256);
     cfg->request_timeout_s = (unsigned)get_int(root, "request_timeout_s", 60);
     s = get_string(root, "log_level");

@@ -109,6 +109,28 @@ out:
     return ret;
 }
 
+/* When even an error body cannot be built (out of memory), a fixed one:
+ * every non-2xx answer carries a JSON error. */
+static enum MHD_Result answer_fixed(request *r, struct MHD_Connection *conn)
+{
+    static const char body[] = "{\"error\":{\"code\":\"internal_error\","
+                               "\"message\":\"out of memory\"}}";
+    struct MHD_Response *resp;
+    enum MHD_Result ret;
+
+    resp = MHD_create_response_from_buffer(sizeof(body) - 1, (void *)body,
+                                           MHD_RESPMEM_PERSISTENT);
+    if (resp == NULL)
+        return MHD_NO;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+                            "application/json");
+    r->status = 500;
+    r->answered = 1;
+    ret = MHD_queue_response(conn, 500, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
+
 static enum MHD_Result answer_error(request *r, struct MHD_Connection *conn,
                                     const api_error *err)
 {
@@ -116,7 +138,7 @@ static enum MHD_Result answer_error(request *r, struct MHD_Connection *conn,
 
     if (api_response_set_error(&res, err) != 0) {
         api_response_clear(&res);
-        return MHD_NO;
+        return answer_fixed(r, conn);
     }
     return queue(r, conn, &res);
 }
@@ -125,6 +147,7 @@ static request *request_new(http_server *srv, const char *method,
                             const char *url)
 {
     request *r = calloc(1, sizeof(*r));
+    char *p;
 
     if (r == NULL)
         return NULL;
@@ -132,6 +155,10 @@ static request *request_new(http_server *srv, const char *method,
     clock_gettime(CLOCK_MONOTONIC, &r->start);
     snprintf(r->method, sizeof(r->method), "%s", method);
     snprintf(r->path, sizeof(r->path), "%s", url);
+    /* the path is the client's text: no forged log lines */
+    for (p = r->path; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
     pthread_mutex_lock(&srv->lock);
     srv->in_flight++;
     pthread_mutex_unlock(&srv->lock);
@@ -159,17 +186,6 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     pthread_mutex_unlock(&srv->lock);
 }
 
-static int fail_status(api_error *err, int status, const char *code,
-                       const char *message)
-{
-    err->status = status;
-    err->code = code;
-    err->allow = NULL;
-    err->retry_after = 0;
-    snprintf(err->message, sizeof(err->message), "%s", message);
-    return -1;
-}
-
 /* The checks made from the headers alone, in the contract's order. */
 static int check_headers(request *r, struct MHD_Connection *conn,
                          const char *method, const char *url, api_error *err)
@@ -188,13 +204,11 @@ static int check_headers(request *r, struct MHD_Connection *conn,
     if (clen != NULL) {
         errno = 0;
         n = strtoull(clen, &end, 10);
-        if (errno == 0 && *end == '\0' && n > r->srv->max_body) {
-            fail_status(err, 413, "body_too_large", "");
-            snprintf(err->message, sizeof(err->message),
-                     "request body of %llu bytes is over the limit of %zu", n,
-                     r->srv->max_body);
-            return -1;
-        }
+        if (errno == 0 && *end == '\0' && n > r->srv->max_body)
+            return api_fail(err, 413, "body_too_large",
+                            "request body of %llu bytes is over the limit "
+                            "of %zu",
+                            n, r->srv->max_body);
     }
     ctype = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                         MHD_HTTP_HEADER_CONTENT_TYPE);
@@ -209,8 +223,9 @@ static int append_body(request *r, const char *data, size_t size,
 
     /* chunked bodies carry no Content-Length: stop at the cap as they come */
     if (size > r->srv->max_body - r->len)
-        return fail_status(err, 413, "body_too_large",
-                           "request body is over the limit");
+        return api_fail(err, 413, "body_too_large",
+                        "request body is over the limit of %zu",
+                        r->srv->max_body);
     if (r->len + size > r->cap) {
         cap = r->cap ? r->cap : 16384;
         while (cap < r->len + size)
@@ -218,9 +233,12 @@ static int append_body(request *r, const char *data, size_t size,
         if (cap > r->srv->max_body)
             cap = r->srv->max_body;
         grown = realloc(r->body, cap);
-        if (grown == NULL)
-            return fail_status(err, 503, "out_of_memory",
-                               "no memory for the request body");
+        if (grown == NULL) {
+            api_fail(err, 503, "out_of_memory",
+                     "no memory for the request body");
+            err->retry_after = 5;
+            return -1;
+        }
         r->body = grown;
         r->cap = cap;
     }
@@ -322,7 +340,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
     pthread_mutex_unlock(&srv->lock);
     if (rc != 0) {
         api_response_clear(&res);
-        return MHD_NO;
+        return answer_fixed(r, conn);
     }
     return queue(r, conn, &res);
 }
@@ -421,23 +439,43 @@ out:
     return ret;
 }
 
-api *http_set_api(http_server *srv, api *a)
+static struct timespec deadline_after(unsigned ms)
 {
-    api_ref *fresh = calloc(1, sizeof(*fresh)), *old;
-    api *ret;
+    struct timespec t;
+
+    clock_gettime(CLOCK_REALTIME, &t);
+    t.tv_sec += ms / 1000;
+    t.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (t.tv_nsec >= 1000000000L) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000L;
+    }
+    return t;
+}
+
+int http_set_api(http_server *srv, api *a, unsigned timeout_ms, api **old)
+{
+    api_ref *fresh = calloc(1, sizeof(*fresh)), *prev;
+    struct timespec deadline = deadline_after(timeout_ms);
+    int busy;
 
     if (fresh == NULL)
-        return NULL;
+        return -1;
     fresh->api = a;
     pthread_mutex_lock(&srv->lock);
-    old = srv->current;
+    prev = srv->current;
     srv->current = fresh;
-    while (old->users > 0)
-        pthread_cond_wait(&srv->idle, &srv->lock);
+    while (prev->users > 0 &&
+           pthread_cond_timedwait(&srv->idle, &srv->lock, &deadline) == 0)
+        ;
+    busy = prev->users > 0;
     pthread_mutex_unlock(&srv->lock);
-    ret = old->api;
-    free(old);
-    return ret;
+    /* a request stuck in a token module still holds prev: it must stay */
+    if (busy)
+        return 1;
+    *old = prev->api;
+    free(prev);
+    return 0;
 }
 
 unsigned http_port(const http_server *srv)
@@ -455,13 +493,7 @@ unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
     fd = MHD_quiesce_daemon(srv->daemon);
     if (fd != MHD_INVALID_SOCKET)
         close(fd);
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    deadline = deadline_after(timeout_ms);
     pthread_mutex_lock(&srv->lock);
     while (srv->in_flight > 0 &&
            pthread_cond_timedwait(&srv->idle, &srv->lock, &deadline) == 0)

@@ -23,10 +23,11 @@ typedef struct http_server http_server;
 http_server *http_start(const http_options *opts, api *a, char *errbuf,
                         size_t errlen);
 unsigned http_port(const http_server *srv);
-/* Serves new requests with a and returns the api it replaces once no
- * request uses that one any more (the caller frees it); NULL when out of
- * memory, and a is not taken. */
-api *http_set_api(http_server *srv, api *a);
+/* Serves new requests with a, then waits up to timeout_ms for the requests
+ * still using the api it replaces. 0: *old is that api, unused now (the
+ * caller frees it). 1: requests still use it, so it must never be freed.
+ * -1: out of memory, nothing changed. */
+int http_set_api(http_server *srv, api *a, unsigned timeout_ms, api **old);
 /* Stops accepting, waits up to timeout_ms for requests in flight, stops.
  * Returns the number of requests still running when it gave up. */
 unsigned http_shutdown(http_server *srv, unsigned timeout_ms);

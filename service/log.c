@@ -30,17 +30,15 @@ static int open_file(const char *path)
 
 int log_open(const char *path, log_level level)
 {
-    int fd;
+    int fd = STDERR_FILENO;
 
-    log_current_level = level;
-    if (path == NULL)
-        return 0;
-    fd = open_file(path);
-    if (fd < 0)
+    /* read by every request thread while a reload writes it */
+    __atomic_store_n(&log_current_level, level, __ATOMIC_RELAXED);
+    if (path != NULL && (fd = open_file(path)) < 0)
         return -1;
     pthread_mutex_lock(&log_lock);
     free(log_path);
-    log_path = strdup(path);
+    log_path = path != NULL ? strdup(path) : NULL;
     if (log_fd != STDERR_FILENO)
         close(log_fd);
     log_fd = fd;

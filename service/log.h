@@ -22,7 +22,8 @@ log_write(log_level level, const char *func, const char *fmt, ...);
 
 #define log_at(level, ...)                                                     \
     do {                                                                       \
-        if ((level) <= log_current_level)                                      \
+        if ((int)(level) <=                                                    \
+            (int)__atomic_load_n(&log_current_level, __ATOMIC_RELAXED))        \
             log_write((level), __func__, __VA_ARGS__);                         \
     } while (0)
 

@@ -100,6 +100,30 @@ typedef struct running {
     api *api;
 } running;
 
+/* 1 when a token that serves now would be down after the swap: a reload
+ * must not take away what works (a PIN typo, a token busy elsewhere). */
+static int loses_token(token_set *now, token_set *next)
+{
+    const char *reason = NULL;
+    size_t i, j;
+
+    for (i = 0; i < token_set_count_tokens(next); i++) {
+        if (token_set_token_ready(next, i, &reason))
+            continue;
+        for (j = 0; j < token_set_count_tokens(now); j++) {
+            if (strcmp(token_set_token_name(now, j),
+                       token_set_token_name(next, i)) == 0 &&
+                token_set_token_ready(now, j, NULL)) {
+                log_error("token %s would go down: %s",
+                          token_set_token_name(next, i),
+                          reason != NULL ? reason : "unknown reason");
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
 /* Checks the new config completely and opens its tokens before swapping it
  * in; on any problem the running one stays (OpenDKIM's reload habit). */
 static void reload(running *run, http_server *srv)
@@ -112,37 +136,45 @@ static void reload(running *run, http_server *srv)
 
     cfg = config_load(run->config_path, &problems);
     for (i = 0; i < problems.count; i++)
-        log_error("reload: %s", problems.lines[i]);
+        log_error("%s", problems.lines[i]);
     if (cfg == NULL)
         goto fail;
     tokens = open_tokens(cfg);
-    if (tokens == NULL)
+    if (tokens == NULL || loses_token(run->tokens, tokens))
         goto fail;
     a = api_new(tokens, cfg->trust, cfg->trust_dir, cfg->crls);
     if (a == NULL)
         goto fail;
-    old = http_set_api(srv, a);
-    if (old == NULL)
-        goto fail;
-    api_free(old);
-    token_set_free(run->tokens);
     if (strcmp(cfg->listen, run->cfg->listen) != 0 ||
         cfg->max_body_bytes != run->cfg->max_body_bytes ||
         cfg->max_connections != run->cfg->max_connections ||
         cfg->request_timeout_s != run->cfg->request_timeout_s)
-        log_warn("reload: listen, max_body_bytes, max_connections and "
+        log_warn("listen, max_body_bytes, max_connections and "
                  "request_timeout_s take effect on restart only");
-    config_free(run->cfg);
+    switch (http_set_api(srv, a, SHUTDOWN_TIMEOUT_MS, &old)) {
+    case -1:
+        goto fail;
+    case 1:
+        /* freeing tokens under a request stuck in a module would crash */
+        log_error("requests still use the previous configuration after %d "
+                  "ms; it stays allocated",
+                  SHUTDOWN_TIMEOUT_MS);
+        break;
+    default:
+        api_free(old);
+        token_set_free(run->tokens);
+        config_free(run->cfg);
+    }
     run->cfg = cfg;
     run->tokens = tokens;
     run->api = a;
     if (log_open(cfg->log_file, cfg->log_level) != 0)
-        log_error("reload: cannot open log file %s", cfg->log_file);
-    log_info("reload: configuration %s in service", run->config_path);
+        log_error("cannot open log file %s", cfg->log_file);
+    log_info("configuration %s in service", run->config_path);
     config_problems_clear(&problems);
     return;
 fail:
-    log_error("reload: keeping the running configuration");
+    log_error("keeping the running configuration");
     api_free(a);
     token_set_free(tokens);
     config_free(cfg);

@@ -29,12 +29,29 @@ void tk_probe_close(tk_probe *probe);
 /* 1 when both name the same loaded module (whatever path reached it). */
 int tk_probe_same_module(const tk_probe *a, const tk_probe *b);
 
-/* Opens and closes one read-only session on slot_id. Only meaningful once
- * the module is initialised (PKCS11_CTX_load). Returns 0 (CKR_OK) or the
- * module's CKR code; on success *max_sessions is the token's
- * ulMaxSessionCount, 0 when the token reports no limit. */
+/* What a probe saw of a token. */
+typedef struct tk_token_state {
+    unsigned long max_sessions; /* ulMaxSessionCount; 0 for no limit */
+    int pin_locked;             /* CKF_USER_PIN_LOCKED */
+    int logged_in;              /* this process is logged in to it */
+} tk_token_state;
+
+/* Reads the token's info and opens and closes one read-only session on
+ * slot_id. Only meaningful once the module is initialised
+ * (PKCS11_CTX_load). Returns 0 (CKR_OK), *state filled in, or the module's
+ * CKR code. Never blocks beyond the module's own calls. */
 unsigned long tk_probe_session(const tk_probe *probe, unsigned long slot_id,
-                               unsigned long *max_sessions);
+                               tk_token_state *state);
+
+/* Logs this process in as the token's user (CKR_USER_ALREADY_LOGGED_IN
+ * counts as done). The login lasts while the process has any session on
+ * the token, so on success the session it was made on is left open in
+ * *session: close it with tk_probe_end_session once libp11 holds a session
+ * of its own (any libp11 call that lists objects opens one). On failure no
+ * session is left open. Returns 0 (CKR_OK) or the module's CKR code. */
+unsigned long tk_probe_login(const tk_probe *probe, unsigned long slot_id,
+                             const char *pin, unsigned long *session);
+void tk_probe_end_session(const tk_probe *probe, unsigned long session);
 
 /* "CKR_PIN_INCORRECT (0xa0)": the name when known, always the number. */
 void tk_ckr_describe(unsigned long rv, char *buf, size_t len);
@@ -44,5 +61,6 @@ void tk_ckr_describe(unsigned long rv, char *buf, size_t len);
 #define TK_CKR_PIN_LEN_RANGE 0xa2UL
 #define TK_CKR_PIN_EXPIRED 0xa3UL
 #define TK_CKR_PIN_LOCKED 0xa4UL
+#define TK_CKR_SESSION_COUNT 0xb1UL
 
 #endif

@@ -1,5 +1,5 @@
 /*
- * A session probe that goes around libp11.
+ * A session probe, and the login, that go around libp11.
  *
  * libp11 0.4.12 hands out sessions from a per-slot pool
  * (pkcs11_get_session in src/p11_slot.c): when the pool is empty and fewer
@@ -10,7 +10,16 @@
  * sessions cannot be opened (absent card, broken reader, a module out of
  * sessions) blocks its thread forever. Opening one session ourselves first,
  * through the module's own function list, turns that into a CKR code we can
- * report while libp11 is still untouched.
+ * report while libp11 is still untouched. The same probe, run later, tells
+ * whether a token that failed an operation still answers.
+ *
+ * The login goes through the function list too, so that libp11 never sees
+ * the PIN: PKCS11_login keeps a copy (slot->prev_pin) for the life of the
+ * slot, to log in again after a fork. A PKCS#11 login belongs to the
+ * application, not to the session it was made on, and lasts until the
+ * application's last session on the token closes; libp11 0.4.12 reads its
+ * own slot->logged_in only in PKCS11_login, PKCS11_logout,
+ * PKCS11_is_logged_in and its after-fork reload, none of which token/ calls.
  *
  * dlopen of the path libp11 loads returns the same, already initialised
  * module, so this needs no C_Initialize of its own.
@@ -30,7 +39,12 @@ typedef unsigned long ck_ulong;
 typedef ck_ulong ck_rv;
 
 #define CKR_OK 0UL
+#define CKR_USER_ALREADY_LOGGED_IN 0x100UL
 #define CKF_SERIAL_SESSION 0x4UL
+#define CKF_USER_PIN_LOCKED 0x40000UL
+#define CKU_USER 1UL
+#define CKS_RO_USER_FUNCTIONS 1UL
+#define CKS_RW_USER_FUNCTIONS 3UL
 #define CK_UNAVAILABLE_INFORMATION (~0UL)
 
 struct ck_version {
@@ -59,6 +73,13 @@ struct ck_token_info {
     unsigned char utc_time[16];
 };
 
+struct ck_session_info {
+    ck_ulong slot_id;
+    ck_ulong state;
+    ck_ulong flags;
+    ck_ulong device_error;
+};
+
 typedef ck_rv (*ck_notify)(ck_ulong session, ck_ulong event, void *app);
 
 /* The head of CK_FUNCTION_LIST, up to the last entry used here; the module
@@ -84,6 +105,15 @@ struct ck_function_list_head {
     ck_rv (*C_OpenSession)(ck_ulong slot, ck_ulong flags, void *app,
                            ck_notify notify, ck_ulong *session);
     ck_rv (*C_CloseSession)(ck_ulong session);
+    ck_rv (*C_CloseAllSessions)(ck_ulong slot);
+    ck_rv (*C_GetSessionInfo)(ck_ulong session, struct ck_session_info *info);
+    ck_rv (*C_GetOperationState)(ck_ulong session, unsigned char *state,
+                                 ck_ulong *len);
+    ck_rv (*C_SetOperationState)(ck_ulong session, unsigned char *state,
+                                 ck_ulong len, ck_ulong enc_key,
+                                 ck_ulong auth_key);
+    ck_rv (*C_Login)(ck_ulong session, ck_ulong user, unsigned char *pin,
+                     ck_ulong len);
 };
 
 typedef ck_rv (*ck_get_function_list)(struct ck_function_list_head **list);
@@ -155,8 +185,9 @@ int tk_probe_same_module(const tk_probe *a, const tk_probe *b)
 }
 
 unsigned long tk_probe_session(const tk_probe *probe, unsigned long slot_id,
-                               unsigned long *max_sessions)
+                               tk_token_state *state)
 {
+    struct ck_session_info session_info;
     struct ck_token_info info;
     ck_ulong session;
     ck_rv rv;
@@ -168,13 +199,50 @@ unsigned long tk_probe_session(const tk_probe *probe, unsigned long slot_id,
                                      &session);
     if (rv != CKR_OK)
         return rv;
+    /* The login state is the application's, so any session shows it. */
+    rv = probe->funcs->C_GetSessionInfo(session, &session_info);
     /* A failed close leaves one stray session until the module is
-     * finalised; the probe's answer, that sessions can be opened, holds. */
+     * finalised; the probe's answer, that sessions can be opened, holds.
+     * Closing it never ends our login: from the login on, libp11 holds
+     * sessions of its own on the token (see tk_probe_login). */
     probe->funcs->C_CloseSession(session);
-    *max_sessions = info.max_session_count == CK_UNAVAILABLE_INFORMATION
-                        ? 0
-                        : info.max_session_count;
+    if (rv != CKR_OK)
+        return rv;
+    state->max_sessions = info.max_session_count == CK_UNAVAILABLE_INFORMATION
+                              ? 0
+                              : info.max_session_count;
+    state->pin_locked = (info.flags & CKF_USER_PIN_LOCKED) != 0;
+    state->logged_in = session_info.state == CKS_RO_USER_FUNCTIONS ||
+                       session_info.state == CKS_RW_USER_FUNCTIONS;
     return CKR_OK;
+}
+
+unsigned long tk_probe_login(const tk_probe *probe, unsigned long slot_id,
+                             const char *pin, unsigned long *session)
+{
+    ck_ulong s;
+    ck_rv rv;
+
+    rv = probe->funcs->C_OpenSession(slot_id, CKF_SERIAL_SESSION, NULL, NULL,
+                                     &s);
+    if (rv != CKR_OK)
+        return rv;
+    /* The module only reads the PIN; PKCS#11 2.x just lacks the const. */
+    rv = probe->funcs->C_Login(s, CKU_USER, (unsigned char *)pin,
+                               (ck_ulong)strlen(pin));
+    if (rv == CKR_USER_ALREADY_LOGGED_IN)
+        rv = CKR_OK;
+    if (rv != CKR_OK) {
+        probe->funcs->C_CloseSession(s);
+        return rv;
+    }
+    *session = s;
+    return CKR_OK;
+}
+
+void tk_probe_end_session(const tk_probe *probe, unsigned long session)
+{
+    probe->funcs->C_CloseSession(session);
 }
 
 static const struct {

@@ -11,7 +11,7 @@
  * empty with nothing in flight exactly when libp11 has not used the slot
  * yet (or has reset the pool, which it does after a fork), so the
  * dangerous call is the first one that needs a session on a fresh
- * context: the login, or the first key or certificate enumeration.
+ * context: the first key or certificate enumeration.
  *
  * So before that first call, probe.c opens and closes one session through
  * the module's own function list (dlopen of the module path returns the
@@ -22,6 +22,16 @@
  * will return it (libp11 closes sessions only when the slot is released),
  * so a later failing C_OpenSession is always woken; operations on a dead
  * token then fail with the module's error instead of blocking.
+ *
+ * The login goes through the function list as well (probe.c says why
+ * libp11 0.4.12 allows it), so libp11 never holds the PIN, on a session of
+ * our own that stays open until libp11's first enumeration has a session
+ * in the pool: a PKCS#11 login ends with the process's last session on the
+ * token. That needs two sessions at once, so a token that allows only one
+ * cannot be logged in to. The module registry keeps, per slot, the SHA-256
+ * of the PIN the process logged in with and of every PIN the token
+ * refused (never a PIN): a refused PIN is never sent again, and neither is
+ * any PIN while the process is logged in (the token would not check it).
  *
  * The pool's own wait is also kept out of the request path: a counting
  * semaphore per token (a mutex, a condition variable and a count) admits at
@@ -41,13 +51,35 @@
  * more than 16 sessions on one slot; the excess waits in libp11 for
  * operations in flight, which is bounded.)
  *
+ * Faults at run time. A failed key operation does not say whether the
+ * token broke (OpenSSL's CMS even hides decryption errors), so the caller
+ * asks token_key_check_fault, which probes the token through the function
+ * list: a session must open, and a token we logged in to must still show
+ * the process logged in. When it does not, the token goes down (TK_FAULT)
+ * and waiters in token_key_acquire fail at once. A TK_FAULT token is probed
+ * again from token_key_usable, token_set_token_ready and token_key_acquire,
+ * at most once per back-off (1 s, doubling to 30 s, no thread of its own),
+ * and is ready again as soon as a probe passes. That recovery re-opens
+ * nothing: libp11 keeps its sessions, object handles and key caches, which
+ * is right when the fault was passing (a reader that hiccuped, a store
+ * briefly unavailable) and wrong after a real device reset, whose cure,
+ * PKCS11_CTX_unload, PKCS11_CTX_load, a login and fetching the keys again,
+ * would pull the context from under every token set sharing it. A reset
+ * token mostly shows itself by having logged the process out, which keeps
+ * it down until a restart (a reload does not log in again either); if a
+ * probe passes and the next operation still fails, the token simply goes
+ * down again. Tokens that were down from the start (TK_DOWN) wait for a
+ * reload, and a refused or locked PIN (TK_PIN_REFUSED) is never tried
+ * again.
+ *
  * What this does not cover: a token that vanishes in the moment between
  * the probe and libp11's first C_OpenSession; and fork, after which libp11
- * re-initialises the module and logs in again on its next call, opening a
- * session without a probe. Token sets are therefore created after any fork
- * and never used across one. A recovery path (re-open a token that went
- * down) must keep the same order: PKCS11_CTX_unload and PKCS11_CTX_load
- * empty the pool again, so probe before logging in again.
+ * re-initialises the module and opens sessions without a probe (and,
+ * since libp11 did not do the login, without logging in). Token sets are
+ * therefore created after any fork and never used across one. A future
+ * recovery that re-opens the module must keep the same order:
+ * PKCS11_CTX_unload and PKCS11_CTX_load empty the pool again, so probe
+ * before listing keys again.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* timegm */
@@ -61,6 +93,7 @@
 #include <time.h>
 
 #include <libp11.h>
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
@@ -69,6 +102,32 @@
 
 /* libp11 0.4.12's fixed per-slot session limit (see above). */
 #define TK_LIBP11_SESSIONS 16
+
+/* SHA-256, the digest PINs are remembered by. */
+#define TK_PIN_DIGEST 32
+/* Distinct refused PINs remembered per token; past that, no new PIN is
+ * tried at all (a smartcard has locked long before). */
+#define TK_REFUSED_MAX 8
+
+/* Re-probing a token that went down at run time: first after 1 s, then
+ * after twice the last wait, at most 30 s. */
+#define TK_BACKOFF_FIRST_S 1
+#define TK_BACKOFF_MAX_S 30
+
+/* How many distinct fault reasons a token keeps (see struct tk_reason). */
+#define TK_FAULT_REASONS_MAX 16
+#define TK_REASON_LEN 200
+
+/* What the process knows of the PIN of one slot's token. A PKCS#11 login
+ * belongs to the process, not to a token set, so this lives with the
+ * module and outlives the sets of a reload. Digests only, never a PIN. */
+struct tk_pins {
+    int logged_in; /* we logged in, with the PIN whose digest is good */
+    unsigned char good[TK_PIN_DIGEST];
+    int locked; /* the token said its PIN is locked */
+    unsigned nrefused;
+    unsigned char refused[TK_REFUSED_MAX][TK_PIN_DIGEST];
+};
 
 struct tk_module {
     struct tk_module *next;
@@ -80,26 +139,45 @@ struct tk_module {
      * point into. */
     PKCS11_SLOT *slots;
     unsigned int nslots;
+    struct tk_pins *pins; /* one per slot */
 };
 
 enum tk_state {
     TK_READY,
-    TK_DOWN,        /* a recovery may try this token again */
+    TK_DOWN,        /* since it was opened; a reload opens it again */
+    TK_FAULT,       /* failed at run time; re-probed (see token_ready) */
     TK_PIN_REFUSED, /* never retried: a card locks after a few wrong PINs */
+};
+
+/* A fault reason, kept until the token is freed: token_set_token_ready and
+ * token_key_usable hand out the pointer, and a caller may still be reading
+ * it when the token changes state again. Each distinct text is kept once. */
+struct tk_reason {
+    struct tk_reason *next;
+    char text[TK_REASON_LEN];
 };
 
 struct tk_token {
     char *name;
     struct tk_module *module; /* counted reference */
     PKCS11_SLOT *slot;        /* NULL until one token matched the URI */
+    unsigned long slot_id;
     int optional;
+    int discovery;
+    int logs_in; /* its keys need our login; probes check it still holds */
     unsigned max_sessions;
     long wait_ms;
+    char open_reason[TK_REASON_LEN]; /* why token_set_add left it down */
     pthread_mutex_t lock;
     pthread_cond_t cond; /* CLOCK_MONOTONIC */
     unsigned in_flight;  /* under lock */
     enum tk_state state; /* under lock */
-    char reason[200];
+    const char *reason;  /* under lock: open_reason or a fault reason */
+    struct tk_reason *fault_reasons; /* under lock */
+    unsigned nfault_reasons;         /* under lock */
+    struct timespec next_probe;      /* under lock, TK_FAULT only */
+    unsigned backoff_s;              /* under lock, TK_FAULT only */
+    int probing;                     /* under lock: a re-probe is running */
 };
 
 struct token_key {
@@ -196,6 +274,10 @@ static void module_put(struct tk_module *m)
     for (p = &registry; *p != m; p = &(*p)->next)
         ;
     *p = m->next;
+    if (m->pins != NULL) {
+        OPENSSL_cleanse(m->pins, (m->nslots + 1) * sizeof(*m->pins));
+        free(m->pins);
+    }
     if (m->slots != NULL)
         PKCS11_release_all_slots(m->ctx, m->slots, m->nslots);
     if (m->ctx != NULL) {
@@ -259,6 +341,12 @@ static int module_get(const char *path, struct tk_module **out,
         m->slots = NULL;
         tk_error(err, TOKEN_ERR_CONFIG,
                  "PKCS#11 module %s: cannot list slots: %s", path, why);
+        goto out;
+    }
+    /* + 1: a module without slots must not turn this into calloc(0). */
+    m->pins = calloc(m->nslots + 1, sizeof(*m->pins));
+    if (m->pins == NULL) {
+        tk_error(err, TOKEN_ERR_INTERNAL, "out of memory");
         goto out;
     }
     *out = m;
@@ -576,8 +664,14 @@ static void key_bind(token_key *k, PKCS11_KEY *pk, const PKCS11_CERT *certs,
 
 static void token_free(struct tk_token *t)
 {
+    struct tk_reason *r;
+
     if (t == NULL)
         return;
+    while ((r = t->fault_reasons) != NULL) {
+        t->fault_reasons = r->next;
+        free(r);
+    }
     module_put(t->module);
     pthread_cond_destroy(&t->cond);
     pthread_mutex_destroy(&t->lock);
@@ -611,6 +705,7 @@ static struct tk_token *token_new(const token_spec *spec, token_error *err)
         return NULL;
     }
     t->optional = spec->optional;
+    t->discovery = spec->discovery;
     t->max_sessions =
         spec->max_sessions == 0 || spec->max_sessions > TK_LIBP11_SESSIONS
             ? TK_LIBP11_SESSIONS
@@ -619,10 +714,12 @@ static struct tk_token *token_new(const token_spec *spec, token_error *err)
      * use): the configuration layer supplies the 5000 ms default. */
     t->wait_ms = spec->wait_ms;
     t->state = TK_DOWN;
-    snprintf(t->reason, sizeof(t->reason), "not opened");
+    snprintf(t->open_reason, sizeof(t->open_reason), "not opened");
+    t->reason = t->open_reason;
     return t;
 }
 
+/* While token_set_add opens the token, before any other thread sees it. */
 __attribute__((format(printf, 3, 4))) static void
 token_down(struct tk_token *t, enum tk_state state, const char *fmt, ...)
 {
@@ -630,8 +727,9 @@ token_down(struct tk_token *t, enum tk_state state, const char *fmt, ...)
 
     t->state = state;
     va_start(ap, fmt);
-    vsnprintf(t->reason, sizeof(t->reason), fmt, ap);
+    vsnprintf(t->open_reason, sizeof(t->open_reason), fmt, ap);
     va_end(ap);
+    t->reason = t->open_reason;
     ERR_clear_error();
 }
 
@@ -796,46 +894,145 @@ static int build_config_keys(struct tk_build *b, token_error *err)
     return 0;
 }
 
-/* 1 when logged in (or no login is needed), 0 when the token went down.
- * The PIN is wiped and freed on every path. */
-static int token_login(struct tk_token *t, char **pin)
+static int pin_digest(const char *pin, unsigned char d[TK_PIN_DIGEST])
 {
-    const PKCS11_TOKEN *tok = t->slot->token;
+    unsigned int len = 0;
+
+    if (!EVP_Digest(pin, strlen(pin), d, &len, EVP_sha256(), NULL) ||
+        len != TK_PIN_DIGEST) {
+        ERR_clear_error();
+        return -1;
+    }
+    return 0;
+}
+
+static int pin_was_refused(const struct tk_pins *p,
+                           const unsigned char d[TK_PIN_DIGEST])
+{
+    unsigned i;
+
+    for (i = 0; i < p->nrefused; i++) {
+        if (CRYPTO_memcmp(p->refused[i], d, TK_PIN_DIGEST) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* Only called while there is room: token_login tries no PIN otherwise. */
+static void pin_refused(struct tk_pins *p, const unsigned char d[TK_PIN_DIGEST])
+{
+    memcpy(p->refused[p->nrefused++], d, TK_PIN_DIGEST);
+}
+
+/* Logs the process in through the module's function list, so that libp11
+ * never holds the PIN (PKCS11_login would keep a copy for the slot's life).
+ * A PIN is sent to the token at most once per module load: one it refused
+ * before is not sent again, nor, while the process is logged in, any
+ * other than the one it logged in with (the token would not check it, and
+ * logging out to check it would break the token set still serving). A card
+ * locks after a few wrong PINs, and a reload would otherwise send the same
+ * one each time.
+ *
+ * 1 when logged in (or no login is needed), 0 when the token went down, -1
+ * on an internal error. When this call logged in, *holding is 1 and
+ * *session holds the login until libp11 has a session of its own. The PIN
+ * is wiped and freed on every path. Called with registry_lock held. */
+static int token_login(struct tk_token *t, char **pin, const tk_token_state *st,
+                       unsigned long *session, int *holding, token_error *err)
+{
+    struct tk_pins *p = &t->module->pins[t->slot - t->module->slots];
+    unsigned char d[TK_PIN_DIGEST];
     char why[96];
     unsigned long rv;
-    int rc;
+    int r = 0;
 
     if (*pin == NULL) {
-        if (tok->loginRequired) {
+        if (t->slot->token->loginRequired)
             token_down(t, TK_DOWN,
                        "the token needs a login and no PIN is configured");
-            return 0;
+        else
+            r = 1;
+        goto out;
+    }
+    if (pin_digest(*pin, d) < 0) {
+        tk_error(err, TOKEN_ERR_INTERNAL, "cannot compute a PIN digest");
+        r = -1;
+        goto out;
+    }
+    if (p->logged_in) {
+        if (!st->logged_in) {
+            token_down(t, TK_DOWN,
+                       "the token logged this process out (was it reset?); "
+                       "restart to log in again");
+        } else if (CRYPTO_memcmp(d, p->good, TK_PIN_DIGEST) == 0) {
+            t->logs_in = 1;
+            r = 1;
+        } else if (pin_was_refused(p, d)) {
+            token_down(t, TK_PIN_REFUSED,
+                       "login failed: this PIN was refused before; not "
+                       "retried (fix the PIN and restart)");
+        } else {
+            token_down(t, TK_DOWN,
+                       "the PIN changed while the token is logged in; "
+                       "restart to log in with the new PIN");
         }
-        return 1;
+        goto out;
     }
     /* A locked PIN cannot succeed; trying would only count a failure. */
-    if (tok->userPinLocked) {
-        token_pin_free(*pin);
-        *pin = NULL;
+    if (p->locked || st->pin_locked) {
+        p->locked = 1;
         token_down(t, TK_PIN_REFUSED, "login failed: PIN locked");
-        return 0;
+        goto out;
     }
-    rc = PKCS11_login(t->slot, 0, *pin);
+    if (pin_was_refused(p, d)) {
+        token_down(t, TK_PIN_REFUSED,
+                   "login failed: this PIN was refused before; not retried "
+                   "(fix the PIN and restart)");
+        goto out;
+    }
+    if (p->nrefused == TK_REFUSED_MAX) {
+        token_down(t, TK_PIN_REFUSED,
+                   "login failed: %d PINs were refused before; no other is "
+                   "tried (fix the PIN and restart)",
+                   TK_REFUSED_MAX);
+        goto out;
+    }
+    /* The login's own session stays open until libp11 opens one, and
+     * libp11 waits forever when it cannot (see the top of this file). */
+    if (st->max_sessions == 1) {
+        token_down(t, TK_DOWN,
+                   "the token allows one session at a time; logging in "
+                   "needs two");
+        goto out;
+    }
+    rv = tk_probe_login(t->module->probe, t->slot_id, *pin, session);
+    if (rv == 0) {
+        memcpy(p->good, d, TK_PIN_DIGEST);
+        p->logged_in = 1;
+        t->logs_in = 1;
+        *holding = 1;
+        r = 1;
+        goto out;
+    }
+    tk_ckr_describe(rv, why, sizeof(why));
+    if (rv == TK_CKR_PIN_LOCKED) {
+        p->locked = 1;
+        token_down(t, TK_PIN_REFUSED, "login failed: PIN locked");
+    } else if (rv == TK_CKR_PIN_INCORRECT) {
+        pin_refused(p, d);
+        token_down(t, TK_PIN_REFUSED, "login failed: incorrect PIN");
+    } else if (rv == TK_CKR_PIN_INVALID || rv == TK_CKR_PIN_LEN_RANGE ||
+               rv == TK_CKR_PIN_EXPIRED) {
+        pin_refused(p, d);
+        token_down(t, TK_PIN_REFUSED, "login failed: PIN refused, %s", why);
+    } else {
+        token_down(t, TK_DOWN, "login failed: %s", why);
+    }
+out:
+    OPENSSL_cleanse(d, sizeof(d));
     token_pin_free(*pin);
     *pin = NULL;
-    if (rc == 0)
-        return 1;
-    rv = libp11_failure(why, sizeof(why));
-    if (rv == TK_CKR_PIN_INCORRECT)
-        token_down(t, TK_PIN_REFUSED, "login failed: incorrect PIN");
-    else if (rv == TK_CKR_PIN_LOCKED)
-        token_down(t, TK_PIN_REFUSED, "login failed: PIN locked");
-    else if (rv == TK_CKR_PIN_INVALID || rv == TK_CKR_PIN_LEN_RANGE ||
-             rv == TK_CKR_PIN_EXPIRED)
-        token_down(t, TK_PIN_REFUSED, "login failed: PIN refused, %s", why);
-    else
-        token_down(t, TK_DOWN, "login failed: %s", why);
-    return 0;
+    return r;
 }
 
 /* Finds the configured keys on the token, then, in discovery mode, every
@@ -928,10 +1125,11 @@ static int token_open(struct tk_build *b, char **pin, token_error *err)
     struct tk_module *m = t->module;
     const struct tk_token *other;
     PKCS11_SLOT *slot = NULL;
-    unsigned long max, rv;
+    tk_token_state st;
+    unsigned long rv, session = 0;
     unsigned i, matches = 0;
     char why[96];
-    int rc;
+    int rc, holding = 0;
 
     for (i = 0; i < m->nslots; i++) {
         if (slot_matches(&b->uri, &m->slots[i])) {
@@ -957,21 +1155,27 @@ static int token_open(struct tk_build *b, char **pin, token_error *err)
         return -1;
     }
     t->slot = slot;
-    rv = tk_probe_session(m->probe, PKCS11_get_slotid_from_slot(slot), &max);
+    t->slot_id = PKCS11_get_slotid_from_slot(slot);
+    rv = tk_probe_session(m->probe, t->slot_id, &st);
     if (rv != 0) {
         tk_ckr_describe(rv, why, sizeof(why));
         token_down(t, TK_DOWN, "cannot open a session: %s", why);
         return 0;
     }
-    if (max > 0 && max < t->max_sessions)
-        t->max_sessions = (unsigned)max;
-    if (!token_login(t, pin))
-        return 0;
+    if (st.max_sessions > 0 && st.max_sessions < t->max_sessions)
+        t->max_sessions = (unsigned)st.max_sessions;
+    rc = token_login(t, pin, &st, &session, &holding, err);
+    if (rc <= 0)
+        return rc;
     rc = token_resolve_keys(b, err);
+    /* Listing the keys made libp11 get a session, which it keeps in its
+     * pool until the module is unloaded: the login no longer needs ours. */
+    if (holding)
+        tk_probe_end_session(m->probe, session);
     if (rc <= 0)
         return rc;
     t->state = TK_READY;
-    t->reason[0] = '\0';
+    t->open_reason[0] = '\0';
     return 0;
 }
 
@@ -1088,6 +1292,146 @@ out:
     return r;
 }
 
+/* ---- faults found at run time ---- */
+
+/* Asks the token, through the module's function list (libp11 could wait
+ * forever for a session), whether it still works for us. 1 when it does;
+ * otherwise 0 and why says what is wrong. Needs no lock: the module and
+ * the slot id are fixed once the token is published. */
+static int token_answers(const struct tk_token *t, char *why, size_t len)
+{
+    tk_token_state st;
+    unsigned long rv;
+    char ckr[64];
+
+    rv = tk_probe_session(t->module->probe, t->slot_id, &st);
+    /* Every session in use is an answer too: the token works, and is
+     * busy with our own operations. */
+    if (rv == TK_CKR_SESSION_COUNT)
+        return 1;
+    if (rv != 0) {
+        tk_ckr_describe(rv, ckr, sizeof(ckr));
+        snprintf(why, len, "the token does not answer: %s", ckr);
+        return 0;
+    }
+    /* A token that was reset answers again, but logged out: its keys
+     * would fail every operation. Only a restart logs in again. */
+    if (t->logs_in && !st.logged_in) {
+        snprintf(why, len,
+                 "the token logged this process out (was it reset?); "
+                 "restart to log in again");
+        return 0;
+    }
+    return 1;
+}
+
+/* Points t->reason at a kept copy of text. Past TK_FAULT_REASONS_MAX
+ * distinct texts, or without memory, a fixed one stands in. Under t->lock. */
+static void token_set_fault_reason(struct tk_token *t, const char *text)
+{
+    struct tk_reason *r;
+
+    for (r = t->fault_reasons; r != NULL; r = r->next) {
+        if (strcmp(r->text, text) == 0) {
+            t->reason = r->text;
+            return;
+        }
+    }
+    r = t->nfault_reasons < TK_FAULT_REASONS_MAX ? malloc(sizeof(*r)) : NULL;
+    if (r == NULL) {
+        t->reason = "the token does not answer";
+        return;
+    }
+    snprintf(r->text, sizeof(r->text), "%s", text);
+    r->next = t->fault_reasons;
+    t->fault_reasons = r;
+    t->nfault_reasons++;
+    t->reason = r->text;
+}
+
+static void probe_after(struct tk_token *t, unsigned seconds)
+{
+    clock_gettime(CLOCK_MONOTONIC, &t->next_probe);
+    t->next_probe.tv_sec += seconds;
+    t->backoff_s = seconds;
+}
+
+/* Under t->lock. Waiters in token_key_acquire wake up and fail. */
+static void token_fault(struct tk_token *t, const char *why)
+{
+    t->state = TK_FAULT;
+    token_set_fault_reason(t, why);
+    probe_after(t, TK_BACKOFF_FIRST_S);
+    pthread_cond_broadcast(&t->cond);
+}
+
+static int probe_due(const struct tk_token *t)
+{
+    struct timespec now;
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec > t->next_probe.tv_sec ||
+           (now.tv_sec == t->next_probe.tv_sec &&
+            now.tv_nsec >= t->next_probe.tv_nsec);
+}
+
+/* 1 when the token is ready; otherwise 0 and *reason (when not NULL) says
+ * why, in a string that stays valid as long as the token. A token down
+ * with a run-time fault is probed again first, by one caller at a time,
+ * when its back-off has passed; the lock is not held during the probe, so
+ * operations and other callers are not held up by a slow token. */
+static int token_ready(struct tk_token *t, const char **reason)
+{
+    char why[TK_REASON_LEN];
+    int ready, ok;
+
+    pthread_mutex_lock(&t->lock);
+    if (t->state == TK_FAULT && !t->probing && probe_due(t)) {
+        t->probing = 1;
+        pthread_mutex_unlock(&t->lock);
+        ok = token_answers(t, why, sizeof(why));
+        pthread_mutex_lock(&t->lock);
+        t->probing = 0;
+        if (ok) {
+            t->state = TK_READY;
+        } else {
+            token_set_fault_reason(t, why);
+            probe_after(t, t->backoff_s * 2 > TK_BACKOFF_MAX_S
+                               ? TK_BACKOFF_MAX_S
+                               : t->backoff_s * 2);
+        }
+    }
+    ready = t->state == TK_READY;
+    if (!ready && reason != NULL)
+        *reason = t->reason;
+    pthread_mutex_unlock(&t->lock);
+    return ready;
+}
+
+int token_key_check_fault(token_key *key, token_error *err)
+{
+    struct tk_token *t = key->token;
+    char why[TK_REASON_LEN];
+    int ready;
+
+    pthread_mutex_lock(&t->lock);
+    ready = t->state == TK_READY;
+    pthread_mutex_unlock(&t->lock);
+    /* A token already down explains the failure without another probe. */
+    if (ready && token_answers(t, why, sizeof(why)))
+        return 0;
+    pthread_mutex_lock(&t->lock);
+    /* Another caller may have marked it down meanwhile; its reason
+     * stands. */
+    if (ready && t->state == TK_READY)
+        token_fault(t, why);
+    tk_error(err, TOKEN_ERR_UNAVAILABLE, "token %s: %s", t->name, t->reason);
+    pthread_mutex_unlock(&t->lock);
+    return -1;
+}
+
+/* ---- token sets and keys ---- */
+
 token_set *token_set_new(void)
 {
     return calloc(1, sizeof(token_set));
@@ -1122,16 +1466,6 @@ const char *token_set_token_name(const token_set *set, size_t i)
     return i < set->ntokens ? set->tokens[i]->name : NULL;
 }
 
-static int token_is_ready(struct tk_token *t)
-{
-    int ready;
-
-    pthread_mutex_lock(&t->lock);
-    ready = t->state == TK_READY;
-    pthread_mutex_unlock(&t->lock);
-    return ready;
-}
-
 int token_set_token_ready(const token_set *set, size_t i, const char **reason)
 {
     if (i >= set->ntokens) {
@@ -1139,16 +1473,17 @@ int token_set_token_ready(const token_set *set, size_t i, const char **reason)
             *reason = "no such token";
         return 0;
     }
-    if (token_is_ready(set->tokens[i]))
-        return 1;
-    if (reason != NULL)
-        *reason = set->tokens[i]->reason;
-    return 0;
+    return token_ready(set->tokens[i], reason);
 }
 
 int token_set_token_optional(const token_set *set, size_t i)
 {
     return i < set->ntokens ? set->tokens[i]->optional : 0;
+}
+
+int token_set_token_discovery(const token_set *set, size_t i)
+{
+    return i < set->ntokens ? set->tokens[i]->discovery : 0;
 }
 
 size_t token_set_count_keys(const token_set *set)
@@ -1192,9 +1527,9 @@ int token_key_usable(const token_key *key, token_use use, const char **reason)
     const char *why = NULL;
     time_t now;
 
-    if (!token_is_ready(key->token)) {
-        why = key->token->reason;
-    } else if (key->problem[0] != '\0') {
+    if (!token_ready(key->token, &why))
+        goto out;
+    if (key->problem[0] != '\0') {
         why = key->problem;
     } else if (use == TOKEN_USE_DECRYPT) {
         if (key->decrypt_problem[0] != '\0')
@@ -1208,6 +1543,7 @@ int token_key_usable(const token_key *key, token_use use, const char **reason)
         else if (now > key->not_after)
             why = key->expired;
     }
+out:
     if (why == NULL)
         return 1;
     if (reason != NULL)

@@ -92,6 +92,9 @@ const char *token_set_token_name(const token_set *set, size_t i);
 /* 1 when usable; otherwise 0 and *reason says why. */
 int token_set_token_ready(const token_set *set, size_t i, const char **reason);
 int token_set_token_optional(const token_set *set, size_t i);
+/* 1 when the token also serves discovered keys: a key name no token knows
+ * may then live on it while it is down. */
+int token_set_token_discovery(const token_set *set, size_t i);
 
 size_t token_set_count_keys(const token_set *set);
 token_key *token_set_key_at(token_set *set, size_t i);
@@ -123,5 +126,12 @@ STACK_OF(X509) *token_key_chain0(const token_key *key);
 int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
                       token_error *err);
 void token_key_release(token_key *key);
+
+/* Call after a private-key operation with key failed (the error itself may
+ * be gone: OpenSSL's CMS hides decryption errors). Probes the key's token
+ * through the module's own function list; when the token does not answer,
+ * marks it down with the reason and returns -1 with TOKEN_ERR_UNAVAILABLE,
+ * else 0 (the failure was the operation's own, e.g. bad input). */
+int token_key_check_fault(token_key *key, token_error *err);
 
 #endif

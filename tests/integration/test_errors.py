@@ -353,6 +353,48 @@ def garbage_mime():
     still_serving()
 
 
+def invalid_utf8_in_errors():
+    # error messages quote the request; bytes that are not UTF-8 must still
+    # give a JSON error body, not a dropped connection
+    expect(D.request("GET", "/%ff"), "not_found")
+    h = {"Content-Type": "message/rfc822"}
+    msg = GOOD["mime"].encode()
+    expect(D.request("POST", "/v1/sign?%ff=1", body=msg, headers=h), "invalid_field")
+    expect(D.request("POST", "/v1/sign?key=%ff", body=msg, headers=h), "unknown_key")
+    expect(D.request("POST", "/v1/sign", body=b"{}", headers={"Content-Type": "text/\xff"}),
+           "unsupported_media_type")
+    # a message cut at the 256-byte limit in the middle of a character
+    for n in range(230, 245):
+        expect(D.post_json("/v1/sign", {"key": "a" * n + "\u00e9" * 10, "mime": GOOD["mime"]}),
+               "unknown_key")
+
+
+def nul_in_options():
+    # NUL is fine inside mime, but an option cut at it would mean something else
+    expect(D.post_json("/v1/sign", {"key": "demo-ec\u0000evil", "mime": GOOD["mime"]}),
+           "invalid_field")
+    expect(D.post_json("/v1/sign", {"key": "demo-ec", "mode": "opaque\u0000x",
+                                    "mime": GOOD["mime"]}), "invalid_field")
+
+
+def key_before_recipients():
+    # 404 (unknown signing key) comes before 422 (unfit recipient)
+    bad = (DEMO / "ca.pem").read_text()  # a CA certificate cannot receive mail
+    r = D.post_json("/v1/sign", {"key": "no-such-key", "mime": GOOD["mime"],
+                                 "encrypt_for": [bad], "cipher": "aes-128-cbc"})
+    expect(r, "unknown_key")
+    r = D.post_json("/v1/decrypt", {"key": "no-such-key", "mime": "garbage"})
+    expect(r, "unknown_key")
+
+
+def log_lines_not_forged():
+    D.request("GET", "/x%0a2026-01-01T00:00:00.000Z%20error%20main:%20forged")
+    still_serving()
+    check(not any(l.startswith("2026-01-01T00:00:00.000Z error main: forged")
+                  for l in D.tail(10000).splitlines()),
+          "a request path forged a log line")
+
+
 def error_bodies_are_clean():
     r = D.request("GET", "/nope")
     j = r.json()
@@ -391,6 +433,10 @@ def main():
         ("raw mode errors", raw_mode_errors),
         ("garbage MIME -> 422 or a verifiable signature, never 500", garbage_mime),
         ("error body has exactly error.code and error.message", error_bodies_are_clean),
+        ("bytes that are not UTF-8 in what errors quote -> still JSON", invalid_utf8_in_errors),
+        ("NUL inside an option -> 400 invalid_field", nul_in_options),
+        ("unknown signing key (404) before unfit recipient (422)", key_before_recipients),
+        ("a request path cannot forge a log line", log_lines_not_forged),
     ]
     for name, fn in cases:
         S.case(name, fn)

@@ -1,30 +1,46 @@
 /*
  * faulty_p11: a PKCS#11 module that stands in front of SoftHSMv2 so a test
- * can make C_OpenSession fail on demand.
+ * can make it fail on demand, at load or at any later moment.
  *
  * token/probe.c exists because libp11 0.4.12 waits forever when
  * C_OpenSession fails (with anything but CKR_SESSION_COUNT) on a slot it
- * has not used yet; see the top of token/token.c. A healthy SoftHSM token
- * never fails that call, and a broken reader cannot be had in a unit test,
- * so this module loads the real one and hands out a copy of its function
- * list with C_OpenSession replaced. With FAULTY_P11_FAIL_OPEN=1 in the
- * environment the replacement returns CKR_DEVICE_ERROR, as a dead reader
- * would; otherwise it forwards, so the same token also works through this
- * module and a test can tell the wrapper itself is not what breaks it.
- * Every other call reaches the real module untouched.
+ * has not used yet; see the top of token/token.c. And a token that breaks
+ * at run time must be noticed by token_key_check_fault. A healthy SoftHSM
+ * token never fails, and a broken reader cannot be had in a unit test, so
+ * this module loads the real one and hands out a copy of its function list
+ * with a few entries replaced; everything else reaches the real module
+ * untouched, so the same token also works through this module and a test
+ * can tell the wrapper itself is not what breaks it.
  *
  * FAULTY_P11_REAL names the real module (default: Debian's SoftHSMv2).
- * FAULTY_P11_FAIL_OPEN is read at each call, not at load.
+ * The rest is read at each call, not at load:
+ *
+ * FAULTY_P11_FAIL_OPEN=1 makes C_OpenSession return CKR_DEVICE_ERROR, as a
+ * dead reader would.
+ *
+ * FAULTY_P11_FLAG names a file; while it exists, its first word says what
+ * fails. "removed": C_OpenSession and the start of every private-key
+ * operation (C_SignInit, C_DecryptInit, C_DeriveKey) return
+ * CKR_DEVICE_REMOVED, as a pulled token would. "refuse": only those key
+ * operations fail, with CKR_KEY_FUNCTION_NOT_PERMITTED, while the token
+ * answers everything else: an operation's own failure. Only the calls that
+ * start an operation fail, never C_Sign or C_Decrypt in the middle of one,
+ * so no operation is left half started in a session libp11 reuses.
+ *
+ * FAULTY_P11_LOG names a file to which each C_OpenSession and C_Login call
+ * appends a line with its name, failed or not, so a test can count them.
  *
  * The PKCS#11 declarations are written out, as in token/probe.c, because
  * no pkcs11.h is installed; the layout is the PKCS#11 2.x ABI.
  */
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef unsigned long ck_ulong;
 typedef ck_ulong ck_rv;
@@ -32,6 +48,8 @@ typedef ck_ulong ck_rv;
 #define CKR_OK 0UL
 #define CKR_GENERAL_ERROR 0x05UL
 #define CKR_DEVICE_ERROR 0x30UL
+#define CKR_DEVICE_REMOVED 0x32UL
+#define CKR_KEY_FUNCTION_NOT_PERMITTED 0x68UL
 
 #define REAL_MODULE "/usr/lib/softhsm/libsofthsm2.so"
 
@@ -46,7 +64,7 @@ typedef ck_rv (*ck_notify)(ck_ulong session, ck_ulong event, void *app);
 typedef void (*ck_any_fn)(void);
 
 /* CK_FUNCTION_LIST: the version, then 68 function pointers in the order the
- * standard fixes. Only the two entries this module replaces are named. */
+ * standard fixes. Only the entries this module replaces are named. */
 struct ck_function_list {
     struct ck_version version;
     ck_any_fn before_get_list[3]; /* C_Initialize .. C_GetInfo */
@@ -54,13 +72,27 @@ struct ck_function_list {
     ck_any_fn before_open[8]; /* C_GetSlotList .. C_SetPIN */
     ck_rv (*C_OpenSession)(ck_ulong slot, ck_ulong flags, void *app,
                            ck_notify notify, ck_ulong *session);
-    ck_any_fn after_open[55]; /* C_CloseSession .. C_WaitForSlotEvent */
+    ck_any_fn before_login[5]; /* C_CloseSession .. C_SetOperationState */
+    ck_rv (*C_Login)(ck_ulong session, ck_ulong user, unsigned char *pin,
+                     ck_ulong len);
+    ck_any_fn before_decrypt[14]; /* C_Logout .. C_EncryptFinal */
+    ck_rv (*C_DecryptInit)(ck_ulong session, void *mechanism, ck_ulong key);
+    ck_any_fn before_sign[8]; /* C_Decrypt .. C_DigestFinal */
+    ck_rv (*C_SignInit)(ck_ulong session, void *mechanism, ck_ulong key);
+    ck_any_fn before_derive[19]; /* C_Sign .. C_UnwrapKey */
+    ck_rv (*C_DeriveKey)(ck_ulong session, void *mechanism, ck_ulong base,
+                         void *attributes, ck_ulong count, ck_ulong *key);
+    ck_any_fn after_derive[5]; /* C_SeedRandom .. C_WaitForSlotEvent */
 };
 
 _Static_assert(sizeof(struct ck_function_list) ==
                    offsetof(struct ck_function_list, before_get_list) +
                        68 * sizeof(ck_any_fn),
                "CK_FUNCTION_LIST holds 68 functions");
+_Static_assert(offsetof(struct ck_function_list, C_SignInit) ==
+                   offsetof(struct ck_function_list, before_get_list) +
+                       42 * sizeof(ck_any_fn),
+               "C_SignInit is the 43rd function");
 
 typedef ck_rv (*ck_get_function_list)(struct ck_function_list **list);
 
@@ -71,14 +103,101 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 static struct ck_function_list *real; /* the real module's list */
 static struct ck_function_list wrapped;
 
+enum fault { FAULT_NONE, FAULT_REMOVED, FAULT_REFUSE };
+
+/* What the flag file asks for now. */
+static enum fault fault_now(void)
+{
+    const char *path = getenv("FAULTY_P11_FLAG");
+    char word[16] = "";
+    FILE *f;
+
+    if (path == NULL || (f = fopen(path, "r")) == NULL)
+        return FAULT_NONE;
+    if (fscanf(f, "%15s", word) != 1)
+        word[0] = '\0';
+    fclose(f);
+    if (strcmp(word, "removed") == 0)
+        return FAULT_REMOVED;
+    if (strcmp(word, "refuse") == 0)
+        return FAULT_REFUSE;
+    return FAULT_NONE;
+}
+
+static void log_call(const char *name)
+{
+    const char *path = getenv("FAULTY_P11_LOG");
+    char line[32];
+    int fd, n;
+
+    if (path == NULL)
+        return;
+    fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return;
+    n = snprintf(line, sizeof(line), "%s\n", name);
+    /* One write to an O_APPEND file: lines from threads do not mix. */
+    if (write(fd, line, (size_t)n) != n)
+        fprintf(stderr, "faulty_p11: cannot log to %s\n", path);
+    close(fd);
+}
+
+/* CKR_OK when a key operation may start. */
+static ck_rv key_operation_fault(void)
+{
+    switch (fault_now()) {
+    case FAULT_REMOVED:
+        return CKR_DEVICE_REMOVED;
+    case FAULT_REFUSE:
+        return CKR_KEY_FUNCTION_NOT_PERMITTED;
+    case FAULT_NONE:
+        break;
+    }
+    return CKR_OK;
+}
+
 static ck_rv open_session(ck_ulong slot, ck_ulong flags, void *app,
                           ck_notify notify, ck_ulong *session)
 {
     const char *fail = getenv("FAULTY_P11_FAIL_OPEN");
 
+    log_call("C_OpenSession");
     if (fail != NULL && strcmp(fail, "1") == 0)
         return CKR_DEVICE_ERROR;
+    if (fault_now() == FAULT_REMOVED)
+        return CKR_DEVICE_REMOVED;
     return real->C_OpenSession(slot, flags, app, notify, session);
+}
+
+static ck_rv login(ck_ulong session, ck_ulong user, unsigned char *pin,
+                   ck_ulong len)
+{
+    log_call("C_Login");
+    return real->C_Login(session, user, pin, len);
+}
+
+static ck_rv decrypt_init(ck_ulong session, void *mechanism, ck_ulong key)
+{
+    ck_rv rv = key_operation_fault();
+
+    return rv != CKR_OK ? rv : real->C_DecryptInit(session, mechanism, key);
+}
+
+static ck_rv sign_init(ck_ulong session, void *mechanism, ck_ulong key)
+{
+    ck_rv rv = key_operation_fault();
+
+    return rv != CKR_OK ? rv : real->C_SignInit(session, mechanism, key);
+}
+
+static ck_rv derive_key(ck_ulong session, void *mechanism, ck_ulong base,
+                        void *attributes, ck_ulong count, ck_ulong *key)
+{
+    ck_rv rv = key_operation_fault();
+
+    return rv != CKR_OK ? rv
+                        : real->C_DeriveKey(session, mechanism, base,
+                                            attributes, count, key);
 }
 
 /* Once per process: libp11 and the probe each ask for the list, and must
@@ -108,6 +227,10 @@ static void load_real(void)
     wrapped = *real;
     wrapped.C_GetFunctionList = C_GetFunctionList;
     wrapped.C_OpenSession = open_session;
+    wrapped.C_Login = login;
+    wrapped.C_DecryptInit = decrypt_init;
+    wrapped.C_SignInit = sign_init;
+    wrapped.C_DeriveKey = derive_key;
 }
 
 ck_rv C_GetFunctionList(struct ck_function_list **list)

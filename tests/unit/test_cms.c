@@ -92,6 +92,20 @@ static int is_7bit_text(const bytes *b)
     return 1;
 }
 
+/* is_7bit_text, and no line starts "From " (mbox-style transports make it
+ * ">From "). */
+static int is_7bit_safe(const bytes *b)
+{
+    size_t i;
+
+    for (i = 0; i + 5 <= b->len; i++) {
+        if ((i == 0 || b->data[i - 1] == '\n') &&
+            memcmp(b->data + i, "From ", 5) == 0)
+            return 0;
+    }
+    return is_7bit_text(b);
+}
+
 /* ---- keys and certificates ---------------------------------------- */
 
 struct signer {
@@ -936,8 +950,9 @@ static void test_reencode_nested(void)
                        "\n"
                        "--sig\n"
                        "Content-Type: text/plain; charset=utf-8\n"
+                       "Content-Transfer-Encoding: 8bit\n"
                        "\n"
-                       "signed \xc3\xa9\n"
+                       "signed e\n"
                        "--sig--\n"
                        "--outer\n"
                        "Content-Type: application/octet-stream\n"
@@ -969,7 +984,8 @@ static void test_reencode_nested(void)
                                 "Content-Transfer-Encoding: quoted-printable"
                                 "\r\n\r\nna=C3=AFve\r\n--outer"),
            "the encapsulated message keeps its headers, body is QP");
-    tap_ok(contains(&v.content, "signed \xc3\xa9\r\n"),
+    tap_ok(contains(&v.content, "Content-Transfer-Encoding: 8bit\r\n\r\n"
+                                "signed e\r\n"),
            "parts inside multipart/signed are left alone");
     tap_ok(contains(&v.content, want),
            "an over-long base64 line is re-wrapped at 76");
@@ -1135,7 +1151,8 @@ static int refused_n(const char *mime, size_t len, const char *part)
     else if (strstr(err.message, part) == NULL)
         printf("# got: %s\n", err.message);
     return rc == -1 && r == NULL && err.status == CMS_ERR_INPUT &&
-           strstr(err.message, part) != NULL && ERR_peek_error() == 0;
+           strstr(err.message, part) != NULL && utf8_valid(err.message) &&
+           ERR_peek_error() == 0;
 }
 
 static int refused(const char *mime, const char *part)
@@ -1166,9 +1183,244 @@ static void test_malformed(void)
            "a multipart without a boundary");
 }
 
+/* What re-encoding cannot reach is refused, naming the part: signing it
+ * would give a signature that 7-bit transport breaks. */
+static void test_not_7bit_safe(void)
+{
+    static const char no_blank_line[] =
+        "Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+        "--b\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n"
+        "\xe9\xff\x01\r\n"
+        "more\r\n"
+        "--b--\r\n";
+    char *long_preamble = xmalloc(2048);
+    const char *fix = "which cannot be made 7-bit safe";
+    char want[160];
+    cms_prepared *prep = NULL;
+    cms_error err;
+
+    tap_ok(refused(no_blank_line,
+                   "part 1: its header block does not end in a blank line, "
+                   "and the lines after it have 8-bit octets, which cannot "
+                   "be made 7-bit safe"),
+           "a part without a blank line after its headers, 8-bit body");
+    memset(&err, 0, sizeof(err));
+    tap_ok(cms_prepare_entity((const unsigned char *)no_blank_line,
+                              strlen(no_blank_line), &prep, &err) == -1 &&
+               prep == NULL && err.status == CMS_ERR_INPUT &&
+               ERR_peek_error() == 0,
+           "... refused by cms_prepare_entity, no key needed");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=b\n\n"
+                   "This is caf\xc3\xa9\n"
+                   "--b\n\nx\n--b--\n",
+                   "the entity: the multipart preamble has 8-bit octets, "
+                   "which cannot be made 7-bit safe"),
+           "8-bit octets in the preamble");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=b\n\n"
+                   "--b\n\nx\n--b\n"
+                   "Content-Type: multipart/alternative; boundary=c\n\n"
+                   "--c\n\ny\n--c--\n\xff\n"
+                   "--b--\n",
+                   "part 2: the multipart epilogue has 8-bit octets"),
+           "8-bit octets in a nested epilogue");
+    snprintf(long_preamble, 2048,
+             "Content-Type: multipart/mixed; boundary=b\n\n%01200d\n"
+             "--b\n\nx\n--b--\n",
+             0);
+    tap_ok(refused(long_preamble, "the multipart preamble has a line over "
+                                  "998 octets"),
+           "a 1200-octet line in the preamble");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=b\n\n"
+                   "From here\n--b\n\nx\n--b--\n",
+                   "the multipart preamble has a line starting \"From \""),
+           "a \"From \" line in the preamble");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=b\n\n"
+                   "--b\n\nx\n--b\n"
+                   "Content-Type: text/plain\n"
+                   "Content-Description: caf\xc3\xa9\n\n"
+                   "y\n--b--\n",
+                   "part 2: a header field has 8-bit octets, which cannot "
+                   "be made 7-bit safe (header fields are not re-encoded)"),
+           "8-bit octets in a part's header field");
+    tap_ok(refused("Subject: caf\xc3\xa9 outside\n"
+                   "Content-Type: text/plain\n"
+                   "Content-Disposition: attachment; filename=caf\xc3\xa9\n\n"
+                   "y\n",
+                   "the entity: a header field has 8-bit octets"),
+           "8-bit octets in a signed top-level Content-* field (the Subject "
+           "outside may have them)");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=b\n\n"
+                   "--b\n\nx\n--b\n"
+                   "Content-Type: message/rfc822\n\n"
+                   "Subject: caf\xc3\xa9\n"
+                   "Content-Type: text/plain\n\n"
+                   "y\n--b--\n",
+                   "part 2: a header field has 8-bit octets"),
+           "8-bit octets in the header of an encapsulated message");
+    snprintf(want, sizeof(want),
+             "part 2.1: its body has 8-bit octets, %s inside a "
+             "multipart/signed (re-encoding would break it)",
+             fix);
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=b\n\n"
+                   "--b\n\nx\n--b\n"
+                   "Content-Type: multipart/signed; boundary=s;\n"
+                   " protocol=\"application/pkcs7-signature\"\n\n"
+                   "--s\n"
+                   "Content-Type: text/plain; charset=utf-8\n\n"
+                   "sign\xc3\xa9\n"
+                   "--s\n"
+                   "Content-Type: application/pkcs7-signature\n\n"
+                   "AAAA\n"
+                   "--s--\n"
+                   "--b--\n",
+                   want),
+           "8-bit octets inside a nested multipart/signed");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=b\n\n"
+                   "--b\ntext caf\xc3\xa9\n--b--\n",
+                   "part 1: its header block does not end in a blank line"),
+           "a part that starts with 8-bit text and no header block");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=b\n\n"
+                   "--b\n\nx\n--b\n\n\xe9\n--b--\n\xe9\n",
+                   "the entity: the multipart epilogue has 8-bit octets"),
+           "the 8-bit body before it is re-encoded, the epilogue is not");
+    free(long_preamble);
+}
+
+/* Preparing needs no key; one prepared entity signs with several digests
+ * and modes, from several threads at once. */
+static cms_prepared *shared_prep;
+
+static void *sign_prepared_loop(void *arg)
+{
+    long failures = 0;
+    int i;
+
+    for (i = 0; i < 10; i++) {
+        cms_result *r = NULL;
+        cms_error err;
+
+        if (cms_sign_prepared(shared_prep, signers[1 + i % 2].key,
+                              signers[1 + i % 2].cert, NULL, (cms_mode)(i % 2),
+                              (cms_digest)(i % 3), &r, &err) != 0 ||
+            !reencoded_is(r, 1, "1 quoted-printable"))
+            failures++;
+        cms_result_free(r);
+    }
+    (void)arg;
+    return (void *)failures;
+}
+
+static void test_prepare(void)
+{
+    static const char mime[] = "Subject: prepared\n"
+                               "Content-Type: text/plain; charset=utf-8\n"
+                               "\n"
+                               "caf\xc3\xa9\n";
+    static const char want[] = "Content-Type: text/plain; charset=utf-8\r\n"
+                               "Content-Transfer-Encoding: quoted-printable\r\n"
+                               "\r\n"
+                               "caf=C3=A9\r\n";
+    cms_prepared *prep = NULL, *none = (cms_prepared *)&none;
+    cms_result *r = NULL, *r2 = NULL;
+    struct verified v = {0}, v2 = {0};
+    const unsigned char *d;
+    pthread_t t[4];
+    cms_error err;
+    bytes res;
+    long failures = 0;
+    void *ret;
+    size_t n;
+    int i;
+
+    memset(&err, 0, sizeof(err));
+    tap_ok(cms_prepare_entity((const unsigned char *)mime, strlen(mime), &prep,
+                              &err) == 0 &&
+               prep != NULL,
+           "prepares without a key (%s)", err.message);
+    tap_ok(cms_sign_prepared(prep, signers[0].key, signers[0].cert, NULL,
+                             CMS_MODE_DETACHED, CMS_DIGEST_SHA256, &r,
+                             &err) == 0 &&
+               cms_sign_prepared(prep, signers[2].key, signers[2].cert, NULL,
+                                 CMS_MODE_OPAQUE, CMS_DIGEST_SHA512, &r2,
+                                 &err) == 0,
+           "signs it twice: RSA detached SHA-256, P-384 opaque SHA-512 (%s)",
+           err.message);
+    d = cms_result_data(r, &n);
+    res = (bytes){(unsigned char *)d, n};
+    if (r != NULL)
+        verify_detached(&res, "sha-256", &v);
+    d = cms_result_data(r2, &n);
+    res = (bytes){(unsigned char *)d, n};
+    if (r2 != NULL)
+        verify_opaque(&res, &v2);
+    tap_ok(v.ok && v2.ok && equals(&v.content, want) &&
+               equals(&v2.content, want),
+           "both verify over the same re-encoded entity (%s%s)", v.why, v2.why);
+    tap_ok(reencoded_is(r, 1, "1 quoted-printable") &&
+               reencoded_is(r2, 1, "1 quoted-printable") &&
+               contains(&v.outer, "Subject: prepared\r\n") &&
+               contains(&v2.outer, "Subject: prepared\r\n"),
+           "... each reports the re-encoded part and carries the headers");
+    verified_free(&v);
+    verified_free(&v2);
+    cms_result_free(r);
+    cms_result_free(r2);
+
+    shared_prep = prep;
+    for (i = 0; i < 4; i++)
+        if (pthread_create(&t[i], NULL, sign_prepared_loop, NULL) != 0)
+            die("pthread_create");
+    for (i = 0; i < 4; i++) {
+        pthread_join(t[i], &ret);
+        failures += (long)ret;
+    }
+    tap_ok(failures == 0, "4 threads signing one prepared entity: %ld failures",
+           failures);
+
+    r = (cms_result *)&r;
+    tap_ok(cms_sign_prepared(NULL, signers[1].key, signers[1].cert, NULL,
+                             CMS_MODE_DETACHED, CMS_DIGEST_SHA256, &r,
+                             &err) == -1 &&
+               err.status == CMS_ERR_INTERNAL &&
+               cms_sign_prepared(prep, NULL, signers[1].cert, NULL,
+                                 CMS_MODE_DETACHED, CMS_DIGEST_SHA256, &r,
+                                 &err) == -1 &&
+               err.status == CMS_ERR_INTERNAL &&
+               cms_sign_prepared(prep, signers[1].key, signers[1].cert, NULL,
+                                 CMS_MODE_DETACHED, (cms_digest)9, &r,
+                                 &err) == -1 &&
+               err.status == CMS_ERR_INTERNAL && r == (cms_result *)&r,
+           "no prepared entity, no key, an unknown digest: CMS_ERR_INTERNAL, "
+           "result untouched");
+    tap_ok(cms_sign_prepared(prep, signers[0].key, signers[1].cert, NULL,
+                             CMS_MODE_OPAQUE, CMS_DIGEST_SHA256, &r,
+                             &err) == -1 &&
+               err.status == CMS_ERR_KEY && r == (cms_result *)&r &&
+               ERR_peek_error() == 0,
+           "a key that does not fit: CMS_ERR_KEY, error queue empty (%s)",
+           err.message);
+    cms_prepared_free(prep);
+    cms_prepared_free(NULL);
+
+    tap_ok(cms_prepare_entity((const unsigned char *)"bad line\n\nx", 11, &none,
+                              &err) == -1 &&
+               none == (cms_prepared *)&none && err.status == CMS_ERR_INPUT &&
+               ERR_peek_error() == 0 &&
+               cms_prepare_entity((const unsigned char *)mime, strlen(mime),
+                                  NULL, &err) == -1 &&
+               err.status == CMS_ERR_INTERNAL,
+           "bad MIME: CMS_ERR_INPUT, result untouched; no result pointer: "
+           "CMS_ERR_INTERNAL");
+}
+
 /* Random octets and random MIME-ish line soup: any outcome but a crash;
- * on success the signature verifies, and signing the signed entity again
- * changes nothing (it is 7-bit safe by the module's own judgement). */
+ * on success the signature verifies, the signed entity is 7-bit safe, and
+ * signing it again changes nothing (it is 7-bit safe by the module's own
+ * judgement too). Many are refused: the soup puts 8-bit octets and "From "
+ * lines in preambles and after header blocks, where no re-encoding
+ * reaches. */
 static void test_fuzz(void)
 {
 #define TOKEN(s)                                                               \
@@ -1214,7 +1466,7 @@ static void test_fuzz(void)
         "Content-Transfer-Encoding: 8bit\n",
     };
     int i, j, ok_crash = 1, ok_verify = 1, ok_idem = 1, ok_status = 1,
-              successes = 0;
+              ok_7bit = 1, successes = 0;
     unsigned int seed = 12345;
     char *buf = xmalloc(65536);
 
@@ -1247,12 +1499,17 @@ static void test_fuzz(void)
         }
         rc = sign_verify(buf, len, &r, &v, &err);
         if (rc != 0) {
-            ok_status &= err.status == CMS_ERR_INPUT;
+            ok_status &= err.status == CMS_ERR_INPUT &&
+                         utf8_valid(err.message) && ERR_peek_error() == 0;
             if (err.status != CMS_ERR_INPUT)
                 printf("# case %d: %s\n", i, err.message);
             continue;
         }
         successes++;
+        if (v.ok && !is_7bit_safe(&v.content)) {
+            ok_7bit = 0;
+            printf("# case %d: the signed entity is not 7-bit safe\n", i);
+        }
         if (!v.ok) {
             ok_verify = 0;
             printf("# case %d: %s\n", i, v.why);
@@ -1276,8 +1533,9 @@ static void test_fuzz(void)
         verified_free(&v);
     }
     tap_ok(ok_crash, "400 random entities: no crash");
-    tap_ok(ok_status, "failures are all CMS_ERR_INPUT");
-    tap_ok(ok_verify && successes > 200, "%d successes, all verify", successes);
+    tap_ok(ok_status, "failures are all CMS_ERR_INPUT, messages UTF-8");
+    tap_ok(ok_verify && successes > 100, "%d successes, all verify", successes);
+    tap_ok(ok_7bit, "signed entities are 7-bit safe");
     tap_ok(ok_idem, "signed entities need no further re-encoding");
     free(buf);
 }
@@ -1458,6 +1716,8 @@ int main(void)
     test_reencode_nested();
     test_unchanged_exact();
     test_long_lines();
+    test_not_7bit_safe();
+    test_prepare();
     test_chain();
     test_key_errors();
     test_malformed();

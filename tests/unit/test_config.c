@@ -102,6 +102,12 @@ static void test_good(void)
            "tokens and keys are read");
     config_free(cfg);
 
+    cfg = load("{\"max_body_bytes\": 4294968320, \"tokens\": [{" TOKEN_OK
+               ", \"discovery\": true}]}",
+               &p);
+    tap_ok(cfg != NULL && cfg->max_body_bytes == 4294968320ULL,
+           "max_body_bytes past 4 GiB is kept whole");
+    config_free(cfg);
     cfg = load("{\"trust\": \".\", \"tokens\": [{" TOKEN_OK
                ", \"discovery\": true}]}",
                &p);

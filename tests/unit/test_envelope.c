@@ -770,22 +770,36 @@ static void test_inner_entity(void)
            err.message);
     bytes_free(&plain);
     bytes_free(&res);
+
+    tap_ok(encrypt_to("Content-Type: multipart/mixed; boundary=b\n\n"
+                      "caf\xc3\xa9\n--b\n\nx\n--b--\n",
+                      sk, CMS_CIPHER_AES128_CBC, CMS_RSA_PKCS1, &res,
+                      &err) == -1 &&
+               err.status == CMS_ERR_INPUT && res.data == NULL &&
+               strstr(err.message, "the multipart preamble has 8-bit octets, "
+                                   "which cannot be made 7-bit safe") != NULL,
+           "an inner entity that cannot be made 7-bit safe is refused (%s)",
+           err.message);
+    bytes_free(&res);
     sk_X509_free(sk);
 }
 
 static void test_encrypt_errors(void)
 {
     STACK_OF(X509) *none = sk_X509_new_null(), *sk = certs_of(1, rsa_a.cert);
-    STACK_OF(X509) *ed = NULL;
+    STACK_OF(X509) *ed = NULL, *weak = NULL;
     EVP_PKEY *edkey = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
-    X509 *edcert;
+    EVP_PKEY *weakkey = EVP_RSA_gen(512);
+    X509 *edcert, *weakcert;
     cms_result *r = NULL;
     cms_error err;
 
-    if (edkey == NULL)
-        die("ED25519");
+    if (edkey == NULL || weakkey == NULL)
+        die("ED25519 or RSA-512");
     edcert = make_cert_spec(edkey, "ed", "ed@example.org", ca_cert, ca_key, 0,
                             &cert_spec_signing);
+    weakcert = make_cert_spec(weakkey, "weak", "weak@example.org", ca_cert,
+                              ca_key, 0, &spec_rsa);
     ed = certs_of(2, rsa_a.cert, edcert);
     memset(&err, 0, sizeof(err));
     tap_ok(cms_encrypt_entity((const unsigned char *)sample, strlen(sample),
@@ -805,6 +819,17 @@ static void test_encrypt_errors(void)
                ERR_peek_error() == 0,
            "an Ed25519 recipient: CMS_ERR_RECIPIENT naming it (%s)",
            err.message);
+    weak = certs_of(2, rsa_a.cert, weakcert);
+    tap_ok(cms_encrypt_entity((const unsigned char *)sample, strlen(sample),
+                              weak, CMS_CIPHER_AES128_GCM, CMS_RSA_OAEP, &r,
+                              &err) == -1 &&
+               err.status == CMS_ERR_RECIPIENT && r == NULL &&
+               strstr(err.message, "recipient 2 (weak@example.org) cannot "
+                                   "receive encrypted mail") != NULL &&
+               ERR_peek_error() == 0,
+           "an RSA-512 recipient with OAEP (key too small for the padding): "
+           "CMS_ERR_RECIPIENT naming it (%s)",
+           err.message);
     tap_ok(cms_encrypt_entity((const unsigned char *)sample, strlen(sample), sk,
                               (cms_cipher)99, CMS_RSA_PKCS1, &r, &err) == -1 &&
                err.status == CMS_ERR_INTERNAL &&
@@ -822,10 +847,13 @@ static void test_encrypt_errors(void)
                err.status == CMS_ERR_INPUT,
            "bad MIME: CMS_ERR_INPUT (%s)", err.message);
     sk_X509_free(ed);
+    sk_X509_free(weak);
     sk_X509_free(sk);
     sk_X509_free(none);
     X509_free(edcert);
+    X509_free(weakcert);
     EVP_PKEY_free(edkey);
+    EVP_PKEY_free(weakkey);
 }
 
 /* ---- interoperability with the openssl command line ------------------- */
@@ -1564,7 +1592,7 @@ static void test_fuzz_envelope(void)
         }
         rc = decrypt_as(&in, &ec256, NULL, NULL, &err);
         if (rc == DEC_PARSE)
-            ok_status &= err.status == CMS_ERR_INPUT;
+            ok_status &= err.status == CMS_ERR_INPUT && utf8_valid(err.message);
         else if (rc == DEC_DECRYPT)
             ok_status &= is_decrypt_failure(rc, &err);
         else if (rc != DEC_OK)
@@ -1575,8 +1603,9 @@ static void test_fuzz_envelope(void)
         bytes_free(&in);
     }
     tap_ok(ok_status && ok_queue,
-           "600 random and damaged envelopes: only CMS_ERR_INPUT or the "
-           "wrong-key failure, error queue empty (%d parsed, %d decrypted)",
+           "600 random and damaged envelopes: only CMS_ERR_INPUT (UTF-8 "
+           "messages) or the wrong-key failure, error queue empty (%d "
+           "parsed, %d decrypted)",
            parsed, decrypted);
     bytes_free(&res);
 }
@@ -1769,6 +1798,13 @@ static void test_recipient_check(void)
     k = EVP_EC_gen("secp256k1");
     c = cert_with(k, "keyAgreement", NULL);
     tap_ok(check_refused(c, "curve secp256k1"), "curve secp256k1");
+    X509_free(c);
+    EVP_PKEY_free(k);
+    k = EVP_RSA_gen(1024);
+    c = cert_with(k, "keyEncipherment", "emailProtection");
+    tap_ok(check_refused(c, "certificate for check@example.org has a 1024-bit "
+                            "RSA key; at least 2048 bits are needed"),
+           "RSA-1024");
     X509_free(c);
     EVP_PKEY_free(k);
     tap_ok(check_refused(NULL, "no recipient certificate"), "NULL");
@@ -2547,6 +2583,281 @@ static void test_verify_input_errors(void)
     bytes_free(&det);
 }
 
+/* ---- messages from hostile names and values ----------------------------
+ */
+
+/* A certificate from the CA whose validity ended yesterday. */
+static X509 *expired_cert(EVP_PKEY *key, const char *cn, const char *email)
+{
+    struct cert_spec spec = {"keyEncipherment", NULL, -2 * 86400, -86400};
+
+    return make_cert_spec(key, cn, email, ca_cert, ca_key, 0, &spec);
+}
+
+static void test_utf8_messages(void)
+{
+    STACK_OF(X509) *anchors = certs_of(1, ca_cert);
+    char text[512], cn[256] = "", *p;
+    cms_envelope *env = NULL;
+    cms_verification *v = NULL;
+    cms_error err;
+    X509 *c;
+    bytes res;
+    int i;
+
+    /* 59 octets, then "é" across the 60 an old "%.60s" kept. */
+    p = text + snprintf(text, sizeof(text),
+                        "Content-Type: application/pkcs7-mime; smime-type=");
+    memset(p, 'a', 59);
+    snprintf(p + 59, sizeof(text) - (size_t)(p + 59 - text),
+             "\xc3\xa9\xc3\xa9\r\n\r\nAAAA\r\n");
+    memset(&err, 0, sizeof(err));
+    tap_ok(cms_envelope_parse((unsigned char *)text, strlen(text), &env,
+                              &err) == -1 &&
+               err.status == CMS_ERR_INPUT && utf8_valid(err.message) &&
+               strstr(err.message, "aaa\xc3\xa9") != NULL,
+           "a long smime-type: the message is UTF-8, not cut inside "
+           "a character");
+
+    snprintf(text, sizeof(text),
+             "Content-Type: application/pkcs7-mime; smime-type=signed-data\r\n"
+             "Content-Transfer-Encoding: x\xe9\xff\x1b\r\n\r\nAAAA\r\n");
+    tap_ok(cms_verify_entity((unsigned char *)text, strlen(text), NULL, NULL,
+                             NULL, &v, &err) == -1 &&
+               err.status == CMS_ERR_INPUT && utf8_valid(err.message) &&
+               strstr(err.message, "\"x\\xe9\\xff\\x1b\"") != NULL,
+           "a Latin-1 transfer encoding with a control character is escaped "
+           "(%s)",
+           err.message);
+
+    /* 64 characters, what a common name may have, in 128 octets. */
+    for (i = 0; i < 64; i++)
+        strcat(cn, "\xc3\xa9");
+    c = expired_cert(rsa_a.key, cn, NULL);
+    tap_ok(cms_recipient_check(c, &err) == -1 &&
+               err.status == CMS_ERR_RECIPIENT && utf8_valid(err.message) &&
+               strstr(err.message, "certificate for \xc3\xa9\xc3\xa9") != NULL,
+           "a 64-character common name is cut between characters (%s)",
+           err.message);
+    X509_free(c);
+    c = expired_cert(rsa_a.key, "latin", "caf\xe9\x1b@example.org");
+    tap_ok(cms_recipient_check(c, &err) == -1 && utf8_valid(err.message) &&
+               strstr(err.message,
+                      "certificate for caf\\xe9\\x1b@example.org expired") !=
+                   NULL,
+           "an 8-bit address with a control character is escaped (%s)",
+           err.message);
+    X509_free(c);
+
+    c = make_cert_spec(ec256.key, "latin", "caf\xe9@example.org", other_ca_cert,
+                       other_ca_key, 0, &cert_spec_signing);
+    res = sign_with(ec256.key, c, NULL, CMS_MODE_DETACHED, CMS_DIGEST_SHA256);
+    v = verify(&res, anchors, NULL, NULL, &err);
+    tap_ok(v != NULL && !cms_verification_valid(v) &&
+               utf8_valid(cms_verification_detail(v)) &&
+               strstr(cms_verification_detail(v), "caf\\xe9@example.org") !=
+                   NULL,
+           "a verification detail naming it is UTF-8 (%s)",
+           v != NULL ? cms_verification_detail(v) : err.message);
+    cms_verification_free(v);
+    bytes_free(&res);
+    X509_free(c);
+    sk_X509_free(anchors);
+}
+
+/* ---- limits on the work one signed entity can cause -------------------
+ */
+
+/* The header of the definite-length DER TLV at p: its length, *len that
+ * of its content. */
+static size_t tlv_header(const unsigned char *p, size_t *len)
+{
+    size_t i, n;
+
+    if (p[1] == 0x80)
+        die("tlv_header: indefinite length");
+    if (p[1] < 0x80) {
+        *len = p[1];
+        return 2;
+    }
+    n = p[1] & 0x7f;
+    for (*len = 0, i = 0; i < n; i++)
+        *len = *len << 8 | p[2 + i];
+    return 2 + n;
+}
+
+static void bytes_add(bytes *b, const void *p, size_t n)
+{
+    unsigned char *d = realloc(b->data, b->len + n + 1);
+
+    if (d == NULL)
+        die("out of memory");
+    b->data = d;
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+}
+
+/* Appends tag, the DER length of len, and content[0..len). */
+static void tlv_add(bytes *b, unsigned char tag, const void *content,
+                    size_t len)
+{
+    unsigned char h[6];
+    size_t n = 0, k;
+
+    h[n++] = tag;
+    if (len < 0x80) {
+        h[n++] = (unsigned char)len;
+    } else {
+        for (k = 4; k > 1 && (len >> (8 * (k - 1))) == 0; k--)
+            ;
+        h[n++] = (unsigned char)(0x80 | k);
+        while (k-- > 0)
+            h[n++] = (unsigned char)(len >> (8 * k));
+    }
+    bytes_add(b, h, n);
+    bytes_add(b, content, len);
+}
+
+/* The ContentInfo der (SignedData) with its digestAlgorithms set holding
+ * the original entries times copies, then extra. The set is not signed,
+ * so the signatures still hold. */
+static bytes with_digest_algs(const bytes *der, int copies, const bytes *extra)
+{
+    const unsigned char *p = der->data, *oid, *sd, *set;
+    size_t len, h, oid_len, sd_len, ver_len, set_len, set_h;
+    bytes algs = {0}, sdc = {0}, seq = {0}, ctx = {0}, ci = {0}, out = {0};
+    int i;
+
+    p += tlv_header(p, &len); /* ContentInfo */
+    oid = p;
+    h = tlv_header(p, &len);
+    oid_len = h + len;
+    p += oid_len;
+    p += tlv_header(p, &len); /* [0] */
+    p += tlv_header(p, &sd_len);
+    sd = p;
+    h = tlv_header(sd, &len);
+    ver_len = h + len;
+    set_h = tlv_header(sd + ver_len, &set_len);
+    set = sd + ver_len + set_h;
+    for (i = 0; i < copies; i++)
+        bytes_add(&algs, set, set_len);
+    if (extra != NULL)
+        bytes_add(&algs, extra->data, extra->len);
+    bytes_add(&sdc, sd, ver_len);
+    tlv_add(&sdc, 0x31, algs.data, algs.len);
+    bytes_add(&sdc, set + set_len, sd_len - ver_len - set_h - set_len);
+    tlv_add(&seq, 0x30, sdc.data, sdc.len);
+    tlv_add(&ctx, 0xa0, seq.data, seq.len);
+    bytes_add(&ci, oid, oid_len);
+    bytes_add(&ci, ctx.data, ctx.len);
+    tlv_add(&out, 0x30, ci.data, ci.len);
+    bytes_free(&algs);
+    bytes_free(&sdc);
+    bytes_free(&seq);
+    bytes_free(&ctx);
+    bytes_free(&ci);
+    return out;
+}
+
+/* Opaque SignedData over content by ec256, n_signers times (SHA-256,
+ * SHA-384, SHA-512 in turn), carrying n_extra more certificates. */
+static bytes signed_by_many(int n_signers, int n_extra, const bytes *content)
+{
+    static const struct cert_spec spec = {NULL, NULL, -86400, 86400};
+    const EVP_MD *mds[3] = {EVP_sha256(), EVP_sha384(), EVP_sha512()};
+    CMS_ContentInfo *cms =
+        CMS_sign(NULL, NULL, NULL, NULL, CMS_PARTIAL | CMS_BINARY);
+    BIO *in = BIO_new_mem_buf(content->data, (int)content->len);
+    bytes der;
+    X509 *c;
+    int i;
+
+    if (cms == NULL || in == NULL)
+        die("signed_by_many");
+    for (i = 0; i < n_signers; i++)
+        if (CMS_add1_signer(cms, ec256.cert, ec256.key, mds[i % 3],
+                            CMS_BINARY | (i > 0 ? CMS_NOCERTS : 0)) == NULL)
+            die("CMS_add1_signer");
+    for (i = 0; i < n_extra; i++) {
+        c = make_cert_spec(ec256_b.key, "extra", NULL, ca_cert, ca_key, 0,
+                           &spec);
+        if (!CMS_add1_cert(cms, c))
+            die("CMS_add1_cert");
+        X509_free(c);
+    }
+    if (CMS_final(cms, in, NULL, CMS_BINARY) != 1)
+        die("CMS_final");
+    der = cms_der(cms);
+    BIO_free(in);
+    CMS_ContentInfo_free(cms);
+    return der;
+}
+
+static void test_verify_limits(void)
+{
+    static const unsigned char unknown_alg[] = {0x30, 0x05, 0x06, 0x03,
+                                                0x2a, 0x03, 0x04};
+    STACK_OF(X509) *anchors = certs_of(1, ca_cert);
+    bytes content = str_bytes(sample_inner), big = {0}, der, der2, in;
+    bytes extra = bytes_of(unknown_alg, sizeof(unknown_alg));
+    clock_t t0;
+    double secs;
+    int i, ok;
+
+    der = signed_by_many(16, 255, &content);
+    in = p7m_wrap(SIGNED_HEADERS, &der, 76);
+    tap_ok(verifies(&in, anchors, NULL, NULL, NULL, NULL),
+           "16 signers (three digests) and 256 certificates verify");
+    bytes_free(&in);
+    bytes_free(&der);
+    der = signed_by_many(17, 0, &content);
+    in = p7m_wrap(SIGNED_HEADERS, &der, 76);
+    tap_ok(verify_refused(&in, "the signed data has more than 16 signers (17)"),
+           "17 signers are refused before any check");
+    bytes_free(&in);
+    bytes_free(&der);
+    der = signed_by_many(1, 256, &content);
+    in = p7m_wrap(SIGNED_HEADERS, &der, 76);
+    tap_ok(verify_refused(&in, "the signed data has more than 256 "
+                               "certificates (257)"),
+           "257 certificates are refused");
+    bytes_free(&in);
+    bytes_free(&der);
+
+    der = signed_by_many(1, 0, &content);
+    der2 = with_digest_algs(&der, 1, &extra);
+    in = p7m_wrap(SIGNED_HEADERS, &der2, 76);
+    tap_ok(verifies(&in, anchors, NULL, NULL, NULL, NULL),
+           "an unknown algorithm in digestAlgorithms, used by no signer, "
+           "does not matter");
+    bytes_free(&in);
+    bytes_free(&der2);
+    bytes_free(&der);
+
+    /* 3000 entries over 1 MiB: 3000 passes (3 GB of SHA-256) if each
+     * entry got its digest BIO. */
+    big.len = 65536 * 16;
+    big.data = xmalloc(big.len);
+    for (i = 0; i < 65536; i++)
+        memcpy(big.data + 16 * i, "0123456789abcde\n", 16);
+    der = signed_by_many(1, 0, &big);
+    der2 = with_digest_algs(&der, 3000, NULL);
+    in = p7m_wrap(SIGNED_HEADERS, &der2, 76);
+    t0 = clock();
+    ok = verifies(&in, anchors, NULL, NULL, NULL, NULL);
+    secs = (double)(clock() - t0) / CLOCKS_PER_SEC;
+    tap_ok(ok && secs < 0.5,
+           "3000 digestAlgorithms entries over 1 MiB: one pass (%.2f s)", secs);
+    bytes_free(&in);
+    bytes_free(&der2);
+    bytes_free(&der);
+    bytes_free(&big);
+    bytes_free(&extra);
+    bytes_free(&content);
+    sk_X509_free(anchors);
+}
+
 static void test_fuzz_verify(void)
 {
     STACK_OF(X509) *anchors = certs_of(1, ca_cert);
@@ -2576,16 +2887,18 @@ static void test_fuzz_verify(void)
             ok &= cms_verification_valid(v)
                       ? cms_verification_reason(v) == NULL
                       : cms_verification_reason(v) != NULL;
+            ok &= utf8_valid(cms_verification_detail(v));
             cms_verification_free(v);
         } else {
-            ok &= rc == -1 && v == NULL && err.status == CMS_ERR_INPUT;
+            ok &= rc == -1 && v == NULL && err.status == CMS_ERR_INPUT &&
+                  utf8_valid(err.message);
         }
         ok &= ERR_peek_error() == 0;
         bytes_free(&in);
     }
     tap_ok(ok,
-           "600 damaged signed entities: a result or CMS_ERR_INPUT, "
-           "error queue empty (%d parsed, %d still valid)",
+           "600 damaged signed entities: a result or CMS_ERR_INPUT, UTF-8 "
+           "messages, error queue empty (%d parsed, %d still valid)",
            parsed, valid);
 
     /* the same below the base64, in the SignedData's DER */
@@ -2719,6 +3032,8 @@ int main(void)
     test_verify_crls();
     test_verify_anchor_dir();
     test_verify_input_errors();
+    test_utf8_messages();
+    test_verify_limits();
     test_fuzz_verify();
     test_threads();
 

@@ -663,6 +663,95 @@ static void test_wrong_pin(void)
     token_set_free(set);
 }
 
+/* SoftHSM sets "user PIN count low" on token t after a wrong PIN and
+ * clears it after a right one. 1 when the flags show it clear. */
+static int pin_counter_clear(void)
+{
+    return sh("pkcs11-tool --module " MODULE " -L 2>/dev/null | "
+              "grep -A3 'token label *: t$' | grep 'token flags' | "
+              "grep -vq 'count low'");
+}
+
+static token_set *set_with(const token_spec *spec)
+{
+    token_set *set = token_set_new();
+    token_error err = {0};
+
+    if (set != NULL && token_set_add(set, spec, &err) < 0) {
+        token_set_free(set);
+        set = NULL;
+    }
+    return set;
+}
+
+static const char *reason_of(token_set *set)
+{
+    const char *reason = NULL;
+
+    if (set == NULL)
+        return "(not added)";
+    if (token_set_token_ready(set, 0, &reason))
+        return "";
+    return reason != NULL ? reason : "(none)";
+}
+
+/* A reload builds its set while the old one holds the login: a PIN is not
+ * sent again once refused, nor while the process is logged in. */
+static void test_pin_reload(void)
+{
+    const token_key_spec keys[] = {{"signer", "pkcs11:object=k1", NULL, NULL}};
+    token_spec good = {
+        .name = "hsm",
+        .module = MODULE,
+        .uri = "pkcs11:token=t",
+        .pin_file = files.pin,
+        .keys = keys,
+        .nkeys = 1,
+    };
+    token_spec bad = good;
+    token_set *a, *b, *c;
+
+    bad.pin_file = files.badpin;
+    a = set_with(&good);
+    tap_ok(a != NULL && reason_of(a)[0] == '\0' && pin_counter_clear(),
+           "pin reload: right PIN, ready, SoftHSM PIN counter clear%s%s",
+           reason_of(a)[0] != '\0' ? ": " : "", reason_of(a));
+    b = set_with(&bad);
+    tap_ok(strcmp(reason_of(b),
+                  "the PIN changed while the token is logged in; restart to "
+                  "log in with the new PIN") == 0,
+           "pin reload: wrong PIN while logged in: down, \"%s\"", reason_of(b));
+    tap_ok(b != NULL && key_reason_is(b, "signer", "the PIN changed"),
+           "pin reload: its key not usable");
+    tap_ok(pin_counter_clear(),
+           "pin reload: wrong PIN not sent, SoftHSM PIN counter still clear");
+    tap_ok(a != NULL && sign_and_verify(token_set_find_key(a, "signer")),
+           "pin reload: the serving set still signs");
+    token_set_free(b);
+    token_set_free(a);
+
+    /* The module is unloaded: a fresh process as far as the token is
+     * concerned. The counter shows this wrong PIN reached the token, so
+     * the clear counter above means that one did not. */
+    a = set_with(&bad);
+    tap_ok(strcmp(reason_of(a), "login failed: incorrect PIN") == 0 &&
+               !pin_counter_clear(),
+           "pin reload: wrong PIN at start: sent once, \"%s\"", reason_of(a));
+    b = set_with(&bad);
+    tap_ok(strcmp(reason_of(b),
+                  "login failed: this PIN was refused before; not retried "
+                  "(fix the PIN and restart)") == 0,
+           "pin reload: the same wrong PIN: \"%s\"", reason_of(b));
+    c = set_with(&good);
+    tap_ok(c != NULL && reason_of(c)[0] == '\0' &&
+               sign_and_verify(token_set_find_key(c, "signer")),
+           "pin reload: a fixed PIN logs in and signs%s%s",
+           reason_of(c)[0] != '\0' ? ": " : "", reason_of(c));
+    token_set_free(c);
+    token_set_free(b);
+    token_set_free(a);
+}
+
 int main(void)
 {
     /* The skip status covers the whole program, so decide it before any
@@ -685,6 +774,7 @@ int main(void)
          * really reaches the token. */
         test_wrong_pin();
         test_two_sets();
+        test_pin_reload();
     } else {
         sh("sed 's/^/# /' %s/setup.log", dir);
     }

@@ -1,7 +1,8 @@
 /*
  * Keys and certificates for the unit tests, made in-process: a CA and end
  * entities with the key usage, extended key usage and validity a test asks
- * for. Everything is static inline so each test takes what it uses.
+ * for; and a UTF-8 check for the messages the module makes of their names.
+ * Everything is static inline so each test takes what it uses.
  */
 #ifndef SMIMED_TESTKEYS_H
 #define SMIMED_TESTKEYS_H
@@ -44,7 +45,8 @@ static inline void add_ext(X509 *cert, X509 *issuer, int nid, const char *value)
 }
 
 /* What an end-entity certificate says; a NULL usage leaves the extension
- * out. Validity is in seconds from now. */
+ * out. Validity is in seconds from now. The common name is UTF-8; a NULL
+ * e-mail address leaves the subjectAltName out. */
 struct cert_spec {
     const char *key_usage;
     const char *ext_key_usage;
@@ -73,7 +75,7 @@ static inline X509 *make_cert_spec(EVP_PKEY *key, const char *cn,
     ASN1_INTEGER_set(X509_get_serialNumber(cert), serial++);
     X509_gmtime_adj(X509_getm_notBefore(cert), spec->not_before);
     X509_gmtime_adj(X509_getm_notAfter(cert), spec->not_after);
-    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
                                (const unsigned char *)cn, -1, -1, 0);
     X509_set_subject_name(cert, name);
     X509_set_issuer_name(cert, issuer ? X509_get_subject_name(issuer) : name);
@@ -91,8 +93,10 @@ static inline X509 *make_cert_spec(EVP_PKEY *key, const char *cn,
             add_ext(cert, issuer, NID_key_usage, spec->key_usage);
         if (spec->ext_key_usage != NULL)
             add_ext(cert, issuer, NID_ext_key_usage, spec->ext_key_usage);
-        snprintf(san, sizeof(san), "email:%s", email);
-        add_ext(cert, issuer, NID_subject_alt_name, san);
+        if (email != NULL) {
+            snprintf(san, sizeof(san), "email:%s", email);
+            add_ext(cert, issuer, NID_subject_alt_name, san);
+        }
     }
     if (!X509_sign(cert, issuer_key ? issuer_key : key, EVP_sha256()))
         die("X509_sign");
@@ -105,6 +109,45 @@ static inline X509 *make_cert(EVP_PKEY *key, const char *cn, const char *email,
 {
     return make_cert_spec(key, cn, email, issuer, issuer_key, ca,
                           &cert_spec_signing);
+}
+
+/* Whether s is valid UTF-8 (RFC 3629), decoded here rather than judged
+ * by a table, to check the module's messages independently. */
+static inline int utf8_valid(const char *str)
+{
+    const unsigned char *s = (const unsigned char *)str;
+    unsigned long cp, min;
+    int n, i;
+
+    while (*s) {
+        if (*s < 0x80) {
+            s++;
+            continue;
+        }
+        /* n continuation octets; min, the first code point needing them */
+        if ((*s & 0xe0) == 0xc0) {
+            n = 1;
+            min = 0x80;
+        } else if ((*s & 0xf0) == 0xe0) {
+            n = 2;
+            min = 0x800;
+        } else if ((*s & 0xf8) == 0xf0) {
+            n = 3;
+            min = 0x10000;
+        } else {
+            return 0;
+        }
+        cp = *s & (0x3f >> n);
+        for (i = 1; i <= n; i++) {
+            if ((s[i] & 0xc0) != 0x80)
+                return 0;
+            cp = cp << 6 | (s[i] & 0x3f);
+        }
+        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+            return 0;
+        s += n + 1;
+    }
+    return 1;
 }
 
 #endif
