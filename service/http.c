@@ -37,6 +37,10 @@ struct http_server {
     int closing;
 };
 
+/* How much of a refused or unexpected body is read and thrown away so the
+ * client can still get its answer. */
+#define DRAIN_LIMIT ((size_t)1 << 20)
+
 typedef struct request {
     http_server *srv;
     struct timespec start;
@@ -44,8 +48,9 @@ typedef struct request {
     api_body_kind kind;
     unsigned char *body;
     size_t len, cap;
-    int answered; /* a response is queued; ignore the rest of the body */
-    int refused;  /* body refused mid-upload: drain it, then send err */
+    int answered;   /* a response is queued; ignore the rest of the body */
+    int refused;    /* body refused mid-upload: drain it, then send err */
+    size_t drained; /* bytes thrown away since */
     api_error err;
     int status;
     char method[16];
@@ -317,6 +322,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
             free(r->body);
             r->body = NULL;
             r->len = r->cap = 0;
+        } else if (r->refused || !api_route_has_body(r->route)) {
+            /* a client that keeps sending gets its 413 only while that
+             * stays cheap; past the limit the connection is closed */
+            r->drained += size;
+            if (r->drained > DRAIN_LIMIT)
+                return MHD_NO;
         }
         return MHD_YES;
     }

@@ -205,6 +205,27 @@ def too_large_chunked():
     still_serving()
 
 
+def endless_chunked_closed():
+    # a client that keeps streaming past the cap is cut off, not drained
+    # forever: the connection ends (413 or closed) long before 64 MiB
+    s = socket.create_connection(("127.0.0.1", D.port), timeout=15)
+    sent = 0
+    try:
+        s.sendall(b"POST /v1/sign HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"10000\r\n" + b"[" * 0x10000 + b"\r\n"
+        while sent < 64 << 20:
+            try:
+                s.sendall(chunk)
+            except OSError:
+                break
+            sent += len(chunk)
+    finally:
+        s.close()
+    check(sent < 16 << 20, "the daemon read %d bytes of a refused body" % sent)
+    still_serving()
+
+
 def chunked_small_ok():
     s = socket.create_connection(("127.0.0.1", D.port), timeout=30)
     try:
@@ -421,6 +442,7 @@ def main():
         ("Expect: 100-continue over the cap -> 413", too_large_expect_continue),
         ("chunked body over the cap -> 413", too_large_chunked),
         ("small chunked body is accepted", chunked_small_ok),
+        ("endless chunked body is cut off", endless_chunked_closed),
         ("wrong or missing Content-Type -> 415", media_types),
         ("Content-Type with parameters and other case is accepted", media_type_params_ok),
         ("malformed JSON -> 400 invalid_json", malformed_json),
