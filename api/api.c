@@ -227,6 +227,7 @@ int api_response_set_error(api_response *res, const api_error *err)
                      api_json_text(err->message, strlen(err->message)));
     if (api_respond_json(res, err->status, body) != 0)
         return -1;
+    res->error = err->code;
     if (err->allow != NULL && response_add_header(res, "Allow", err->allow))
         return -1;
     if (err->retry_after > 0) {

@@ -54,7 +54,8 @@ typedef struct api_response {
     size_t body_len;
     api_header headers[API_MAX_HEADERS];
     size_t nheaders;
-    char key[128]; /* key used, for the access log; may be empty */
+    char key[128];     /* key used, for the access log; may be empty */
+    const char *error; /* error code of an error response, static */
 } api_response;
 
 void api_response_clear(api_response *res);

@@ -56,6 +56,7 @@ typedef struct request {
     char method[16];
     char path[128];
     char key[128];
+    const char *error; /* static */
 } request;
 
 static double ms_since(const struct timespec *start)
@@ -107,6 +108,7 @@ static enum MHD_Result queue(request *r, struct MHD_Connection *conn,
     r->status = res->status;
     r->answered = 1;
     snprintf(r->key, sizeof(r->key), "%s", res->key);
+    r->error = res->error;
     ret = MHD_queue_response(conn, (unsigned)res->status, resp);
 out:
     MHD_destroy_response(resp);
@@ -130,6 +132,7 @@ static enum MHD_Result answer_fixed(request *r, struct MHD_Connection *conn)
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
                             "application/json");
     r->status = 500;
+    r->error = "internal_error";
     r->answered = 1;
     ret = MHD_queue_response(conn, 500, resp);
     MHD_destroy_response(resp);
@@ -179,8 +182,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     if (r == NULL)
         return;
     /* method, path, status, latency and key only: never content or PINs */
-    log_info("%s %s %d %.1fms key=%s%s", r->method, r->path, r->status,
+    log_info("%s %s %d %.1fms key=%s%s%s%s", r->method, r->path, r->status,
              ms_since(&r->start), r->key[0] ? r->key : "-",
+             r->error != NULL ? " error=" : "",
+             r->error != NULL ? r->error : "",
              toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " aborted");
     free(r->body);
     free(r);
