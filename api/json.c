@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 #include <openssl/bio.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
@@ -195,8 +196,12 @@ static json_t *name_json(const X509_NAME *name)
 
     if (bio == NULL)
         return NULL;
-    if (X509_NAME_print_ex(bio, name, 0, XN_FLAG_RFC2253) < 0)
+    /* a name OpenSSL cannot print is the sender's problem, not a 500 */
+    if (X509_NAME_print_ex(bio, name, 0, XN_FLAG_RFC2253) < 0) {
+        ERR_clear_error();
+        ret = json_null();
         goto out;
+    }
     len = BIO_get_mem_data(bio, &data);
     ret = api_json_text(data, (size_t)len);
 out:
