@@ -280,6 +280,24 @@ def untrusted():
     valid(raw, c.pem, c.email, "sha256", msg, trust=[PKI.pem.read_text() + PKI2.pem.read_text()])
 
 
+def hostile_certificate_text():
+    # a signer certificate whose e-mail address is not UTF-8: the answer is
+    # still a verify result, never a 500 or a broken JSON body
+    key, pem = WORK / "hostile.key", WORK / "hostile.pem"
+    F.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+           "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(pem),
+           "-days", "30", "-subj", "/CN=hostile",
+           "-addext", "subjectAltName=DER:30:05:81:03:ff:40:78",
+           "-addext", "extendedKeyUsage=emailProtection"])
+    raw = F.openssl_sign(plain("hostile"), pem, key, WORK)
+    j = invalid(raw, "untrusted_signer")
+    check(len(j["signers"]) == 1, "signers %r" % j["signers"])
+    for e in j["signers"][0].get("emails", []):
+        check(isinstance(e, str), "email %r" % e)
+    j = verify_json(raw, trust=[pem.read_text()])
+    check(isinstance(j["signers"][0].get("subject"), str), "subject %r" % j["signers"])
+
+
 def old_x_pkcs7_signature():
     msg = plain("x-pkcs7-signature")
     raw = F.openssl_sign(msg, R["rsa"].pem, R["rsa"].key, WORK)
@@ -429,6 +447,7 @@ def main():
     S.case("tampered signature value (rsa): bad_signature", tampered_signature, "rsa")
     S.case("tampered signature value (ec): bad_signature", tampered_signature, "ec")
     S.case("signer from an untrusted CA: untrusted_signer; request trust: valid", untrusted)
+    S.case("signer certificate with a non-UTF-8 e-mail: still a JSON result", hostile_certificate_text)
     S.case("expired signer: certificate_expired", expired)
     S.case("two signers (detached, opaque)", two_signers)
     S.case("signer with key usage keyEncipherment only: unfit_certificate", unfit_signer,
