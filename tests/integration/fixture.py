@@ -676,6 +676,12 @@ def eq(got, want, what):
         raise AssertionError("%s: got %r, want %r" % (what, got, want))
 
 
+def check_exit(d, rc, what="exit status"):
+    """d, stopped with exit status rc, made no sanitizer report and exited 0."""
+    check(not d.sanitizer_findings(), "sanitizer report: %s" % d.sanitizer_findings()[:3])
+    eq(rc, 0, what)
+
+
 def expect_error(r, status, code):
     """Asserts an error response: status, JSON body {"error":{code,message}}."""
     if r.status != status:
@@ -743,6 +749,12 @@ class Suite:
                 check(pin not in text, "the PIN appears in the log")
         return self.case("%s exits 0 on %s, no sanitizer report" % (
             d.name, signal.Signals(sig).name), body)
+
+    def stop_running(self, pins=()):
+        """stop_case for each daemon of the suite still running."""
+        for d in list(self.daemons):
+            if d.running():
+                self.stop_case(d, pins=pins)
 
     def finish(self):
         for d in self.daemons:

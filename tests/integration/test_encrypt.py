@@ -436,10 +436,7 @@ def main():
 
     if GPG is not None:
         GPG.close()
-    pin = F.read_pin(DEMO)
-    for d in list(S.daemons):
-        if d.running():
-            S.stop_case(d, pins=[pin])
+    S.stop_running(pins=[F.read_pin(DEMO)])
     M.print()
     S.finish()
 

@@ -462,10 +462,7 @@ def main():
     ]
     for name, fn in cases:
         S.case(name, fn)
-    pin = F.read_pin(DEMO)
-    for d in list(S.daemons):
-        if d.running():
-            S.stop_case(d, pins=[pin])
+    S.stop_running(pins=[F.read_pin(DEMO)])
     S.finish()
 
 

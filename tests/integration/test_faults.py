@@ -339,10 +339,7 @@ def main():
         S.case("back-off: re-probed 1 s, then 3 s, then 7 s after the fault, "
                "however often asked; serves only after a passing probe", backoff)
     set_flag(None)
-    pin = F.read_pin(TOK) if TOK is not None else F.read_pin(DEMO)
-    for d in list(S.daemons):
-        if d.running():
-            S.stop_case(d, pins=[pin])
+    S.stop_running(pins=[F.read_pin(TOK) if TOK is not None else F.read_pin(DEMO)])
     S.finish()
 
 

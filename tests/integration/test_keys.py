@@ -2,7 +2,6 @@
 """GET /v1/keys, /healthz, /readyz, key discovery, a token with a wrong PIN,
 and --check-config."""
 
-import base64
 import calendar
 import re
 import sys
@@ -117,8 +116,7 @@ def discovery():
               "the P-384 certificate is not the signer")
     finally:
         rc = dd.stop()
-    check(not dd.sanitizer_findings(), "sanitizer report: %s" % dd.sanitizer_findings()[:3])
-    eq(rc, 0, "exit status")
+    F.check_exit(dd, rc)
 
 
 # ------------------------------------------------------------------ wrong PIN
@@ -166,8 +164,7 @@ def wrong_pin_optional():
         eq(r.status, 200, "/readyz when only an optional token is down (%r)" % r.body[:300])
     finally:
         rc = dd.stop()
-    check(not dd.sanitizer_findings(), "sanitizer report: %s" % dd.sanitizer_findings()[:3])
-    eq(rc, 0, "exit status")
+    F.check_exit(dd, rc)
 
 
 # ------------------------------------------------------------------ command line
@@ -274,10 +271,7 @@ def main():
     S.case("--check-config rejects a missing file", missing_config_file)
     S.case("daemon refuses to start on a bad config", bad_config_at_startup)
     S.case("--help, --version, unknown option", help_and_version)
-    pin = F.read_pin(DEMO)
-    for d in list(S.daemons):
-        if d.running():
-            S.stop_case(d, pins=[pin])
+    S.stop_running(pins=[F.read_pin(DEMO)])
     S.finish()
 
 

@@ -154,8 +154,7 @@ def sigterm_in_flight():
         for s in socks:
             s.close()
         rc = d.stop(timeout=60)
-    check(not d.sanitizer_findings(), "sanitizer report: %s" % d.sanitizer_findings()[:3])
-    eq(rc, 0, "exit status after SIGTERM")
+    F.check_exit(d, rc, "exit status after SIGTERM")
 
 
 def sigterm_under_load():
@@ -202,8 +201,7 @@ def sigint():
     d = S.daemon(DEMO / "smimed.conf", "sigint-daemon", env=F.softhsm_env(DEMO))
     eq(d.sign(key="demo-ec", mime=msg("sigint")).status, 200, "sign")
     rc = d.stop(signal.SIGINT, timeout=60)
-    check(not d.sanitizer_findings(), "sanitizer report: %s" % d.sanitizer_findings()[:3])
-    eq(rc, 0, "exit status after SIGINT")
+    F.check_exit(d, rc, "exit status after SIGINT")
 
 
 def wait_for(pred, timeout=15):
@@ -244,8 +242,7 @@ def sighup_reload():
         eq(d.sign(key="alias-rsa", mime=msg("still")).status, 200, "sign after a failed reload")
     finally:
         rc = d.stop(timeout=60)
-    check(not d.sanitizer_findings(), "sanitizer report: %s" % d.sanitizer_findings()[:3])
-    eq(rc, 0, "exit status")
+    F.check_exit(d, rc)
 
 
 def bounded_sessions():
@@ -275,8 +272,7 @@ def bounded_sessions():
         print("#   bounded sessions: %d ok, %d token_busy" % (ok, busy), flush=True)
     finally:
         rc = d.stop(timeout=60)
-    check(not d.sanitizer_findings(), "sanitizer report: %s" % d.sanitizer_findings()[:3])
-    eq(rc, 0, "exit status")
+    F.check_exit(d, rc)
 
 
 def main():
@@ -290,9 +286,7 @@ def main():
     S.case("SIGINT: exit 0", sigint)
     S.case("SIGHUP reloads the config; a broken one is refused", sighup_reload)
     S.case("max_sessions=1: 200 or 503 token_busy with Retry-After", bounded_sessions)
-    for d in list(S.daemons):
-        if d.running():
-            S.stop_case(d, pins=[PIN])
+    S.stop_running(pins=[PIN])
     # every daemon of this suite, stopped or not: no PIN in any log
     S.case("no daemon log contains the PIN",
            lambda: check(all(PIN not in d.stderr_text() for d in S.daemons), "PIN found in a log"))

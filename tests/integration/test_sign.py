@@ -51,14 +51,6 @@ def top_mail_fields(msg_bytes):
             if not n.lower().startswith("content-") and n.lower() != "mime-version"]
 
 
-def result_bytes(j):
-    if "mime" in j:
-        check(isinstance(j["mime"], str), "mime is not a string")
-        return j["mime"].encode("utf-8")
-    check("mime_base64" in j, "response has neither mime nor mime_base64: %r" % list(j))
-    return base64.b64decode(j["mime_base64"])
-
-
 def check_signed(out, submitted, key, mode, digest, gpgsm=True, compare=True):
     """Verifies a signed entity every way we can; returns the signed content."""
     check(all(b < 128 for b in out), "output is not 7-bit")
@@ -134,7 +126,7 @@ def matrix_case(i, key, mode, digest):
     eq(j.get("digest"), digest, "digest")
     check(isinstance(j.get("reencoded"), list), "reencoded is not a list: %r" % j.get("reencoded"))
     eq(j["reencoded"], [], "reencoded for a 7-bit entity")
-    check_signed(result_bytes(j), msg.encode(), key, mode, digest)
+    check_signed(F.mime_of(j), msg.encode(), key, mode, digest)
 
 
 def defaults():
@@ -142,13 +134,13 @@ def defaults():
     j = sign_ok(key="demo-ec", mime=msg)
     eq(j.get("mode"), "detached", "default mode")
     eq(j.get("digest"), "sha256", "default digest")
-    check_signed(result_bytes(j), msg.encode(), "demo-ec", "detached", "sha256", gpgsm=False)
+    check_signed(F.mime_of(j), msg.encode(), "demo-ec", "detached", "sha256", gpgsm=False)
 
 
 def signed_attributes(key):
     msg = MSG_PLAIN.format(tag="attrs")
     j = sign_ok(key=key, mime=msg, mode="opaque", digest="sha256")
-    _, der = check_signed(result_bytes(j), msg.encode(), key, "opaque", "sha256", gpgsm=False)
+    _, der = check_signed(F.mime_of(j), msg.encode(), key, "opaque", "sha256", gpgsm=False)
     printed = F.cms_print(der, WORK)
     missing = [n for n, oid in SIGNED_ATTRS.items() if oid not in printed]
     check(not missing, "signed attributes missing: %s" % ", ".join(missing))
@@ -157,7 +149,7 @@ def signed_attributes(key):
 def base64_input():
     msg = MSG_MAIL.format(tag="base64").encode()
     j = sign_ok(key="demo-rsa", mime_base64=base64.b64encode(msg).decode(), mode="detached")
-    check_signed(result_bytes(j), msg, "demo-rsa", "detached", "sha256")
+    check_signed(F.mime_of(j), msg, "demo-rsa", "detached", "sha256")
 
 
 def raw_mode(key, mode, digest):
@@ -195,7 +187,7 @@ def eight_bit(via):
           "reencoded entries %r (want part \"1\")" % j["reencoded"])
     mode = "detached" if via == "mime" else "opaque"
     key = "demo-rsa" if via == "mime" else "demo-ec"
-    content, _ = check_signed(result_bytes(j), msg, key, mode, "sha256", compare=False)
+    content, _ = check_signed(F.mime_of(j), msg, key, mode, "sha256", compare=False)
     # the signed part decodes back to the submitted text
     part = F.email.message_from_bytes(content)
     eq(part.get_payload(decode=True).replace(b"\r\n", b"\n"),
@@ -205,7 +197,7 @@ def eight_bit(via):
 def multipart():
     j = sign_ok(key="demo-ec", mime=MSG_MULTI, mode="detached", digest="sha384")
     eq(j["reencoded"], [], "reencoded")
-    check_signed(result_bytes(j), MSG_MULTI.encode(), "demo-ec", "detached", "sha384")
+    check_signed(F.mime_of(j), MSG_MULTI.encode(), "demo-ec", "detached", "sha384")
 
 
 def multipart_8bit():
@@ -216,14 +208,14 @@ def multipart_8bit():
     j = sign_ok(key="demo-rsa", mime=msg)
     check(any(x.split(" ")[0] == "2" for x in j.get("reencoded", [])),
           "reencoded %r does not name part 2" % j.get("reencoded"))
-    check_signed(result_bytes(j), msg.encode(), "demo-rsa", "detached", "sha256", compare=False)
+    check_signed(F.mime_of(j), msg.encode(), "demo-rsa", "detached", "sha256", compare=False)
 
 
 def from_lines_and_spaces():
     msg = ("Content-Type: text/plain; charset=us-ascii\r\n\r\n"
            "From here on\r\ntrailing space \r\ntrailing tab\t\r\n.\r\nend\r\n")
     j = sign_ok(key="demo-rsa", mime=msg)
-    out = result_bytes(j)
+    out = F.mime_of(j)
     check(not any(l.startswith(b"From ") for l in out.split(b"\r\n")),
           "a line of the result starts with 'From ' (mbox would mangle it)")
     content, _ = check_signed(out, msg.encode(), "demo-rsa", "detached", "sha256", compare=False)
@@ -235,7 +227,7 @@ def from_lines_and_spaces():
 def empty_body():
     msg = "Content-Type: text/plain\r\n\r\n"
     j = sign_ok(key="demo-ec", mime=msg)
-    check_signed(result_bytes(j), msg.encode(), "demo-ec", "detached", "sha256", gpgsm=False,
+    check_signed(F.mime_of(j), msg.encode(), "demo-ec", "detached", "sha256", gpgsm=False,
                  compare=False)
 
 
@@ -243,7 +235,7 @@ def large_body():
     line = "0123456789abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n"
     msg = "Content-Type: text/plain; charset=us-ascii\r\n\r\n" + line * 16000  # ~1 MiB
     j = sign_ok(key="demo-rsa", mime=msg, mode="opaque", digest="sha512")
-    check_signed(result_bytes(j), msg.encode(), "demo-rsa", "opaque", "sha512", gpgsm=False)
+    check_signed(F.mime_of(j), msg.encode(), "demo-rsa", "opaque", "sha512", gpgsm=False)
 
 
 def chain_included():
@@ -261,15 +253,14 @@ def chain_included():
         msg = MSG_PLAIN.format(tag="chain")
         r = d2.sign(key="demo-rsa", mime=msg, mode="detached")
         eq(r.status, 200, "status (%r)" % r.body[:300])
-        _, der = check_signed(result_bytes(r.json()), msg.encode(), "demo-rsa", "detached",
+        _, der = check_signed(F.mime_of(r.json()), msg.encode(), "demo-rsa", "detached",
                               "sha256", gpgsm=False)
         want = F.cert_der((d2dir / "chain.pem").read_bytes())
         check(any(F.cert_der(c) == want for c in F.cms_certs(der, WORK)),
               "configured chain certificate not in the signature")
     finally:
         rc = d2.stop()
-    check(not d2.sanitizer_findings(), "sanitizer report: %s" % d2.sanitizer_findings()[:3])
-    eq(rc, 0, "chain daemon exit status")
+    F.check_exit(d2, rc, "chain daemon exit status")
 
 
 def main():
@@ -296,10 +287,7 @@ def main():
     S.case("configured chain is included", chain_included)
     if GPG is not None:
         GPG.close()
-    pin = F.read_pin(DEMO)
-    for d in list(S.daemons):
-        if d.running():
-            S.stop_case(d, pins=[pin])
+    S.stop_running(pins=[F.read_pin(DEMO)])
     S.finish()
 
 

@@ -23,25 +23,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
-#include <openssl/err.h>
-#include <openssl/evp.h>
-#include <openssl/x509.h>
-
 #include "tap.h"
+#include "testtoken.h"
 #include "token/token.h"
 
 #ifndef FAULTY_P11_PATH
 #error "tests/meson.build passes the path of the built faulty_p11 module"
 #endif
 
-/* The module faulty_p11 wraps by default, and pkcs11-tool's. */
-#define MODULE "/usr/lib/softhsm/libsofthsm2.so"
-#define PIN "31415926"
+/* MODULE (testtoken.h) is the one faulty_p11 wraps by default. */
 #define DEADLINE_S 20
 
 static char dir[64];
@@ -66,22 +60,9 @@ struct outcome {
     int wait_status; /* filled in by the parent */
 };
 
-__attribute__((format(printf, 1, 2))) static int sh(const char *fmt, ...)
-{
-    char cmd[4096];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    return system(cmd) == 0;
-}
-
 static int have_tools(void)
 {
-    return access(MODULE, R_OK) == 0 && access(FAULTY_P11_PATH, R_OK) == 0 &&
-           sh("{ command -v softhsm2-util && command -v pkcs11-tool && "
-              "command -v openssl; } >/dev/null 2>&1") != 0;
+    return access(FAULTY_P11_PATH, R_OK) == 0 && have_softhsm_tools();
 }
 
 /* One token "t" with an RSA key k1 and a certificate for it with the same
@@ -90,7 +71,6 @@ static int have_tools(void)
 static int setup_token(void)
 {
     char tokens[128];
-    FILE *f;
 
     snprintf(conf_path, sizeof(conf_path), "%s/softhsm2.conf", dir);
     snprintf(pin_path, sizeof(pin_path), "%s/pin", dir);
@@ -99,17 +79,8 @@ static int setup_token(void)
     snprintf(flag_path, sizeof(flag_path), "%s/flag", dir);
     snprintf(log_path, sizeof(log_path), "%s/calls", dir);
     snprintf(tokens, sizeof(tokens), "%s/tokens", dir);
-    f = fopen(conf_path, "w");
-    if (f == NULL)
+    if (!write_softhsm_conf(conf_path, tokens))
         return 0;
-    fprintf(f,
-            "directories.tokendir = %s\nobjectstore.backend = file\n"
-            "log.level = ERROR\nslots.removable = false\n",
-            tokens);
-    fclose(f);
-    mkdir(tokens, 0700);
-    setenv("SOFTHSM2_CONF", conf_path, 1);
-
     return sh("cd %s && exec >setup.log 2>&1 && set -ex\n"
               "softhsm2-util --init-token --free --label t --pin " PIN
               " --so-pin 27182818\n"
@@ -129,15 +100,6 @@ static int setup_token(void)
               "printf '00000000\\n' >badpin\n"
               "printf '11111111\\n' >otherpin\n",
               dir);
-}
-
-static long elapsed_ms(const struct timespec *since)
-{
-    struct timespec now;
-
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (now.tv_sec - since->tv_sec) * 1000 +
-           (now.tv_nsec - since->tv_nsec) / 1000000;
 }
 
 /* ---- in the child ---- */
@@ -237,25 +199,8 @@ static token_set *faulty_set(const char *pin_file, int max_sessions,
         .keys = keys,
         .nkeys = 1,
     };
-    token_set *set = token_set_new();
 
-    if (set == NULL || token_set_add(set, &spec, err) < 0) {
-        token_set_free(set);
-        return NULL;
-    }
-    return set;
-}
-
-/* The token's reason; "" when it is ready, "(no set)" without a set. */
-static const char *reason_of(token_set *set)
-{
-    const char *reason = NULL;
-
-    if (set == NULL)
-        return "(no set)";
-    if (token_set_token_ready(set, 0, &reason))
-        return "";
-    return reason != NULL ? reason : "(none)";
+    return set_with(&spec, err);
 }
 
 /* What keeps a set from being ready: "" when nothing does. */
@@ -267,42 +212,6 @@ static const char *why_not(token_set *set, const token_error *err)
 static token_key *signer(token_set *set)
 {
     return set != NULL ? token_set_find_key(set, "signer") : NULL;
-}
-
-/* Acquires key for signing, signs, and checks the signature against the
- * key's certificate. *status is what the acquire returned. */
-static int sign_and_verify(token_key *key, token_status *status)
-{
-    static const unsigned char msg[] = "Content-Type: text/plain\r\n\r\nhi";
-    unsigned char sig[1024];
-    size_t siglen = sizeof(sig);
-    EVP_MD_CTX *md = EVP_MD_CTX_new();
-    EVP_PKEY *pkey = NULL;
-    token_error err = {0};
-    int ok;
-
-    *status = TOKEN_ERR_INTERNAL;
-    if (md == NULL || key == NULL) {
-        EVP_MD_CTX_free(md);
-        return 0;
-    }
-    if (token_key_acquire(key, TOKEN_USE_SIGN, &pkey, &err) < 0) {
-        *status = err.status;
-        EVP_MD_CTX_free(md);
-        return 0;
-    }
-    *status = TOKEN_OK;
-    ok = EVP_DigestSignInit(md, NULL, EVP_sha256(), NULL, pkey) == 1 &&
-         EVP_DigestSign(md, sig, &siglen, msg, sizeof(msg)) == 1;
-    token_key_release(key);
-    EVP_MD_CTX_reset(md);
-    ok = ok &&
-         EVP_DigestVerifyInit(md, NULL, EVP_sha256(), NULL,
-                              X509_get0_pubkey(token_key_cert0(key))) == 1 &&
-         EVP_DigestVerify(md, sig, siglen, msg, sizeof(msg)) == 1;
-    EVP_MD_CTX_free(md);
-    ERR_clear_error();
-    return ok;
 }
 
 /* The probe's case: libp11 would wait forever for a session. */

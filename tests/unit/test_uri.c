@@ -5,23 +5,15 @@
  * tools are missing.
  */
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
-#include <openssl/err.h>
-#include <openssl/evp.h>
-#include <openssl/x509.h>
-
 #include "tap.h"
+#include "testtoken.h"
 #include "token/token.h"
-
-#define MODULE "/usr/lib/softhsm/libsofthsm2.so"
-#define PIN "31415926"
 
 static char dir[64];
 
@@ -48,24 +40,6 @@ static void set_paths(void)
     snprintf(files.expired_cert, sizeof(files.expired_cert),
              "%s/k1-expired.pem", dir);
     snprintf(files.ku_cert, sizeof(files.ku_cert), "%s/k1-ku.pem", dir);
-}
-
-__attribute__((format(printf, 1, 2))) static int sh(const char *fmt, ...)
-{
-    char cmd[4096];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    return system(cmd) == 0;
-}
-
-static int have_tools(void)
-{
-    return access(MODULE, R_OK) == 0 &&
-           sh("{ command -v softhsm2-util && command -v pkcs11-tool && "
-              "command -v openssl; } >/dev/null 2>&1") != 0;
 }
 
 /* ---- URIs ---- */
@@ -247,19 +221,8 @@ static void test_pin(void)
 
 static int setup_tokens(void)
 {
-    FILE *f;
-
-    f = fopen(files.conf, "w");
-    if (f == NULL)
+    if (!write_softhsm_conf(files.conf, files.tokens))
         return 0;
-    fprintf(f,
-            "directories.tokendir = %s\nobjectstore.backend = file\n"
-            "log.level = ERROR\nslots.removable = false\n",
-            files.tokens);
-    fclose(f);
-    mkdir(files.tokens, 0700);
-    setenv("SOFTHSM2_CONF", files.conf, 1);
-
     /* One script, logged to setup.log, shown on failure. */
     return sh(
         "cd %s && exec >setup.log 2>&1 && set -ex\n"
@@ -298,33 +261,6 @@ static int setup_tokens(void)
         dir);
 }
 
-static int sign_and_verify(token_key *key)
-{
-    static const unsigned char msg[] = "Content-Type: text/plain\r\n\r\nhi";
-    unsigned char sig[1024];
-    size_t siglen = sizeof(sig);
-    EVP_MD_CTX *md = EVP_MD_CTX_new();
-    EVP_PKEY *pkey = NULL;
-    token_error err = {0};
-    int ok;
-
-    if (md == NULL || token_key_acquire(key, TOKEN_USE_SIGN, &pkey, &err) < 0) {
-        EVP_MD_CTX_free(md);
-        return 0;
-    }
-    ok = EVP_DigestSignInit(md, NULL, EVP_sha256(), NULL, pkey) == 1 &&
-         EVP_DigestSign(md, sig, &siglen, msg, sizeof(msg)) == 1;
-    token_key_release(key);
-    EVP_MD_CTX_reset(md);
-    ok = ok &&
-         EVP_DigestVerifyInit(md, NULL, EVP_sha256(), NULL,
-                              X509_get0_pubkey(token_key_cert0(key))) == 1 &&
-         EVP_DigestVerify(md, sig, siglen, msg, sizeof(msg)) == 1;
-    EVP_MD_CTX_free(md);
-    ERR_clear_error();
-    return ok;
-}
-
 static int key_reason_is(token_set *set, const char *name, const char *want)
 {
     token_key *k = token_set_find_key(set, name);
@@ -345,17 +281,8 @@ static void *sign_loop(void *arg)
     int i;
 
     for (i = 0; i < 25; i++)
-        w->failures += !sign_and_verify(w->key);
+        w->failures += !sign_and_verify(w->key, NULL);
     return NULL;
-}
-
-static long elapsed_ms(const struct timespec *since)
-{
-    struct timespec now;
-
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (now.tv_sec - since->tv_sec) * 1000 +
-           (now.tv_nsec - since->tv_nsec) / 1000000;
 }
 
 /* wait_ms 0: no wait at all once every session is in use. A second set on
@@ -465,17 +392,17 @@ static void test_main_set(void)
                token_key_chain0(k) != NULL &&
                sk_X509_num(token_key_chain0(k)) == 1,
            "key signer: token certificate and chain");
-    tap_ok(k != NULL && sign_and_verify(k),
+    tap_ok(k != NULL && sign_and_verify(k, NULL),
            "key signer: RSA SHA-256 signature verifies with the certificate");
     k = token_set_find_key(set, "k2");
     tap_ok(k != NULL && token_key_usable(k, TOKEN_USE_SIGN, NULL) &&
                strcmp(token_key_algorithm(k), "ec-p256") == 0 &&
-               sign_and_verify(k),
+               sign_and_verify(k, NULL),
            "key k2 (by id): ec-p256, ECDSA signature verifies");
     k = token_set_find_key(set, "u1");
     tap_ok(k != NULL && token_key_usable(k, TOKEN_USE_SIGN, NULL) &&
                strcmp(token_key_algorithm(k), "ec-p521") == 0 &&
-               sign_and_verify(k),
+               sign_and_verify(k, NULL),
            "key u1 (discovered): ec-p521, signature verifies");
     tap_ok(key_reason_is(set, "mismatch",
                          "certificate does not match the private key"),
@@ -631,7 +558,7 @@ static void test_two_sets(void)
            ok ? "" : ": ", ok ? "" : err.message);
     token_set_free(a);
     k = token_set_find_key(b, "k1");
-    tap_ok(k != NULL && sign_and_verify(k),
+    tap_ok(k != NULL && sign_and_verify(k, NULL),
            "reload: the new set still signs after the old one is freed");
     token_set_free(b);
 }
@@ -672,29 +599,6 @@ static int pin_counter_clear(void)
               "grep -vq 'count low'");
 }
 
-static token_set *set_with(const token_spec *spec)
-{
-    token_set *set = token_set_new();
-    token_error err = {0};
-
-    if (set != NULL && token_set_add(set, spec, &err) < 0) {
-        token_set_free(set);
-        set = NULL;
-    }
-    return set;
-}
-
-static const char *reason_of(token_set *set)
-{
-    const char *reason = NULL;
-
-    if (set == NULL)
-        return "(not added)";
-    if (token_set_token_ready(set, 0, &reason))
-        return "";
-    return reason != NULL ? reason : "(none)";
-}
-
 /* A reload builds its set while the old one holds the login: a PIN is not
  * sent again once refused, nor while the process is logged in. */
 static void test_pin_reload(void)
@@ -712,11 +616,11 @@ static void test_pin_reload(void)
     token_set *a, *b, *c;
 
     bad.pin_file = files.badpin;
-    a = set_with(&good);
+    a = set_with(&good, NULL);
     tap_ok(a != NULL && reason_of(a)[0] == '\0' && pin_counter_clear(),
            "pin reload: right PIN, ready, SoftHSM PIN counter clear%s%s",
            reason_of(a)[0] != '\0' ? ": " : "", reason_of(a));
-    b = set_with(&bad);
+    b = set_with(&bad, NULL);
     tap_ok(strcmp(reason_of(b),
                   "the PIN changed while the token is logged in; restart to "
                   "log in with the new PIN") == 0,
@@ -725,7 +629,7 @@ static void test_pin_reload(void)
            "pin reload: its key not usable");
     tap_ok(pin_counter_clear(),
            "pin reload: wrong PIN not sent, SoftHSM PIN counter still clear");
-    tap_ok(a != NULL && sign_and_verify(token_set_find_key(a, "signer")),
+    tap_ok(a != NULL && sign_and_verify(token_set_find_key(a, "signer"), NULL),
            "pin reload: the serving set still signs");
     token_set_free(b);
     token_set_free(a);
@@ -733,18 +637,18 @@ static void test_pin_reload(void)
     /* The module is unloaded: a fresh process as far as the token is
      * concerned. The counter shows this wrong PIN reached the token, so
      * the clear counter above means that one did not. */
-    a = set_with(&bad);
+    a = set_with(&bad, NULL);
     tap_ok(strcmp(reason_of(a), "login failed: incorrect PIN") == 0 &&
                !pin_counter_clear(),
            "pin reload: wrong PIN at start: sent once, \"%s\"", reason_of(a));
-    b = set_with(&bad);
+    b = set_with(&bad, NULL);
     tap_ok(strcmp(reason_of(b),
                   "login failed: this PIN was refused before; not retried "
                   "(fix the PIN and restart)") == 0,
            "pin reload: the same wrong PIN: \"%s\"", reason_of(b));
-    c = set_with(&good);
+    c = set_with(&good, NULL);
     tap_ok(c != NULL && reason_of(c)[0] == '\0' &&
-               sign_and_verify(token_set_find_key(c, "signer")),
+               sign_and_verify(token_set_find_key(c, "signer"), NULL),
            "pin reload: a fixed PIN logs in and signs%s%s",
            reason_of(c)[0] != '\0' ? ": " : "", reason_of(c));
     token_set_free(c);
@@ -756,7 +660,7 @@ int main(void)
 {
     /* The skip status covers the whole program, so decide it before any
      * case is reported. */
-    if (!have_tools()) {
+    if (!have_softhsm_tools()) {
         printf("1..0 # SKIP SoftHSMv2 tools or module missing\n");
         return 77;
     }

@@ -1,7 +1,8 @@
 /*
  * Keys and certificates for the unit tests, made in-process: a CA and end
  * entities with the key usage, extended key usage and validity a test asks
- * for; and a UTF-8 check for the messages the module makes of their names.
+ * for; a UTF-8 check for the messages the module makes of their names; and
+ * the sample message test_cms signs and test_envelope encrypts.
  * Everything is static inline so each test takes what it uses.
  */
 #ifndef SMIMED_TESTKEYS_H
@@ -149,5 +150,31 @@ static inline int utf8_valid(const char *str)
     }
     return 1;
 }
+
+/* A message with outer headers, as the tests submit it. */
+static const char sample[] = "From: Alice <alice@example.org>\n"
+                             "To: Bob <bob@example.org>\n"
+                             "Subject: Quarterly report\n"
+                             "Date: Mon, 1 Jan 2024 10:00:00 +0000\n"
+                             "Message-ID: <1@example.org>\n"
+                             "MIME-Version: 1.0\n"
+                             "Content-Type: text/plain; charset=us-ascii\n"
+                             "Content-Transfer-Encoding: 7bit\n"
+                             "\n"
+                             "Hello Bob,\n"
+                             "\n"
+                             "the numbers are in.\n"
+                             "Regards\n";
+
+/* What gets encrypted or signed of sample. */
+static const char sample_inner[] =
+    "MIME-Version: 1.0\r\n"
+    "Content-Type: text/plain; charset=us-ascii\r\n"
+    "Content-Transfer-Encoding: 7bit\r\n"
+    "\r\n"
+    "Hello Bob,\r\n"
+    "\r\n"
+    "the numbers are in.\r\n"
+    "Regards\r\n";
 
 #endif
