@@ -70,11 +70,52 @@
 
 static pthread_once_t gmime_once = PTHREAD_ONCE_INIT;
 
+/* g_mime_init registers every GType the parser creates, but GLib still
+ * builds each class on its first instance, from whichever request thread
+ * gets there first, behind a lock-free fast path that race detectors (and
+ * readers of the memory model) cannot vouch for. Building every class we
+ * reach here, before the daemon starts its threads, leaves nothing lazy. */
+static void gmime_init_all(void)
+{
+    GType types[] = {
+        GMIME_TYPE_PART,
+        GMIME_TYPE_TEXT_PART,
+        GMIME_TYPE_MULTIPART,
+        GMIME_TYPE_MULTIPART_SIGNED,
+        GMIME_TYPE_MULTIPART_ENCRYPTED,
+        GMIME_TYPE_MESSAGE,
+        GMIME_TYPE_MESSAGE_PART,
+        GMIME_TYPE_MESSAGE_PARTIAL,
+        GMIME_TYPE_APPLICATION_PKCS7_MIME,
+        GMIME_TYPE_PARSER,
+        GMIME_TYPE_STREAM_MEM,
+        GMIME_TYPE_STREAM_FILTER,
+        GMIME_TYPE_STREAM_NULL,
+        GMIME_TYPE_DATA_WRAPPER,
+        GMIME_TYPE_CONTENT_TYPE,
+        GMIME_TYPE_CONTENT_DISPOSITION,
+        GMIME_TYPE_PARAM,
+        GMIME_TYPE_PARAM_LIST,
+        GMIME_TYPE_HEADER,
+        GMIME_TYPE_HEADER_LIST,
+        GMIME_TYPE_FILTER_BASIC,
+        GMIME_TYPE_FILTER_BEST,
+        GMIME_TYPE_FILTER_CHARSET,
+        GMIME_TYPE_FILTER_DOS2UNIX,
+        GMIME_TYPE_FILTER_UNIX2DOS,
+        GMIME_TYPE_FILTER_FROM,
+    };
+    size_t i;
+
+    g_mime_init();
+    for (i = 0; i < sizeof(types) / sizeof(types[0]); i++)
+        if (G_TYPE_IS_CLASSED(types[i]))
+            g_type_class_ref(types[i]);
+}
+
 void cms_init(void)
 {
-    /* g_mime_init also registers every GType the parser creates; GMime's
-     * lazy registration is not thread-safe, so it has to happen first. */
-    pthread_once(&gmime_once, g_mime_init);
+    pthread_once(&gmime_once, gmime_init_all);
 }
 
 int cms_buf_add(cms_buf *buf, const void *data, size_t len)
