@@ -198,7 +198,6 @@ out:
 static token_key *choose_key(api *a, const cms_envelope *env, api_error *err)
 {
     token_key *key, *named = NULL;
-    const char *reason;
     size_t i;
 
     for (i = 0; i < token_set_count_keys(a->tokens); i++) {
@@ -216,20 +215,9 @@ static token_key *choose_key(api *a, const cms_envelope *env, api_error *err)
         api_check_key(a, named, TOKEN_USE_DECRYPT, err);
         return NULL;
     }
-    for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
-        if (token_set_token_discovery(a->tokens, i) &&
-            !token_set_token_ready(a->tokens, i, &reason)) {
-            api_fail(err, 503, "token_unavailable",
-                     "no served key is a recipient, and token %s, which may "
-                     "hold one, is down: %s",
-                     token_set_token_name(a->tokens, i),
-                     reason != NULL ? reason : "unknown reason");
-            err->retry_after = 5;
-            return NULL;
-        }
-    }
-    api_fail(err, 422, "no_matching_recipient",
-             "none of the served keys is a recipient of this message");
+    if (api_fail_if_discovery_down(a, "no served key is a recipient", err) == 0)
+        api_fail(err, 422, "no_matching_recipient",
+                 "none of the served keys is a recipient of this message");
     return NULL;
 }
 
@@ -311,7 +299,7 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
     if (api_input_open(&in, req, fields, err) != 0 ||
         api_input_string(&in, "key", &forced, err) != 0 ||
         api_input_bool(&in, "verify", &verify, err) != 0 ||
-        api_trust_read(a, &in, &trust, err) != 0)
+        api_trust_read(&in, &trust, err) != 0)
         goto out;
     if (forced != NULL) {
         snprintf(res->key, sizeof(res->key), "%s", forced);

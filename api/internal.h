@@ -73,6 +73,10 @@ void api_strings_clear(api_strings *s);
 
 /* ---- keys (keys.c) ---- */
 
+/* 503 token_unavailable (-1) when a discovery token is down: it may hold
+ * what the request asks for (missing says what), and "unknown" would send
+ * the caller looking in the wrong place. 0 otherwise. */
+int api_fail_if_discovery_down(api *a, const char *missing, api_error *err);
 /* 404 unknown_key (503 when a discovery token that may hold it is down). */
 token_key *api_lookup_key(api *a, const char *name, api_error *err);
 /* 503 key_unavailable when key cannot be used for use now. Checked after
@@ -105,14 +109,14 @@ json_t *api_recipients_json(const api_recipients *r);
 
 /* ---- verification (verify.c) ---- */
 
-/* Trust anchors and CRLs for one request: the configured ones plus the
- * request's "trust" and "crls" fields (400 when those do not parse). */
+/* The request's "trust" and "crls" fields (400 when those do not parse);
+ * verification adds the configured anchors and CRLs. */
 typedef struct api_trust {
     STACK_OF(X509) *anchors;
     STACK_OF(X509_CRL) *crls;
 } api_trust;
 
-int api_trust_read(api *a, api_input *in, api_trust *t, api_error *err);
+int api_trust_read(api_input *in, api_trust *t, api_error *err);
 void api_trust_clear(api_trust *t);
 
 /* Verifies an entity; *out is the verify response body. */

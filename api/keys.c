@@ -7,29 +7,36 @@
 
 #include "api/internal.h"
 
-token_key *api_lookup_key(api *a, const char *name, api_error *err)
+int api_fail_if_discovery_down(api *a, const char *missing, api_error *err)
 {
-    token_key *key = token_set_find_key(a->tokens, name);
     const char *reason = NULL;
     size_t i;
 
-    if (key != NULL)
-        return key;
-    /* a discovery token that is down may hold it, and "unknown" would send
-     * the caller looking in the wrong place */
     for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
         if (token_set_token_discovery(a->tokens, i) &&
             !token_set_token_ready(a->tokens, i, &reason)) {
             api_fail(err, 503, "token_unavailable",
-                     "no key named \"%s\" is available; token %s, which "
-                     "may hold it, is down: %s",
-                     name, token_set_token_name(a->tokens, i),
+                     "%s; token %s, which may hold it, is down: %s", missing,
+                     token_set_token_name(a->tokens, i),
                      reason != NULL ? reason : "unknown reason");
             err->retry_after = 5;
-            return NULL;
+            return -1;
         }
     }
-    api_fail(err, 404, "unknown_key", "no key named \"%s\"", name);
+    return 0;
+}
+
+token_key *api_lookup_key(api *a, const char *name, api_error *err)
+{
+    token_key *key = token_set_find_key(a->tokens, name);
+    char missing[160];
+
+    if (key != NULL)
+        return key;
+    snprintf(missing, sizeof(missing), "no key named \"%s\" is available",
+             name);
+    if (api_fail_if_discovery_down(a, missing, err) == 0)
+        api_fail(err, 404, "unknown_key", "no key named \"%s\"", name);
     return NULL;
 }
 

@@ -120,10 +120,8 @@ void api_trust_clear(api_trust *t)
     t->crls = NULL;
 }
 
-int api_trust_read(api *a, api_input *in, api_trust *t, api_error *err)
+int api_trust_read(api_input *in, api_trust *t, api_error *err)
 {
-    int i;
-
     t->anchors = sk_X509_new_null();
     t->crls = sk_X509_CRL_new_null();
     if (t->anchors == NULL || t->crls == NULL)
@@ -131,14 +129,6 @@ int api_trust_read(api *a, api_input *in, api_trust *t, api_error *err)
     if (read_pems(in, "trust", t->anchors, NULL, err) != 0 ||
         read_pems(in, "crls", NULL, t->crls, err) != 0)
         goto fail;
-    for (i = 0; i < sk_X509_num(a->trust); i++)
-        if (!X509_up_ref(sk_X509_value(a->trust, i)) ||
-            !sk_X509_push(t->anchors, sk_X509_value(a->trust, i)))
-            goto oom;
-    for (i = 0; i < sk_X509_CRL_num(a->crls); i++)
-        if (!X509_CRL_up_ref(sk_X509_CRL_value(a->crls, i)) ||
-            !sk_X509_CRL_push(t->crls, sk_X509_CRL_value(a->crls, i)))
-            goto oom;
     return 0;
 oom:
     api_fail(err, 500, "internal_error", "out of memory");
@@ -147,15 +137,48 @@ fail:
     return -1;
 }
 
+/* The request's anchors and CRLs plus the configured ones, put together
+ * only when a signature is verified (decrypt reads trust on every call). */
+static int trust_with_config(api *a, const api_trust *req, api_trust *all)
+{
+    STACK_OF(X509) *certs[2] = {req->anchors, a->trust};
+    STACK_OF(X509_CRL) *crls[2] = {req->crls, a->crls};
+    int i, k;
+
+    all->anchors = sk_X509_new_null();
+    all->crls = sk_X509_CRL_new_null();
+    if (all->anchors == NULL || all->crls == NULL)
+        goto fail;
+    for (k = 0; k < 2; k++) {
+        for (i = 0; i < sk_X509_num(certs[k]); i++)
+            if (!X509_up_ref(sk_X509_value(certs[k], i)) ||
+                !sk_X509_push(all->anchors, sk_X509_value(certs[k], i)))
+                goto fail;
+        for (i = 0; i < sk_X509_CRL_num(crls[k]); i++)
+            if (!X509_CRL_up_ref(sk_X509_CRL_value(crls[k], i)) ||
+                !sk_X509_CRL_push(all->crls, sk_X509_CRL_value(crls[k], i)))
+                goto fail;
+    }
+    return 0;
+fail:
+    api_trust_clear(all);
+    return -1;
+}
+
 int api_verify_entity(api *a, const api_trust *t, const unsigned char *mime,
                       size_t len, json_t **out, api_error *err)
 {
+    api_trust all = {0};
     cms_verification *v = NULL;
     cms_error cerr = {0};
     int ret = -1;
 
-    if (cms_verify_entity(mime, len, t->anchors, a->trust_dir,
-                          sk_X509_CRL_num(t->crls) > 0 ? t->crls : NULL, &v,
+    if (trust_with_config(a, t, &all) != 0) {
+        api_fail(err, 500, "internal_error", "out of memory");
+        goto out;
+    }
+    if (cms_verify_entity(mime, len, all.anchors, a->trust_dir,
+                          sk_X509_CRL_num(all.crls) > 0 ? all.crls : NULL, &v,
                           &cerr) != 0) {
         if (cerr.status == CMS_ERR_INPUT)
             api_fail(err, 422, "invalid_smime", "%s", cerr.message);
@@ -171,6 +194,7 @@ int api_verify_entity(api *a, const api_trust *t, const unsigned char *mime,
     ret = 0;
 out:
     cms_verification_free(v);
+    api_trust_clear(&all);
     return ret;
 }
 
@@ -184,7 +208,7 @@ int api_handle_verify(api *a, const api_request *req, api_response *res,
     int ret = -1;
 
     if (api_input_open(&in, req, fields, err) != 0 ||
-        api_trust_read(a, &in, &trust, err) != 0 ||
+        api_trust_read(&in, &trust, err) != 0 ||
         api_verify_entity(a, &trust, in.mime, in.mime_len, &body, err) != 0)
         goto out;
     if (api_respond_json(res, 200, body) != 0) {
