@@ -43,6 +43,7 @@ int api_fail(api_error *err, int status, const char *code, const char *fmt, ...)
     err->status = status;
     err->code = code;
     err->allow = NULL;
+    err->authenticate = 0;
     err->retry_after = 0;
     va_start(ap, fmt);
     vsnprintf(err->message, sizeof(err->message), fmt, ap);
@@ -216,19 +217,27 @@ int api_respond_json(api_response *res, int status, json_t *body)
 int api_response_set_error(api_response *res, const api_error *err)
 {
     char num[16];
-    char key[sizeof(res->key)];
+    api_response kept = *res;
     json_t *body;
 
-    /* the key stays for the access log; headers of a half-built success go */
-    memcpy(key, res->key, sizeof(key));
+    /* the key stays for the access log and, with the rest of the audit
+     * fields, for the audit trail; headers of a half-built success go */
     api_response_clear(res);
-    memcpy(res->key, key, sizeof(key));
+    memcpy(res->key, kept.key, sizeof(res->key));
+    res->operation = kept.operation;
+    res->key_op = kept.key_op;
+    memcpy(res->client, kept.client, sizeof(res->client));
+    memcpy(res->content_sha256, kept.content_sha256,
+           sizeof(res->content_sha256));
     body = json_pack("{s:{s:s,s:o}}", "error", "code", err->code, "message",
                      api_json_text(err->message, strlen(err->message)));
     if (api_respond_json(res, err->status, body) != 0)
         return -1;
     res->error = err->code;
     if (err->allow != NULL && response_add_header(res, "Allow", err->allow))
+        return -1;
+    if (err->authenticate &&
+        response_add_header(res, "WWW-Authenticate", "Bearer") != 0)
         return -1;
     if (err->retry_after > 0) {
         snprintf(num, sizeof(num), "%d", err->retry_after);
@@ -566,8 +575,13 @@ oom:
 int api_handle(api *a, const api_request *req, api_response *res)
 {
     api_error err = {0};
+    api_request r = *req;
 
-    if (req->route->handler(a, req, res, &err) == 0)
+    /* again here, not only on the headers: a reload may have revoked the
+     * client while its body was arriving */
+    if ((api_path_is_open(req->route->path) ||
+         api_authenticate(a, req, &r.client, &err) == 0) &&
+        req->route->handler(a, &r, res, &err) == 0)
         return 0;
     /* a library error left on this thread's queue would be reported
      * against the next request served by it */

@@ -16,6 +16,7 @@ typedef struct api_error {
     const char *code; /* snake_case, static */
     char message[256];
     const char *allow; /* Allow header for 405, static; else NULL */
+    int authenticate;  /* 401: add WWW-Authenticate: Bearer */
     int retry_after;   /* seconds for 503; 0 = no header */
 } api_error;
 
@@ -56,6 +57,14 @@ typedef struct api_response {
     size_t nheaders;
     char key[128];     /* key used, for the access log; may be empty */
     const char *error; /* error code of an error response, static */
+    /* for the audit trail: operation is set (static: "sign", "decrypt")
+     * once a private-key request passed its syntax checks; key_op once the
+     * key is about to be used, when the record must be written before the
+     * answer goes out */
+    const char *operation;
+    int key_op;
+    char client[64];         /* authenticated client; empty when none */
+    char content_sha256[65]; /* hex digest of the submitted entity */
 } api_response;
 
 void api_response_clear(api_response *res);
@@ -69,7 +78,21 @@ typedef int (*api_query_each_fn)(void *ctx,
                                  int (*fn)(void *arg, const char *name),
                                  void *arg);
 
+/* What TLS says about the peer. subject is RFC 4514; sans are the
+ * rfc822Name, dNSName and URI entries. */
+typedef struct api_peer {
+    int verified; /* presented a certificate that verified against the CA */
+    const char *subject;
+    const char *const *sans;
+    size_t nsans;
+} api_peer;
+
+typedef struct api_client api_client;
+
 typedef struct api_request {
+    const char *authorization; /* the Authorization header; may be NULL */
+    const api_peer *peer;      /* NULL without a client certificate */
+    const api_client *client;  /* set by api_handle once authenticated */
     const api_route *route;
     api_body_kind kind;
     const unsigned char *body;
@@ -87,6 +110,42 @@ typedef struct api api;
 api *api_new(token_set *tokens, STACK_OF(X509) *trust, const char *trust_dir,
              STACK_OF(X509_CRL) *crls);
 void api_free(api *a);
+
+/* Private-key operations a client may be allowed, as bits. */
+typedef enum {
+    API_OP_SIGN = 1,
+    API_OP_DECRYPT = 2,
+} api_op;
+
+#define API_TOKEN_SHA256_LEN 32
+
+/* One API client, from the configuration (borrowed by the api). It is
+ * recognised by the SHA-256 of its bearer token or by its TLS client
+ * certificate (subject or subjectAltName); keys lists the key names it may
+ * use ("*": every key) for the operations in ops. */
+struct api_client {
+    const char *name;
+    int has_token;
+    unsigned char token_sha256[API_TOKEN_SHA256_LEN];
+    const char *cert_subject; /* NULL when not used */
+    const char *cert_san;     /* NULL when not used */
+    const char *const *keys;
+    size_t nkeys;
+    unsigned ops; /* api_op bits */
+};
+
+/* Turns client authentication on (nclients > 0) or off; clients is
+ * borrowed. Without it every request is served anonymously. */
+void api_set_clients(api *a, const api_client *clients, size_t nclients);
+/* 1 for paths served without authentication (probes). */
+int api_path_is_open(const char *path);
+/* 401 (with authenticate set) unless the request carries valid
+ * credentials; *client is NULL when authentication is off. */
+int api_authenticate(const api *a, const api_request *req,
+                     const api_client **client, api_error *err);
+/* The hex SHA-256 of a bearer token, as the configuration holds it. */
+int api_hash_token(const char *token, size_t len,
+                   unsigned char out[API_TOKEN_SHA256_LEN]);
 
 /* Always fills res (a success body or an error body); -1 on a failure that
  * left even the error body unbuilt (out of memory). */

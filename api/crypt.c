@@ -193,18 +193,27 @@ out:
 }
 
 /* The key to decrypt with when the request does not force one: the first
- * served key whose certificate a RecipientInfo names and that may decrypt
- * now. */
-static token_key *choose_key(api *a, const cms_envelope *env, api_error *err)
+ * served key whose certificate a RecipientInfo names, that the client may
+ * use and that may decrypt now. *denied is a named key the client may not
+ * use, when that is all there is. */
+static token_key *choose_key(api *a, const api_request *req,
+                             const cms_envelope *env, token_key **denied,
+                             api_error *err)
 {
     token_key *key, *named = NULL;
     size_t i;
 
+    *denied = NULL;
     for (i = 0; i < token_set_count_keys(a->tokens); i++) {
         key = token_set_key_at(a->tokens, i);
         if (token_key_cert0(key) == NULL ||
             !cms_envelope_names(env, token_key_cert0(key)))
             continue;
+        if (!api_client_may(req, token_key_name(key), API_OP_DECRYPT)) {
+            if (*denied == NULL)
+                *denied = key;
+            continue;
+        }
         if (token_key_usable(key, TOKEN_USE_DECRYPT, NULL))
             return key;
         if (named == NULL)
@@ -212,9 +221,12 @@ static token_key *choose_key(api *a, const cms_envelope *env, api_error *err)
     }
     /* named but not usable: say why rather than "no recipient" */
     if (named != NULL) {
+        *denied = NULL;
         api_check_key(a, named, TOKEN_USE_DECRYPT, err);
         return NULL;
     }
+    if (*denied != NULL)
+        return NULL;
     if (api_fail_if_discovery_down(a, "no served key is a recipient", err) == 0)
         api_fail(err, 422, "no_matching_recipient",
                  "none of the served keys is a recipient of this message");
@@ -288,21 +300,24 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
     cms_envelope *env = NULL;
     cms_result *plain = NULL;
     cms_error cerr = {0};
-    token_key *key = NULL;
+    token_key *key = NULL, *denied = NULL;
     json_t *fields_out = NULL, *verification = NULL;
     const unsigned char *data;
     size_t len;
     int verify = 0, is_signed = 0, ret = -1;
 
-    /* the contract's order: request syntax (400), a forced key (404), the
-     * content (422), then the token (503) */
+    /* the contract's order: request syntax (400), the client's rights to
+     * a forced key (403), that key (404), the content (422), then the token
+     * (503); without a forced key the rights are known once the envelope
+     * names its recipients */
     if (api_input_open(&in, req, fields, err) != 0 ||
         api_input_string(&in, "key", &forced, err) != 0 ||
         api_input_bool(&in, "verify", &verify, err) != 0 ||
         api_trust_read(&in, &trust, err) != 0)
         goto out;
     if (forced != NULL) {
-        snprintf(res->key, sizeof(res->key), "%s", forced);
+        if (api_authorize(req, res, &in, forced, API_OP_DECRYPT, err) != 0)
+            goto out;
         key = api_lookup_key(a, forced, err);
         if (key == NULL)
             goto out;
@@ -311,10 +326,20 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
         api_fail(err, 422, "invalid_smime", "%s", cerr.message);
         goto out;
     }
-    if (key != NULL ? check_forced(a, key, env, err) != 0
-                    : (key = choose_key(a, env, err)) == NULL)
-        goto out;
-    snprintf(res->key, sizeof(res->key), "%s", token_key_name(key));
+    if (key != NULL) {
+        if (check_forced(a, key, env, err) != 0)
+            goto out;
+    } else {
+        key = choose_key(a, req, env, &denied, err);
+        /* only keys the client may not use open it: 403, and audited */
+        if (denied != NULL)
+            api_authorize(req, res, &in, token_key_name(denied),
+                          API_OP_DECRYPT, err);
+        if (key == NULL || api_authorize(req, res, &in, token_key_name(key),
+                                         API_OP_DECRYPT, err) != 0)
+            goto out;
+    }
+    res->key_op = 1;
     if (decrypt_on_token(key, env, &plain, &is_signed, err) != 0)
         goto out;
     if (verify && decrypt_verification(a, &trust, plain, is_signed,

@@ -15,6 +15,8 @@ struct api {
     STACK_OF(X509) *trust;
     const char *trust_dir;
     STACK_OF(X509_CRL) *crls;
+    const api_client *clients; /* NULL: authentication off */
+    size_t nclients;
 };
 
 /* ---- errors and responses (api.c) ---- */
@@ -82,6 +84,18 @@ token_key *api_lookup_key(api *a, const char *name, api_error *err);
 /* 503 key_unavailable when key cannot be used for use now. Checked after
  * everything about the request itself (422 comes before 503). */
 int api_check_key(api *a, token_key *key, token_use use, api_error *err);
+
+/* ---- authorisation (auth.c) ---- */
+
+/* Records the operation, the client and the entity's digest for the audit
+ * trail, then 403 unless the request's client may use key for op. Called
+ * after the syntax checks and before the key is looked up, so a key the
+ * client may not use is 403 whether or not it exists. */
+int api_authorize(const api_request *req, api_response *res,
+                  const api_input *in, const char *key, api_op op,
+                  api_error *err);
+/* 1 when the request's client may use key for op (no error). */
+int api_client_may(const api_request *req, const char *key, api_op op);
 
 /* ---- encryption (crypt.c) ---- */
 

@@ -14,12 +14,20 @@
 #include <unistd.h>
 #include <sys/stat.h>
 #include <jansson.h>
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 
 #include "service/config.h"
 
-typedef enum { OPT_STRING, OPT_PATH, OPT_BOOL, OPT_INT, OPT_ARRAY } opt_type;
+typedef enum {
+    OPT_STRING,
+    OPT_PATH,
+    OPT_BOOL,
+    OPT_INT,
+    OPT_ARRAY,
+    OPT_OBJECT,
+} opt_type;
 
 typedef struct opt {
     const char *name;
@@ -32,12 +40,34 @@ static const opt top_opts[] = {
     {"listen", OPT_STRING, 0, 0, 0},
     {"max_body_bytes", OPT_INT, 0, 1024, (json_int_t)1 << 40},
     {"max_connections", OPT_INT, 0, 1, 65536},
+    {"max_connections_per_ip", OPT_INT, 0, 1, 65536},
     {"request_timeout_s", OPT_INT, 0, 1, 3600},
     {"log_level", OPT_STRING, 0, 0, 0},
     {"log_file", OPT_STRING, 0, 0, 0},
     {"trust", OPT_PATH, 0, 0, 0},
     {"crls", OPT_PATH, 0, 0, 0},
     {"tokens", OPT_ARRAY, 1, 0, 0},
+    {"clients", OPT_ARRAY, 0, 0, 0},
+    {"tls", OPT_OBJECT, 0, 0, 0},
+    {"audit_log", OPT_STRING, 0, 0, 0},
+    {"allow_insecure_unauthenticated_listen", OPT_BOOL, 0, 0, 0},
+    {NULL, 0, 0, 0, 0},
+};
+
+static const opt client_opts[] = {
+    {"name", OPT_STRING, 1, 0, 0},
+    {"token_sha256", OPT_STRING, 0, 0, 0},
+    {"certificate_subject", OPT_STRING, 0, 0, 0},
+    {"certificate_san", OPT_STRING, 0, 0, 0},
+    {"keys", OPT_ARRAY, 0, 0, 0},
+    {"operations", OPT_ARRAY, 0, 0, 0},
+    {NULL, 0, 0, 0, 0},
+};
+
+static const opt tls_opts[] = {
+    {"certificate", OPT_PATH, 1, 0, 0},
+    {"key", OPT_PATH, 1, 0, 0},
+    {"client_ca", OPT_PATH, 0, 0, 0},
     {NULL, 0, 0, 0, 0},
 };
 
@@ -129,6 +159,8 @@ static const char *type_name(opt_type t)
         return "an integer";
     case OPT_ARRAY:
         return "an array";
+    case OPT_OBJECT:
+        return "an object";
     default:
         return "a string";
     }
@@ -143,6 +175,8 @@ static int type_fits(opt_type t, json_t *v)
         return json_is_integer(v);
     case OPT_ARRAY:
         return json_is_array(v);
+    case OPT_OBJECT:
+        return json_is_object(v);
     default:
         return json_is_string(v) && json_string_length(v) > 0 &&
                strlen(json_string_value(v)) == json_string_length(v);
@@ -299,6 +333,7 @@ static void load_key(loader *ld, size_t ti, size_t ki, json_t *obj)
 static void load_token(loader *ld, size_t ti, json_t *obj)
 {
     token_spec *ts = &ld->cfg->tokens[ti];
+    token_error terr = {0};
     json_t *keys;
     char where[32];
     size_t ki;
@@ -320,9 +355,11 @@ static void load_token(loader *ld, size_t ti, json_t *obj)
     if ((json_object_get(obj, "pin_file") != NULL) ==
         (json_object_get(obj, "pin_env") != NULL))
         problem(ld, where, "give exactly one of \"pin_file\" and \"pin_env\"");
-    if (ts->pin_env != NULL && getenv(ts->pin_env) == NULL)
+    if (ts->pin_env != NULL && !token_pin_env_available(ts->pin_env))
         problem(ld, where, "\"pin_env\": environment variable %s is not set",
                 ts->pin_env);
+    if (ts->pin_file != NULL && token_pin_check_file(ts->pin_file, &terr) != 0)
+        problem(ld, where, "\"pin_file\": %s", terr.message);
     keys = json_object_get(obj, "keys");
     if (!ts->discovery && json_array_size(keys) == 0)
         problem(ld, where,
@@ -391,6 +428,141 @@ static void load_trust(loader *ld, json_t *root)
         load_pem_file(ld, "crls", path, 1);
 }
 
+static int hex_digit(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+static int parse_sha256(const char *text, unsigned char *out)
+{
+    size_t i;
+
+    if (strlen(text) != 2 * API_TOKEN_SHA256_LEN)
+        return -1;
+    for (i = 0; i < API_TOKEN_SHA256_LEN; i++) {
+        int hi = hex_digit(text[2 * i]), lo = hex_digit(text[2 * i + 1]);
+
+        if (hi < 0 || lo < 0)
+            return -1;
+        out[i] = (unsigned char)(hi << 4 | lo);
+    }
+    return 0;
+}
+
+/* A client's "keys" or "operations": strings only. NULL with a problem
+ * when it is not a list of non-empty strings. */
+static const char **get_names(loader *ld, const char *where, json_t *obj,
+                              const char *name, size_t *n)
+{
+    json_t *list = json_object_get(obj, name), *item;
+    const char **names;
+    size_t i;
+
+    *n = json_array_size(list);
+    names = calloc(*n + 1, sizeof(*names));
+    if (names == NULL || keep(ld, (char *)names) == NULL) {
+        problem(ld, where, "out of memory");
+        return NULL;
+    }
+    json_array_foreach (list, i, item) {
+        if (!type_fits(OPT_STRING, item)) {
+            problem(ld, where, "\"%s\"[%zu] must be a non-empty string", name,
+                    i);
+            return NULL;
+        }
+        names[i] = json_string_value(item);
+    }
+    return names;
+}
+
+static void load_client(loader *ld, size_t ci, json_t *obj)
+{
+    api_client *c = &ld->cfg->clients[ci];
+    const char *hash, **ops;
+    char where[32];
+    size_t i, nops = 0;
+
+    snprintf(where, sizeof(where), "clients[%zu]", ci);
+    if (check_object(ld, where, obj, client_opts) != 0)
+        return;
+    c->name = get_string(obj, "name");
+    hash = get_string(obj, "token_sha256");
+    c->cert_subject = get_string(obj, "certificate_subject");
+    c->cert_san = get_string(obj, "certificate_san");
+    if (hash != NULL) {
+        c->has_token = 1;
+        if (parse_sha256(hash, c->token_sha256) != 0)
+            problem(ld, where,
+                    "\"token_sha256\" must be 64 hex digits (smimed "
+                    "--hash-token prints it)");
+    }
+    if (hash == NULL && c->cert_subject == NULL && c->cert_san == NULL)
+        problem(ld, where,
+                "give \"token_sha256\", \"certificate_subject\" or "
+                "\"certificate_san\": a client nobody can be is a typo");
+    if ((c->cert_subject != NULL || c->cert_san != NULL) &&
+        ld->cfg->tls_client_ca == NULL)
+        problem(ld, where,
+                "certificate_subject and certificate_san need "
+                "\"tls\": {\"client_ca\": ...}");
+    c->keys = get_names(ld, where, obj, "keys", &c->nkeys);
+    ops = get_names(ld, where, obj, "operations", &nops);
+    for (i = 0; ops != NULL && i < nops; i++) {
+        if (strcmp(ops[i], "sign") == 0)
+            c->ops |= API_OP_SIGN;
+        else if (strcmp(ops[i], "decrypt") == 0)
+            c->ops |= API_OP_DECRYPT;
+        else
+            problem(ld, where,
+                    "\"operations\"[%zu] must be \"sign\" or \"decrypt\"",
+                    i);
+    }
+    for (i = 0; i < ci && c->name != NULL; i++) {
+        if (ld->cfg->clients[i].name != NULL &&
+            strcmp(ld->cfg->clients[i].name, c->name) == 0)
+            problem(ld, where, "client name \"%s\" is used twice", c->name);
+        /* one token, two clients: which one called? */
+        if (c->has_token && ld->cfg->clients[i].has_token &&
+            CRYPTO_memcmp(ld->cfg->clients[i].token_sha256, c->token_sha256,
+                          API_TOKEN_SHA256_LEN) == 0)
+            problem(ld, where, "clients[%zu] has the same token", i);
+    }
+}
+
+static void load_clients(loader *ld, json_t *root)
+{
+    json_t *clients = json_object_get(root, "clients");
+    size_t ci;
+
+    if (json_array_size(clients) == 0)
+        return;
+    ld->cfg->clients = calloc(json_array_size(clients), sizeof(api_client));
+    if (ld->cfg->clients == NULL) {
+        problem(ld, "clients", "out of memory");
+        return;
+    }
+    ld->cfg->nclients = json_array_size(clients);
+    for (ci = 0; ci < ld->cfg->nclients; ci++)
+        load_client(ld, ci, json_array_get(clients, ci));
+}
+
+static void load_tls(loader *ld, json_t *root)
+{
+    json_t *tls = json_object_get(root, "tls");
+
+    if (!json_is_object(tls) || check_object(ld, "tls", tls, tls_opts) != 0)
+        return;
+    ld->cfg->tls_certificate = (char *)get_path(ld, "tls", tls, "certificate");
+    ld->cfg->tls_key = (char *)get_path(ld, "tls", tls, "key");
+    ld->cfg->tls_client_ca = (char *)get_path(ld, "tls", tls, "client_ca");
+}
+
 /* host:port, [v6]:port; the port may be 0 (any free port). */
 static void check_listen(loader *ld, const char *listen)
 {
@@ -424,7 +596,10 @@ static void load_top(loader *ld, json_t *root)
         check_listen(ld, cfg->listen);
     cfg->max_body_bytes =
         (size_t)get_int(root, "max_body_bytes", (json_int_t)64 << 20);
-    cfg->max_connections = (unsigned)get_int(root, "max_connections", 256);
+    /* a webmail back end is one address with hundreds of connections */
+    cfg->max_connections = (unsigned)get_int(root, "max_connections", 1024);
+    cfg->max_connections_per_ip =
+        (unsigned)get_int(root, "max_connections_per_ip", 512);
     cfg->request_timeout_s = (unsigned)get_int(root, "request_timeout_s", 60);
     s = get_string(root, "log_level");
     cfg->log_level = LOG_LEVEL_INFO;
@@ -434,7 +609,14 @@ static void load_top(loader *ld, json_t *root)
     s = get_string(root, "log_file");
     if (s != NULL && (cfg->log_file = resolve(ld, s)) == NULL)
         problem(ld, "log_file", "out of memory");
+    s = get_string(root, "audit_log");
+    if (s != NULL && (cfg->audit_log = resolve(ld, s)) == NULL)
+        problem(ld, "audit_log", "out of memory");
+    cfg->allow_insecure_unauthenticated_listen =
+        get_bool(root, "allow_insecure_unauthenticated_listen");
     load_trust(ld, root);
+    load_tls(ld, root);
+    load_clients(ld, root);
     tokens = json_object_get(root, "tokens");
     if (!json_is_array(tokens))
         return;
@@ -506,6 +688,7 @@ void config_free(config *cfg)
     for (i = 0; i < cfg->ntokens; i++)
         free((void *)cfg->tokens[i].keys);
     free(cfg->tokens);
+    free(cfg->clients);
     sk_X509_pop_free(cfg->trust, X509_free);
     sk_X509_CRL_pop_free(cfg->crls, X509_CRL_free);
     priv = cfg->priv;

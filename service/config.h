@@ -10,6 +10,7 @@
 
 #include <openssl/x509.h>
 
+#include "api/api.h"
 #include "token/token.h"
 
 typedef enum {
@@ -23,6 +24,7 @@ typedef struct config {
     char *listen;          /* "host:port" */
     size_t max_body_bytes; /* request body cap */
     unsigned max_connections;
+    unsigned max_connections_per_ip;
     unsigned request_timeout_s;
     log_level log_level;
     char *log_file; /* NULL: stderr */
@@ -33,6 +35,17 @@ typedef struct config {
     STACK_OF(X509_CRL) *crls;
     token_spec *tokens;
     size_t ntokens;
+    /* API clients; none: authentication off (loopback only, unless
+     * allow_insecure_unauthenticated_listen) */
+    api_client *clients;
+    size_t nclients;
+    int allow_insecure_unauthenticated_listen;
+    /* TLS: server certificate and key, and the CA bundle client
+     * certificates are verified against; NULL when not configured */
+    char *tls_certificate;
+    char *tls_key;
+    char *tls_client_ca;
+    char *audit_log; /* NULL: no audit trail */
     void *priv; /* owns every string above */
 } config;
 

@@ -14,8 +14,14 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 #include <microhttpd.h>
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
 
+#include "service/audit.h"
 #include "service/http.h"
 #include "service/log.h"
 
@@ -35,11 +41,18 @@ struct http_server {
     pthread_cond_t idle;
     unsigned in_flight;
     int closing;
+    char *tls_cert, *tls_key, *tls_ca; /* PEM text, kept for MHD */
 };
 
 /* How much of a refused or unexpected body is read and thrown away so the
  * client can still get its answer. */
 #define DRAIN_LIMIT ((size_t)1 << 20)
+
+/* Bound on a TLS certificate, key or CA bundle file. */
+#define HTTP_PEM_MAX ((size_t)1 << 20)
+
+/* subjectAltNames kept from a client certificate. */
+#define PEER_SANS_MAX 16
 
 typedef struct request {
     http_server *srv;
@@ -57,6 +70,11 @@ typedef struct request {
     char path[128];
     char key[128];
     const char *error; /* static */
+    char id[17];       /* request id: X-Request-Id and the audit trail */
+    char remote[INET6_ADDRSTRLEN];
+    int has_peer; /* a TLS client certificate was presented */
+    api_peer peer;
+    char *peer_strings[PEER_SANS_MAX + 1]; /* subject, then sans; owned */
 } request;
 
 static double ms_since(const struct timespec *start)
@@ -100,6 +118,8 @@ static enum MHD_Result queue(request *r, struct MHD_Connection *conn,
         if (MHD_add_response_header(resp, res->headers[i].name,
                                     res->headers[i].value) != MHD_YES)
             goto out;
+    if (MHD_add_response_header(resp, "X-Request-Id", r->id) != MHD_YES)
+        goto out;
     /* while shutting down, keep-alive would hold connections open */
     if ((r->refused || __atomic_load_n(&r->srv->closing, __ATOMIC_RELAXED)) &&
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close") !=
@@ -151,15 +171,100 @@ static enum MHD_Result answer_error(request *r, struct MHD_Connection *conn,
     return queue(r, conn, &res);
 }
 
-static request *request_new(http_server *srv, const char *method,
-                            const char *url)
+static void remote_address(request *r, struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *sa = ci != NULL ? ci->client_addr : NULL;
+
+    snprintf(r->remote, sizeof(r->remote), "-");
+    if (sa != NULL && sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr,
+                  r->remote, sizeof(r->remote));
+    else if (sa != NULL && sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr,
+                  r->remote, sizeof(r->remote));
+}
+
+static char *datum_text(const void *data, size_t len)
+{
+    char *s = malloc(len + 1);
+
+    if (s != NULL) {
+        memcpy(s, data, len);
+        s[len] = '\0';
+    }
+    return s;
+}
+
+/* Reads the client certificate of a TLS connection. libmicrohttpd asks for
+ * one when it has a trust list, but completes the handshake without one or
+ * with one that does not verify: the verification is ours. */
+static void peer_read(request *r, struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+    gnutls_session_t session;
+    const gnutls_datum_t *certs;
+    gnutls_x509_crt_t crt = NULL;
+    gnutls_datum_t dn = {NULL, 0};
+    unsigned n = 0, status = 1, i;
+    char san[1024];
+    size_t size;
+    int type;
+
+    if (ci == NULL || ci->tls_session == NULL)
+        return;
+    session = (gnutls_session_t)ci->tls_session;
+    certs = gnutls_certificate_get_peers(session, &n);
+    if (certs == NULL || n == 0)
+        return;
+    r->has_peer = 1;
+    r->peer.sans = (const char *const *)&r->peer_strings[1];
+    if (gnutls_x509_crt_init(&crt) < 0 ||
+        gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) < 0)
+        goto out;
+    r->peer.verified =
+        gnutls_certificate_verify_peers2(session, &status) == 0 && status == 0;
+    if (gnutls_x509_crt_get_dn3(crt, &dn, 0) >= 0)
+        r->peer.subject = r->peer_strings[0] = datum_text(dn.data, dn.size);
+    for (i = 0; r->peer.nsans < PEER_SANS_MAX; i++) {
+        size = sizeof(san) - 1;
+        type = gnutls_x509_crt_get_subject_alt_name(crt, i, san, &size, NULL);
+        if (type == GNUTLS_E_SHORT_MEMORY_BUFFER)
+            continue;
+        if (type < 0)
+            break;
+        if (type != GNUTLS_SAN_DNSNAME && type != GNUTLS_SAN_RFC822NAME &&
+            type != GNUTLS_SAN_URI)
+            continue;
+        r->peer_strings[1 + r->peer.nsans] = datum_text(san, size);
+        if (r->peer_strings[1 + r->peer.nsans] != NULL)
+            r->peer.nsans++;
+    }
+out:
+    gnutls_free(dn.data);
+    if (crt != NULL)
+        gnutls_x509_crt_deinit(crt);
+}
+
+static request *request_new(http_server *srv, struct MHD_Connection *conn,
+                            const char *method, const char *url)
 {
     request *r = calloc(1, sizeof(*r));
+    unsigned char rnd[8];
     char *p;
+    size_t i;
 
     if (r == NULL)
         return NULL;
     r->srv = srv;
+    if (RAND_bytes(rnd, sizeof(rnd)) != 1)
+        memset(rnd, 0, sizeof(rnd));
+    for (i = 0; i < sizeof(rnd); i++)
+        snprintf(r->id + 2 * i, 3, "%02x", rnd[i]);
+    remote_address(r, conn);
+    peer_read(r, conn);
     clock_gettime(CLOCK_MONOTONIC, &r->start);
     snprintf(r->method, sizeof(r->method), "%s", method);
     snprintf(r->path, sizeof(r->path), "%s", url);
@@ -188,12 +293,89 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
              r->error != NULL ? r->error : "",
              toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " aborted");
     free(r->body);
+    for (size_t i = 0; i <= PEER_SANS_MAX; i++)
+        free(r->peer_strings[i]);
     free(r);
     *req_cls = NULL;
     pthread_mutex_lock(&srv->lock);
     if (--srv->in_flight == 0)
         pthread_cond_broadcast(&srv->idle);
     pthread_mutex_unlock(&srv->lock);
+}
+
+static api_ref *ref_get(http_server *srv)
+{
+    api_ref *ref;
+
+    pthread_mutex_lock(&srv->lock);
+    ref = srv->current;
+    ref->users++;
+    pthread_mutex_unlock(&srv->lock);
+    return ref;
+}
+
+static void ref_put(http_server *srv, api_ref *ref)
+{
+    pthread_mutex_lock(&srv->lock);
+    if (--ref->users == 0)
+        pthread_cond_broadcast(&srv->idle);
+    pthread_mutex_unlock(&srv->lock);
+}
+
+/* Fills the request's credentials: the Authorization header and the TLS
+ * client certificate. */
+static void credentials(request *r, struct MHD_Connection *conn,
+                        api_request *areq)
+{
+    areq->authorization = MHD_lookup_connection_value(
+        conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    areq->peer = r->has_peer ? &r->peer : NULL;
+}
+
+/* 401 comes before everything else the contract checks, so it is decided
+ * on the headers; api_handle checks again with the configuration that
+ * serves the body. */
+static int authenticate(request *r, struct MHD_Connection *conn,
+                        api_error *err)
+{
+    api_request areq = {0};
+    const api_client *client;
+    api_ref *ref = ref_get(r->srv);
+    int rc;
+
+    credentials(r, conn, &areq);
+    rc = api_authenticate(ref->api, &areq, &client, err);
+    ref_put(r->srv, ref);
+    return rc;
+}
+
+/* Writes the audit record of a private-key operation or a refusal. A
+ * record of a key operation that cannot be written turns the answer into an
+ * error: no signature or plaintext leaves unaudited. */
+static int audit(request *r, api_response *res)
+{
+    audit_record rec = {0};
+
+    if (res->operation == NULL && res->status != 401 && res->status != 403)
+        return 0;
+    rec.request_id = r->id;
+    rec.client = res->client;
+    rec.remote = r->remote;
+    rec.operation = res->operation != NULL ? res->operation : r->path;
+    rec.key = res->key;
+    rec.content_sha256 = res->content_sha256;
+    rec.result = res->status;
+    rec.error = res->error;
+    rec.latency_ms = ms_since(&r->start);
+    if (audit_write(&rec) == 0)
+        return 0;
+    log_error("cannot write the audit record of request %s: %s", r->id,
+              strerror(errno));
+    if (!res->key_op)
+        return 0;
+    return api_fail(&r->err, 500, "audit_failed",
+                    "the audit record could not be written; the result is "
+                    "withheld");
 }
 
 /* The checks made from the headers alone, in the contract's order. */
@@ -204,6 +386,8 @@ static int check_headers(request *r, struct MHD_Connection *conn,
     char *end;
     unsigned long long n;
 
+    if (!api_path_is_open(url) && authenticate(r, conn, err) != 0)
+        return -1;
     r->route = api_route_find(method, url, err);
     if (r->route == NULL)
         return -1;
@@ -303,12 +487,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
     int rc;
 
     if (r == NULL) {
-        r = request_new(srv, method, url);
+        r = request_new(srv, conn, method, url);
         if (r == NULL)
             return MHD_NO;
         *req_cls = r;
-        if (check_headers(r, conn, method, url, &err) != 0)
-            return answer_error(r, conn, &err);
+        if (check_headers(r, conn, method, url, &err) != 0) {
+            if (api_response_set_error(&res, &err) != 0) {
+                api_response_clear(&res);
+                return answer_fixed(r, conn);
+            }
+            audit(r, &res);
+            return queue(r, conn, &res);
+        }
         return MHD_YES;
     }
     if (r->answered) {
@@ -345,16 +535,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
     areq.query = query_get;
     areq.query_each = query_each;
     areq.query_ctx = conn;
-    pthread_mutex_lock(&srv->lock);
-    ref = srv->current;
-    ref->users++;
-    pthread_mutex_unlock(&srv->lock);
+    credentials(r, conn, &areq);
+    ref = ref_get(srv);
     rc = api_handle(ref->api, &areq, &res);
-    pthread_mutex_lock(&srv->lock);
-    if (--ref->users == 0)
-        pthread_cond_broadcast(&srv->idle);
-    pthread_mutex_unlock(&srv->lock);
+    ref_put(srv, ref);
     if (rc != 0) {
+        api_response_clear(&res);
+        return answer_fixed(r, conn);
+    }
+    if (audit(r, &res) != 0 && api_response_set_error(&res, &r->err) != 0) {
         api_response_clear(&res);
         return answer_fixed(r, conn);
     }
@@ -401,6 +590,61 @@ static int parse_listen(const char *listen, struct sockaddr_storage *ss,
     return 0;
 }
 
+int http_listen_is_loopback(const char *listen)
+{
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    char errbuf[128];
+
+    if (parse_listen(listen, &ss, &sslen, errbuf, sizeof(errbuf)) != 0)
+        return 0;
+    if (ss.ss_family == AF_INET)
+        return (ntohl(((struct sockaddr_in *)&ss)->sin_addr.s_addr) >> 24) ==
+               127;
+    return ss.ss_family == AF_INET6 &&
+           IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *)&ss)->sin6_addr);
+}
+
+/* A PEM file for libmicrohttpd, which takes them as text. */
+static char *read_pem(const char *path, char *errbuf, size_t errlen)
+{
+    FILE *f = fopen(path, "re");
+    char *text = NULL;
+    size_t n = 0;
+
+    if (f == NULL) {
+        snprintf(errbuf, errlen, "cannot open %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    text = calloc(1, HTTP_PEM_MAX + 1);
+    if (text != NULL)
+        n = fread(text, 1, HTTP_PEM_MAX + 1, f);
+    fclose(f);
+    if (text == NULL || n == 0 || n > HTTP_PEM_MAX) {
+        snprintf(errbuf, errlen, "%s is empty, too large or unreadable", path);
+        free(text);
+        return NULL;
+    }
+    return text;
+}
+
+static void free_secret(char *text)
+{
+    if (text != NULL)
+        OPENSSL_clear_free(text, strlen(text));
+}
+
+static void server_free(http_server *srv)
+{
+    pthread_cond_destroy(&srv->idle);
+    pthread_mutex_destroy(&srv->lock);
+    free(srv->tls_cert);
+    free_secret(srv->tls_key);
+    free(srv->tls_ca);
+    free(srv->current);
+    free(srv);
+}
+
 http_server *http_start(const http_options *opts, api *a, char *errbuf,
                         size_t errlen)
 {
@@ -408,6 +652,8 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
     struct sockaddr_storage ss;
     socklen_t sslen;
     const union MHD_DaemonInfo *info;
+    struct MHD_OptionItem o[16];
+    size_t n = 0;
     unsigned flags = MHD_USE_AUTO | MHD_USE_INTERNAL_POLLING_THREAD |
                      MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ITC |
                      MHD_USE_ERROR_LOG;
@@ -421,6 +667,8 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
         snprintf(errbuf, errlen, "out of memory");
         goto out;
     }
+    pthread_mutex_init(&srv->lock, NULL);
+    pthread_cond_init(&srv->idle, NULL);
     srv->current = calloc(1, sizeof(*srv->current));
     if (srv->current == NULL) {
         snprintf(errbuf, errlen, "out of memory");
@@ -428,17 +676,44 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
     }
     srv->current->api = a;
     srv->max_body = opts->max_body_bytes;
-    pthread_mutex_init(&srv->lock, NULL);
-    pthread_cond_init(&srv->idle, NULL);
-    srv->daemon = MHD_start_daemon(
-        flags, 0, NULL, NULL, on_request, srv, MHD_OPTION_EXTERNAL_LOGGER,
-        on_mhd_log, NULL, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-        MHD_OPTION_CONNECTION_LIMIT, opts->max_connections,
-        MHD_OPTION_CONNECTION_TIMEOUT, opts->timeout_s,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv, MHD_OPTION_END);
+#define OPT(opt, value, ptr)                                                   \
+    o[n++] = (struct MHD_OptionItem){(opt), (intptr_t)(value), (ptr)}
+    OPT(MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL);
+    OPT(MHD_OPTION_SOCK_ADDR, 0, &ss);
+    OPT(MHD_OPTION_CONNECTION_LIMIT, opts->max_connections, NULL);
+    OPT(MHD_OPTION_PER_IP_CONNECTION_LIMIT, opts->max_connections_per_ip, NULL);
+    OPT(MHD_OPTION_CONNECTION_TIMEOUT, opts->timeout_s, NULL);
+    OPT(MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv);
+    if (opts->tls_certificate != NULL) {
+        flags |= MHD_USE_TLS;
+        srv->tls_cert = read_pem(opts->tls_certificate, errbuf, errlen);
+        srv->tls_key = read_pem(opts->tls_key, errbuf, errlen);
+        if (srv->tls_cert == NULL || srv->tls_key == NULL)
+            goto out;
+        OPT(MHD_OPTION_HTTPS_MEM_CERT, 0, srv->tls_cert);
+        OPT(MHD_OPTION_HTTPS_MEM_KEY, 0, srv->tls_key);
+        if (opts->tls_client_ca != NULL) {
+            srv->tls_ca = read_pem(opts->tls_client_ca, errbuf, errlen);
+            if (srv->tls_ca == NULL)
+                goto out;
+            OPT(MHD_OPTION_HTTPS_MEM_TRUST, 0, srv->tls_ca);
+        }
+    }
+    OPT(MHD_OPTION_END, 0, NULL);
+#undef OPT
+    if (opts->tls_certificate != NULL &&
+        MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
+        snprintf(errbuf, errlen, "this libmicrohttpd has no TLS support");
+        goto out;
+    }
+    srv->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, srv,
+                                   MHD_OPTION_ARRAY, o, MHD_OPTION_END);
     if (srv->daemon == NULL) {
-        snprintf(errbuf, errlen, "cannot listen on %s: %s", opts->listen,
-                 strerror(errno));
+        snprintf(errbuf, errlen, "cannot listen on %s: %s%s", opts->listen,
+                 strerror(errno),
+                 opts->tls_certificate != NULL
+                     ? " (or the TLS certificate and key do not load)"
+                     : "");
         goto out;
     }
     info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);
@@ -446,12 +721,8 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
     ret = srv;
     srv = NULL;
 out:
-    if (srv != NULL) {
-        pthread_cond_destroy(&srv->idle);
-        pthread_mutex_destroy(&srv->lock);
-        free(srv->current);
-        free(srv);
-    }
+    if (srv != NULL)
+        server_free(srv);
     return ret;
 }
 
@@ -517,9 +788,6 @@ unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
     left = srv->in_flight;
     pthread_mutex_unlock(&srv->lock);
     MHD_stop_daemon(srv->daemon);
-    pthread_cond_destroy(&srv->idle);
-    pthread_mutex_destroy(&srv->lock);
-    free(srv->current);
-    free(srv);
+    server_free(srv);
     return left;
 }

@@ -14,7 +14,14 @@ typedef struct http_options {
     const char *listen; /* host:port; port 0 picks a free one */
     size_t max_body_bytes;
     unsigned max_connections;
+    unsigned max_connections_per_ip;
     unsigned timeout_s;
+    /* TLS when tls_certificate is set: PEM files of the server certificate
+     * and key, and of the CA that client certificates must verify against
+     * (NULL: clients are not asked for one) */
+    const char *tls_certificate;
+    const char *tls_key;
+    const char *tls_client_ca;
 } http_options;
 
 typedef struct http_server http_server;
@@ -23,6 +30,8 @@ typedef struct http_server http_server;
 http_server *http_start(const http_options *opts, api *a, char *errbuf,
                         size_t errlen);
 unsigned http_port(const http_server *srv);
+/* 1 when listen names a loopback address (127/8, ::1). */
+int http_listen_is_loopback(const char *listen);
 /* Serves new requests with a, then waits up to timeout_ms for the requests
  * still using the api it replaces. 0: *old is that api, unused now (the
  * caller frees it). 1: requests still use it, so it must never be freed.

@@ -3,17 +3,22 @@
  * synchronously here with sigwait, so no handler ever runs inside a token
  * module or the allocator.
  */
+#include <errno.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <openssl/crypto.h>
 
 #include <config.h> /* generated: version */
 #include "api/api.h"
 #include "cms/cms.h"
+#include "service/audit.h"
 #include "service/config.h"
+#include "service/harden.h"
 #include "service/http.h"
 #include "service/log.h"
 #include "token/token.h"
@@ -25,12 +30,15 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: smimed --config FILE [--listen HOST:PORT] "
                "[--check-config]\n"
+               "       smimed --hash-token < TOKEN\n"
                "       smimed --help | --version\n"
                "\n"
                "  -c, --config FILE     JSON configuration (see README.md)\n"
                "  -l, --listen H:P      override the listen address "
                "(port 0: any free port)\n"
                "      --check-config    check FILE, print every problem, exit\n"
+               "      --hash-token      read a client token on stdin, print "
+               "its config line\n"
                "  -h, --help            this text\n"
                "  -V, --version         print the version\n");
 }
@@ -92,8 +100,87 @@ static token_set *open_tokens(const config *cfg)
     return tokens;
 }
 
+/* A client token: random, at least this long (a guessable token is a
+ * password, and these are checked without any rate limit). */
+#define TOKEN_MIN_LEN 16
+#define TOKEN_MAX_LEN 4096
+
+/* smimed --hash-token: the token on stdin (one line), its config line on
+ * stdout; the token never appears in argv or in the config. */
+static int hash_token(void)
+{
+    char buf[TOKEN_MAX_LEN + 2];
+    unsigned char d[API_TOKEN_SHA256_LEN];
+    size_t len = fread(buf, 1, sizeof(buf), stdin), i;
+    int ret = 1;
+
+    while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == '\r'))
+        len--;
+    if (len > TOKEN_MAX_LEN || memchr(buf, '\n', len) != NULL) {
+        fprintf(stderr,
+                "smimed: the token must be one line of at most %d bytes\n",
+                TOKEN_MAX_LEN);
+    } else if (len < TOKEN_MIN_LEN) {
+        fprintf(stderr,
+                "smimed: the token is shorter than %d bytes; use a random "
+                "one (openssl rand -hex 32)\n",
+                TOKEN_MIN_LEN);
+    } else if (api_hash_token(buf, len, d) != 0) {
+        fprintf(stderr, "smimed: cannot compute SHA-256\n");
+    } else {
+        printf("\"token_sha256\": \"");
+        for (i = 0; i < sizeof(d); i++)
+            printf("%02x", d[i]);
+        printf("\"\n");
+        ret = 0;
+    }
+    OPENSSL_cleanse(buf, sizeof(buf));
+    return ret;
+}
+
+/* Nobody but the host may reach an unauthenticated daemon, unless the
+ * operator wrote a setting that says it is insecure. */
+static int check_exposure(const config *cfg, const char *listen)
+{
+    if (cfg->nclients > 0 || http_listen_is_loopback(listen))
+        return 0;
+    if (cfg->allow_insecure_unauthenticated_listen) {
+        log_warn("listening on %s without client authentication "
+                 "(allow_insecure_unauthenticated_listen): anyone who reaches "
+                 "it can use every key",
+                 listen);
+        return 0;
+    }
+    log_error("refusing to listen on %s, which is not a loopback address, "
+              "without client authentication: configure \"clients\" (or set "
+              "\"allow_insecure_unauthenticated_listen\": true)",
+              listen);
+    return -1;
+}
+
+/* The audit trail follows the config; failing to open it is fatal at
+ * start and keeps the old trail on reload. */
+static int open_audit(const config *cfg)
+{
+    if (audit_open(cfg->audit_log) == 0)
+        return 0;
+    log_error("cannot open the audit log %s: %s", cfg->audit_log,
+              strerror(errno));
+    return -1;
+}
+
+static api *api_for(const config *cfg, token_set *tokens)
+{
+    api *a = api_new(tokens, cfg->trust, cfg->trust_dir, cfg->crls);
+
+    if (a != NULL)
+        api_set_clients(a, cfg->clients, cfg->nclients);
+    return a;
+}
+
 /* What a reload replaces; the listening socket and its limits stay. */
 typedef struct running {
+    const char *listen;
     const char *config_path;
     config *cfg;
     token_set *tokens;
@@ -137,20 +224,29 @@ static void reload(running *run, http_server *srv)
     cfg = config_load(run->config_path, &problems);
     for (i = 0; i < problems.count; i++)
         log_error("%s", problems.lines[i]);
-    if (cfg == NULL)
+    if (cfg == NULL || check_exposure(cfg, run->listen) != 0)
         goto fail;
+    if ((cfg->audit_log == NULL) != (run->cfg->audit_log == NULL) ||
+        (cfg->audit_log != NULL &&
+         strcmp(cfg->audit_log, run->cfg->audit_log) != 0)) {
+        if (open_audit(cfg) != 0)
+            goto fail;
+    }
     tokens = open_tokens(cfg);
     if (tokens == NULL || loses_token(run->tokens, tokens))
         goto fail;
-    a = api_new(tokens, cfg->trust, cfg->trust_dir, cfg->crls);
+    a = api_for(cfg, tokens);
     if (a == NULL)
         goto fail;
     if (strcmp(cfg->listen, run->cfg->listen) != 0 ||
         cfg->max_body_bytes != run->cfg->max_body_bytes ||
         cfg->max_connections != run->cfg->max_connections ||
-        cfg->request_timeout_s != run->cfg->request_timeout_s)
-        log_warn("listen, max_body_bytes, max_connections and "
-                 "request_timeout_s take effect on restart only");
+        cfg->max_connections_per_ip != run->cfg->max_connections_per_ip ||
+        cfg->request_timeout_s != run->cfg->request_timeout_s ||
+        (cfg->tls_certificate != NULL) != (run->cfg->tls_certificate != NULL))
+        log_warn("listen, tls, max_body_bytes, max_connections, "
+                 "max_connections_per_ip and request_timeout_s take effect "
+                 "on restart only");
     switch (http_set_api(srv, a, SHUTDOWN_TIMEOUT_MS, &old)) {
     case -1:
         goto fail;
@@ -195,6 +291,10 @@ static int serve(http_server *srv, running *run, const sigset_t *sigs)
                 log_error("cannot reopen the log file");
             else
                 log_info("log file reopened");
+            if (audit_reopen() != 0)
+                log_error("cannot reopen the audit log: %s; still writing "
+                          "the old file",
+                          strerror(errno));
             continue;
         }
         if (sig == SIGHUP) {
@@ -220,6 +320,7 @@ int main(int argc, char **argv)
         {"config", required_argument, NULL, 'c'},
         {"listen", required_argument, NULL, 'l'},
         {"check-config", no_argument, NULL, 'k'},
+        {"hash-token", no_argument, NULL, 't'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
@@ -231,7 +332,12 @@ int main(int argc, char **argv)
     http_options hopts;
     sigset_t sigs;
     char errbuf[256];
-    int opt, check_only = 0, ret = 1;
+    int opt, check_only = 0, hash_only = 0, ret = 1;
+
+    if (harden_process(errbuf, sizeof(errbuf)) != 0) {
+        fprintf(stderr, "smimed: %s\n", errbuf);
+        return 1;
+    }
 
     while ((opt = getopt_long(argc, argv, "c:l:hV", longopts, NULL)) != -1) {
         switch (opt) {
@@ -244,6 +350,9 @@ int main(int argc, char **argv)
         case 'k':
             check_only = 1;
             break;
+        case 't':
+            hash_only = 1;
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -255,12 +364,16 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (config_path == NULL || optind != argc) {
+    if (hash_only && config_path == NULL && optind == argc)
+        return hash_token();
+    if (config_path == NULL || optind != argc || hash_only) {
         usage(stderr);
         return 2;
     }
     run.config_path = config_path;
     run.cfg = config_load(config_path, &problems);
+    if (run.cfg != NULL)
+        run.listen = listen != NULL ? listen : run.cfg->listen;
     if (print_problems(&problems) || run.cfg == NULL)
         goto out;
     if (check_only) {
@@ -282,33 +395,50 @@ int main(int argc, char **argv)
     /* a client hanging up mid-response must not kill the daemon */
     signal(SIGPIPE, SIG_IGN);
 
+    if (check_exposure(run.cfg, run.listen) != 0 || open_audit(run.cfg) != 0)
+        goto out;
+    if (harden_raise_nofile(run.cfg->max_connections + 256) <
+        run.cfg->max_connections + 16)
+        log_warn("the open-file limit is below max_connections (%u)",
+                 run.cfg->max_connections);
     cms_init();
     run.tokens = open_tokens(run.cfg);
     if (run.tokens == NULL)
         goto out;
-    run.api =
-        api_new(run.tokens, run.cfg->trust, run.cfg->trust_dir, run.cfg->crls);
+    run.api = api_for(run.cfg, run.tokens);
     if (run.api == NULL) {
         log_error("out of memory");
         goto out;
     }
-    hopts.listen = listen != NULL ? listen : run.cfg->listen;
+    memset(&hopts, 0, sizeof(hopts));
+    hopts.listen = run.listen;
     hopts.max_body_bytes = run.cfg->max_body_bytes;
     hopts.max_connections = run.cfg->max_connections;
+    hopts.max_connections_per_ip = run.cfg->max_connections_per_ip;
     hopts.timeout_s = run.cfg->request_timeout_s;
+    hopts.tls_certificate = run.cfg->tls_certificate;
+    hopts.tls_key = run.cfg->tls_key;
+    hopts.tls_client_ca = run.cfg->tls_client_ca;
+    if (run.cfg->nclients > 0 && run.cfg->tls_certificate == NULL &&
+        !http_listen_is_loopback(run.listen))
+        log_warn("bearer tokens travel in clear on %s: configure \"tls\"",
+                 run.listen);
     srv = http_start(&hopts, run.api, errbuf, sizeof(errbuf));
     if (srv == NULL) {
         log_error("%s", errbuf);
         goto out;
     }
-    log_info("%s %s listening on %s (port %u)", SMIMED_NAME, SMIMED_VERSION,
-             hopts.listen, http_port(srv));
+    log_info("%s %s listening on %s (port %u)%s%s", SMIMED_NAME,
+             SMIMED_VERSION, hopts.listen, http_port(srv),
+             hopts.tls_certificate != NULL ? " with TLS" : "",
+             run.cfg->nclients > 0 ? ", client authentication on" : "");
     ret = serve(srv, &run, &sigs);
 out:
     api_free(run.api);
     token_set_free(run.tokens);
     config_free(run.cfg);
     config_problems_clear(&problems);
+    audit_close();
     log_close();
     return ret;
 }

@@ -45,10 +45,18 @@ typedef struct token_uri {
 int token_uri_parse(const char *text, token_uri *uri, token_error *err);
 void token_uri_clear(token_uri *uri);
 
-/* Reads a PIN from a file (first line, trailing CR/LF stripped) or from an
- * environment variable. The caller wipes and frees it with token_pin_free. */
+/* Reads a PIN from a file (first line, trailing CR/LF stripped; refused
+ * when the file is open to group or others) or from an environment
+ * variable (moved into locked memory and out of the environment on first
+ * read; later reads return that copy). The caller wipes and frees it with
+ * token_pin_free. */
 char *token_pin_read_file(const char *path, token_error *err);
 char *token_pin_read_env(const char *name, token_error *err);
+/* -1 when the PIN file cannot be used (missing, or open to group or
+ * others). */
+int token_pin_check_file(const char *path, token_error *err);
+/* 1 when token_pin_read_env(name) has a value to return. */
+int token_pin_env_available(const char *name);
 void token_pin_free(char *pin);
 
 /* One key named in the configuration. */

@@ -284,8 +284,24 @@ class Response:
         return "<%d %s %r>" % (self.status, self.reason, self.body[:300])
 
 
+def default_bearer(config):
+    """The token a daemon's requests carry unless a test says otherwise: the
+    all-powerful client's DIR/api-token (script/demo-token) when the config
+    turns client authentication on; None when it does not."""
+    try:
+        cfg = json.loads(Path(config).read_text())
+        tok = Path(config).parent / "api-token"
+        if cfg.get("clients") and tok.exists():
+            return tok.read_text().splitlines()[0]
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class Daemon:
-    """One smimed process on a free loopback port."""
+    """One smimed process on a free loopback port. Requests carry
+    `Authorization: Bearer <bearer>` unless auth=False or the test gives its
+    own Authorization header."""
 
     serial = 0
 
@@ -298,6 +314,7 @@ class Daemon:
         self.proc = None
         self.port = None
         self.returncode = None
+        self.bearer = default_bearer(self.config)
         logs = IT / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / ("%02d-%s.stderr" % (Daemon.serial, re.sub(r"\W", "_", name)))
@@ -335,23 +352,34 @@ class Daemon:
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def request(self, method, path, body=None, headers=None, timeout=120):
+    def auth_headers(self, headers=None, auth=True):
+        h = dict(headers or {})
+        if auth and self.bearer and not any(k.lower() == "authorization" for k in h):
+            h["Authorization"] = "Bearer " + self.bearer
+        return h
+
+    def auth_line(self):
+        """The Authorization header line for hand-written requests."""
+        return b"".join(b"%s: %s\r\n" % (k.encode(), v.encode())
+                        for k, v in self.auth_headers().items())
+
+    def request(self, method, path, body=None, headers=None, timeout=120, auth=True):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            conn.request(method, path, body=body, headers=self.auth_headers(headers, auth))
             r = conn.getresponse()
             data = r.read()
             return Response(r.status, r.reason, r.getheaders(), data)
         finally:
             conn.close()
 
-    def post_json(self, path, obj, headers=None, timeout=120):
+    def post_json(self, path, obj, headers=None, timeout=120, auth=True):
         h = {"Content-Type": "application/json"}
         h.update(headers or {})
         body = obj if isinstance(obj, (bytes, str)) else json.dumps(obj)
         if isinstance(body, str):
             body = body.encode("utf-8")
-        return self.request("POST", path, body=body, headers=h, timeout=timeout)
+        return self.request("POST", path, body=body, headers=h, timeout=timeout, auth=auth)
 
     def sign(self, timeout=120, **fields):
         return self.post_json("/v1/sign", fields, timeout=timeout)

@@ -129,7 +129,7 @@ def sigterm_in_flight():
     try:
         for b in bodies:
             s = socket.create_connection(("127.0.0.1", d.port), timeout=60)
-            s.sendall(b"POST /v1/sign HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            s.sendall(b"POST /v1/sign HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + d.auth_line() +
                       b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(b))
             s.sendall(b[:len(b) // 2])
             socks.append(s)

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 #include "service/config.h"
 #include "tap.h"
@@ -26,6 +27,17 @@ static void write_file(const char *name, const char *text)
     }
     fputs(text, f);
     fclose(f);
+}
+
+static void chmod_file(const char *name, mode_t mode)
+{
+    char path[256];
+
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    if (chmod(path, mode) != 0) {
+        perror(path);
+        exit(1);
+    }
 }
 
 /* Loads text as a config; returns it (or NULL) and leaves problems. */
@@ -227,6 +239,7 @@ int main(void)
     write_file("module.so", "not really a module; config only checks it "
                             "can be read\n");
     write_file("pin", "1234\n");
+    chmod_file("pin", 0600);
     write_file("cert.pem", "");
     test_good();
     test_problems();

@@ -98,7 +98,8 @@ static int setup_token(void)
               "p11 --write-object k1.cder --type cert --id 01 --label k1\n"
               "printf '" PIN "\\n' >pin\n"
               "printf '00000000\\n' >badpin\n"
-              "printf '11111111\\n' >otherpin\n",
+              "printf '11111111\\n' >otherpin\n"
+              "chmod 600 pin badpin otherpin\n",
               dir);
 }
 

@@ -257,7 +257,8 @@ static int setup_tokens(void)
         "cert k1-expired k1.pub good.ext -1\n"
         "cert k1-ku k1.pub ku.ext 30\n"
         "printf '" PIN "\\n' >pin\n"
-        "printf '00000000\\n' >badpin\n",
+        "printf '00000000\\n' >badpin\n"
+        "chmod 600 pin badpin\n",
         dir);
 }
 

@@ -1,0 +1,31 @@
+/*
+ * audit: the append-only trail of key use, one JSON object per line: every
+ * private-key operation and every refused request. Never content, PINs or
+ * tokens. A record that cannot be written is an error the caller must act
+ * on: no signature leaves the daemon unaudited.
+ */
+#ifndef SMIMED_AUDIT_H
+#define SMIMED_AUDIT_H
+
+typedef struct audit_record {
+    const char *request_id;
+    const char *client;    /* NULL or "": none authenticated */
+    const char *remote;    /* peer address */
+    const char *operation; /* "sign", "decrypt", or the refused path */
+    const char *key;       /* NULL or "": none */
+    const char *content_sha256; /* hex; NULL or "": content not read */
+    int result;                 /* HTTP status */
+    const char *error;          /* error code; NULL on success */
+    double latency_ms;
+} audit_record;
+
+/* NULL path: no audit trail. -1 (errno set) when the file cannot be
+ * opened; the trail in use, if any, stays. */
+int audit_open(const char *path);
+/* Reopens the same path after rotation (SIGUSR1); -1 keeps the old file. */
+int audit_reopen(void);
+void audit_close(void);
+/* 0 when written (or no trail is configured), -1 when the write failed. */
+int audit_write(const audit_record *r);
+
+#endif
