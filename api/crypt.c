@@ -333,8 +333,8 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
         key = choose_key(a, req, env, &denied, err);
         /* only keys the client may not use open it: 403, and audited */
         if (denied != NULL)
-            api_authorize(req, res, &in, token_key_name(denied),
-                          API_OP_DECRYPT, err);
+            api_authorize(req, res, &in, token_key_name(denied), API_OP_DECRYPT,
+                          err);
         if (key == NULL || api_authorize(req, res, &in, token_key_name(key),
                                          API_OP_DECRYPT, err) != 0)
             goto out;

@@ -151,7 +151,7 @@ int audit_write(const audit_record *r)
     if (rec == NULL)
         goto out;
     line = json_dumps(rec, JSON_COMPACT | JSON_PRESERVE_ORDER |
-                              JSON_REAL_PRECISION(12));
+                               JSON_REAL_PRECISION(12));
     json_decref(rec);
     if (line == NULL)
         goto out;

@@ -9,10 +9,10 @@
 
 typedef struct audit_record {
     const char *request_id;
-    const char *client;    /* NULL or "": none authenticated */
-    const char *remote;    /* peer address */
-    const char *operation; /* "sign", "decrypt", or the refused path */
-    const char *key;       /* NULL or "": none */
+    const char *client;         /* NULL or "": none authenticated */
+    const char *remote;         /* peer address */
+    const char *operation;      /* "sign", "decrypt", or the refused path */
+    const char *key;            /* NULL or "": none */
     const char *content_sha256; /* hex; NULL or "": content not read */
     int result;                 /* HTTP status */
     const char *error;          /* error code; NULL on success */

@@ -520,8 +520,7 @@ static void load_client(loader *ld, size_t ci, json_t *obj)
             c->ops |= API_OP_DECRYPT;
         else
             problem(ld, where,
-                    "\"operations\"[%zu] must be \"sign\" or \"decrypt\"",
-                    i);
+                    "\"operations\"[%zu] must be \"sign\" or \"decrypt\"", i);
     }
     for (i = 0; i < ci && c->name != NULL; i++) {
         if (ld->cfg->clients[i].name != NULL &&

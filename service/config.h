@@ -46,7 +46,7 @@ typedef struct config {
     char *tls_key;
     char *tls_client_ca;
     char *audit_log; /* NULL: no audit trail */
-    void *priv; /* owns every string above */
+    void *priv;      /* owns every string above */
 } config;
 
 /* Problems found while loading, one line each ("FILE: PATH: text"). */

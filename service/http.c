@@ -335,8 +335,7 @@ static void credentials(request *r, struct MHD_Connection *conn,
 /* 401 comes before everything else the contract checks, so it is decided
  * on the headers; api_handle checks again with the configuration that
  * serves the body. */
-static int authenticate(request *r, struct MHD_Connection *conn,
-                        api_error *err)
+static int authenticate(request *r, struct MHD_Connection *conn, api_error *err)
 {
     api_request areq = {0};
     const api_client *client;
@@ -356,7 +355,7 @@ static int audit(request *r, api_response *res)
 {
     audit_record rec = {0};
 
-    if (res->operation == NULL && res->status != 401 && res->status != 403)
+    if (!res->key_op && res->status != 401 && res->status != 403)
         return 0;
     rec.request_id = r->id;
     rec.client = res->client;

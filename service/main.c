@@ -428,8 +428,8 @@ int main(int argc, char **argv)
         log_error("%s", errbuf);
         goto out;
     }
-    log_info("%s %s listening on %s (port %u)%s%s", SMIMED_NAME,
-             SMIMED_VERSION, hopts.listen, http_port(srv),
+    log_info("%s %s listening on %s (port %u)%s%s", SMIMED_NAME, SMIMED_VERSION,
+             hopts.listen, http_port(srv),
              hopts.tls_certificate != NULL ? " with TLS" : "",
              run.cfg->nclients > 0 ? ", client authentication on" : "");
     ret = serve(srv, &run, &sigs);

@@ -41,8 +41,7 @@ static char *pin_dup(const char *src, size_t len, token_error *err)
 
 /* A PIN readable (or writable) by anyone but the owner is as good as
  * published on a shared host. */
-static int check_mode(const char *path, const struct stat *st,
-                      token_error *err)
+static int check_mode(const char *path, const struct stat *st, token_error *err)
 {
     if ((st->st_mode & 077) == 0)
         return 0;

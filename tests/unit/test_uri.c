@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 #include "tap.h"
 #include "testtoken.h"
@@ -182,6 +183,34 @@ static void check_pin_error(const char *content, size_t len, const char *name)
     token_pin_free(pin);
 }
 
+/* A PIN file open to group or others is refused, by the read and by the
+ * check the config loader runs, naming the file and the fix. */
+static void check_pin_mode(mode_t mode, int ok, const char *name)
+{
+    char path[] = "/tmp/smimed-pin-XXXXXX";
+    token_error err = {0}, cerr = {0};
+    char *pin = NULL;
+    int fd = mkstemp(path), checked = -1;
+
+    if (fd >= 0 && write(fd, "1234\n", 5) == 5 && fchmod(fd, mode) == 0) {
+        pin = token_pin_read_file(path, &err);
+        checked = token_pin_check_file(path, &cerr);
+    }
+    if (fd >= 0)
+        close(fd);
+    unlink(path);
+    if (ok)
+        tap_ok(pin != NULL && strcmp(pin, "1234") == 0 && checked == 0,
+               "pin file: %s", name);
+    else
+        tap_ok(pin == NULL && checked == -1 &&
+                   strstr(err.message, "chmod 600") != NULL &&
+                   strstr(err.message, path) != NULL &&
+                   strcmp(err.message, cerr.message) == 0,
+               "pin file: %s (%s)", name, err.message);
+    token_pin_free(pin);
+}
+
 static void test_pin(void)
 {
     token_error err = {0};
@@ -199,6 +228,12 @@ static void test_pin(void)
                     "34\n",
                     6, "NUL byte");
 
+    check_pin_mode(0600, 1, "mode 0600 accepted");
+    check_pin_mode(0400, 1, "mode 0400 accepted");
+    check_pin_mode(0640, 0, "mode 0640 refused");
+    check_pin_mode(0604, 0, "mode 0604 refused");
+    check_pin_mode(0620, 0, "mode 0620 refused");
+
     pin = token_pin_read_file("/nonexistent/smimed/pin", &err);
     tap_ok(pin == NULL && err.status == TOKEN_ERR_CONFIG &&
                strstr(err.message, "/nonexistent/smimed/pin") != NULL,
@@ -207,6 +242,13 @@ static void test_pin(void)
     setenv("SMIMED_TEST_PIN_ENV", "9876", 1);
     pin = token_pin_read_env("SMIMED_TEST_PIN_ENV", &err);
     tap_ok(pin != NULL && strcmp(pin, "9876") == 0, "pin env: read");
+    token_pin_free(pin);
+    tap_ok(getenv("SMIMED_TEST_PIN_ENV") == NULL &&
+               token_pin_env_available("SMIMED_TEST_PIN_ENV"),
+           "pin env: moved out of the environment, still available");
+    pin = token_pin_read_env("SMIMED_TEST_PIN_ENV", &err);
+    tap_ok(pin != NULL && strcmp(pin, "9876") == 0,
+           "pin env: read again from locked memory");
     token_pin_free(pin);
     setenv("SMIMED_TEST_PIN_ENV", "", 1);
     pin = token_pin_read_env("SMIMED_TEST_PIN_ENV", &err);
