@@ -332,7 +332,7 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
     } else {
         key = choose_key(a, req, env, &denied, err);
         /* only keys the client may not use open it: 403, and audited */
-        if (denied != NULL)
+        if (key == NULL && denied != NULL)
             api_authorize(req, res, &in, token_key_name(denied), API_OP_DECRYPT,
                           err);
         if (key == NULL || api_authorize(req, res, &in, token_key_name(key),

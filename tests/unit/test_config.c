@@ -81,9 +81,49 @@ static void expect_problem(const char *name, const char *text,
     config_problems_clear(&p);
 }
 
+#define HASH60 "0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab"
+
 #define TOKEN_OK                                                               \
     "\"module\": \"module.so\", \"uri\": \"pkcs11:token=t\", "                 \
     "\"pin_file\": \"pin\""
+
+static void test_good_clients(void)
+{
+    config_problems p = {0};
+    config *cfg;
+    char want[256];
+
+    cfg = load("{\"audit_log\": \"audit.log\", "
+               "\"allow_insecure_unauthenticated_listen\": true, "
+               "\"tls\": {\"certificate\": \"cert.pem\", \"key\": "
+               "\"cert.pem\", \"client_ca\": \"cert.pem\"}, "
+               "\"clients\": [{\"name\": \"a\", \"token_sha256\": "
+               "\"00ff" HASH60 "\", \"keys\": [\"k1\", \"k2\"], "
+               "\"operations\": [\"sign\", \"decrypt\"]}, "
+               "{\"name\": \"b\", \"certificate_san\": \"b.example\"}], "
+               "\"tokens\": [{" TOKEN_OK ", \"discovery\": true}]}",
+               &p);
+    tap_ok(cfg != NULL && p.count == 0, "a config with clients loads");
+    if (cfg == NULL)
+        return;
+    snprintf(want, sizeof(want), "%s/audit.log", dir);
+    tap_ok(strcmp(cfg->audit_log, want) == 0 && cfg->tls_client_ca != NULL &&
+               cfg->allow_insecure_unauthenticated_listen,
+           "audit_log resolved, tls read, insecure override read");
+    tap_ok(cfg->nclients == 2 && cfg->clients[0].has_token &&
+               cfg->clients[0].token_sha256[0] == 0x00 &&
+               cfg->clients[0].token_sha256[1] == 0xff &&
+               cfg->clients[0].nkeys == 2 &&
+               strcmp(cfg->clients[0].keys[1], "k2") == 0 &&
+               cfg->clients[0].ops == (API_OP_SIGN | API_OP_DECRYPT),
+           "client a: token hash, keys, operations");
+    tap_ok(!cfg->clients[1].has_token &&
+               strcmp(cfg->clients[1].cert_san, "b.example") == 0 &&
+               cfg->clients[1].nkeys == 0 && cfg->clients[1].ops == 0,
+           "client b: a certificate, no rights (default deny)");
+    config_free(cfg);
+    config_problems_clear(&p);
+}
 
 static void test_good(void)
 {
@@ -130,7 +170,16 @@ static void test_good(void)
     tap_ok(cfg != NULL && cfg->max_body_bytes == (size_t)64 << 20 &&
                strcmp(cfg->listen, "127.0.0.1:8080") == 0,
            "defaults: 64 MiB body cap, 127.0.0.1:8080");
+    tap_ok(cfg != NULL && cfg->max_connections >= 500 &&
+               cfg->max_connections_per_ip >= 500 &&
+               cfg->max_connections_per_ip <= cfg->max_connections,
+           "defaults: at least 500 connections from one address");
+    tap_ok(cfg != NULL && cfg->nclients == 0 && cfg->audit_log == NULL &&
+               cfg->tls_certificate == NULL &&
+               !cfg->allow_insecure_unauthenticated_listen,
+           "defaults: no clients, no audit log, no TLS");
     config_free(cfg);
+    test_good_clients();
     config_problems_clear(&p);
 }
 
