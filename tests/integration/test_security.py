@@ -338,6 +338,39 @@ def audit_reopen():
     check(len(audit_records(rotated)) > 0, "the rotated file lost its records")
 
 
+def reload_and_wait(d):
+    done = d.stderr_text().count("in service")
+    d.send_signal(signal.SIGHUP)
+    deadline = time.time() + 30
+    while d.stderr_text().count("in service") == done:
+        check(time.time() < deadline, "reload not done: %s" % d.tail(5))
+        time.sleep(0.1)
+
+
+def reload_revokes():
+    """Revoking a client is removing its entry and SIGHUP; the audit log
+    follows the configuration."""
+    cfg = json.loads((SEC / "smimed.conf").read_text())
+    cfg["audit_log"] = "audit-a.log"
+    conf = SEC / "revoke.conf"
+    conf.write_text(json.dumps(cfg))
+    d = S.daemon(conf, "revoke-daemon", env=F.softhsm_env(SEC))
+    r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg()}, headers=bearer(LIMITED))
+    eq(r.status, 200, "limited client before the reload")
+    record_of(r, SEC / "audit-a.log")
+    cfg["clients"] = [c for c in cfg["clients"] if c["name"] != "demo-limited"]
+    cfg["audit_log"] = "audit-b.log"
+    conf.write_text(json.dumps(cfg))
+    reload_and_wait(d)
+    r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg()}, headers=bearer(LIMITED))
+    refused_401(r)
+    record_of(r, SEC / "audit-b.log")
+    r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg()})
+    eq(r.status, 200, "the other client still signs")
+    record_of(r, SEC / "audit-b.log")
+    F.check_exit(d, d.stop())
+
+
 # ------------------------------------------------------------ TLS
 
 def openssl(*args):
@@ -519,12 +552,7 @@ def pin_env():
     check(b"SOFTHSM2_CONF=" in environ, "environ unreadable?")
     limits = Path("/proc/%d/limits" % d.proc.pid).read_text()
     check(re.search(r"Max core file size\s+0\s+0", limits), "core dumps not off:\n%s" % limits)
-    reloads = d.stderr_text().count("in service")
-    d.send_signal(signal.SIGHUP)  # a reload reads the PIN again, from locked memory
-    deadline = time.time() + 30
-    while d.stderr_text().count("in service") == reloads:
-        check(time.time() < deadline, "reload not done: %s" % d.tail(5))
-        time.sleep(0.1)
+    reload_and_wait(d)  # a reload reads the PIN again, from locked memory
     eq(d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg()}).status, 200, "sign after reload")
     F.check_exit(d, d.stop())
 
@@ -733,6 +761,7 @@ def main():
     S.case("decrypt chooses only keys the client may use", decrypt_choice_respects_rights)
     S.case("audit: a mixed run, one valid record per operation or refusal", audit_mixed_run)
     S.case("audit: SIGUSR1 reopens the audit log", audit_reopen)
+    S.case("reload: a removed client gets 401, the audit log follows", reload_revokes)
     S.case("audit: a failed write fails the operation", audit_write_failure)
     S.case("audit: an audit log that cannot be opened stops the start", audit_unopenable)
     if S.case("TLS: server and CAs", tls_setup):
