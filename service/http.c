@@ -51,6 +51,9 @@ struct http_server {
 /* Bound on a TLS certificate, key or CA bundle file. */
 #define HTTP_PEM_MAX ((size_t)1 << 20)
 
+/* TLS 1.2 and 1.3 only, GnuTLS's defaults otherwise. */
+#define HTTP_TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
+
 /* subjectAltNames kept from a client certificate. */
 #define PEER_SANS_MAX 16
 
@@ -689,6 +692,8 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
         srv->tls_key = read_pem(opts->tls_key, errbuf, errlen);
         if (srv->tls_cert == NULL || srv->tls_key == NULL)
             goto out;
+        /* GnuTLS's NORMAL still offers TLS 1.0 and 1.1 */
+        OPT(MHD_OPTION_HTTPS_PRIORITIES, 0, HTTP_TLS_PRIORITIES);
         OPT(MHD_OPTION_HTTPS_MEM_CERT, 0, srv->tls_cert);
         OPT(MHD_OPTION_HTTPS_MEM_KEY, 0, srv->tls_key);
         if (opts->tls_client_ca != NULL) {

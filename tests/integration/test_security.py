@@ -517,6 +517,23 @@ def curl_mtls():
     eq(code, "200", "curl status (%s)" % body[:200])
 
 
+def tls_versions():
+    """TLS 1.2 and 1.3 only: gnutls-cli limited to one version at a time."""
+    td = TLS["daemon"]
+    d = TLS["dir"]
+
+    def handshake(version):
+        p = F.run(["gnutls-cli", "--x509cafile", d / "server-ca.pem", "--port", td.port,
+                   "--priority", "NORMAL:-VERS-ALL:+VERS-" + version, "127.0.0.1"],
+                  input=b"GET /healthz HTTP/1.0\r\n\r\n", check=False, timeout=30)
+        return p.returncode == 0 and b" 200 OK" in p.stdout + p.stderr
+
+    check(handshake("TLS1.3"), "TLS 1.3 refused")
+    check(handshake("TLS1.2"), "TLS 1.2 refused")
+    check(not handshake("TLS1.1"), "TLS 1.1 accepted")
+    check(not handshake("TLS1.0"), "TLS 1.0 accepted")
+
+
 # ------------------------------------------------------------ PINs and process
 
 def pin_file_mode():
@@ -769,6 +786,7 @@ def main():
         S.case("mTLS: unknown and unverified client certificates", mtls_unknown)
         S.case("mTLS: no client certificate", mtls_none)
         S.case("mTLS: curl as the client", curl_mtls)
+        S.case("TLS: versions 1.2 and 1.3 only", tls_versions)
     S.case("PIN file open to the group: refused", pin_file_mode)
     S.case("PIN from the environment: served, gone from /proc/PID/environ, no core dumps", pin_env)
     S.case("modules: OPENSSL_CONF ignored, only the configured PKCS#11 module", modules_only_from_config)
