@@ -833,7 +833,7 @@ static void test_reencode_multipart(void)
                             "Content-Type: text/plain\n"
                             "\n"
                             "plain ascii part\n"
-                            "--xyz  \n"
+                            "--xyz\n"
                             "Content-Type: text/plain; charset=iso-8859-1\n"
                             "Content-Description: latin-1\n"
                             "Content-Transfer-Encoding: quoted-printable\n"
@@ -985,13 +985,36 @@ static void test_unchanged_exact(void)
                        "--=_b--   \n"
                        "\n"
                        "epilogue\n";
-    bytes want = canon(mime, strlen(mime));
+    /* Transport padding and blanks ending preamble lines go: gateways
+     * strip them. */
+    const char *stripped = "Content-Type: multipart/alternative;\n"
+                           "   boundary=\"=_b\"\n"
+                           "Content-Transfer-Encoding: 7bit\n"
+                           "\n"
+                           "preamble\n"
+                           "--=_b\n"
+                           "Content-Type: text/plain;charset=\"us-ascii\"\n"
+                           "Content-Transfer-Encoding: quoted-printable\n"
+                           "\n"
+                           "trailing =20\n"
+                           "soft=\n"
+                           "break\n"
+                           "\n"
+                           "--=_b\n"
+                           "\n"
+                           "no headers at all\n"
+                           "--=_b--\n"
+                           "\n"
+                           "epilogue\n";
+    bytes want = canon(stripped, strlen(stripped));
 
-    tap_ok(
-        sign_verify(mime, strlen(mime), &r, &v, &err) == 0 && v.ok &&
-            cms_result_count_reencoded(r) == 0 && v.content.len == want.len &&
-            memcmp(v.content.data, want.data, want.len) == 0,
-        "a 7-bit multipart is signed byte for byte (%s%s)", err.message, v.why);
+    tap_ok(sign_verify(mime, strlen(mime), &r, &v, &err) == 0 && v.ok &&
+               cms_result_count_reencoded(r) == 0 &&
+               v.content.len == want.len &&
+               memcmp(v.content.data, want.data, want.len) == 0,
+           "a 7-bit multipart is signed byte for byte, less the blanks ending "
+           "lines of its framing (%s%s)",
+           err.message, v.why);
     free(want.data);
     cms_result_free(r);
     verified_free(&v);
@@ -1520,6 +1543,8 @@ static int sign_nested(int levels, cms_result **r, cms_error *err,
                                 "\n\n--b%d\n",
                                 i, i);
     len += (size_t)snprintf(buf + len, cap - len, "\n\xff\n");
+    for (i = levels - 1; i >= 0; i--)
+        len += (size_t)snprintf(buf + len, cap - len, "--b%d--\n", i);
     rc = sign_verify(buf, len, r, v, err);
     free(buf);
     return rc;
