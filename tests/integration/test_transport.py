@@ -519,6 +519,31 @@ def sign_then_encrypt():
     check_structure(F.mime_of(j["verification"]), want, "verified content")
 
 
+def protected_headers():
+    """A signed whole message (another client's, with protected headers
+    inside): verify puts back only the mail headers the content lacks, and
+    content without a header block comes back as it is."""
+    pki = F.TestCA(WORK, "protected-ca")
+    cert = pki.issue("protected", "rsa")
+    trust = [pki.pem.read_text()]
+    inner = (b"From: alice@file.smimed.test\r\nSubject: the protected one\r\n"
+             b"Content-Type: text/plain\r\n\r\nhello\r\n")
+    signed = F.openssl_sign(inner, cert.pem, cert.key, WORK, detached=False)
+    outer = b"To: bob@example.test\r\nSubject: the copy outside\r\n"
+    r = D.post_json("/v1/verify", {"mime_base64": base64.b64encode(outer + signed).decode(),
+                                   "trust": trust})
+    eq(r.status, 200, "verify status (%r)" % r.body[:300])
+    j = r.json()
+    eq(j.get("valid"), True, "valid (%r)" % j)
+    eq(F.mime_of(j), b"To: bob@example.test\r\n" + inner, "verified message")
+    text = b"no header block here, just text\r\n"
+    signed = F.openssl_sign(text, cert.pem, cert.key, WORK, detached=False, extra=["-binary"])
+    r = D.post_json("/v1/verify", {"mime_base64": base64.b64encode(outer + signed).decode(),
+                                   "trust": trust})
+    eq(r.status, 200, "verify status (%r)" % r.body[:300])
+    eq(F.mime_of(r.json()), text, "verified content without a header block")
+
+
 # ------------------------------------------------------------------ 25 MiB
 
 def big_message(mib, tag):
@@ -712,6 +737,7 @@ def main():
                    realistic_case, key, mode)
     S.case("realistic message encrypted and decrypted whole", realistic_encrypted)
     S.case("signed and encrypted: headers back once, signature verifies", sign_then_encrypt)
+    S.case("verify: protected inner headers are not repeated", protected_headers)
     for name, raw, words in MALFORMED:
         S.case("malformed MIME: %s -> 422, still serving" % name, malformed, name, raw, words)
     S.case("malformed S/MIME to decrypt and verify -> 422, still serving", malformed_smime)
