@@ -377,32 +377,36 @@ out:
     return r;
 }
 
-/* Whether the header block at the start of s[0..len) has a field called
- * name[0..n). */
-static int has_field(const unsigned char *s, size_t len,
-                     const unsigned char *name, size_t n)
+/* The field names of the header block at the start of s[0..len),
+ * lowercased, as the keys of a set: one lookup per outer field keeps
+ * restoring linear in the number of fields on both sides. */
+static GHashTable *field_names(const unsigned char *s, size_t len)
 {
-    size_t pos, end;
+    GHashTable *names =
+        g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+    size_t pos, end, n;
 
     for (pos = 0; pos < len; pos = end) {
         end = line_end(s, len, pos);
         if (s[pos] == '\n' || line_text_len(s, pos, end) == 0)
             break;
-        if (end - pos > n &&
-            g_ascii_strncasecmp((const char *)s + pos, (const char *)name, n) ==
-                0 &&
-            (s[pos + n] == ':' || is_blank(s[pos + n])))
-            return 1;
+        for (n = 0; pos + n < end && is_ftext(s[pos + n]); n++)
+            ;
+        if (n > 0 && !is_blank(s[pos]))
+            g_hash_table_add(names,
+                             g_ascii_strdown((const char *)s + pos, (gssize)n));
     }
-    return 0;
+    return names;
 }
 
 int cms_outer_restore(const cms_buf *outer, cms_buf *content, cms_error *err)
 {
     cms_header_block hb = {0};
+    GHashTable *names;
     cms_buf out = {0};
-    size_t pos, end, n = 0;
-    int keep = 0, lf;
+    size_t pos, end, n;
+    char *name;
+    int keep = 0, lf, r = -1;
 
     /* Content without a header block (foreign signed data can be
      * anything) would take the fields as its first lines. */
@@ -410,6 +414,7 @@ int cms_outer_restore(const cms_buf *outer, cms_buf *content, cms_error *err)
         cms_header_block_read(content->data, content->len, &hb, NULL) != 0)
         return 0;
     cms_header_block_release(&hb);
+    names = field_names(content->data, content->len);
     /* In the content's own line ends: a bare LF one does not get CRLF
      * fields. */
     end = line_end(content->data, content->len, 0);
@@ -420,8 +425,9 @@ int cms_outer_restore(const cms_buf *outer, cms_buf *content, cms_error *err)
         if (!is_blank(outer->data[pos])) {
             for (n = 0; is_ftext(outer->data[pos + n]); n++)
                 ;
-            keep =
-                !has_field(content->data, content->len, outer->data + pos, n);
+            name = g_ascii_strdown((const char *)outer->data + pos, (gssize)n);
+            keep = !g_hash_table_contains(names, name);
+            g_free(name);
         }
         if (keep && (cms_buf_add(&out, outer->data + pos, end - pos - 2) ||
                      add_str(&out, lf ? "\n" : "\r\n")))
@@ -431,11 +437,15 @@ int cms_outer_restore(const cms_buf *outer, cms_buf *content, cms_error *err)
         goto oom;
     cms_buf_release(content);
     *content = out;
-    return 0;
+    memset(&out, 0, sizeof(out));
+    r = 0;
+    goto done;
 oom:
-    cms_buf_release(&out);
     cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-    return -1;
+done:
+    cms_buf_release(&out);
+    g_hash_table_destroy(names);
+    return r;
 }
 
 /*
@@ -740,6 +750,8 @@ static size_t close_delimiter_end(const struct recoder *rc, size_t from,
     const unsigned char *p;
     int close;
 
+    if (blen == 0)
+        return 0;
     while (pos < rc->text_len && (p = memmem(rc->text + pos, rc->text_len - pos,
                                              boundary, blen)) != NULL) {
         pos = (size_t)(p - rc->text);
@@ -802,7 +814,7 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
         mp = GMIME_MULTIPART(obj);
         /* g_mime_multipart_get_boundary would make one up. */
         boundary = g_mime_object_get_content_type_parameter(obj, "boundary");
-        if (boundary == NULL) {
+        if (boundary == NULL || *boundary == '\0') {
             cms_set_error(rc->err, CMS_ERR_INPUT,
                           "%s%s is a multipart without a boundary",
                           *num ? "part " : "the entity", num);
