@@ -269,7 +269,7 @@ def raw_mode():
                    headers={"Content-Type": "message/rfc822"})
     eq(r2.status, 200, "decrypt status (%r)" % r2.body[:300])
     # decrypt puts the mail headers that stayed outside back on the result
-    F.same_entity(r2.body, msg, "decrypted message")
+    F.same_entity(r2.body, msg.encode(), "decrypted message")
 
 
 # ------------------------------------------------------------------ sign + encrypt
