@@ -278,16 +278,20 @@ def folded_references(n_chars):
 
 PDF = make_pdf(b"smimed transport test")
 PNG = make_png(64, 48)
+LOGO = make_png(16, 16)
 BLOB = bytes(range(256)) * 8 + b"\r\nFrom \r\n \r\n\x00\x00"
 
 TEXT_PLAIN = "Grüße, Zoë!\nFrom now on the plan is:\n  * signed   \n  * sealed\t\nok\n"
-TEXT_HTML = "<html><body><p>Gr\u00fc\u00dfe, <b>Zo\u00eb</b>!</p>\n<p>From now on</p>  \n</body></html>\n"
+TEXT_HTML = ("<html><body><p>Gr\u00fc\u00dfe, <b>Zo\u00eb</b>!</p>\n<p>From now on</p>  \n"
+             "<img src=\"cid:logo@demo.smimed.test\"></body></html>\n")
 FWD_TEXT = "Ol\u00e9, r\u00e9sum\u00e9 attached.\nFrom: not a header here\n"
 
 
 def realistic(tag):
-    """A whole message as a client writes it, and what its parts must
-    decode to: [(content type, decoded payload or None)] in walk order."""
+    """A whole message as a client writes it (text and HTML alternatives,
+    the HTML with an inline image in multipart/related, PDF and PNG
+    attachments, a forwarded message), and what its parts must decode to:
+    [(content type, decoded payload or None)] in walk order."""
     subject = "=?UTF-8?B?%s?=" % base64.b64encode(("Grüße aus Zürich – %s" % tag).encode()).decode()
     headers = (
         b"Received: from mx.example.test (mx.example.test [192.0.2.1])\r\n"
@@ -308,6 +312,7 @@ def realistic(tag):
         b"Content-Type: multipart/mixed;\r\n boundary=\"=_mixed_" + tag.encode() + b"\"\r\n")
     mixed = b"=_mixed_" + tag.encode()
     alt = b"=_alt_" + tag.encode()
+    rel = b"=_rel_" + tag.encode()
     fwd = b"=_fwd_" + tag.encode()
     body = (
         b"This is a multi-part message in MIME format.\r\n"
@@ -318,9 +323,17 @@ def realistic(tag):
         b"Content-Transfer-Encoding: 8bit\r\n\r\n" +
         TEXT_PLAIN.replace("\n", "\r\n").encode() +
         b"--" + alt + b"\r\n"
+        b"Content-Type: multipart/related; boundary=\"" + rel + b"\"; type=\"text/html\"\r\n\r\n"
+        b"--" + rel + b"\r\n"
         b"Content-Type: text/html; charset=utf-8\r\n"
         b"Content-Transfer-Encoding: 8bit\r\n\r\n" +
         TEXT_HTML.replace("\n", "\r\n").encode() +
+        b"--" + rel + b"\r\n"
+        b"Content-Type: image/png\r\n"
+        b"Content-ID: <logo@demo.smimed.test>\r\n"
+        b"Content-Disposition: inline\r\n"
+        b"Content-Transfer-Encoding: binary\r\n\r\n" + LOGO +
+        b"\r\n--" + rel + b"--\r\n"
         b"--" + alt + b"--\r\n"
         b"\r\n--" + mixed + b"\r\n"
         b"Content-Type: application/pdf; name=\"report.pdf\"\r\n"
@@ -353,7 +366,9 @@ def realistic(tag):
         ("multipart/mixed", None),
         ("multipart/alternative", None),
         ("text/plain", TEXT_PLAIN[:-1].encode()),
+        ("multipart/related", None),
         ("text/html", TEXT_HTML[:-1].encode()),
+        ("image/png", LOGO),
         ("application/pdf", PDF),
         ("image/png", PNG),
         ("message/rfc822", None),
@@ -458,8 +473,8 @@ def realistic_case(key, mode):
     eq(r.status, 200, "sign status (%r)" % r.body[:300])
     j = r.json()
     reenc = j.get("reencoded")
-    for part in ("1.1 quoted-printable", "1.2 quoted-printable", "3 base64",
-                 "4.1 quoted-printable", "4.2 base64"):
+    for part in ("1.1 quoted-printable", "1.2.1 quoted-printable", "1.2.2 base64",
+                 "3 base64", "4.1 quoted-printable", "4.2 base64"):
         check(part in reenc, "reencoded %r lacks %r" % (reenc, part))
     out = F.mime_of(j)
     check(all(b < 128 for b in out), "output is not 7-bit")
