@@ -44,6 +44,7 @@ struct cms_envelope {
      * earlier attempt must not make a later one succeed. */
     unsigned char *der;
     size_t der_len;
+    cms_buf outer; /* the mail headers, which go back on the result */
 };
 
 int cms_envelope_parse(const unsigned char *mime, size_t len,
@@ -110,6 +111,8 @@ int cms_envelope_parse(const unsigned char *mime, size_t len,
         cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
         goto out;
     }
+    if (cms_outer_read(mime, len, &env->outer, err))
+        goto out;
     env->cms = cms;
     env->der = der.data;
     env->der_len = der.len;
@@ -118,8 +121,10 @@ int cms_envelope_parse(const unsigned char *mime, size_t len,
     *out = env;
     r = 0;
 out:
-    if (r != 0)
+    if (r != 0) {
         ERR_clear_error();
+        cms_envelope_free(env);
+    }
     CMS_ContentInfo_free(cms);
     if (ct != NULL)
         g_object_unref(ct);
@@ -134,6 +139,7 @@ void cms_envelope_free(cms_envelope *env)
         return;
     CMS_ContentInfo_free(env->cms);
     free(env->der);
+    cms_buf_release(&env->outer);
     free(env);
 }
 
@@ -213,6 +219,8 @@ int cms_envelope_decrypt(cms_envelope *env, EVP_PKEY *pkey, X509 *cert,
         cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
         goto out;
     }
+    if (cms_outer_restore(&env->outer, &data, err))
+        goto out;
     /* Signed means what cms_verify_entity would take as a signed entity. */
     signed_entity = cms_signed_read(data.data, data.len, &sd, NULL) == 0;
     if (cms_result_new(&data, NULL, out, err))

@@ -38,6 +38,16 @@ int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
                      cms_error *err);
 void cms_entity_release(cms_entity *ent);
 
+/* The way back, for decrypt and verify: the fields of the S/MIME entity
+ * s[0..len)'s header block that stayed outside (all but Content-* and
+ * MIME-Version), as submitted with CRLF line ends, into *outer. */
+int cms_outer_read(const unsigned char *s, size_t len, cms_buf *outer,
+                   cms_error *err);
+/* Puts the fields of outer in front of the entity in content, except those
+ * whose name its own header block has (the inner copy is the protected
+ * one, RFC 8551 §3.1). */
+int cms_outer_restore(const cms_buf *outer, cms_buf *content, cms_error *err);
+
 /* Writes the outer headers and the S/MIME entity around der: the detached
  * signature (CMS_MODE_DETACHED) or the whole SignedData (CMS_MODE_OPAQUE). */
 int cms_entity_wrap(const cms_entity *ent, cms_mode mode, cms_digest digest,

@@ -15,8 +15,10 @@
  * - A part that is already 7-bit safe keeps its exact bytes; only the CRLF
  *   canonicalisation (bare LF and bare CR become CRLF) touches it. Safe
  *   means no 8-bit octets, NULs or lines over 998 octets, no
- *   Content-Transfer-Encoding 8bit or binary, and no line starting "From "
- *   (GMime judges so too: mbox-style transports mangle such lines). A part
+ *   Content-Transfer-Encoding 8bit or binary, no line starting "From "
+ *   (GMime judges so too: mbox-style transports mangle such lines) and no
+ *   white space ending a line (gateways strip it; format=flowed text keeps
+ *   its soft breaks as QP's "=20"). A part
  *   that is not safe gets its Content-Transfer-Encoding fields replaced by
  *   one naming the new encoding and its body re-encoded in place:
  *   quoted-printable for any text type, base64 otherwise (and for text that
@@ -30,7 +32,11 @@
  *   would break the inner signature. Header fields, preambles and epilogues
  *   are not rewritten either: a preamble has no transfer encoding, and RFC
  *   2047/2231 encoding a field would be guessing at what the client meant.
- *   Empty bodies are left as they are.
+ *   Empty bodies are left as they are. The one exception is white space
+ *   ending a line of a header field, a preamble, an epilogue or a
+ *   delimiter (RFC 2046's transport padding): it only pads, and gateways
+ *   strip it, so it goes before signing; a line of white space alone goes
+ *   with it (a whitespace-only continuation adds nothing else).
  * - After re-encoding, the whole inner entity must pass the check a body
  *   does. What still fails it (8-bit octets in a header field inside or a
  *   preamble, anything inside a multipart/signed, the lines after a header
@@ -344,12 +350,111 @@ static int split_headers(const unsigned char *s, size_t len, cms_buf *outer,
     return 0;
 }
 
+int cms_outer_read(const unsigned char *s, size_t len, cms_buf *outer,
+                   cms_error *err)
+{
+    cms_header_block hb = {0};
+    cms_buf canon = {0}, inner = {0}, fields = {0};
+    size_t body;
+    int r = -1;
+
+    if (cms_header_block_read(s, len, &hb, err))
+        goto out;
+    if (add_crlf(&canon, s, hb.body, 0)) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        goto out;
+    }
+    if (split_headers(canon.data, canon.len, &fields, &inner, &body, err))
+        goto out;
+    *outer = fields;
+    memset(&fields, 0, sizeof(fields));
+    r = 0;
+out:
+    cms_buf_release(&fields);
+    cms_buf_release(&inner);
+    cms_buf_release(&canon);
+    cms_header_block_release(&hb);
+    return r;
+}
+
+/* The field names of the header block at the start of s[0..len),
+ * lowercased, as the keys of a set: one lookup per outer field keeps
+ * restoring linear in the number of fields on both sides. */
+static GHashTable *field_names(const unsigned char *s, size_t len)
+{
+    GHashTable *names =
+        g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+    size_t pos, end, n;
+
+    for (pos = 0; pos < len; pos = end) {
+        end = line_end(s, len, pos);
+        if (s[pos] == '\n' || line_text_len(s, pos, end) == 0)
+            break;
+        for (n = 0; pos + n < end && is_ftext(s[pos + n]); n++)
+            ;
+        if (n > 0 && !is_blank(s[pos]))
+            g_hash_table_add(names,
+                             g_ascii_strdown((const char *)s + pos, (gssize)n));
+    }
+    return names;
+}
+
+int cms_outer_restore(const cms_buf *outer, cms_buf *content, cms_error *err)
+{
+    cms_header_block hb = {0};
+    GHashTable *names;
+    cms_buf out = {0};
+    size_t pos, end, n;
+    char *name;
+    int keep = 0, lf, r = -1;
+
+    /* Content without a header block (foreign signed data can be
+     * anything) would take the fields as its first lines. */
+    if (outer->len == 0 ||
+        cms_header_block_read(content->data, content->len, &hb, NULL) != 0)
+        return 0;
+    cms_header_block_release(&hb);
+    names = field_names(content->data, content->len);
+    /* In the content's own line ends: a bare LF one does not get CRLF
+     * fields. */
+    end = line_end(content->data, content->len, 0);
+    lf = end > 0 && content->data[end - 1] == '\n' &&
+         (end < 2 || content->data[end - 2] != '\r');
+    for (pos = 0; pos < outer->len; pos = end) {
+        end = line_end(outer->data, outer->len, pos);
+        if (!is_blank(outer->data[pos])) {
+            for (n = 0; is_ftext(outer->data[pos + n]); n++)
+                ;
+            name = g_ascii_strdown((const char *)outer->data + pos, (gssize)n);
+            keep = !g_hash_table_contains(names, name);
+            g_free(name);
+        }
+        if (keep && (cms_buf_add(&out, outer->data + pos, end - pos - 2) ||
+                     add_str(&out, lf ? "\n" : "\r\n")))
+            goto oom;
+    }
+    if (cms_buf_add(&out, content->data, content->len))
+        goto oom;
+    cms_buf_release(content);
+    *content = out;
+    memset(&out, 0, sizeof(out));
+    r = 0;
+    goto done;
+oom:
+    cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+done:
+    cms_buf_release(&out);
+    g_hash_table_destroy(names);
+    return r;
+}
+
 /*
  * What in the canonical text s[0..len) cannot travel unchanged over 7-bit
  * transport, and where (*at): an 8-bit octet or a NUL, a line over 998
- * octets, or (as GMime's best encoding also judges) a line starting
- * "From ", which mbox-style transports turn into ">From " and so break the
- * signature. NULL when there is nothing.
+ * octets, white space ending a line (gateways strip it), or (as GMime's
+ * best encoding also judges) a line starting "From ", which mbox-style
+ * transports turn into ">From " and so break the signature. NULL when there
+ * is nothing.
  */
 static const char *transport_fault(const unsigned char *s, size_t len,
                                    size_t *at)
@@ -362,6 +467,9 @@ static const char *transport_fault(const unsigned char *s, size_t len,
             return "a NUL octet";
         if (s[i] >= 0x80)
             return "8-bit octets";
+        if (is_blank(s[i]) &&
+            (i + 1 == len || s[i + 1] == '\r' || s[i + 1] == '\n'))
+            return "white space at the end of a line";
         if (s[i] == '\n') {
             line = 0;
             continue;
@@ -397,6 +505,8 @@ struct recoder {
     size_t copied;     /* text[0..copied) has gone to out */
     char **parts;
     size_t n_parts;
+    size_t (*frozen)[2]; /* multipart/signed or encrypted, in out's terms */
+    size_t n_frozen;
     cms_error *err;
 };
 
@@ -615,6 +725,73 @@ out:
     return r;
 }
 
+/* Offset in rc->text where obj's header block starts. */
+static size_t object_start(const struct recoder *rc, GMimeObject *obj)
+{
+    GMimeHeaderList *headers = g_mime_object_get_header_list(obj);
+    gint64 off;
+
+    if (headers == NULL || g_mime_header_list_get_count(headers) == 0)
+        return 0;
+    off =
+        g_mime_header_get_offset(g_mime_header_list_get_header_at(headers, 0));
+    return off >= 0 && (guint64)off < rc->text_len ? (size_t)off : 0;
+}
+
+/* Where the close delimiter of boundary that follows rc->text[from..)
+ * ends; 0 when there is none. GMime
+ * takes a multipart that the data ends inside as complete; it was cut
+ * short (in transit, or built wrong), and a signature would vouch for a
+ * fragment. */
+static size_t close_delimiter_end(const struct recoder *rc, size_t from,
+                                  const char *boundary)
+{
+    size_t blen = strlen(boundary), pos = from, end;
+    const unsigned char *p;
+    int close;
+
+    if (blen == 0)
+        return 0;
+    while (pos < rc->text_len && (p = memmem(rc->text + pos, rc->text_len - pos,
+                                             boundary, blen)) != NULL) {
+        pos = (size_t)(p - rc->text);
+        if (pos >= 2 && (pos == 2 || rc->text[pos - 3] == '\n')) {
+            end = line_end(rc->text, rc->text_len, pos - 2);
+            if (cms_is_delimiter(rc->text, pos - 2,
+                                 line_text_len(rc->text, pos - 2, end),
+                                 boundary, blen, &close) &&
+                close)
+                return end;
+        }
+        pos += blen;
+    }
+    return 0;
+}
+
+/* Notes obj, a multipart/signed or multipart/encrypted, as a range of the
+ * result that nothing may change. Parts before it may have been
+ * re-encoded; nothing inside it is. */
+static int add_frozen(struct recoder *rc, GMimeObject *obj)
+{
+    size_t start = object_start(rc, obj), end, (*f)[2];
+    const char *boundary =
+        g_mime_object_get_content_type_parameter(obj, "boundary");
+
+    end = boundary != NULL ? close_delimiter_end(rc, start, boundary) : 0;
+    if (end == 0)
+        end = rc->text_len;
+    f = realloc(rc->frozen, (rc->n_frozen + 1) * sizeof(*f));
+    if (f == NULL) {
+        cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
+        return -1;
+    }
+    rc->frozen = f;
+    f[rc->n_frozen][0] = rc->out.len + (start - rc->copied);
+    f[rc->n_frozen][1] = rc->out.len + (end - rc->copied);
+    rc->n_frozen++;
+    return 0;
+}
+
 /* num is the IMAP part number of obj, "" for the root. */
 static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
                          int depth)
@@ -622,8 +799,8 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
     GMimeMultipart *mp;
     GMimeMessage *msg;
     GMimeObject *body;
-    const char *own = *num ? num : "1";
-    char *sub;
+    const char *own = *num ? num : "1", *boundary;
+    char *sub, shown[80];
     int i, r;
 
     if (depth > MAX_DEPTH) {
@@ -633,13 +810,22 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
     }
     if (GMIME_IS_MULTIPART(obj)) {
         if (GMIME_IS_MULTIPART_SIGNED(obj) || GMIME_IS_MULTIPART_ENCRYPTED(obj))
-            return 0;
+            return add_frozen(rc, obj);
         mp = GMIME_MULTIPART(obj);
         /* g_mime_multipart_get_boundary would make one up. */
-        if (g_mime_object_get_content_type_parameter(obj, "boundary") == NULL) {
+        boundary = g_mime_object_get_content_type_parameter(obj, "boundary");
+        if (boundary == NULL || *boundary == '\0') {
             cms_set_error(rc->err, CMS_ERR_INPUT,
                           "%s%s is a multipart without a boundary",
                           *num ? "part " : "the entity", num);
+            return -1;
+        }
+        if (close_delimiter_end(rc, object_start(rc, obj), boundary) == 0) {
+            cms_text_escape(shown, sizeof(shown), boundary, strlen(boundary));
+            cms_set_error(rc->err, CMS_ERR_INPUT,
+                          "%s%s is a multipart without its close delimiter "
+                          "\"--%s--\" (truncated?)",
+                          *num ? "part " : "the entity", num, shown);
             return -1;
         }
         for (i = 0; i < g_mime_multipart_get_count(mp); i++) {
@@ -920,6 +1106,45 @@ out:
     cms_header_block_release(&hb);
 }
 
+/* Drops the white space ending each line of content outside the frozen
+ * ranges, and lines of white space alone. After re-encoding, such lines
+ * can only be header fields, preambles, epilogues and delimiters. */
+static int strip_line_ends(cms_buf *content, size_t (*frozen)[2],
+                           size_t n_frozen, cms_error *err)
+{
+    const unsigned char *s = content->data;
+    cms_buf out = {0};
+    size_t pos, end, n, m, k = 0, copied = 0;
+
+    for (pos = 0; pos < content->len; pos = end) {
+        end = line_end(s, content->len, pos);
+        while (k < n_frozen && frozen[k][1] <= pos)
+            k++;
+        if (k < n_frozen && frozen[k][0] <= pos)
+            continue;
+        n = line_text_len(s, pos, end);
+        for (m = n; m > 0 && is_blank(s[pos + m - 1]); m--)
+            ;
+        if (m == n)
+            continue;
+        if (cms_buf_add(&out, s + copied, pos + m - copied) ||
+            (m > 0 && cms_buf_add(&out, s + pos + n, end - pos - n)))
+            goto oom;
+        copied = end;
+    }
+    if (out.len == 0 && copied == 0)
+        return 0;
+    if (cms_buf_add(&out, s + copied, content->len - copied))
+        goto oom;
+    cms_buf_release(content);
+    *content = out;
+    return 0;
+oom:
+    cms_buf_release(&out);
+    cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+    return -1;
+}
+
 /* Refuses the inner entity s[0..len) when it is still not 7-bit safe after
  * re-encoding: what is left is what re-encoding does not touch (header
  * fields, preambles and epilogues, parts inside multipart/signed), and
@@ -975,7 +1200,8 @@ int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
         content = rc.out;
         memset(&rc.out, 0, sizeof(rc.out));
     }
-    if (check_transport_safe(content.data, content.len, err))
+    if (strip_line_ends(&content, rc.frozen, rc.n_frozen, err) ||
+        check_transport_safe(content.data, content.len, err))
         goto out;
 
     ent->outer = outer;
@@ -991,6 +1217,7 @@ out:
     for (i = 0; i < rc.n_parts; i++)
         free(rc.parts[i]);
     free(rc.parts);
+    free(rc.frozen);
     cms_buf_release(&rc.out);
     cms_buf_release(&canon);
     cms_buf_release(&outer);

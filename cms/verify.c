@@ -601,6 +601,7 @@ int cms_verify_entity(const unsigned char *mime, size_t len,
     cms_signed sd = {0};
     cms_verification *v = NULL;
     X509_STORE *store = NULL;
+    cms_buf outer = {0};
     int r = -1;
 
     cms_init();
@@ -618,6 +619,10 @@ int cms_verify_entity(const unsigned char *mime, size_t len,
     store = make_store(anchors, anchor_dir, err);
     if (store == NULL || check(v, &sd, anchors, store, crls, err))
         goto out;
+    /* The content was digested as signed; the caller gets the message. */
+    if (cms_outer_read(mime, len, &outer, err) ||
+        cms_outer_restore(&outer, &v->content, err))
+        goto out;
     *out = v;
     v = NULL;
     r = 0;
@@ -625,6 +630,7 @@ out:
     /* A failed check leaves OpenSSL's reasons queued; they are in the
      * detail already. */
     ERR_clear_error();
+    cms_buf_release(&outer);
     X509_STORE_free(store);
     cms_verification_free(v);
     cms_signed_release(&sd);

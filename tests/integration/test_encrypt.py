@@ -268,7 +268,8 @@ def raw_mode():
     r2 = D.request("POST", "/v1/decrypt?key=demo-ec", body=r.body,
                    headers={"Content-Type": "message/rfc822"})
     eq(r2.status, 200, "decrypt status (%r)" % r2.body[:300])
-    decrypted_matches(r2.body, msg)
+    # decrypt puts the mail headers that stayed outside back on the result
+    F.same_entity(r2.body, msg.encode(), "decrypted message")
 
 
 # ------------------------------------------------------------------ sign + encrypt

@@ -833,7 +833,7 @@ static void test_reencode_multipart(void)
                             "Content-Type: text/plain\n"
                             "\n"
                             "plain ascii part\n"
-                            "--xyz  \n"
+                            "--xyz\n"
                             "Content-Type: text/plain; charset=iso-8859-1\n"
                             "Content-Description: latin-1\n"
                             "Content-Transfer-Encoding: quoted-printable\n"
@@ -985,13 +985,36 @@ static void test_unchanged_exact(void)
                        "--=_b--   \n"
                        "\n"
                        "epilogue\n";
-    bytes want = canon(mime, strlen(mime));
+    /* Transport padding and blanks ending preamble lines go: gateways
+     * strip them. */
+    const char *stripped = "Content-Type: multipart/alternative;\n"
+                           "   boundary=\"=_b\"\n"
+                           "Content-Transfer-Encoding: 7bit\n"
+                           "\n"
+                           "preamble\n"
+                           "--=_b\n"
+                           "Content-Type: text/plain;charset=\"us-ascii\"\n"
+                           "Content-Transfer-Encoding: quoted-printable\n"
+                           "\n"
+                           "trailing =20\n"
+                           "soft=\n"
+                           "break\n"
+                           "\n"
+                           "--=_b\n"
+                           "\n"
+                           "no headers at all\n"
+                           "--=_b--\n"
+                           "\n"
+                           "epilogue\n";
+    bytes want = canon(stripped, strlen(stripped));
 
-    tap_ok(
-        sign_verify(mime, strlen(mime), &r, &v, &err) == 0 && v.ok &&
-            cms_result_count_reencoded(r) == 0 && v.content.len == want.len &&
-            memcmp(v.content.data, want.data, want.len) == 0,
-        "a 7-bit multipart is signed byte for byte (%s%s)", err.message, v.why);
+    tap_ok(sign_verify(mime, strlen(mime), &r, &v, &err) == 0 && v.ok &&
+               cms_result_count_reencoded(r) == 0 &&
+               v.content.len == want.len &&
+               memcmp(v.content.data, want.data, want.len) == 0,
+           "a 7-bit multipart is signed byte for byte, less the blanks ending "
+           "lines of its framing (%s%s)",
+           err.message, v.why);
     free(want.data);
     cms_result_free(r);
     verified_free(&v);
@@ -1146,6 +1169,68 @@ static void test_malformed(void)
     tap_ok(refused("Content-Type: multipart/mixed\n\nno boundary\n",
                    "without a boundary"),
            "a multipart without a boundary");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=\"\"\n\n--\n"
+                   "\nx\n----\n",
+                   "without a boundary"),
+           "a multipart with an empty boundary");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=z\n\n--z\n"
+                   "\ncut off here\n",
+                   "close delimiter \"--z--\""),
+           "a multipart without its close delimiter");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=o\n\n--o\n"
+                   "Content-Type: multipart/mixed; boundary=i\n\n--i\n"
+                   "\nx\n--o--\n",
+                   "part 1 is a multipart without its close delimiter"),
+           "a nested multipart without its close delimiter");
+}
+
+/* White space ending a line is stripped by gateways: in a body it makes
+ * the part QP ("=20"), in the framing it goes. */
+static void test_trailing_blanks(void)
+{
+    struct verified v;
+    cms_result *r = NULL;
+    cms_error err;
+    const char *mime = "Content-Type: multipart/mixed; \n"
+                       "  \n"
+                       "\tboundary=b\n"
+                       "\n"
+                       "preamble \n"
+                       "--b \t\n"
+                       "Content-Type: text/plain; format=flowed\n"
+                       "\n"
+                       "soft \n"
+                       "break\n"
+                       "--b\n"
+                       "Content-Type: application/octet-stream\n"
+                       "\n"
+                       "tab\t\n"
+                       "--b-- \n";
+
+    tap_ok(sign_verify(mime, strlen(mime), &r, &v, &err) == 0 && v.ok &&
+               reencoded_is(r, 2, "1 quoted-printable", "2 base64"),
+           "7-bit parts with blanks ending lines are re-encoded (%s%s)",
+           err.message, v.why);
+    tap_ok(equals(&v.content, "Content-Type: multipart/mixed;\r\n"
+                              "\tboundary=b\r\n"
+                              "\r\n"
+                              "preamble\r\n"
+                              "--b\r\n"
+                              "Content-Type: text/plain; format=flowed\r\n"
+                              "Content-Transfer-Encoding: quoted-printable\r\n"
+                              "\r\n"
+                              "soft=20\r\n"
+                              "break\r\n"
+                              "--b\r\n"
+                              "Content-Type: application/octet-stream\r\n"
+                              "Content-Transfer-Encoding: base64\r\n"
+                              "\r\n"
+                              "dGFiCQ==\r\n"
+                              "\r\n"
+                              "--b--\r\n"),
+           "... and the framing loses its blanks");
+    cms_result_free(r);
+    verified_free(&v);
 }
 
 /* What re-encoding cannot reach is refused, naming the part: signing it
@@ -1520,6 +1605,8 @@ static int sign_nested(int levels, cms_result **r, cms_error *err,
                                 "\n\n--b%d\n",
                                 i, i);
     len += (size_t)snprintf(buf + len, cap - len, "\n\xff\n");
+    for (i = levels - 1; i >= 0; i--)
+        len += (size_t)snprintf(buf + len, cap - len, "--b%d--\n", i);
     rc = sign_verify(buf, len, r, v, err);
     free(buf);
     return rc;
@@ -1686,6 +1773,7 @@ int main(void)
     test_chain();
     test_key_errors();
     test_malformed();
+    test_trailing_blanks();
     test_fuzz();
     test_deep_nesting();
     test_threads();

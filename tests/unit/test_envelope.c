@@ -26,6 +26,25 @@
 #include "tap.h"
 #include "testkeys.h"
 
+/* The mail headers of sample, which decrypt and verify put back on the
+ * entity they return, and that whole message. */
+#define SAMPLE_OUTER                                                           \
+    "From: Alice <alice@example.org>\r\n"                                      \
+    "To: Bob <bob@example.org>\r\n"                                            \
+    "Subject: Quarterly report\r\n"                                            \
+    "Date: Mon, 1 Jan 2024 10:00:00 +0000\r\n"                                 \
+    "Message-ID: <1@example.org>\r\n"
+static const char sample_message[] = SAMPLE_OUTER "MIME-Version: 1.0\r\n"
+                                                  "Content-Type: text/plain; "
+                                                  "charset=us-ascii\r\n"
+                                                  "Content-Transfer-Encoding: "
+                                                  "7bit\r\n"
+                                                  "\r\n"
+                                                  "Hello Bob,\r\n"
+                                                  "\r\n"
+                                                  "the numbers are in.\r\n"
+                                                  "Regards\r\n";
+
 typedef struct {
     unsigned char *data;
     size_t len;
@@ -624,7 +643,7 @@ static void test_round_trips(void)
         {&ec256, CMS_RSA_PKCS1, "ECDH P-256"},
         {&ec384, CMS_RSA_OAEP, "ECDH P-384"},
     };
-    bytes want = bytes_of(sample_inner, strlen(sample_inner));
+    bytes want = bytes_of(sample_message, strlen(sample_message));
     size_t c, k;
 
     for (c = 0; c < N_CIPHERS; c++) {
@@ -680,7 +699,7 @@ static void test_multi_recipient(void)
     for (i = 0; i < 3; i++) {
         ok &= names(&res, each[i]->cert) == 1 &&
               decrypt_as(&res, each[i], &plain, NULL, &err) == DEC_OK &&
-              bytes_is(&plain, sample_inner, strlen(sample_inner));
+              bytes_is(&plain, sample_message, strlen(sample_message));
         bytes_free(&plain);
     }
     tap_ok(ok, "... and each of them decrypts it");
@@ -720,17 +739,19 @@ static void test_inner_entity(void)
     }
     tap_ok(decrypt_as(&res, &ec256, &plain, NULL, &err) == DEC_OK &&
                bytes_is(&plain,
+                        "Subject: caf\xc3\xa9\r\n"
                         "Content-Type: text/plain; charset=utf-8\r\n"
                         "Content-Transfer-Encoding: quoted-printable\r\n"
                         "\r\n"
                         "caf=C3=A9\r\n",
-                        strlen("Content-Type: text/plain; charset=utf-8\r\n"
+                        strlen("Subject: caf\xc3\xa9\r\n"
+                               "Content-Type: text/plain; charset=utf-8\r\n"
                                "Content-Transfer-Encoding: "
                                "quoted-printable\r\n"
                                "\r\n"
                                "caf=C3=A9\r\n")) &&
                starts(&res, "Subject: caf\xc3\xa9\r\n"),
-           "... and decrypts as quoted-printable, the subject outside");
+           "... and decrypts as quoted-printable, the subject back outside");
     bytes_free(&plain);
     bytes_free(&res);
 
@@ -738,10 +759,12 @@ static void test_inner_entity(void)
                       &err) == 0 &&
                decrypt_as(&res, &ec256, &plain, NULL, &err) == DEC_OK &&
                bytes_is(&plain,
+                        "Subject: no MIME fields\r\n"
                         "Content-Type: text/plain; charset=us-ascii\r\n"
                         "\r\n"
                         "Hello\r\n",
-                        strlen("Content-Type: text/plain; "
+                        strlen("Subject: no MIME fields\r\n"
+                               "Content-Type: text/plain; "
                                "charset=us-ascii\r\n\r\nHello\r\n")),
            "an entity without MIME fields gets RFC 2045's default "
            "Content-Type and decrypts (%s)",
@@ -1316,7 +1339,7 @@ static void test_input_forms(void)
 
     in = replaced(&res, "application/pkcs7-mime", "application/x-pkcs7-mime");
     tap_ok(decrypt_as(&in, &ec256, &plain, NULL, &err) == DEC_OK &&
-               bytes_is(&plain, sample_inner, strlen(sample_inner)),
+               bytes_is(&plain, sample_message, strlen(sample_message)),
            "application/x-pkcs7-mime is accepted (%s)", err.message);
     bytes_free(&plain);
     bytes_free(&in);
@@ -1330,7 +1353,7 @@ static void test_input_forms(void)
 
     in = to_lf(&res);
     tap_ok(decrypt_as(&in, &ec256, &plain, NULL, &err) == DEC_OK &&
-               bytes_is(&plain, sample_inner, strlen(sample_inner)),
+               bytes_is(&plain, sample_message, strlen(sample_message)),
            "LF line ends are accepted (%s)", err.message);
     bytes_free(&plain);
     bytes_free(&in);
@@ -1672,17 +1695,19 @@ static void test_sign_then_encrypt(void)
                cms_mode_name(mode));
         tap_ok(decrypt_as(&enc, &ec384, &plain, &sig, &err) == DEC_OK &&
                    sig == 1 &&
-                   starts(&plain, m ? "MIME-Version: 1.0\r\n"
+                   starts(&plain, m ? SAMPLE_OUTER
+                                      "MIME-Version: 1.0\r\n"
                                       "Content-Type: application/pkcs7-mime; "
                                       "smime-type=signed-data;"
-                                    : "MIME-Version: 1.0\r\n"
+                                    : SAMPLE_OUTER
+                                      "MIME-Version: 1.0\r\n"
                                       "Content-Type: multipart/signed;"),
                "%s: decrypts to the signed entity, is_signed 1",
                cms_mode_name(mode));
         tap_ok(cms_verify_entity(plain.data, plain.len, anchors, NULL, NULL, &v,
                                  &err) == 0 &&
                    cms_verification_valid(v) &&
-                   content_is(v, sample_inner, strlen(sample_inner)),
+                   content_is(v, sample_message, strlen(sample_message)),
                "%s: ... whose signature verifies", cms_mode_name(mode));
         cms_verification_free(v);
         bytes_free(&plain);
@@ -1913,7 +1938,8 @@ static void test_verify_valid(void)
         tap_ok(v != NULL && signer_is(v, 0, cases[i].p->cert, cases[i].name, 1),
                "%s %s %s: signer certificate, digest name, signing time",
                cases[i].p->label, cms_mode_name(cases[i].mode), cases[i].name);
-        tap_ok(v != NULL && content_is(v, sample_inner, strlen(sample_inner)),
+        tap_ok(v != NULL &&
+                   content_is(v, sample_message, strlen(sample_message)),
                "%s %s %s: the content is the signed entity", cases[i].p->label,
                cms_mode_name(cases[i].mode), cases[i].name);
         cms_verification_free(v);
@@ -2941,7 +2967,7 @@ static void *worker(void *arg)
         if (encrypt1(sample, p, ciphers[(size_t)(i + id) % N_CIPHERS].cipher,
                      (cms_rsa_padding)(i % 2), &res, &err) != 0 ||
             decrypt_as(&res, p, &plain, NULL, &err) != DEC_OK ||
-            !bytes_is(&plain, sample_inner, strlen(sample_inner)) ||
+            !bytes_is(&plain, sample_message, strlen(sample_message)) ||
             decrypt_as(&res, p == &rsa_a ? &rsa_b : &ec256_b, NULL, NULL,
                        &err) != DEC_DECRYPT ||
             cms_verify_entity(thread_signed.data, thread_signed.len, anchors,
