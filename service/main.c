@@ -181,6 +181,17 @@ fail:
     config_problems_clear(&problems);
 }
 
+/* The recovery loop's word on a token changing state: the operator's
+ * record of when a token went down, why, and when it came back. */
+static void on_token_event(const char *token, const char *state,
+                           const char *reason)
+{
+    if (reason == NULL)
+        log_info("token %s %s", token, state);
+    else
+        log_warn("token %s %s: %s", token, state, reason);
+}
+
 /* Serves until SIGTERM or SIGINT; returns the exit status. */
 static int serve(http_server *srv, running *run, const sigset_t *sigs)
 {
@@ -229,6 +240,7 @@ int main(int argc, char **argv)
     running run = {0};
     http_server *srv = NULL;
     http_options hopts;
+    token_error terr = {0};
     sigset_t sigs;
     char errbuf[256];
     int opt, check_only = 0, ret = 1;
@@ -286,6 +298,10 @@ int main(int argc, char **argv)
     run.tokens = open_tokens(run.cfg);
     if (run.tokens == NULL)
         goto out;
+    if (token_recovery_start(on_token_event, &terr) != 0) {
+        log_error("%s", terr.message);
+        goto out;
+    }
     run.api =
         api_new(run.tokens, run.cfg->trust, run.cfg->trust_dir, run.cfg->crls);
     if (run.api == NULL) {
@@ -305,6 +321,7 @@ int main(int argc, char **argv)
              hopts.listen, http_port(srv));
     ret = serve(srv, &run, &sigs);
 out:
+    token_recovery_stop();
     api_free(run.api);
     token_set_free(run.tokens);
     config_free(run.cfg);
