@@ -144,8 +144,8 @@ int api_handle_readyz(api *a, const api_request *req, api_response *res,
         strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
         item = json_pack("{s:s,s:s,s:b,s:s}", "name",
                          token_set_token_name(a->tokens, i), "state",
-                         token_state_name(state), "optional", optional,
-                         "since", when);
+                         token_state_name(state), "optional", optional, "since",
+                         when);
         if (item != NULL && !up && reason != NULL &&
             json_object_set_new(item, "reason",
                                 api_json_text(reason, strlen(reason))) != 0) {

@@ -89,9 +89,8 @@ static int sign_on_token(token_key *key, const cms_prepared *prep,
             return 0;
         /* a token that stopped answering is a 503, whatever OpenSSL said;
          * one whose sessions died is re-opened and asked once more */
-        fault = cerr.status == CMS_ERR_KEY
-                    ? token_key_check_fault(key, &terr)
-                    : 0;
+        fault =
+            cerr.status == CMS_ERR_KEY ? token_key_check_fault(key, &terr) : 0;
     } while (fault > 0 && tries++ == 0);
     if (fault < 0)
         return api_fail_token(err, &terr);

@@ -18,6 +18,7 @@
 
 #include "service/http.h"
 #include "service/log.h"
+#include "service/metrics.h"
 
 /* An api generation and the requests using it, so a reload can wait for
  * them before the old one is freed. */
@@ -56,7 +57,8 @@ typedef struct request {
     char method[16];
     char path[128];
     char key[128];
-    const char *error; /* static */
+    const char *error;    /* static */
+    const char *endpoint; /* static; metrics label of a route-less path */
 } request;
 
 static double ms_since(const struct timespec *start)
@@ -170,6 +172,7 @@ static request *request_new(http_server *srv, const char *method,
     pthread_mutex_lock(&srv->lock);
     srv->in_flight++;
     pthread_mutex_unlock(&srv->lock);
+    metrics_request_begin();
     return r;
 }
 
@@ -187,6 +190,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
              r->error != NULL ? " error=" : "",
              r->error != NULL ? r->error : "",
              toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " aborted");
+    metrics_request_end(r->route != NULL ? api_route_path(r->route)
+                                         : r->endpoint,
+                        r->status, ms_since(&r->start) / 1e3);
     free(r->body);
     free(r);
     *req_cls = NULL;
@@ -194,6 +200,34 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     if (--srv->in_flight == 0)
         pthread_cond_broadcast(&srv->idle);
     pthread_mutex_unlock(&srv->lock);
+}
+
+/* GET /metrics: served here rather than by api/, which knows nothing of
+ * request counts; like /healthz and /readyz it needs no credentials. */
+static enum MHD_Result answer_metrics(request *r, struct MHD_Connection *conn)
+{
+    http_server *srv = r->srv;
+    api_response res = {0};
+    api_ref *ref;
+    char *page = NULL;
+    int rc;
+
+    r->endpoint = "/metrics";
+    pthread_mutex_lock(&srv->lock);
+    ref = srv->current;
+    ref->users++;
+    pthread_mutex_unlock(&srv->lock);
+    rc = metrics_render(api_tokens0(ref->api), &page, &res.body_len);
+    pthread_mutex_lock(&srv->lock);
+    if (--ref->users == 0)
+        pthread_cond_broadcast(&srv->idle);
+    pthread_mutex_unlock(&srv->lock);
+    if (rc != 0)
+        return answer_fixed(r, conn);
+    res.body = (unsigned char *)page;
+    res.status = 200;
+    res.content_type = "text/plain; version=0.0.4; charset=utf-8";
+    return queue(r, conn, &res);
 }
 
 /* The checks made from the headers alone, in the contract's order. */
@@ -307,6 +341,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
         if (r == NULL)
             return MHD_NO;
         *req_cls = r;
+        if (strcmp(url, "/metrics") == 0 &&
+            (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0))
+            return answer_metrics(r, conn);
         if (check_headers(r, conn, method, url, &err) != 0)
             return answer_error(r, conn, &err);
         return MHD_YES;

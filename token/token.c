@@ -183,8 +183,8 @@ struct tk_token {
     token_uri uri; /* selects the token again after a rebuild */
     int optional;
     int discovery;
-    int logs_in; /* its keys need our login; probes check it still holds */
-    int opened;  /* was ready once: a rebuild re-opens it */
+    int logs_in;   /* its keys need our login; probes check it still holds */
+    int opened;    /* was ready once: a rebuild re-opens it */
     int published; /* other threads see it: state changes take the lock */
     /* Where the PIN comes from, read again for a rebuild and for each
      * context-specific login, and the digest of the PIN the configuration
@@ -217,7 +217,7 @@ struct token_key {
     /* NULL when the token is down or the key was not found. Replaced by a
      * rebuild only while no operation holds it. */
     EVP_PKEY *pkey;
-    char *label; /* CKA_LABEL and CKA_ID of the object bound: a rebuild */
+    char *label;       /* CKA_LABEL and CKA_ID of the object bound: a rebuild */
     unsigned char *id; /* finds the same object again */
     size_t id_len;
     X509 *cert;
@@ -1519,8 +1519,7 @@ static enum tk_answer token_answers(const struct tk_token *t, char *why,
         return TK_SILENT;
     }
     if (t->logs_in && !st.logged_in) {
-        snprintf(why, len,
-                 "the token logged this process out (was it reset?)");
+        snprintf(why, len, "the token logged this process out (was it reset?)");
         return TK_LOGGED_OUT;
     }
     return TK_ANSWERS;
@@ -2277,8 +2276,8 @@ int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
         t->stats.operations[use == TOKEN_USE_DECRYPT]++;
         *pkey = key->pkey;
         op_token = t;
-        op_generation = __atomic_load_n(&t->module->generation,
-                                        __ATOMIC_ACQUIRE);
+        op_generation =
+            __atomic_load_n(&t->module->generation, __ATOMIC_ACQUIRE);
         r = 0;
     }
     pthread_mutex_unlock(&t->lock);
@@ -2299,8 +2298,8 @@ void token_key_release(token_key *key)
     op_token = NULL;
 }
 
-token_state token_set_token_state(const token_set *set, size_t i,
-                                  time_t *since, const char **reason)
+token_state token_set_token_state(const token_set *set, size_t i, time_t *since,
+                                  const char **reason)
 {
     struct tk_token *t;
     token_state state;
@@ -2313,7 +2312,7 @@ token_state token_set_token_state(const token_set *set, size_t i,
     if (since != NULL)
         *since = t->changed;
     if (reason != NULL)
-        *reason = t->state == TK_READY          ? NULL
+        *reason = t->state == TK_READY        ? NULL
                   : t->state == TK_RECOVERING ? "the token is being re-opened"
                                               : t->reason;
     pthread_mutex_unlock(&t->lock);
