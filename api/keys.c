@@ -47,6 +47,10 @@ int api_check_key(api *a, token_key *key, token_use use, api_error *err)
 
     if (token_key_usable(key, use, &reason))
         return 0;
+    /* no retry helps: the token cannot do this (p11-kit remoting and ECDH) */
+    if (!token_key_supports(key, use))
+        return api_fail(err, 422, "operation_unsupported", "key \"%s\": %s",
+                        token_key_name(key), reason);
     for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
         if (strcmp(token_set_token_name(a->tokens, i),
                    token_key_token_name(key)) == 0 &&

@@ -225,7 +225,9 @@ struct token_key {
     char algorithm[80];
     char problem[200];     /* a fault found at load that stays; "" for none */
     char sign_problem[80]; /* key usage forbids signing; "" for none */
-    char decrypt_problem[80]; /* key usage forbids decryption */
+    char decrypt_problem[120]; /* key usage forbids decryption, or the
+                                * token cannot do it */
+    int cannot_decrypt; /* the token lacks the mechanism (token_key_supports) */
     time_t not_before;
     time_t not_after;
     char not_yet_valid[80];
@@ -396,6 +398,18 @@ static pthread_once_t ui_once = PTHREAD_ONCE_INIT;
 static void ui_method_init(void);
 static UI_METHOD *ui_method;
 
+/* The CK_FUNCTION_LIST libp11 calls through. libp11 0.4.12 has no accessor
+ * for it; its private context (src/libp11-int.h, PKCS11_CTX_private)
+ * starts with that pointer, "CK_FUNCTION_LIST_PTR method". Used only for a
+ * module that hands each C_GetFunctionList caller an instance of its own
+ * (p11-kit-client.so), where the probe and the login must go through
+ * libp11's instance to see libp11's sessions; tk_probe_initialised checks
+ * the result before it is trusted. */
+static void *libp11_function_list(PKCS11_CTX *ctx)
+{
+    return ctx->_private != NULL ? *(void **)ctx->_private : NULL;
+}
+
 /* Loads the module into m->ctx and lists its slots. */
 static int module_load(struct tk_module *m, token_error *err)
 {
@@ -414,6 +428,16 @@ static int module_load(struct tk_module *m, token_error *err)
         return -1;
     }
     m->loaded = 1;
+    if (!tk_probe_initialised(m->probe)) {
+        tk_probe_adopt(m->probe, libp11_function_list(m->ctx));
+        if (!tk_probe_initialised(m->probe)) {
+            tk_error(err, TOKEN_ERR_CONFIG,
+                     "PKCS#11 module %s: its function list cannot be "
+                     "reached beside libp11",
+                     m->path);
+            return -1;
+        }
+    }
     if (PKCS11_enumerate_slots(m->ctx, &m->slots, &m->nslots) < 0) {
         libp11_failure(why, sizeof(why));
         m->slots = NULL;
@@ -1283,6 +1307,32 @@ static int token_resolve_keys(struct tk_build *b, token_error *err)
     return 1;
 }
 
+/* EC keys decrypt by ECDH on the token (libp11 runs C_DeriveKey). A token
+ * that does not list CKM_ECDH1_DERIVE, such as one reached through
+ * p11-kit's remoting, would fail every such decryption with
+ * CKR_MECHANISM_INVALID: say so up front instead. */
+static void check_ecdh(struct tk_build *b)
+{
+    int has = -2;
+    size_t i;
+
+    for (i = 0; i < b->nkeys; i++) {
+        token_key *k = b->keys[i];
+
+        if (k->pkey == NULL || EVP_PKEY_get_base_id(k->pkey) != EVP_PKEY_EC)
+            continue;
+        if (has == -2)
+            has = tk_probe_has_mechanism(b->tok->module->probe, b->tok->slot_id,
+                                         TK_CKM_ECDH1_DERIVE);
+        if (has != 0)
+            continue;
+        k->cannot_decrypt = 1;
+        snprintf(k->decrypt_problem, sizeof(k->decrypt_problem),
+                 "the token does not offer ECDH (CKM_ECDH1_DERIVE), so this "
+                 "key cannot decrypt through it");
+    }
+}
+
 static const struct tk_token *set_token_on_slot(const token_set *set,
                                                 const PKCS11_SLOT *slot)
 {
@@ -1353,6 +1403,7 @@ static int token_open(struct tk_build *b, char **pin, token_error *err)
         tk_probe_end_session(m->probe, session);
     if (rc <= 0)
         return rc;
+    check_ecdh(b);
     t->state = TK_READY;
     t->open_reason[0] = '\0';
     return 0;
@@ -2217,6 +2268,11 @@ out:
     if (reason != NULL)
         *reason = why;
     return 0;
+}
+
+int token_key_supports(const token_key *key, token_use use)
+{
+    return !(use == TOKEN_USE_DECRYPT && key->cannot_decrypt);
 }
 
 X509 *token_key_cert0(const token_key *key)

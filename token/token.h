@@ -116,6 +116,10 @@ typedef enum {
  * reason is not NULL) says why: certificate mismatch, expired, wrong key
  * usage, token down. */
 int token_key_usable(const token_key *key, token_use use, const char **reason);
+/* 0 when the key's token cannot do use at all, whatever its state: an EC
+ * key on a token without CKM_ECDH1_DERIVE (p11-kit remoting) cannot
+ * decrypt. token_key_usable then says so too. */
+int token_key_supports(const token_key *key, token_use use);
 X509 *token_key_cert0(const token_key *key);
 STACK_OF(X509) *token_key_chain0(const token_key *key);
 
@@ -151,8 +155,8 @@ const char *token_state_name(token_state state);
 
 /* The state, the time of its last change (*since, when not NULL) and, when
  * not ready, why (*reason, a string that lives as long as the set). */
-token_state token_set_token_state(const token_set *set, size_t i,
-                                  time_t *since, const char **reason);
+token_state token_set_token_state(const token_set *set, size_t i, time_t *since,
+                                  const char **reason);
 
 /* Counters since the token set was built (a reload starts them anew). */
 typedef struct token_stats {
