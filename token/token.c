@@ -55,31 +55,24 @@
  * token broke (OpenSSL's CMS even hides decryption errors), so the caller
  * asks token_key_check_fault, which probes the token through the function
  * list: a session must open, and a token we logged in to must still show
- * the process logged in. When it does not, the token goes down (TK_FAULT)
- * and waiters in token_key_acquire fail at once. A TK_FAULT token is probed
- * again from token_key_usable, token_set_token_ready and token_key_acquire,
- * at most once per back-off (1 s, doubling to 30 s, no thread of its own),
- * and is ready again as soon as a probe passes. That recovery re-opens
- * nothing: libp11 keeps its sessions, object handles and key caches, which
- * is right when the fault was passing (a reader that hiccuped, a store
- * briefly unavailable) and wrong after a real device reset, whose cure,
- * PKCS11_CTX_unload, PKCS11_CTX_load, a login and fetching the keys again,
- * would pull the context from under every token set sharing it. A reset
- * token mostly shows itself by having logged the process out, which keeps
- * it down until a restart (a reload does not log in again either); if a
- * probe passes and the next operation still fails, the token simply goes
- * down again. Tokens that were down from the start (TK_DOWN) wait for a
- * reload, and a refused or locked PIN (TK_PIN_REFUSED) is never tried
- * again.
+ * the process logged in. A token that does not answer goes down (TK_FAULT)
+ * and waiters in token_key_acquire fail at once; the recovery thread then
+ * rebuilds its module's context with back-off (1 s, doubling to 30 s). A
+ * token that answers but logged us out was reset: libp11's pooled
+ * sessions are dead, so the caller rebuilds the module at once and
+ * retries its operation. A rebuild (module_rebuild) stops and drains every
+ * token of the module, of every token set, then PKCS11_CTX_unload,
+ * PKCS11_CTX_load, and re-opens each token in the order above: probe, log
+ * in through the function list, and only then let libp11 list the keys.
+ * Tokens that were down from the start (TK_DOWN) wait for a reload, and a
+ * refused or locked PIN (TK_PIN_REFUSED) is never tried again with the
+ * same PIN.
  *
  * What this does not cover: a token that vanishes in the moment between
  * the probe and libp11's first C_OpenSession; and fork, after which libp11
  * re-initialises the module and opens sessions without a probe (and,
  * since libp11 did not do the login, without logging in). Token sets are
- * therefore created after any fork and never used across one. A future
- * recovery that re-opens the module must keep the same order:
- * PKCS11_CTX_unload and PKCS11_CTX_load empty the pool again, so probe
- * before listing keys again.
+ * therefore created after any fork and never used across one.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* timegm */
@@ -1177,7 +1170,7 @@ static int token_login(struct tk_token *t, char **pin, const tk_token_state *st,
         } else {
             token_down(t, TK_DOWN,
                        "the PIN changed while the token is logged in; "
-                       "it is used once the token is re-opened");
+                       "restart to log in with the new PIN");
         }
         goto out;
     }
@@ -2040,18 +2033,21 @@ void token_recovery_stop(void)
     __atomic_store_n(&event_fn, NULL, __ATOMIC_RELEASE);
 }
 
-/* What the calling thread's current operation runs on: set by
- * token_key_acquire, read by token_key_check_fault (was the context
- * rebuilt since the operation began?) and by tk_ui_read (whose PIN does
- * libp11 ask for?). */
+/* The calling thread's operations. op_token: the token of the operation
+ * in progress, between token_key_acquire and token_key_release, for
+ * tk_ui_read (whose PIN does libp11 ask for?). op_last and op_generation:
+ * the token and module generation of the last operation acquired, kept
+ * past the release for token_key_check_fault (was the context rebuilt
+ * since that operation began?); op_last is only compared, never followed. */
 static __thread struct tk_token *op_token;
+static __thread const struct tk_token *op_last;
 static __thread unsigned long op_generation;
 
 int token_key_check_fault(token_key *key, token_error *err)
 {
     struct tk_token *t = key->token;
     struct tk_module *m = t->module;
-    unsigned long gen = op_token == t
+    unsigned long gen = op_last == t
                             ? op_generation
                             : __atomic_load_n(&m->generation, __ATOMIC_ACQUIRE);
     char why[TK_REASON_LEN];
@@ -2332,6 +2328,7 @@ int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
         t->stats.operations[use == TOKEN_USE_DECRYPT]++;
         *pkey = key->pkey;
         op_token = t;
+        op_last = t;
         op_generation =
             __atomic_load_n(&t->module->generation, __ATOMIC_ACQUIRE);
         r = 0;

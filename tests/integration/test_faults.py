@@ -11,8 +11,8 @@ What the README and DESIGN promise ("A token that stops answering...",
 probe marks the token down, requests for its keys then get 503
 token_unavailable at once with Retry-After, /readyz says why, /healthz and
 /v1/keys keep answering; decrypt against a dead token is 503, not 422; the
-token is re-probed after 1 s, doubling to 30 s, and serves again when the
-probe passes, without logging in again. An operation that fails while the
+module's context is rebuilt after 1 s, doubling to 30 s, and the token
+serves again once it answers, logged in again (one C_Login per rebuild). An operation that fails while the
 token still answers leaves the token up: sign 503, decrypt 422."""
 
 import base64
