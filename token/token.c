@@ -1625,14 +1625,18 @@ static int recovery_due(const struct tk_token *t)
             now.tv_nsec >= t->next_probe.tv_nsec);
 }
 
-/* 1 when the token is ready; otherwise 0 and *reason (when not NULL) says
- * why, in a string that stays valid as long as the token. */
-static int token_ready(struct tk_token *t, const char **reason)
+/* 1 when the token is ready (or, with recovering_too, being re-opened: an
+ * operation then waits for the outcome in token_key_acquire); otherwise 0
+ * and *reason (when not NULL) says why, in a string that stays valid as
+ * long as the token. */
+static int token_ready(struct tk_token *t, int recovering_too,
+                       const char **reason)
 {
     int ready;
 
     pthread_mutex_lock(&t->lock);
-    ready = t->state == TK_READY;
+    ready =
+        t->state == TK_READY || (recovering_too && t->state == TK_RECOVERING);
     if (!ready && reason != NULL)
         *reason = t->state == TK_RECOVERING ? "the token is being re-opened"
                                             : t->reason;
@@ -2052,15 +2056,25 @@ int token_key_check_fault(token_key *key, token_error *err)
                             : __atomic_load_n(&m->generation, __ATOMIC_ACQUIRE);
     char why[TK_REASON_LEN];
     enum tk_answer answer = TK_ANSWERS;
-    int ready, r = -1;
+    int ready, recovering, r = -1;
 
-    /* The context the operation used is gone: its failure says nothing
-     * about the token, and the new context may serve it. */
-    if (__atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) != gen)
-        goto retry;
     pthread_mutex_lock(&t->lock);
     ready = t->state == TK_READY;
+    recovering = t->state == TK_RECOVERING;
     pthread_mutex_unlock(&t->lock);
+    /* Another request's rebuild is under way; it holds the registry lock
+     * until it is done. */
+    if (recovering) {
+        pthread_mutex_lock(&registry_lock);
+        pthread_mutex_unlock(&registry_lock);
+        pthread_mutex_lock(&t->lock);
+        ready = t->state == TK_READY;
+        pthread_mutex_unlock(&t->lock);
+    }
+    /* The context the operation used is gone: its failure says nothing
+     * about the token, and the new context may serve it. */
+    if (__atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) != gen && ready)
+        goto retry;
     /* A token already down explains the failure without another probe. */
     if (ready) {
         answer = token_answers(t, why, sizeof(why));
@@ -2188,7 +2202,7 @@ int token_set_token_ready(const token_set *set, size_t i, const char **reason)
             *reason = "no such token";
         return 0;
     }
-    return token_ready(set->tokens[i], reason);
+    return token_ready(set->tokens[i], 0, reason);
 }
 
 int token_set_token_optional(const token_set *set, size_t i)
@@ -2242,7 +2256,7 @@ int token_key_usable(const token_key *key, token_use use, const char **reason)
     const char *why = NULL;
     time_t now;
 
-    if (!token_ready(key->token, &why))
+    if (!token_ready(key->token, 1, &why))
         goto out;
     if (key->problem[0] != '\0') {
         why = key->problem;
@@ -2305,7 +2319,10 @@ int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
         deadline.tv_nsec -= 1000000000L;
     }
     pthread_mutex_lock(&t->lock);
-    while (t->state == TK_READY && t->in_flight >= t->max_sessions &&
+    /* A rebuild usually takes well under a second: wait for its outcome
+     * as for a session, within the same bound. */
+    while (((t->state == TK_READY && t->in_flight >= t->max_sessions) ||
+            t->state == TK_RECOVERING) &&
            rc != ETIMEDOUT)
         rc = pthread_cond_timedwait(&t->cond, &t->lock, &deadline);
     if (t->state != TK_READY) {

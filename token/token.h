@@ -112,9 +112,10 @@ typedef enum {
                         * being read */
 } token_use;
 
-/* 1 when the key can be used for use now; otherwise 0 and *reason (when
- * reason is not NULL) says why: certificate mismatch, expired, wrong key
- * usage, token down. */
+/* 1 when the key can be used for use now (its token may be being
+ * re-opened: token_key_acquire waits for that); otherwise 0 and *reason
+ * (when reason is not NULL) says why: certificate mismatch, expired, wrong
+ * key usage, token down. */
 int token_key_usable(const token_key *key, token_use use, const char **reason);
 /* 0 when the key's token cannot do use at all, whatever its state: an EC
  * key on a token without CKM_ECDH1_DERIVE (p11-kit remoting) cannot

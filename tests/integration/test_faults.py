@@ -318,7 +318,10 @@ def backoff():
     check(ready_at is not None, "not ready 10.5 s after the fault (5.5 s after clearing)")
     check(6.9 <= ready_at <= 8.5, "ready again %.2f s after the fault, want about 7 s "
           "(the third probe, 4 s after the second)" % ready_at)
-    eq(len(probes), 3, "probes while polled for %.1f s (%s)" % (ready_at, probes))
+    # the attempt that succeeds opens several sessions (probe, login, libp11),
+    # which a poll may see in two steps; no attempt comes in between
+    check(len(probes) >= 3 and all(p - probes[2] < 0.5 for p in probes[3:]),
+          "probes while polled for %.1f s: %s, want three attempts" % (ready_at, probes))
     sign_ok("demo-ec", "after backoff")
 
 

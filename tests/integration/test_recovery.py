@@ -204,6 +204,36 @@ def reset_retried(word):
     check("token %s ready" % TOKEN in D.stderr_text(), "no log line for the token coming back")
 
 
+def reset_concurrent():
+    """Six requests meet the same reset together: one rebuild (one new
+    login), every request retried on it, none fails."""
+    logins = log_count("C_Login")
+    results = [None] * 6
+    barrier = threading.Barrier(len(results))
+
+    def one(i):
+        try:
+            barrier.wait()
+            results[i] = D.sign(key=("demo-rsa", "demo-ec")[i % 2], mime=msg("concurrent %d" % i))
+        except Exception as e:  # reported below, with the request's number
+            results[i] = e
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
+    set_flag("session_invalid")
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        set_flag(None)
+    for i, r in enumerate(results):
+        eq(getattr(r, "status", None), 200, "concurrent request %d (%r)" % (i, r))
+        content = F.openssl_verify(r.json()["mime"].encode(), CA, WORK)
+        check(("concurrent %d" % i).encode() in content, "signed content %d" % i)
+    eq(log_count("C_Login"), logins + 1, "C_Login calls: one rebuild for all of them")
+    eq(state_of(D, TOKEN), "ready", "state afterwards")
+
+
 def not_present():
     pid = D.proc.pid
     set_flag("not_present")
@@ -438,6 +468,8 @@ def main():
                reset_retried, "session_invalid")
         S.case("login lost under a request (CKR_USER_NOT_LOGGED_IN): retried and succeeds",
                reset_retried, "not_logged_in")
+        S.case("six requests meet one reset together: one rebuild, all succeed",
+               reset_concurrent)
         S.case("token not present: 503 + Retry-After at once, /readyz names it with "
                "reason and time; back within %d s, same process" % RECOVER_S, not_present)
         S.case("CKA_ALWAYS_AUTHENTICATE key: one context-specific login per signature",
