@@ -159,6 +159,53 @@ def custody_restart():
     rsa_decrypt()
 
 
+def other_module_down():
+    """A local token behind faulty_p11 goes away while the remote one (another
+    module, in another process) keeps serving; marked optional, the local
+    token's absence leaves /readyz 200 while it names it down."""
+    faulty = F.BUILD / "tests" / "faulty_p11.so"
+    flag = WORK / "flag"
+    local = F.copy_token_dir(DEMO, WORK / "local")
+    toks = [F.token_config(local, name="local", module=str(faulty), optional=True),
+            F.token_config(TOK, name=TOKEN, module=CLIENTS[0], discovery=False,
+                           keys=[{"name": "remote-rsa", "uri": "pkcs11:object=demo-rsa"},
+                                 {"name": "remote-ec", "uri": "pkcs11:object=demo-ec"}])]
+    conf = F.write_config(WORK / "two.conf", toks)
+    env = F.softhsm_env(local)
+    env.update({"P11_KIT_SERVER_ADDRESS": "unix:path=%s" % SOCK,
+                "FAULTY_P11_REAL": F.softhsm_module(), "FAULTY_P11_FLAG": str(flag)})
+    d = S.daemon(conf, "two-modules-daemon", env=env)
+
+    def states():
+        return {t["name"]: t["state"] for t in d.request("GET", "/readyz").json()["tokens"]}
+
+    def sign(key, tag):
+        r = d.sign(key=key, mime=msg(tag))
+        eq(r.status, 200, "sign with %s (%r)" % (key, r.body[:300]))
+        content = F.openssl_verify(r.json()["mime"].encode(), CA, WORK)
+        check(("remote: %s" % tag).encode() in content, "verified content")
+    eq(states(), {"local": "ready", TOKEN: "ready"}, "states at start")
+    tmp = flag.with_suffix(".tmp")
+    tmp.write_text("removed\n")
+    tmp.replace(flag)
+    try:
+        expect_error(d.sign(key="demo-rsa", mime=msg("local gone")), 503, "token_unavailable")
+        t0 = time.monotonic()
+        # across several recovery attempts of the local module
+        while time.monotonic() - t0 < 3.5:
+            check(states()["local"] in ("down", "recovering"), "local state while removed")
+            eq(d.request("GET", "/readyz").status, 200, "/readyz: the down token is optional")
+            sign("remote-rsa", "remote while local is down")
+            sign("remote-ec", "remote ec while local is down")
+            time.sleep(0.3)
+    finally:
+        flag.unlink()
+    wait_for(lambda: states()["local"] == "ready", "local back", 20)
+    sign("demo-ec", "local back")
+    sign("remote-rsa", "remote after")
+    S.stop_case(d, pins=[F.read_pin(TOK)])
+
+
 def main():
     try:
         if not S.case("p11-kit server on a demo token copy; daemon on p11-kit-client.so",
@@ -168,6 +215,9 @@ def main():
         S.case("RSA decrypt through p11-kit (picked and forced key)", rsa_decrypt)
         S.case("ECDH through p11-kit: 422 operation_unsupported, token stays ready",
                ecdh_refused)
+        S.case("a local token on another module goes down: the remote one keeps "
+               "serving, /readyz 200 (optional), the local one comes back",
+               other_module_down)
         S.case("custody server restarts: 503 meanwhile, rebuilt and serving within %d s"
                % RECOVER_S, custody_restart)
         S.stop_running(pins=[F.read_pin(TOK)])
