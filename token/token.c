@@ -1728,7 +1728,8 @@ static char *token_pin_again(const struct tk_token *t, char *why, size_t len)
     pin = t->pin_file != NULL ? token_pin_read_file(t->pin_file, &perr)
                               : token_pin_read_env(t->pin_env, &perr);
     if (pin == NULL) {
-        snprintf(why, len, "cannot read the PIN: %s", perr.message);
+        /* cut to fit the reason */
+        snprintf(why, len, "cannot read the PIN: %.150s", perr.message);
         return NULL;
     }
     if (pin_digest(pin, d) < 0 ||

@@ -381,13 +381,15 @@ def pin_rejected():
     r, t = token_entry(d, TOKEN)
     eq(r.status, 503, "/readyz with a refused PIN")
     eq(t.get("state"), "pin_rejected", "state")
-    check("PIN" in (t.get("reason") or ""), "reason %r" % t.get("reason"))
+    check("incorrect" in (t.get("reason") or ""), "reason %r" % t.get("reason"))
     eq(logins(), 1, "C_Login at start")
     for i in range(10):
         expect_error(d.sign(key="demo-rsa", mime=msg("pin %d" % i)), 503, "token_unavailable")
     for i in range(3):
         d.send_signal(signal.SIGUSR1)
-    for i in range(2):
+    for i, level in enumerate(("info", "debug")):
+        # the second reload changes something unrelated to the token
+        F.write_config(conf, [tok], log_level=level)
         n = reloads()
         d.send_signal(signal.SIGHUP)
         wait_for(lambda: reloads() > n, "unchanged reload %d done" % i, limit=30)
@@ -399,6 +401,7 @@ def pin_rejected():
     d.send_signal(signal.SIGHUP)
     wait_for(lambda: reloads() > n, "reload with a new wrong PIN", limit=30)
     eq(logins(), 2, "C_Login after a reload with a changed PIN")
+    eq(state_of(d, TOKEN), "pin_rejected", "state with the second wrong PIN")
     n = reloads()
     d.send_signal(signal.SIGHUP)
     wait_for(lambda: reloads() > n, "unchanged reload", limit=30)
@@ -411,6 +414,34 @@ def pin_rejected():
     eq(logins(), 3, "C_Login with the right PIN")
     eq(state_of(d, TOKEN), "ready", "state with the right PIN")
     sign_ok(d, "demo-rsa", "right pin")
+    S.stop_case(d, pins=[F.read_pin(TOK)])
+
+
+def pin_refusal_code(code, name):
+    """The other refusals, which SoftHSM never gives, injected by the
+    module; the configured PIN is the right one, so only the code stops it."""
+    flag = WORK / ("flag-%x" % code)
+    log = WORK / ("p11-%x.log" % code)
+    set_flag("pin_code 0x%x" % code, flag)
+    tok = F.token_config(TOK, name=TOKEN, module=str(FAULTY))
+    conf = F.write_config(WORK / ("pin-%x.conf" % code), [tok])
+    d = S.daemon(conf, "pin-%x-daemon" % code, env=faulty_env(flag, log))
+    r, t = token_entry(d, TOKEN)
+    eq(r.status, 503, "/readyz")
+    eq(t.get("state"), "pin_rejected", "state")
+    check(name in (t.get("reason") or "") or "locked" in (t.get("reason") or ""),
+          "reason %r names %s" % (t.get("reason"), name))
+    for i in range(5):
+        expect_error(d.sign(key="demo-ec", mime=msg("%s %d" % (name, i))), 503,
+                     "token_unavailable")
+    d.send_signal(signal.SIGUSR1)
+    text = d.stderr_text()
+    n = text.count("in service") + text.count("keeping the running")
+    d.send_signal(signal.SIGHUP)
+    wait_for(lambda: d.stderr_text().count("in service") +
+             d.stderr_text().count("keeping the running") > n, "reload done", limit=30)
+    eq(log_count("C_Login", log), 1, "C_Login calls")
+    eq(state_of(d, TOKEN), "pin_rejected", "state after the reload")
     S.stop_case(d, pins=[F.read_pin(TOK)])
 
 
@@ -480,8 +511,12 @@ def main():
     S.case("blocked token: /healthz, /v1/keys, another module's key answer; excess "
            "requests 503 token_busy after wait_ms; state busy; held request completes",
            isolation)
-    S.case("refused PIN: one C_Login across requests, SIGUSR1 and unchanged reloads; "
+    S.case("refused PIN: one C_Login across requests, SIGUSR1 and unrelated reloads; "
            "a changed PIN gets one attempt", pin_rejected)
+    for code, name in ((0xa2, "CKR_PIN_LEN_RANGE"), (0xa3, "CKR_PIN_EXPIRED"),
+                       (0xa4, "CKR_PIN_LOCKED")):
+        S.case("%s from the token: pin_rejected, one C_Login across requests and a "
+               "reload" % name, pin_refusal_code, code, name)
     S.case("reload: a bad config leaves the old one serving; a request in flight "
            "finishes across a good reload", reload_semantics)
     set_flag(None)

@@ -42,6 +42,10 @@
  *   latency N      each key operation start waits N ms first.
  *   block          each key operation start waits until the file no
  *                  longer says "block" (a hung card); then it proceeds.
+ *   pin_code N     C_Login as the user answers N (e.g. 0xa2,
+ *                  CKR_PIN_LEN_RANGE) without asking the real module: the
+ *                  refusals SoftHSM never gives (it says CKR_PIN_INCORRECT
+ *                  to any wrong PIN).
  *
  * Only the calls that start an operation fail, never C_Sign or C_Decrypt
  * in the middle of one, so no operation is left half started in a session
@@ -79,6 +83,7 @@ typedef ck_ulong ck_rv;
 #define CKR_TOKEN_NOT_PRESENT 0xe0UL
 #define CKF_TOKEN_PRESENT 0x1UL
 #define CKF_SERIAL_SESSION 0x4UL
+#define CKU_USER 1UL
 #define CKU_CONTEXT_SPECIFIC 2UL
 
 #define REAL_MODULE "/usr/lib/softhsm/libsofthsm2.so"
@@ -163,6 +168,7 @@ enum fault {
     FAULT_NOT_LOGGED_IN,
     FAULT_LATENCY,
     FAULT_BLOCK,
+    FAULT_PIN_CODE,
 };
 
 static const struct {
@@ -176,6 +182,7 @@ static const struct {
     {"not_logged_in", FAULT_NOT_LOGGED_IN},
     {"latency", FAULT_LATENCY},
     {"block", FAULT_BLOCK},
+    {"pin_code", FAULT_PIN_CODE},
 };
 
 /* The write of the flag file whose one-shot command was carried out. */
@@ -199,7 +206,7 @@ static enum fault fault_now(long *arg)
 
     if (path == NULL || (f = fopen(path, "r")) == NULL)
         return FAULT_NONE;
-    if (fscanf(f, "%23s %ld", word, &n) < 1)
+    if (fscanf(f, "%23s %li", word, &n) < 1)
         word[0] = '\0';
     if (fstat(fileno(f), &st) != 0)
         memset(&st, 0, sizeof(st));
@@ -332,7 +339,11 @@ static ck_rv open_session(ck_ulong slot, ck_ulong flags, void *app,
 static ck_rv login(ck_ulong session, ck_ulong user, unsigned char *pin,
                    ck_ulong len)
 {
+    long code;
+
     log_call(user == CKU_CONTEXT_SPECIFIC ? "C_Login context" : "C_Login");
+    if (user == CKU_USER && fault_now(&code) == FAULT_PIN_CODE)
+        return (ck_rv)code;
     return real->C_Login(session, user, pin, len);
 }
 
