@@ -150,6 +150,12 @@ struct tk_module {
     /* Counts rebuilds; read by any thread, written under registry_lock
      * with every token of the module drained. */
     unsigned long generation;
+    /* Probes from request threads (token_answers) hold it shared; a
+     * rebuild holds it exclusively from C_Finalize to the last re-open, so
+     * no probe is inside the module while it is finalised (a SoftHSM
+     * C_GetTokenInfo racing C_Finalize locks a freed mutex for ever). */
+    pthread_rwlock_t calls;
+    int calls_ready;
 };
 
 enum tk_state {
@@ -358,6 +364,8 @@ static void module_put(struct tk_module *m)
     if (m->ctx != NULL)
         PKCS11_CTX_free(m->ctx);
     tk_probe_close(m->probe);
+    if (m->calls_ready)
+        pthread_rwlock_destroy(&m->calls);
     free(m->tokens);
     free(m->path);
     free(m);
@@ -401,6 +409,23 @@ static UI_METHOD *ui_method;
 static void *libp11_function_list(PKCS11_CTX *ctx)
 {
     return ctx->_private != NULL ? *(void **)ctx->_private : NULL;
+}
+
+/* Writers first: probes come from every failed request, and a rebuild
+ * must not wait behind a stream of them. */
+static int module_init_lock(struct tk_module *m)
+{
+    pthread_rwlockattr_t attr;
+    int ok;
+
+    if (pthread_rwlockattr_init(&attr) != 0)
+        return -1;
+    ok = pthread_rwlockattr_setkind_np(
+             &attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP) == 0 &&
+         pthread_rwlock_init(&m->calls, &attr) == 0;
+    pthread_rwlockattr_destroy(&attr);
+    m->calls_ready = ok;
+    return ok ? 0 : -1;
 }
 
 /* Loads the module into m->ctx and lists its slots. */
@@ -475,6 +500,10 @@ static int module_get(const char *path, struct tk_module **out,
     m->refs = 1;
     m->next = registry;
     registry = m;
+    if (module_init_lock(m) < 0) {
+        tk_error(err, TOKEN_ERR_INTERNAL, "cannot create a lock");
+        goto out;
+    }
     m->path = strdup(path);
     m->ctx = PKCS11_CTX_new();
     if (m->path == NULL || m->ctx == NULL) {
@@ -1552,7 +1581,9 @@ static enum tk_answer token_answers(const struct tk_token *t, char *why,
     unsigned long rv;
     char ckr[64];
 
+    pthread_rwlock_rdlock(&t->module->calls);
     rv = tk_probe_session(t->module->probe, t->slot_id, &st);
+    pthread_rwlock_unlock(&t->module->calls);
     /* Every session in use is an answer too: the token works, and is
      * busy with our own operations. */
     if (rv == TK_CKR_SESSION_COUNT)
@@ -1853,7 +1884,9 @@ static void token_reopen(struct tk_token *t)
 static int module_rebuild(struct tk_module *m)
 {
     token_error err = {0};
+    struct timespec deadline;
     size_t i, j;
+    int locked = 0;
 
     for (i = 0; i < m->ntokens; i++) {
         struct tk_token *t = m->tokens[i];
@@ -1872,6 +1905,16 @@ static int module_rebuild(struct tk_module *m)
                  TK_DRAIN_MS);
         goto failed;
     }
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += TK_DRAIN_MS / 1000;
+    if (pthread_rwlock_timedwrlock(&m->calls, &deadline) != 0) {
+        snprintf(err.message, sizeof(err.message),
+                 "probes of the token did not finish within %d ms; the "
+                 "token is re-opened later",
+                 TK_DRAIN_MS);
+        goto failed;
+    }
+    locked = 1;
     for (i = 0; i < m->ntokens; i++) {
         struct tk_token *t = m->tokens[i];
 
@@ -1916,8 +1959,11 @@ static int module_rebuild(struct tk_module *m)
             schedule_recovery(t);
         pthread_mutex_unlock(&t->lock);
     }
+    pthread_rwlock_unlock(&m->calls);
     return 0;
 failed:
+    if (locked)
+        pthread_rwlock_unlock(&m->calls);
     for (i = 0; i < m->ntokens; i++) {
         struct tk_token *t = m->tokens[i];
 
@@ -2079,6 +2125,9 @@ int token_key_check_fault(token_key *key, token_error *err)
     /* A token already down explains the failure without another probe. */
     if (ready) {
         answer = token_answers(t, why, sizeof(why));
+        /* a rebuild ran while the probe waited for it */
+        if (__atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) != gen)
+            goto retry;
         if (answer == TK_ANSWERS)
             return 0;
     }
