@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <config.h> /* generated: version */
 #include "api/api.h"
@@ -192,6 +193,16 @@ static void on_token_event(const char *token, const char *state,
         log_warn("token %s %s: %s", token, state, reason);
 }
 
+/* A token that was absent at the last load answers now: a reload opens it
+ * with its keys. SIGHUP reaches the thread in sigwait, which reloads as
+ * for an operator's signal. */
+static void on_token_present(const char *token)
+{
+    log_info("token %s answers now: reloading the configuration to open it",
+             token);
+    kill(getpid(), SIGHUP);
+}
+
 /* Serves until SIGTERM or SIGINT; returns the exit status. */
 static int serve(http_server *srv, running *run, const sigset_t *sigs)
 {
@@ -298,7 +309,7 @@ int main(int argc, char **argv)
     run.tokens = open_tokens(run.cfg);
     if (run.tokens == NULL)
         goto out;
-    if (token_recovery_start(on_token_event, &terr) != 0) {
+    if (token_recovery_start(on_token_event, on_token_present, &terr) != 0) {
         log_error("%s", terr.message);
         goto out;
     }

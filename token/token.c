@@ -64,9 +64,10 @@
  * token of the module, of every token set, then PKCS11_CTX_unload,
  * PKCS11_CTX_load, and re-opens each token in the order above: probe, log
  * in through the function list, and only then let libp11 list the keys.
- * Tokens that were down from the start (TK_DOWN) wait for a reload, and a
- * refused or locked PIN (TK_PIN_REFUSED) is never tried again with the
- * same PIN.
+ * Tokens that were down from the start (TK_DOWN) are not re-opened in
+ * place: if they were absent, a rebuild looks for them and the service is
+ * asked to reload once they answer (token_look_again). A refused or locked
+ * PIN (TK_PIN_REFUSED) is never tried again with the same PIN.
  *
  * What this does not cover: a token that vanishes in the moment between
  * the probe and libp11's first C_OpenSession; and fork, after which libp11
@@ -182,8 +183,13 @@ struct tk_token {
     token_uri uri; /* selects the token again after a rebuild */
     int optional;
     int discovery;
-    int logs_in;   /* its keys need our login; probes check it still holds */
-    int opened;    /* was ready once: a rebuild re-opens it */
+    int logs_in; /* its keys need our login; probes check it still holds */
+    int opened;  /* was ready once: a rebuild re-opens it */
+    /* Never opened because it was absent (no token matched, no session
+     * opened): a rebuild looks for it, and once it answers the service is
+     * asked to reload (opened_fn), which opens it with its keys. */
+    int absent;
+    int answers_now;
     int published; /* other threads see it: state changes take the lock */
     /* Where the PIN comes from, read again for a rebuild and for each
      * context-specific login, and the digest of the PIN the configuration
@@ -246,8 +252,12 @@ struct token_set {
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct tk_module *registry;
 
-/* Told of every state change of a published token (token_recovery_start). */
+/* Told of every state change of a published token, and of a token absent
+ * at load that answers now (token_recovery_start). */
 static token_event_fn event_fn;
+static token_present_fn present_fn;
+
+static void schedule_recovery(struct tk_token *t);
 
 static int module_remember(struct tk_module *m, struct tk_token *t);
 static void module_forget(struct tk_module *m, const struct tk_token *t);
@@ -1390,6 +1400,7 @@ static int token_open(struct tk_build *b, char **pin, token_error *err)
     }
     if (matches == 0) {
         token_down(t, TK_DOWN, "no initialised token matches the URI");
+        t->absent = 1;
         return 0;
     }
     if (matches > 1) {
@@ -1411,6 +1422,7 @@ static int token_open(struct tk_build *b, char **pin, token_error *err)
     if (rv != 0) {
         tk_ckr_describe(rv, why, sizeof(why));
         token_down(t, TK_DOWN, "cannot open a session: %s", why);
+        t->absent = 1;
         return 0;
     }
     if (st.max_sessions > 0 && st.max_sessions < t->max_sessions)
@@ -1486,6 +1498,8 @@ static int build_publish(struct tk_build *b, token_error *err)
     set->nkeys += b->nkeys;
     b->nkeys = 0;
     b->tok->opened = b->tok->state == TK_READY;
+    if (b->tok->absent)
+        schedule_recovery(b->tok);
     b->tok->changed = time(NULL);
     b->tok->published = 1;
     set->tokens[set->ntokens++] = b->tok;
@@ -1872,6 +1886,31 @@ static void token_reopen(struct tk_token *t)
     pthread_mutex_unlock(&t->lock);
 }
 
+/* A token that was absent when its set was built: renews its slot and,
+ * when it answers now, asks the service for the reload that opens it
+ * (once per token object; the reload replaces it). Under registry_lock,
+ * in a rebuild. */
+static void token_look_again(struct tk_token *t)
+{
+    token_present_fn fn;
+    tk_token_state st;
+    int absent;
+
+    t->slot = module_find_slot(t->module, &t->uri);
+    pthread_mutex_lock(&t->lock);
+    absent = t->state == TK_DOWN && t->absent && !t->answers_now;
+    pthread_mutex_unlock(&t->lock);
+    if (!absent || t->slot == NULL)
+        return;
+    t->slot_id = PKCS11_get_slotid_from_slot(t->slot);
+    if (tk_probe_session(t->module->probe, t->slot_id, &st) != 0)
+        return;
+    t->answers_now = 1;
+    fn = __atomic_load_n(&present_fn, __ATOMIC_ACQUIRE);
+    if (fn != NULL)
+        fn(t->name);
+}
+
 /* Rebuilds m's libp11 context: stops and drains every token of the module
  * (of every token set), frees every libp11 object, PKCS11_CTX_unload
  * (C_Finalize), PKCS11_CTX_load (C_Initialize), lists the slots, and opens
@@ -1947,7 +1986,7 @@ static int module_rebuild(struct tk_module *m)
         if (reopen)
             token_reopen(t);
         else
-            t->slot = module_find_slot(m, &t->uri);
+            token_look_again(t);
     }
     for (i = 0; i < m->ntokens; i++) {
         struct tk_token *t = m->tokens[i];
@@ -1991,23 +2030,32 @@ static pthread_cond_t recovery_cond = PTHREAD_COND_INITIALIZER;
 static int module_wants_rebuild(struct tk_module *m)
 {
     char why[TK_REASON_LEN];
-    int due = 0, serving = 0, answers = 0;
+    int fault_due = 0, absent_due = 0, serving = 0, answers = 0;
     size_t i;
 
     for (i = 0; i < m->ntokens; i++) {
         struct tk_token *t = m->tokens[i];
+        int absent;
 
         pthread_mutex_lock(&t->lock);
+        absent = t->state == TK_DOWN && t->absent && !t->answers_now;
         if (t->state == TK_READY)
             serving = 1;
-        if (t->state == TK_FAULT && recovery_due(t)) {
-            due = 1;
+        if ((t->state == TK_FAULT || absent) && recovery_due(t)) {
+            if (absent)
+                absent_due = 1;
+            else
+                fault_due = 1;
             schedule_recovery(t);
         }
         pthread_mutex_unlock(&t->lock);
     }
-    if (!due || !serving)
-        return due;
+    /* A token absent since the load is looked for only by a rebuild that
+     * pauses nobody: with tokens of the module serving, a reload finds it. */
+    if (!serving)
+        return fault_due || absent_due;
+    if (!fault_due)
+        return 0;
     for (i = 0; i < m->ntokens && !answers; i++) {
         struct tk_token *t = m->tokens[i];
         int fault;
@@ -2048,9 +2096,11 @@ static void *recovery_main(void *arg)
     return NULL;
 }
 
-int token_recovery_start(token_event_fn fn, token_error *err)
+int token_recovery_start(token_event_fn fn, token_present_fn present,
+                         token_error *err)
 {
     __atomic_store_n(&event_fn, fn, __ATOMIC_RELEASE);
+    __atomic_store_n(&present_fn, present, __ATOMIC_RELEASE);
     pthread_mutex_lock(&registry_lock);
     if (recovery_running) {
         pthread_mutex_unlock(&registry_lock);
@@ -2082,6 +2132,7 @@ void token_recovery_stop(void)
     recovery_running = 0;
     pthread_mutex_unlock(&registry_lock);
     __atomic_store_n(&event_fn, NULL, __ATOMIC_RELEASE);
+    __atomic_store_n(&present_fn, NULL, __ATOMIC_RELEASE);
 }
 
 /* The calling thread's operations. op_token: the token of the operation

@@ -179,11 +179,19 @@ void token_set_token_stats(const token_set *set, size_t i, token_stats *out);
 typedef void (*token_event_fn)(const char *token, const char *state,
                                const char *reason);
 
+/* Called from the recovery loop when a token that was absent when its set
+ * was built (no token matched its URI, or no session opened) answers now:
+ * its keys are found only by building a new set, so the caller reloads.
+ * Must not call into token/. */
+typedef void (*token_present_fn)(const char *token);
+
 /* The recovery loop: a thread that rebuilds the libp11 context of every
  * module with a token that went down at run time, with back-off (1 s,
- * doubling to 30 s). Start it once the first token set exists, stop it
- * before the last one is freed. */
-int token_recovery_start(token_event_fn fn, token_error *err);
+ * doubling to 30 s); on modules where no token serves, it also looks for
+ * tokens absent at load with the same back-off. Start it once the first
+ * token set exists, stop it before the last one is freed. */
+int token_recovery_start(token_event_fn fn, token_present_fn present,
+                         token_error *err);
 void token_recovery_stop(void);
 
 #endif

@@ -448,6 +448,34 @@ def pin_refusal_code(code, name):
     S.stop_case(d, pins=[F.read_pin(TOK)])
 
 
+def absent_at_start():
+    """A token absent when the daemon starts (no restart, no SIGHUP from
+    anyone): the loop finds it once it is inserted, and the reload it asks
+    for opens it with its keys."""
+    flag = WORK / "flag-absent"
+    log = WORK / "p11-absent.log"
+    set_flag("not_present", flag)
+    tok = F.token_config(TOK, name=TOKEN, module=str(FAULTY))
+    conf = F.write_config(WORK / "absent.conf", [tok])
+    d = S.daemon(conf, "absent-daemon", env=faulty_env(flag, log))
+    try:
+        r, t = token_entry(d, TOKEN)
+        eq(r.status, 503, "/readyz while absent")
+        eq(t.get("state"), "down", "state while absent")
+        # a discovery token that is down may hold any key name
+        expect_error(d.sign(key="demo-rsa", mime=msg("absent")), 503, "token_unavailable")
+        eq(log_count("C_Login", log), 0, "no login while absent")
+    finally:
+        set_flag(None, flag)
+    took = wait_for(lambda: state_of(d, TOKEN) == "ready", "ready once inserted")
+    print("# ready %.2f s after the token was inserted" % took, flush=True)
+    check("answers now: reloading" in d.stderr_text(), "no log line for the reload")
+    sign_ok(d, "demo-rsa", "inserted after start")
+    sign_ok(d, "demo-ec", "inserted after start, ec")
+    eq(log_count("C_Login", log), 1, "one login")
+    S.stop_case(d, pins=[F.read_pin(TOK)])
+
+
 # ---- reload semantics
 
 def reload_semantics():
@@ -520,6 +548,8 @@ def main():
                        (0xa4, "CKR_PIN_LOCKED")):
         S.case("%s from the token: pin_rejected, one C_Login across requests and a "
                "reload" % name, pin_refusal_code, code, name)
+    S.case("token absent at start: found once inserted, opened by the reload the "
+           "loop asks for; keys served, one login", absent_at_start)
     S.case("reload: a bad config leaves the old one serving; a request in flight "
            "finishes across a good reload", reload_semantics)
     set_flag(None)

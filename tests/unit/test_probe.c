@@ -291,7 +291,7 @@ static void case_runtime_fault(struct outcome *o)
     int opens, logins, rc, held, waiting = 0;
 
     watch_calls();
-    if (!check(o, token_recovery_start(NULL, &err) == 0,
+    if (!check(o, token_recovery_start(NULL, NULL, &err) == 0,
                "recovery thread starts"))
         return;
     /* One session, so a second request waits in token_key_acquire. */
