@@ -114,6 +114,11 @@ int api_route_has_body(const api_route *route)
     return strcmp(route->method, "POST") == 0;
 }
 
+const char *api_route_path(const api_route *route)
+{
+    return route->path;
+}
+
 /* Compares the media type of a Content-Type value, ignoring parameters
  * (charset) and case. */
 static int media_is(const char *content_type, const char *type)
@@ -169,6 +174,11 @@ api *api_new(token_set *tokens, STACK_OF(X509) *trust, const char *trust_dir,
 void api_free(api *a)
 {
     free(a);
+}
+
+token_set *api_tokens0(const api *a)
+{
+    return a->tokens;
 }
 
 void api_response_clear(api_response *res)

@@ -40,6 +40,8 @@ const api_route *api_route_find(const char *method, const char *path,
 int api_route_check_media(const api_route *route, const char *content_type,
                           api_body_kind *kind, api_error *err);
 int api_route_has_body(const api_route *route);
+/* The route's path, static: the endpoint label of its metrics. */
+const char *api_route_path(const api_route *route);
 
 #define API_MAX_HEADERS 8
 
@@ -110,6 +112,8 @@ typedef struct api api;
 api *api_new(token_set *tokens, STACK_OF(X509) *trust, const char *trust_dir,
              STACK_OF(X509_CRL) *crls);
 void api_free(api *a);
+/* The token set the api serves, borrowed (for /metrics). */
+token_set *api_tokens0(const api *a);
 
 /* Private-key operations a client may be allowed, as bits. */
 typedef enum {

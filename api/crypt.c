@@ -254,17 +254,21 @@ static int decrypt_on_token(token_key *key, cms_envelope *env, cms_result **out,
     token_error terr = {0};
     cms_error cerr = {0};
     EVP_PKEY *pkey;
-    int rc;
+    int rc, tries = 0, fault;
 
-    if (token_key_acquire(key, TOKEN_USE_DECRYPT, &pkey, &terr) != 0)
-        return api_fail_token(err, &terr);
-    rc = cms_envelope_decrypt(env, pkey, token_key_cert0(key), out, is_signed,
-                              &cerr);
-    token_key_release(key);
-    if (rc == 0)
-        return 0;
-    if (cerr.status == CMS_ERR_DECRYPT &&
-        token_key_check_fault(key, &terr) != 0)
+    do {
+        if (token_key_acquire(key, TOKEN_USE_DECRYPT, &pkey, &terr) != 0)
+            return api_fail_token(err, &terr);
+        rc = cms_envelope_decrypt(env, pkey, token_key_cert0(key), out,
+                                  is_signed, &cerr);
+        token_key_release(key);
+        if (rc == 0)
+            return 0;
+        fault = cerr.status == CMS_ERR_DECRYPT
+                    ? token_key_check_fault(key, &terr)
+                    : 0;
+    } while (fault > 0 && tries++ == 0);
+    if (fault < 0)
         return api_fail_token(err, &terr);
     return api_fail_cms(err, &cerr);
 }

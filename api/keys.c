@@ -47,6 +47,10 @@ int api_check_key(api *a, token_key *key, token_use use, api_error *err)
 
     if (token_key_usable(key, use, &reason))
         return 0;
+    /* no retry helps: the token cannot do this (p11-kit remoting and ECDH) */
+    if (!token_key_supports(key, use))
+        return api_fail(err, 422, "operation_unsupported", "key \"%s\": %s",
+                        token_key_name(key), reason);
     for (i = 0; i < token_set_count_tokens(a->tokens); i++) {
         if (strcmp(token_set_token_name(a->tokens, i),
                    token_key_token_name(key)) == 0 &&
@@ -130,14 +134,22 @@ int api_handle_readyz(api *a, const api_request *req, api_response *res,
 
     for (i = 0; list != NULL && i < n; i++) {
         const char *reason = NULL;
-        int up = token_set_token_ready(a->tokens, i, &reason);
+        time_t since = 0;
+        token_state state =
+            token_set_token_state(a->tokens, i, &since, &reason);
+        int up = state == TOKEN_STATE_READY || state == TOKEN_STATE_BUSY;
         int optional = token_set_token_optional(a->tokens, i);
+        char when[32];
+        struct tm tm;
 
         if (!up && !optional)
             ready = 0;
-        item = json_pack("{s:s,s:s,s:b}", "name",
+        gmtime_r(&since, &tm);
+        strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+        item = json_pack("{s:s,s:s,s:b,s:s}", "name",
                          token_set_token_name(a->tokens, i), "state",
-                         up ? "ready" : "down", "optional", optional);
+                         token_state_name(state), "optional", optional, "since",
+                         when);
         if (item != NULL && !up && reason != NULL &&
             json_object_set_new(item, "reason",
                                 api_json_text(reason, strlen(reason))) != 0) {

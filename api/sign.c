@@ -76,18 +76,23 @@ static int sign_on_token(token_key *key, const cms_prepared *prep,
     token_error terr = {0};
     cms_error cerr = {0};
     EVP_PKEY *pkey;
-    int rc;
+    int rc, tries = 0, fault;
 
-    if (token_key_acquire(key, TOKEN_USE_SIGN, &pkey, &terr) != 0)
-        return api_fail_token(err, &terr);
-    rc = cms_sign_prepared(prep, pkey, token_key_cert0(key),
-                           token_key_chain0(key), p->mode, p->digest, out,
-                           &cerr);
-    token_key_release(key);
-    if (rc == 0)
-        return 0;
-    /* a token that stopped answering is a 503, whatever OpenSSL said */
-    if (cerr.status == CMS_ERR_KEY && token_key_check_fault(key, &terr) != 0)
+    do {
+        if (token_key_acquire(key, TOKEN_USE_SIGN, &pkey, &terr) != 0)
+            return api_fail_token(err, &terr);
+        rc = cms_sign_prepared(prep, pkey, token_key_cert0(key),
+                               token_key_chain0(key), p->mode, p->digest, out,
+                               &cerr);
+        token_key_release(key);
+        if (rc == 0)
+            return 0;
+        /* a token that stopped answering is a 503, whatever OpenSSL said;
+         * one whose sessions died is re-opened and asked once more */
+        fault =
+            cerr.status == CMS_ERR_KEY ? token_key_check_fault(key, &terr) : 0;
+    } while (fault > 0 && tries++ == 0);
+    if (fault < 0)
         return api_fail_token(err, &terr);
     return api_fail_cms(err, &cerr);
 }

@@ -24,6 +24,7 @@
 #include "service/audit.h"
 #include "service/http.h"
 #include "service/log.h"
+#include "service/metrics.h"
 
 /* An api generation and the requests using it, so a reload can wait for
  * them before the old one is freed. */
@@ -78,6 +79,7 @@ typedef struct request {
     int has_peer; /* a TLS client certificate was presented */
     api_peer peer;
     char *peer_strings[PEER_SANS_MAX + 1]; /* subject, then sans; owned */
+    const char *endpoint; /* static; metrics label of a route-less path */
 } request;
 
 static double ms_since(const struct timespec *start)
@@ -278,6 +280,7 @@ static request *request_new(http_server *srv, struct MHD_Connection *conn,
     pthread_mutex_lock(&srv->lock);
     srv->in_flight++;
     pthread_mutex_unlock(&srv->lock);
+    metrics_request_begin();
     return r;
 }
 
@@ -295,6 +298,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
              r->error != NULL ? " error=" : "",
              r->error != NULL ? r->error : "",
              toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " aborted");
+    metrics_request_end(r->route != NULL ? api_route_path(r->route)
+                                         : r->endpoint,
+                        r->status, ms_since(&r->start) / 1e3);
     free(r->body);
     for (size_t i = 0; i <= PEER_SANS_MAX; i++)
         free(r->peer_strings[i]);
@@ -378,6 +384,27 @@ static int audit(request *r, api_response *res)
     return api_fail(&r->err, 500, "audit_failed",
                     "the audit record could not be written; the result is "
                     "withheld");
+}
+
+/* GET /metrics: served here rather than by api/, which knows nothing of
+ * request counts; like /healthz and /readyz it needs no credentials. */
+static enum MHD_Result answer_metrics(request *r, struct MHD_Connection *conn)
+{
+    api_response res = {0};
+    api_ref *ref;
+    char *page = NULL;
+    int rc;
+
+    r->endpoint = "/metrics";
+    ref = ref_get(r->srv);
+    rc = metrics_render(api_tokens0(ref->api), &page, &res.body_len);
+    ref_put(r->srv, ref);
+    if (rc != 0)
+        return answer_fixed(r, conn);
+    res.body = (unsigned char *)page;
+    res.status = 200;
+    res.content_type = "text/plain; version=0.0.4; charset=utf-8";
+    return queue(r, conn, &res);
 }
 
 /* The checks made from the headers alone, in the contract's order. */
@@ -493,6 +520,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
         if (r == NULL)
             return MHD_NO;
         *req_cls = r;
+        if (strcmp(url, "/metrics") == 0 &&
+            (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0))
+            return answer_metrics(r, conn);
         if (check_headers(r, conn, method, url, &err) != 0) {
             if (api_response_set_error(&res, &err) != 0) {
                 api_response_clear(&res);

@@ -277,6 +277,27 @@ fail:
     config_problems_clear(&problems);
 }
 
+/* The recovery loop's word on a token changing state: the operator's
+ * record of when a token went down, why, and when it came back. */
+static void on_token_event(const char *token, const char *state,
+                           const char *reason)
+{
+    if (reason == NULL)
+        log_info("token %s %s", token, state);
+    else
+        log_warn("token %s %s: %s", token, state, reason);
+}
+
+/* A token that was absent at the last load answers now: a reload opens it
+ * with its keys. SIGHUP reaches the thread in sigwait, which reloads as
+ * for an operator's signal. */
+static void on_token_present(const char *token)
+{
+    log_info("token %s answers now: reloading the configuration to open it",
+             token);
+    kill(getpid(), SIGHUP);
+}
+
 /* Serves until SIGTERM or SIGINT; returns the exit status. */
 static int serve(http_server *srv, running *run, const sigset_t *sigs)
 {
@@ -330,6 +351,7 @@ int main(int argc, char **argv)
     running run = {0};
     http_server *srv = NULL;
     http_options hopts;
+    token_error terr = {0};
     sigset_t sigs;
     char errbuf[256];
     int opt, check_only = 0, hash_only = 0, ret = 1;
@@ -405,6 +427,10 @@ int main(int argc, char **argv)
     run.tokens = open_tokens(run.cfg);
     if (run.tokens == NULL)
         goto out;
+    if (token_recovery_start(on_token_event, on_token_present, &terr) != 0) {
+        log_error("%s", terr.message);
+        goto out;
+    }
     run.api = api_for(run.cfg, run.tokens);
     if (run.api == NULL) {
         log_error("out of memory");
@@ -434,6 +460,7 @@ int main(int argc, char **argv)
              run.cfg->nclients > 0 ? ", client authentication on" : "");
     ret = serve(srv, &run, &sigs);
 out:
+    token_recovery_stop();
     api_free(run.api);
     token_set_free(run.tokens);
     config_free(run.cfg);

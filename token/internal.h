@@ -29,6 +29,14 @@ void tk_probe_close(tk_probe *probe);
 /* 1 when both name the same loaded module (whatever path reached it). */
 int tk_probe_same_module(const tk_probe *a, const tk_probe *b);
 
+/* 0 when the module instance behind the probe is not initialised: its
+ * C_GetFunctionList handed the probe an instance of its own rather than
+ * the one libp11 initialised (p11-kit-client.so opens one connection per
+ * instance, and a login on one is not seen on another). Then the probe
+ * must use libp11's function list instead (tk_probe_adopt). */
+int tk_probe_initialised(const tk_probe *probe);
+void tk_probe_adopt(tk_probe *probe, void *function_list);
+
 /* What a probe saw of a token. */
 typedef struct tk_token_state {
     unsigned long max_sessions; /* ulMaxSessionCount; 0 for no limit */
@@ -52,6 +60,14 @@ unsigned long tk_probe_session(const tk_probe *probe, unsigned long slot_id,
 unsigned long tk_probe_login(const tk_probe *probe, unsigned long slot_id,
                              const char *pin, unsigned long *session);
 void tk_probe_end_session(const tk_probe *probe, unsigned long session);
+
+/* 1 when the token in slot_id lists the mechanism, 0 when it does not, -1
+ * when the list cannot be read. A remoting layer lists only what it can
+ * carry: p11-kit 0.24's client leaves out CKM_ECDH1_DERIVE. */
+int tk_probe_has_mechanism(const tk_probe *probe, unsigned long slot_id,
+                           unsigned long mechanism);
+
+#define TK_CKM_ECDH1_DERIVE 0x1050UL
 
 /* "CKR_PIN_INCORRECT (0xa0)": the name when known, always the number. */
 void tk_ckr_describe(unsigned long rv, char *buf, size_t len);

@@ -40,6 +40,7 @@ typedef ck_ulong ck_rv;
 
 #define CKR_OK 0UL
 #define CKR_USER_ALREADY_LOGGED_IN 0x100UL
+#define CKR_CRYPTOKI_NOT_INITIALIZED 0x190UL
 #define CKF_SERIAL_SESSION 0x4UL
 #define CKF_USER_PIN_LOCKED 0x40000UL
 #define CKU_USER 1UL
@@ -184,6 +185,28 @@ int tk_probe_same_module(const tk_probe *a, const tk_probe *b)
     return a->handle == b->handle;
 }
 
+/* CK_INFO: two versions, two 32-byte strings and the flags between them. */
+struct ck_info {
+    struct ck_version cryptoki_version;
+    unsigned char manufacturer_id[32];
+    ck_ulong flags;
+    unsigned char library_description[32];
+    struct ck_version library_version;
+};
+
+int tk_probe_initialised(const tk_probe *probe)
+{
+    struct ck_info info;
+
+    return probe->funcs->C_GetInfo(&info) != CKR_CRYPTOKI_NOT_INITIALIZED;
+}
+
+void tk_probe_adopt(tk_probe *probe, void *function_list)
+{
+    if (function_list != NULL)
+        probe->funcs = function_list;
+}
+
 unsigned long tk_probe_session(const tk_probe *probe, unsigned long slot_id,
                                tk_token_state *state)
 {
@@ -243,6 +266,27 @@ unsigned long tk_probe_login(const tk_probe *probe, unsigned long slot_id,
 void tk_probe_end_session(const tk_probe *probe, unsigned long session)
 {
     probe->funcs->C_CloseSession(session);
+}
+
+int tk_probe_has_mechanism(const tk_probe *probe, unsigned long slot_id,
+                           unsigned long mechanism)
+{
+    ck_ulong *list = NULL, count = 0, i;
+    int r = -1;
+
+    if (probe->funcs->C_GetMechanismList(slot_id, NULL, &count) != CKR_OK)
+        return -1;
+    /* + 1: a token without mechanisms must not turn this into calloc(0) */
+    list = calloc(count + 1, sizeof(*list));
+    if (list == NULL ||
+        probe->funcs->C_GetMechanismList(slot_id, list, &count) != CKR_OK)
+        goto out;
+    r = 0;
+    for (i = 0; i < count && r == 0; i++)
+        r = list[i] == mechanism;
+out:
+    free(list);
+    return r;
 }
 
 static const struct {

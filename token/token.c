@@ -55,31 +55,25 @@
  * token broke (OpenSSL's CMS even hides decryption errors), so the caller
  * asks token_key_check_fault, which probes the token through the function
  * list: a session must open, and a token we logged in to must still show
- * the process logged in. When it does not, the token goes down (TK_FAULT)
- * and waiters in token_key_acquire fail at once. A TK_FAULT token is probed
- * again from token_key_usable, token_set_token_ready and token_key_acquire,
- * at most once per back-off (1 s, doubling to 30 s, no thread of its own),
- * and is ready again as soon as a probe passes. That recovery re-opens
- * nothing: libp11 keeps its sessions, object handles and key caches, which
- * is right when the fault was passing (a reader that hiccuped, a store
- * briefly unavailable) and wrong after a real device reset, whose cure,
- * PKCS11_CTX_unload, PKCS11_CTX_load, a login and fetching the keys again,
- * would pull the context from under every token set sharing it. A reset
- * token mostly shows itself by having logged the process out, which keeps
- * it down until a restart (a reload does not log in again either); if a
- * probe passes and the next operation still fails, the token simply goes
- * down again. Tokens that were down from the start (TK_DOWN) wait for a
- * reload, and a refused or locked PIN (TK_PIN_REFUSED) is never tried
- * again.
+ * the process logged in. A token that does not answer goes down (TK_FAULT)
+ * and waiters in token_key_acquire fail at once; the recovery thread then
+ * rebuilds its module's context with back-off (1 s, doubling to 30 s). A
+ * token that answers but logged us out was reset: libp11's pooled
+ * sessions are dead, so the caller rebuilds the module at once and
+ * retries its operation. A rebuild (module_rebuild) stops and drains every
+ * token of the module, of every token set, then PKCS11_CTX_unload,
+ * PKCS11_CTX_load, and re-opens each token in the order above: probe, log
+ * in through the function list, and only then let libp11 list the keys.
+ * Tokens that were down from the start (TK_DOWN) are not re-opened in
+ * place: if they were absent, a rebuild looks for them and the service is
+ * asked to reload once they answer (token_look_again). A refused or locked
+ * PIN (TK_PIN_REFUSED) is never tried again with the same PIN.
  *
  * What this does not cover: a token that vanishes in the moment between
  * the probe and libp11's first C_OpenSession; and fork, after which libp11
  * re-initialises the module and opens sessions without a probe (and,
  * since libp11 did not do the login, without logging in). Token sets are
- * therefore created after any fork and never used across one. A future
- * recovery that re-opens the module must keep the same order:
- * PKCS11_CTX_unload and PKCS11_CTX_load empty the pool again, so probe
- * before listing keys again.
+ * therefore created after any fork and never used across one.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* timegm */
@@ -96,6 +90,7 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
+#include <openssl/ui.h>
 #include <openssl/x509v3.h>
 
 #include "token/internal.h"
@@ -114,6 +109,10 @@
 #define TK_BACKOFF_FIRST_S 1
 #define TK_BACKOFF_MAX_S 30
 
+/* How long a rebuild waits for the operations in flight on the module's
+ * tokens to finish before it gives up and tries again later. */
+#define TK_DRAIN_MS 5000
+
 /* How many distinct fault reasons a token keeps (see struct tk_reason). */
 #define TK_FAULT_REASONS_MAX 16
 #define TK_REASON_LEN 200
@@ -122,6 +121,9 @@
  * belongs to the process, not to a token set, so this lives with the
  * module and outlives the sets of a reload. Digests only, never a PIN. */
 struct tk_pins {
+    struct tk_pins *next;
+    char label[33]; /* the token it is for, as libp11 lists it */
+    char serial[17];
     int logged_in; /* we logged in, with the PIN whose digest is good */
     unsigned char good[TK_PIN_DIGEST];
     int locked; /* the token said its PIN is locked */
@@ -132,14 +134,29 @@ struct tk_pins {
 struct tk_module {
     struct tk_module *next;
     unsigned refs;
+    char *path;
     tk_probe *probe;
     PKCS11_CTX *ctx;
-    /* Listed once, when the module is loaded: PKCS11_update_slots would
-     * free the PKCS11_SLOT and PKCS11_TOKEN structures other token sets
-     * point into. */
+    int loaded; /* PKCS11_CTX_load succeeded and no unload since */
+    /* Listed when the module is loaded, and again only by a rebuild:
+     * PKCS11_update_slots would free the PKCS11_SLOT and PKCS11_TOKEN
+     * structures the tokens of every set point into. */
     PKCS11_SLOT *slots;
     unsigned int nslots;
-    struct tk_pins *pins; /* one per slot */
+    struct tk_pins *pins; /* per token, by label and serial */
+    /* Every published token on the module, of every token set: a rebuild
+     * stops and re-opens them all. */
+    struct tk_token **tokens;
+    size_t ntokens;
+    /* Counts rebuilds; read by any thread, written under registry_lock
+     * with every token of the module drained. */
+    unsigned long generation;
+    /* Probes from request threads (token_answers) hold it shared; a
+     * rebuild holds it exclusively from C_Finalize to the last re-open, so
+     * no probe is inside the module while it is finalised (a SoftHSM
+     * C_GetTokenInfo racing C_Finalize locks a freed mutex for ever). */
+    pthread_rwlock_t calls;
+    int calls_ready;
 };
 
 enum tk_state {
@@ -147,6 +164,7 @@ enum tk_state {
     TK_DOWN,        /* since it was opened; a reload opens it again */
     TK_FAULT,       /* failed at run time; re-probed (see token_ready) */
     TK_PIN_REFUSED, /* never retried: a card locks after a few wrong PINs */
+    TK_RECOVERING,  /* its module is being rebuilt */
 };
 
 /* A fault reason, kept until the token is freed: token_set_token_ready and
@@ -162,9 +180,26 @@ struct tk_token {
     struct tk_module *module; /* counted reference */
     PKCS11_SLOT *slot;        /* NULL until one token matched the URI */
     unsigned long slot_id;
+    token_uri uri; /* selects the token again after a rebuild */
     int optional;
     int discovery;
     int logs_in; /* its keys need our login; probes check it still holds */
+    int opened;  /* was ready once: a rebuild re-opens it */
+    /* Never opened because it was absent (no token matched, no session
+     * opened): a rebuild looks for it, and once it answers the service is
+     * asked to reload (opened_fn), which opens it with its keys. */
+    int absent;
+    int answers_now;
+    int published; /* other threads see it: state changes take the lock */
+    /* Where the PIN comes from, read again for a rebuild and for each
+     * context-specific login, and the digest of the PIN the configuration
+     * was loaded with: only that PIN is ever sent without a reload. */
+    char *pin_file;
+    char *pin_env;
+    int has_pin;
+    unsigned char pin_digest[TK_PIN_DIGEST];
+    token_key **keys; /* its keys, borrowed from the set */
+    size_t nkeys;
     unsigned max_sessions;
     long wait_ms;
     char open_reason[TK_REASON_LEN]; /* why token_set_add left it down */
@@ -177,19 +212,27 @@ struct tk_token {
     unsigned nfault_reasons;         /* under lock */
     struct timespec next_probe;      /* under lock, TK_FAULT only */
     unsigned backoff_s;              /* under lock, TK_FAULT only */
-    int probing;                     /* under lock: a re-probe is running */
+    time_t changed;                  /* under lock: last state change */
+    token_stats stats;               /* under lock */
 };
 
 struct token_key {
     char *name;
     struct tk_token *token;
-    EVP_PKEY *pkey; /* NULL when the token is down or the key was not found */
+    /* NULL when the token is down or the key was not found. Replaced by a
+     * rebuild only while no operation holds it. */
+    EVP_PKEY *pkey;
+    char *label;       /* CKA_LABEL and CKA_ID of the object bound: a rebuild */
+    unsigned char *id; /* finds the same object again */
+    size_t id_len;
     X509 *cert;
     STACK_OF(X509) *chain;
     char algorithm[80];
     char problem[200];     /* a fault found at load that stays; "" for none */
     char sign_problem[80]; /* key usage forbids signing; "" for none */
-    char decrypt_problem[80]; /* key usage forbids decryption */
+    char decrypt_problem[120]; /* key usage forbids decryption, or the
+                                * token cannot do it */
+    int cannot_decrypt; /* the token lacks the mechanism (token_key_supports) */
     time_t not_before;
     time_t not_after;
     char not_yet_valid[80];
@@ -208,6 +251,49 @@ struct token_set {
  * caches, and token sets may be built and freed from different threads. */
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct tk_module *registry;
+
+/* Told of every state change of a published token, and of a token absent
+ * at load that answers now (token_recovery_start). */
+static token_event_fn event_fn;
+static token_present_fn present_fn;
+
+static void schedule_recovery(struct tk_token *t);
+
+static int module_remember(struct tk_module *m, struct tk_token *t);
+static void module_forget(struct tk_module *m, const struct tk_token *t);
+static void token_set_fault_reason(struct tk_token *t, const char *text);
+
+/* The state as the outside sees it. Under t->lock. */
+static token_state state_public(const struct tk_token *t)
+{
+    switch (t->state) {
+    case TK_READY:
+        return t->in_flight >= t->max_sessions ? TOKEN_STATE_BUSY
+                                               : TOKEN_STATE_READY;
+    case TK_PIN_REFUSED:
+        return TOKEN_STATE_PIN_REJECTED;
+    case TK_RECOVERING:
+        return TOKEN_STATE_RECOVERING;
+    case TK_DOWN:
+    case TK_FAULT:
+        break;
+    }
+    return TOKEN_STATE_DOWN;
+}
+
+const char *token_state_name(token_state state)
+{
+    static const char *const names[] = {
+        [TOKEN_STATE_READY] = "ready",
+        [TOKEN_STATE_DOWN] = "down",
+        [TOKEN_STATE_BUSY] = "busy",
+        [TOKEN_STATE_PIN_REJECTED] = "pin_rejected",
+        [TOKEN_STATE_RECOVERING] = "recovering",
+    };
+
+    return (unsigned)state < sizeof(names) / sizeof(names[0]) ? names[state]
+                                                              : "down";
+}
 
 void tk_error(token_error *err, token_status status, const char *fmt, ...)
 {
@@ -274,18 +360,121 @@ static void module_put(struct tk_module *m)
     for (p = &registry; *p != m; p = &(*p)->next)
         ;
     *p = m->next;
-    if (m->pins != NULL) {
-        OPENSSL_cleanse(m->pins, (m->nslots + 1) * sizeof(*m->pins));
+    while (m->pins != NULL) {
+        struct tk_pins *next = m->pins->next;
+
+        OPENSSL_cleanse(m->pins, sizeof(*m->pins));
         free(m->pins);
+        m->pins = next;
     }
     if (m->slots != NULL)
         PKCS11_release_all_slots(m->ctx, m->slots, m->nslots);
-    if (m->ctx != NULL) {
+    if (m->loaded)
         PKCS11_CTX_unload(m->ctx);
+    if (m->ctx != NULL)
         PKCS11_CTX_free(m->ctx);
-    }
     tk_probe_close(m->probe);
+    if (m->calls_ready)
+        pthread_rwlock_destroy(&m->calls);
+    free(m->tokens);
+    free(m->path);
     free(m);
+}
+
+/* What the process knows of the PIN of the token in slot, created on
+ * first use; NULL without memory. Kept by label and serial, not by slot,
+ * so that it survives a rebuild that lists the slots in another order. */
+static struct tk_pins *pins_for(struct tk_module *m, const PKCS11_SLOT *slot)
+{
+    const char *label = slot->token->label ? slot->token->label : "";
+    const char *serial = slot->token->serialnr ? slot->token->serialnr : "";
+    struct tk_pins *p;
+
+    for (p = m->pins; p != NULL; p = p->next) {
+        if (strncmp(p->label, label, sizeof(p->label) - 1) == 0 &&
+            strncmp(p->serial, serial, sizeof(p->serial) - 1) == 0)
+            return p;
+    }
+    p = calloc(1, sizeof(*p));
+    if (p == NULL)
+        return NULL;
+    snprintf(p->label, sizeof(p->label), "%s", label);
+    snprintf(p->serial, sizeof(p->serial), "%s", serial);
+    p->next = m->pins;
+    m->pins = p;
+    return p;
+}
+
+static pthread_once_t ui_once = PTHREAD_ONCE_INIT;
+static void ui_method_init(void);
+static UI_METHOD *ui_method;
+
+/* The CK_FUNCTION_LIST libp11 calls through. libp11 0.4.12 has no accessor
+ * for it; its private context (src/libp11-int.h, PKCS11_CTX_private)
+ * starts with that pointer, "CK_FUNCTION_LIST_PTR method". Used only for a
+ * module that hands each C_GetFunctionList caller an instance of its own
+ * (p11-kit-client.so), where the probe and the login must go through
+ * libp11's instance to see libp11's sessions; tk_probe_initialised checks
+ * the result before it is trusted. */
+static void *libp11_function_list(PKCS11_CTX *ctx)
+{
+    return ctx->_private != NULL ? *(void **)ctx->_private : NULL;
+}
+
+/* Writers first: probes come from every failed request, and a rebuild
+ * must not wait behind a stream of them. */
+static int module_init_lock(struct tk_module *m)
+{
+    pthread_rwlockattr_t attr;
+    int ok;
+
+    if (pthread_rwlockattr_init(&attr) != 0)
+        return -1;
+    ok = pthread_rwlockattr_setkind_np(
+             &attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP) == 0 &&
+         pthread_rwlock_init(&m->calls, &attr) == 0;
+    pthread_rwlockattr_destroy(&attr);
+    m->calls_ready = ok;
+    return ok ? 0 : -1;
+}
+
+/* Loads the module into m->ctx and lists its slots. */
+static int module_load(struct tk_module *m, token_error *err)
+{
+    char why[96];
+
+    /* libp11 0.4.12's load sets these two without freeing what an earlier
+     * load of the same context set: a rebuild would leak them. */
+    OPENSSL_free(m->ctx->manufacturer);
+    OPENSSL_free(m->ctx->description);
+    m->ctx->manufacturer = NULL;
+    m->ctx->description = NULL;
+    if (PKCS11_CTX_load(m->ctx, m->path) < 0) {
+        libp11_failure(why, sizeof(why));
+        tk_error(err, TOKEN_ERR_CONFIG,
+                 "cannot initialise PKCS#11 module %s: %s", m->path, why);
+        return -1;
+    }
+    m->loaded = 1;
+    if (!tk_probe_initialised(m->probe)) {
+        tk_probe_adopt(m->probe, libp11_function_list(m->ctx));
+        if (!tk_probe_initialised(m->probe)) {
+            tk_error(err, TOKEN_ERR_CONFIG,
+                     "PKCS#11 module %s: its function list cannot be "
+                     "reached beside libp11",
+                     m->path);
+            return -1;
+        }
+    }
+    if (PKCS11_enumerate_slots(m->ctx, &m->slots, &m->nslots) < 0) {
+        libp11_failure(why, sizeof(why));
+        m->slots = NULL;
+        m->nslots = 0;
+        tk_error(err, TOKEN_ERR_CONFIG,
+                 "PKCS#11 module %s: cannot list slots: %s", m->path, why);
+        return -1;
+    }
+    return 0;
 }
 
 /* A counted reference to the module at path, loaded and its slots listed
@@ -295,7 +484,6 @@ static int module_get(const char *path, struct tk_module **out,
 {
     struct tk_module *m = NULL;
     tk_probe *probe;
-    char why[96];
     int r = -1;
 
     probe = tk_probe_open(path, err);
@@ -322,33 +510,23 @@ static int module_get(const char *path, struct tk_module **out,
     m->refs = 1;
     m->next = registry;
     registry = m;
+    if (module_init_lock(m) < 0) {
+        tk_error(err, TOKEN_ERR_INTERNAL, "cannot create a lock");
+        goto out;
+    }
+    m->path = strdup(path);
     m->ctx = PKCS11_CTX_new();
-    if (m->ctx == NULL) {
+    if (m->path == NULL || m->ctx == NULL) {
         tk_error(err, TOKEN_ERR_INTERNAL, "out of memory");
         goto out;
     }
-    if (PKCS11_CTX_load(m->ctx, path) < 0) {
-        libp11_failure(why, sizeof(why));
-        /* module_put must not unload a context whose load failed. */
-        PKCS11_CTX_free(m->ctx);
-        m->ctx = NULL;
-        tk_error(err, TOKEN_ERR_CONFIG,
-                 "cannot initialise PKCS#11 module %s: %s", path, why);
+    /* libp11 asks this UI for the PIN of a CKA_ALWAYS_AUTHENTICATE key
+     * at each operation (see tk_ui_read). */
+    pthread_once(&ui_once, ui_method_init);
+    if (ui_method != NULL)
+        PKCS11_set_ui_method(m->ctx, ui_method, NULL);
+    if (module_load(m, err) < 0)
         goto out;
-    }
-    if (PKCS11_enumerate_slots(m->ctx, &m->slots, &m->nslots) < 0) {
-        libp11_failure(why, sizeof(why));
-        m->slots = NULL;
-        tk_error(err, TOKEN_ERR_CONFIG,
-                 "PKCS#11 module %s: cannot list slots: %s", path, why);
-        goto out;
-    }
-    /* + 1: a module without slots must not turn this into calloc(0). */
-    m->pins = calloc(m->nslots + 1, sizeof(*m->pins));
-    if (m->pins == NULL) {
-        tk_error(err, TOKEN_ERR_INTERNAL, "out of memory");
-        goto out;
-    }
     *out = m;
     m = NULL;
     r = 0;
@@ -576,6 +754,8 @@ static void key_free(token_key *k)
     EVP_PKEY_free(k->pkey);
     X509_free(k->cert);
     chain_free(k->chain);
+    free(k->label);
+    free(k->id);
     free(k->name);
     free(k);
 }
@@ -645,6 +825,15 @@ static void key_bind(token_key *k, PKCS11_KEY *pk, const PKCS11_CERT *certs,
                  "cannot read the private key: %s", why);
         return;
     }
+    /* Without them a rebuild cannot find the key again and leaves it
+     * unusable (token_key_acquire checks pkey). */
+    free(k->label);
+    free(k->id);
+    k->label = pk->label != NULL ? strdup(pk->label) : NULL;
+    k->id = pk->id_len > 0 ? malloc(pk->id_len) : NULL;
+    k->id_len = k->id != NULL ? pk->id_len : 0;
+    if (k->id != NULL)
+        memcpy(k->id, pk->id, pk->id_len);
     if (k->cert == NULL) {
         cert = token_cert_for(pk, certs, ncerts);
         if (cert == NULL) {
@@ -672,7 +861,12 @@ static void token_free(struct tk_token *t)
         t->fault_reasons = r->next;
         free(r);
     }
+    module_forget(t->module, t);
     module_put(t->module);
+    token_uri_clear(&t->uri);
+    free(t->pin_file);
+    free(t->pin_env);
+    free(t->keys);
     pthread_cond_destroy(&t->cond);
     pthread_mutex_destroy(&t->lock);
     free(t->name);
@@ -704,6 +898,14 @@ static struct tk_token *token_new(const token_spec *spec, token_error *err)
         tk_error(err, TOKEN_ERR_INTERNAL, "cannot create a condition variable");
         return NULL;
     }
+    if ((spec->pin_file != NULL &&
+         (t->pin_file = strdup(spec->pin_file)) == NULL) ||
+        (spec->pin_env != NULL &&
+         (t->pin_env = strdup(spec->pin_env)) == NULL)) {
+        token_free(t);
+        tk_error(err, TOKEN_ERR_INTERNAL, "out of memory");
+        return NULL;
+    }
     t->optional = spec->optional;
     t->discovery = spec->discovery;
     t->max_sessions =
@@ -714,23 +916,52 @@ static struct tk_token *token_new(const token_spec *spec, token_error *err)
      * use): the configuration layer supplies the 5000 ms default. */
     t->wait_ms = spec->wait_ms;
     t->state = TK_DOWN;
+    t->changed = time(NULL);
     snprintf(t->open_reason, sizeof(t->open_reason), "not opened");
     t->reason = t->open_reason;
     return t;
 }
 
-/* While token_set_add opens the token, before any other thread sees it. */
+/* Under t->lock once published: the state, its time, and word to the
+ * event hook. */
+static void token_set_state(struct tk_token *t, enum tk_state state)
+{
+    token_event_fn fn;
+
+    if (t->state == state)
+        return;
+    t->state = state;
+    t->changed = time(NULL);
+    fn = __atomic_load_n(&event_fn, __ATOMIC_ACQUIRE);
+    if (t->published && fn != NULL)
+        fn(t->name, token_state_name(state_public(t)),
+           state == TK_READY ? NULL : t->reason);
+}
+
+/* Marks the token down with a reason: while token_set_add opens it, in
+ * open_reason; once other threads see it (a rebuild re-opening it), under
+ * its lock in a kept reason. */
 __attribute__((format(printf, 3, 4))) static void
 token_down(struct tk_token *t, enum tk_state state, const char *fmt, ...)
 {
+    char why[TK_REASON_LEN];
     va_list ap;
 
-    t->state = state;
     va_start(ap, fmt);
-    vsnprintf(t->open_reason, sizeof(t->open_reason), fmt, ap);
+    vsnprintf(why, sizeof(why), fmt, ap);
     va_end(ap);
-    t->reason = t->open_reason;
     ERR_clear_error();
+    if (!t->published) {
+        t->state = state;
+        snprintf(t->open_reason, sizeof(t->open_reason), "%s", why);
+        t->reason = t->open_reason;
+        return;
+    }
+    pthread_mutex_lock(&t->lock);
+    token_set_fault_reason(t, why);
+    token_set_state(t, state);
+    pthread_cond_broadcast(&t->cond);
+    pthread_mutex_unlock(&t->lock);
 }
 
 /* An attribute the URI does not give matches anything. libp11 has already
@@ -940,12 +1171,17 @@ static void pin_refused(struct tk_pins *p, const unsigned char d[TK_PIN_DIGEST])
 static int token_login(struct tk_token *t, char **pin, const tk_token_state *st,
                        unsigned long *session, int *holding, token_error *err)
 {
-    struct tk_pins *p = &t->module->pins[t->slot - t->module->slots];
+    struct tk_pins *p = pins_for(t->module, t->slot);
     unsigned char d[TK_PIN_DIGEST];
     char why[96];
     unsigned long rv;
     int r = 0;
 
+    if (p == NULL) {
+        tk_error(err, TOKEN_ERR_INTERNAL, "out of memory");
+        r = -1;
+        goto out;
+    }
     if (*pin == NULL) {
         if (t->slot->token->loginRequired)
             token_down(t, TK_DOWN,
@@ -959,18 +1195,17 @@ static int token_login(struct tk_token *t, char **pin, const tk_token_state *st,
         r = -1;
         goto out;
     }
+    /* A token that was reset since has forgotten the login. */
+    if (p->logged_in && !st->logged_in)
+        p->logged_in = 0;
     if (p->logged_in) {
-        if (!st->logged_in) {
-            token_down(t, TK_DOWN,
-                       "the token logged this process out (was it reset?); "
-                       "restart to log in again");
-        } else if (CRYPTO_memcmp(d, p->good, TK_PIN_DIGEST) == 0) {
+        if (CRYPTO_memcmp(d, p->good, TK_PIN_DIGEST) == 0) {
             t->logs_in = 1;
             r = 1;
         } else if (pin_was_refused(p, d)) {
             token_down(t, TK_PIN_REFUSED,
                        "login failed: this PIN was refused before; not "
-                       "retried (fix the PIN and restart)");
+                       "retried (fix the PIN and reload)");
         } else {
             token_down(t, TK_DOWN,
                        "the PIN changed while the token is logged in; "
@@ -987,13 +1222,13 @@ static int token_login(struct tk_token *t, char **pin, const tk_token_state *st,
     if (pin_was_refused(p, d)) {
         token_down(t, TK_PIN_REFUSED,
                    "login failed: this PIN was refused before; not retried "
-                   "(fix the PIN and restart)");
+                   "(fix the PIN and reload)");
         goto out;
     }
     if (p->nrefused == TK_REFUSED_MAX) {
         token_down(t, TK_PIN_REFUSED,
                    "login failed: %d PINs were refused before; no other is "
-                   "tried (fix the PIN and restart)",
+                   "tried (fix the PIN and reload)",
                    TK_REFUSED_MAX);
         goto out;
     }
@@ -1104,6 +1339,32 @@ static int token_resolve_keys(struct tk_build *b, token_error *err)
     return 1;
 }
 
+/* EC keys decrypt by ECDH on the token (libp11 runs C_DeriveKey). A token
+ * that does not list CKM_ECDH1_DERIVE, such as one reached through
+ * p11-kit's remoting, would fail every such decryption with
+ * CKR_MECHANISM_INVALID: say so up front instead. */
+static void check_ecdh(struct tk_build *b)
+{
+    int has = -2;
+    size_t i;
+
+    for (i = 0; i < b->nkeys; i++) {
+        token_key *k = b->keys[i];
+
+        if (k->pkey == NULL || EVP_PKEY_get_base_id(k->pkey) != EVP_PKEY_EC)
+            continue;
+        if (has == -2)
+            has = tk_probe_has_mechanism(b->tok->module->probe, b->tok->slot_id,
+                                         TK_CKM_ECDH1_DERIVE);
+        if (has != 0)
+            continue;
+        k->cannot_decrypt = 1;
+        snprintf(k->decrypt_problem, sizeof(k->decrypt_problem),
+                 "the token does not offer ECDH (CKM_ECDH1_DERIVE), so this "
+                 "key cannot decrypt through it");
+    }
+}
+
 static const struct tk_token *set_token_on_slot(const token_set *set,
                                                 const PKCS11_SLOT *slot)
 {
@@ -1139,6 +1400,7 @@ static int token_open(struct tk_build *b, char **pin, token_error *err)
     }
     if (matches == 0) {
         token_down(t, TK_DOWN, "no initialised token matches the URI");
+        t->absent = 1;
         return 0;
     }
     if (matches > 1) {
@@ -1160,6 +1422,7 @@ static int token_open(struct tk_build *b, char **pin, token_error *err)
     if (rv != 0) {
         tk_ckr_describe(rv, why, sizeof(why));
         token_down(t, TK_DOWN, "cannot open a session: %s", why);
+        t->absent = 1;
         return 0;
     }
     if (st.max_sessions > 0 && st.max_sessions < t->max_sessions)
@@ -1174,6 +1437,7 @@ static int token_open(struct tk_build *b, char **pin, token_error *err)
         tk_probe_end_session(m->probe, session);
     if (rc <= 0)
         return rc;
+    check_ecdh(b);
     t->state = TK_READY;
     t->open_reason[0] = '\0';
     return 0;
@@ -1208,7 +1472,7 @@ static int build_publish(struct tk_build *b, token_error *err)
 {
     token_set *set = b->set;
     struct tk_token **tokens;
-    token_key **keys;
+    token_key **keys, **tkeys;
 
     tokens = realloc(set->tokens, (set->ntokens + 1) * sizeof(*tokens));
     if (tokens == NULL)
@@ -1219,10 +1483,25 @@ static int build_publish(struct tk_build *b, token_error *err)
     if (keys == NULL)
         goto oom;
     set->keys = keys;
+    /* + 1 as above */
+    tkeys = malloc((b->nkeys + 1) * sizeof(*tkeys));
+    if (tkeys == NULL || module_remember(b->tok->module, b->tok) < 0) {
+        free(tkeys);
+        goto oom;
+    }
+    if (b->nkeys > 0)
+        memcpy(tkeys, b->keys, b->nkeys * sizeof(*tkeys));
+    b->tok->keys = tkeys;
+    b->tok->nkeys = b->nkeys;
     if (b->nkeys > 0)
         memcpy(set->keys + set->nkeys, b->keys, b->nkeys * sizeof(*keys));
     set->nkeys += b->nkeys;
     b->nkeys = 0;
+    b->tok->opened = b->tok->state == TK_READY;
+    if (b->tok->absent)
+        schedule_recovery(b->tok);
+    b->tok->changed = time(NULL);
+    b->tok->published = 1;
     set->tokens[set->ntokens++] = b->tok;
     b->tok = NULL;
     return 0;
@@ -1255,7 +1534,7 @@ int token_set_add(token_set *set, const token_spec *spec, token_error *err)
         goto out;
     }
     b.tok = token_new(spec, err);
-    if (b.tok == NULL)
+    if (b.tok == NULL || token_uri_parse(spec->uri, &b.tok->uri, err) < 0)
         goto out;
     if (spec->chain_file != NULL &&
         load_chain(spec->chain_file, &b.chain, err) < 0)
@@ -1268,6 +1547,13 @@ int token_set_add(token_set *set, const token_spec *spec, token_error *err)
         pin = token_pin_read_env(spec->pin_env, err);
     if ((spec->pin_file != NULL || spec->pin_env != NULL) && pin == NULL)
         goto out;
+    if (pin != NULL) {
+        if (pin_digest(pin, b.tok->pin_digest) < 0) {
+            tk_error(err, TOKEN_ERR_INTERNAL, "cannot compute a PIN digest");
+            goto out;
+        }
+        b.tok->has_pin = 1;
+    }
 
     pthread_mutex_lock(&registry_lock);
     locked = 1;
@@ -1295,34 +1581,37 @@ out:
 /* ---- faults found at run time ---- */
 
 /* Asks the token, through the module's function list (libp11 could wait
- * forever for a session), whether it still works for us. 1 when it does;
- * otherwise 0 and why says what is wrong. Needs no lock: the module and
- * the slot id are fixed once the token is published. */
-static int token_answers(const struct tk_token *t, char *why, size_t len)
+ * forever for a session), whether it still works for us. TK_ANSWERS when
+ * it does, TK_LOGGED_OUT when it answers but has forgotten our login (a
+ * reset: libp11's sessions are dead too), TK_SILENT when it does not
+ * answer; why says what is wrong. Needs no lock: the probe and the slot id
+ * change only in a rebuild, with every operation drained. */
+enum tk_answer { TK_ANSWERS, TK_LOGGED_OUT, TK_SILENT };
+
+static enum tk_answer token_answers(const struct tk_token *t, char *why,
+                                    size_t len)
 {
     tk_token_state st;
     unsigned long rv;
     char ckr[64];
 
+    pthread_rwlock_rdlock(&t->module->calls);
     rv = tk_probe_session(t->module->probe, t->slot_id, &st);
+    pthread_rwlock_unlock(&t->module->calls);
     /* Every session in use is an answer too: the token works, and is
      * busy with our own operations. */
     if (rv == TK_CKR_SESSION_COUNT)
-        return 1;
+        return TK_ANSWERS;
     if (rv != 0) {
         tk_ckr_describe(rv, ckr, sizeof(ckr));
         snprintf(why, len, "the token does not answer: %s", ckr);
-        return 0;
+        return TK_SILENT;
     }
-    /* A token that was reset answers again, but logged out: its keys
-     * would fail every operation. Only a restart logs in again. */
     if (t->logs_in && !st.logged_in) {
-        snprintf(why, len,
-                 "the token logged this process out (was it reset?); "
-                 "restart to log in again");
-        return 0;
+        snprintf(why, len, "the token logged this process out (was it reset?)");
+        return TK_LOGGED_OUT;
     }
-    return 1;
+    return TK_ANSWERS;
 }
 
 /* Points t->reason at a kept copy of text. Past TK_FAULT_REASONS_MAX
@@ -1349,23 +1638,29 @@ static void token_set_fault_reason(struct tk_token *t, const char *text)
     t->reason = r->text;
 }
 
-static void probe_after(struct tk_token *t, unsigned seconds)
+/* Under t->lock: the next recovery attempt, after the back-off that
+ * follows the last one (1 s after a first fault, doubling to 30 s). */
+static void schedule_recovery(struct tk_token *t)
 {
+    unsigned s = t->backoff_s == 0 ? TK_BACKOFF_FIRST_S : 2 * t->backoff_s;
+
+    if (s > TK_BACKOFF_MAX_S)
+        s = TK_BACKOFF_MAX_S;
     clock_gettime(CLOCK_MONOTONIC, &t->next_probe);
-    t->next_probe.tv_sec += seconds;
-    t->backoff_s = seconds;
+    t->next_probe.tv_sec += s;
+    t->backoff_s = s;
 }
 
-/* Under t->lock. Waiters in token_key_acquire wake up and fail. */
+/* Under t->lock. Waiters in token_key_acquire wake up and fail; the
+ * recovery loop takes it from here. */
 static void token_fault(struct tk_token *t, const char *why)
 {
-    t->state = TK_FAULT;
     token_set_fault_reason(t, why);
-    probe_after(t, TK_BACKOFF_FIRST_S);
+    token_set_state(t, TK_FAULT);
     pthread_cond_broadcast(&t->cond);
 }
 
-static int probe_due(const struct tk_token *t)
+static int recovery_due(const struct tk_token *t)
 {
     struct timespec now;
 
@@ -1375,59 +1670,594 @@ static int probe_due(const struct tk_token *t)
             now.tv_nsec >= t->next_probe.tv_nsec);
 }
 
-/* 1 when the token is ready; otherwise 0 and *reason (when not NULL) says
- * why, in a string that stays valid as long as the token. A token down
- * with a run-time fault is probed again first, by one caller at a time,
- * when its back-off has passed; the lock is not held during the probe, so
- * operations and other callers are not held up by a slow token. */
-static int token_ready(struct tk_token *t, const char **reason)
+/* 1 when the token is ready (or, with recovering_too, being re-opened: an
+ * operation then waits for the outcome in token_key_acquire); otherwise 0
+ * and *reason (when not NULL) says why, in a string that stays valid as
+ * long as the token. */
+static int token_ready(struct tk_token *t, int recovering_too,
+                       const char **reason)
 {
-    char why[TK_REASON_LEN];
-    int ready, ok;
+    int ready;
 
     pthread_mutex_lock(&t->lock);
-    if (t->state == TK_FAULT && !t->probing && probe_due(t)) {
-        t->probing = 1;
-        pthread_mutex_unlock(&t->lock);
-        ok = token_answers(t, why, sizeof(why));
-        pthread_mutex_lock(&t->lock);
-        t->probing = 0;
-        if (ok) {
-            t->state = TK_READY;
-        } else {
-            token_set_fault_reason(t, why);
-            probe_after(t, t->backoff_s * 2 > TK_BACKOFF_MAX_S
-                               ? TK_BACKOFF_MAX_S
-                               : t->backoff_s * 2);
-        }
-    }
-    ready = t->state == TK_READY;
+    ready =
+        t->state == TK_READY || (recovering_too && t->state == TK_RECOVERING);
     if (!ready && reason != NULL)
-        *reason = t->reason;
+        *reason = t->state == TK_RECOVERING ? "the token is being re-opened"
+                                            : t->reason;
     pthread_mutex_unlock(&t->lock);
     return ready;
 }
 
+/* ---- rebuilding a module's libp11 context ---- */
+
+static int module_remember(struct tk_module *m, struct tk_token *t)
+{
+    struct tk_token **tokens;
+
+    tokens = realloc(m->tokens, (m->ntokens + 1) * sizeof(*tokens));
+    if (tokens == NULL)
+        return -1;
+    m->tokens = tokens;
+    m->tokens[m->ntokens++] = t;
+    return 0;
+}
+
+static void module_forget(struct tk_module *m, const struct tk_token *t)
+{
+    size_t i;
+
+    if (m == NULL)
+        return;
+    for (i = 0; i < m->ntokens; i++) {
+        if (m->tokens[i] == t) {
+            m->tokens[i] = m->tokens[--m->ntokens];
+            return;
+        }
+    }
+}
+
+/* Waits until no operation is in flight on any token of m; the tokens
+ * are already out of TK_READY, so none starts. 0 when drained, -1 when the
+ * deadline passed first. */
+static int module_drain(struct tk_module *m)
+{
+    struct timespec deadline;
+    size_t i;
+    int rc = 0;
+
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += TK_DRAIN_MS / 1000;
+    deadline.tv_nsec += (TK_DRAIN_MS % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    for (i = 0; i < m->ntokens && rc == 0; i++) {
+        struct tk_token *t = m->tokens[i];
+
+        pthread_mutex_lock(&t->lock);
+        while (t->in_flight > 0 && rc == 0)
+            rc = pthread_cond_timedwait(&t->cond, &t->lock, &deadline);
+        if (t->in_flight == 0)
+            rc = 0;
+        pthread_mutex_unlock(&t->lock);
+    }
+    return rc == 0 ? 0 : -1;
+}
+
+/* The one slot whose token the URI selects, or NULL. */
+static PKCS11_SLOT *module_find_slot(struct tk_module *m, const token_uri *u)
+{
+    PKCS11_SLOT *slot = NULL;
+    unsigned i, matches = 0;
+
+    for (i = 0; i < m->nslots; i++) {
+        if (slot_matches(u, &m->slots[i])) {
+            slot = &m->slots[i];
+            matches++;
+        }
+    }
+    return matches == 1 ? slot : NULL;
+}
+
+/* The PIN from the token's configured source, only when it is the one the
+ * configuration was loaded with: a changed PIN waits for a reload, which
+ * is what allows a new attempt. NULL (and why) otherwise. */
+static char *token_pin_again(const struct tk_token *t, char *why, size_t len)
+{
+    unsigned char d[TK_PIN_DIGEST];
+    token_error perr = {0};
+    char *pin;
+
+    pin = t->pin_file != NULL ? token_pin_read_file(t->pin_file, &perr)
+                              : token_pin_read_env(t->pin_env, &perr);
+    if (pin == NULL) {
+        /* cut to fit the reason */
+        snprintf(why, len, "cannot read the PIN: %.150s", perr.message);
+        return NULL;
+    }
+    if (pin_digest(pin, d) < 0 ||
+        CRYPTO_memcmp(d, t->pin_digest, TK_PIN_DIGEST) != 0) {
+        snprintf(why, len,
+                 "the PIN changed since the configuration was loaded; "
+                 "reload to use it");
+        token_pin_free(pin);
+        pin = NULL;
+    }
+    OPENSSL_cleanse(d, sizeof(d));
+    return pin;
+}
+
+/* Finds each of the token's keys again on the fresh context, by the label
+ * and ID of the object bound before. 0 when listed, -1 (and why) when the
+ * token could not list its keys. A key that is gone stays without pkey,
+ * which token_key_acquire refuses. */
+static int token_rebind_keys(struct tk_token *t, char *why, size_t len)
+{
+    PKCS11_KEY *keys = NULL;
+    unsigned nkeys = 0, i;
+    char ckr[96];
+    size_t j;
+
+    if (PKCS11_enumerate_keys(t->slot->token, &keys, &nkeys) < 0) {
+        libp11_failure(ckr, sizeof(ckr));
+        snprintf(why, len, "cannot list private keys: %s", ckr);
+        return -1;
+    }
+    for (j = 0; j < t->nkeys; j++) {
+        token_key *k = t->keys[j];
+
+        if (k->label == NULL && k->id == NULL)
+            continue;
+        for (i = 0; i < nkeys; i++) {
+            const PKCS11_KEY *pk = &keys[i];
+
+            if ((k->label == NULL) != (pk->label == NULL) ||
+                (k->label != NULL && strcmp(k->label, pk->label) != 0) ||
+                k->id_len != pk->id_len ||
+                (k->id_len > 0 && memcmp(k->id, pk->id, k->id_len) != 0))
+                continue;
+            k->pkey = PKCS11_get_private_key(&keys[i]);
+            /* the same name must stand for the same key pair */
+            if (k->pkey != NULL && k->cert != NULL &&
+                EVP_PKEY_eq(X509_get0_pubkey(k->cert), k->pkey) != 1) {
+                EVP_PKEY_free(k->pkey);
+                k->pkey = NULL;
+            }
+            break;
+        }
+    }
+    ERR_clear_error();
+    return 0;
+}
+
+/* Opens a token again on its module's fresh context, in the order the top
+ * of this file gives: find its slot, probe it through the function list,
+ * log in through the function list, and only then let libp11 list its
+ * keys. The token ends ready, or down with the reason (TK_PIN_REFUSED when
+ * the PIN was refused). Under registry_lock, the module drained. */
+static void token_reopen(struct tk_token *t)
+{
+    struct tk_module *m = t->module;
+    unsigned long rv, session = 0;
+    char why[TK_REASON_LEN], ckr[64];
+    token_error err = {0};
+    tk_token_state st;
+    char *pin = NULL;
+    int rc, holding = 0;
+
+    t->slot = module_find_slot(m, &t->uri);
+    if (t->slot == NULL) {
+        token_down(t, TK_FAULT, "no initialised token matches the URI now");
+        return;
+    }
+    t->slot_id = PKCS11_get_slotid_from_slot(t->slot);
+    rv = tk_probe_session(m->probe, t->slot_id, &st);
+    if (rv != 0) {
+        tk_ckr_describe(rv, ckr, sizeof(ckr));
+        token_down(t, TK_FAULT, "cannot open a session: %s", ckr);
+        return;
+    }
+    if (t->has_pin) {
+        pin = token_pin_again(t, why, sizeof(why));
+        if (pin == NULL) {
+            token_down(t, TK_FAULT, "%s", why);
+            return;
+        }
+    }
+    rc = token_login(t, &pin, &st, &session, &holding, &err);
+    if (rc < 0)
+        token_down(t, TK_FAULT, "%s", err.message);
+    if (rc <= 0)
+        return;
+    rc = token_rebind_keys(t, why, sizeof(why));
+    if (holding)
+        tk_probe_end_session(m->probe, session);
+    if (rc < 0) {
+        token_down(t, TK_FAULT, "%s", why);
+        return;
+    }
+    pthread_mutex_lock(&t->lock);
+    t->backoff_s = 0;
+    t->stats.recoveries++;
+    token_set_state(t, TK_READY);
+    pthread_cond_broadcast(&t->cond);
+    pthread_mutex_unlock(&t->lock);
+}
+
+/* A token that was absent when its set was built: renews its slot and,
+ * when it answers now, asks the service for the reload that opens it
+ * (once per token object; the reload replaces it). Under registry_lock,
+ * in a rebuild. */
+static void token_look_again(struct tk_token *t)
+{
+    token_present_fn fn;
+    tk_token_state st;
+    int absent;
+
+    t->slot = module_find_slot(t->module, &t->uri);
+    pthread_mutex_lock(&t->lock);
+    absent = t->state == TK_DOWN && t->absent && !t->answers_now;
+    pthread_mutex_unlock(&t->lock);
+    if (!absent || t->slot == NULL)
+        return;
+    t->slot_id = PKCS11_get_slotid_from_slot(t->slot);
+    if (tk_probe_session(t->module->probe, t->slot_id, &st) != 0)
+        return;
+    t->answers_now = 1;
+    fn = __atomic_load_n(&present_fn, __ATOMIC_ACQUIRE);
+    if (fn != NULL)
+        fn(t->name);
+}
+
+/* Rebuilds m's libp11 context: stops and drains every token of the module
+ * (of every token set), frees every libp11 object, PKCS11_CTX_unload
+ * (C_Finalize), PKCS11_CTX_load (C_Initialize), lists the slots, and opens
+ * each token that was ready once again (token_reopen). Tokens down since
+ * they were configured keep their state; their slot pointers are renewed.
+ * Tokens whose PIN was refused are not touched beyond that. 0 when the
+ * context was rebuilt (whatever each token made of it), -1 when the
+ * operations in flight did not drain or the module did not load. Under
+ * registry_lock. */
+static int module_rebuild(struct tk_module *m)
+{
+    token_error err = {0};
+    struct timespec deadline;
+    size_t i, j;
+    int locked = 0;
+
+    for (i = 0; i < m->ntokens; i++) {
+        struct tk_token *t = m->tokens[i];
+
+        pthread_mutex_lock(&t->lock);
+        if (t->opened && t->state != TK_PIN_REFUSED) {
+            token_set_state(t, TK_RECOVERING);
+            pthread_cond_broadcast(&t->cond);
+        }
+        pthread_mutex_unlock(&t->lock);
+    }
+    if (module_drain(m) < 0) {
+        snprintf(err.message, sizeof(err.message),
+                 "operations in flight did not finish within %d ms; the "
+                 "token is re-opened later",
+                 TK_DRAIN_MS);
+        goto failed;
+    }
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += TK_DRAIN_MS / 1000;
+    if (pthread_rwlock_timedwrlock(&m->calls, &deadline) != 0) {
+        snprintf(err.message, sizeof(err.message),
+                 "probes of the token did not finish within %d ms; the "
+                 "token is re-opened later",
+                 TK_DRAIN_MS);
+        goto failed;
+    }
+    locked = 1;
+    for (i = 0; i < m->ntokens; i++) {
+        struct tk_token *t = m->tokens[i];
+
+        for (j = 0; j < t->nkeys; j++) {
+            EVP_PKEY_free(t->keys[j]->pkey);
+            t->keys[j]->pkey = NULL;
+        }
+        t->slot = NULL;
+    }
+    if (m->slots != NULL)
+        PKCS11_release_all_slots(m->ctx, m->slots, m->nslots);
+    m->slots = NULL;
+    m->nslots = 0;
+    if (m->loaded)
+        PKCS11_CTX_unload(m->ctx);
+    m->loaded = 0;
+    __atomic_add_fetch(&m->generation, 1, __ATOMIC_RELEASE);
+    /* C_Finalize ended every login of the process. */
+    for (struct tk_pins *p = m->pins; p != NULL; p = p->next)
+        p->logged_in = 0;
+    if (module_load(m, &err) < 0)
+        goto failed;
+    for (i = 0; i < m->ntokens; i++) {
+        struct tk_token *t = m->tokens[i];
+        int reopen;
+
+        pthread_mutex_lock(&t->lock);
+        reopen = t->state == TK_RECOVERING;
+        pthread_mutex_unlock(&t->lock);
+        if (reopen)
+            token_reopen(t);
+        else
+            token_look_again(t);
+    }
+    for (i = 0; i < m->ntokens; i++) {
+        struct tk_token *t = m->tokens[i];
+
+        /* A token that was serving until now starts its back-off; the
+         * others had theirs advanced by the caller. */
+        pthread_mutex_lock(&t->lock);
+        if (t->state == TK_FAULT && t->backoff_s == 0)
+            schedule_recovery(t);
+        pthread_mutex_unlock(&t->lock);
+    }
+    pthread_rwlock_unlock(&m->calls);
+    return 0;
+failed:
+    if (locked)
+        pthread_rwlock_unlock(&m->calls);
+    for (i = 0; i < m->ntokens; i++) {
+        struct tk_token *t = m->tokens[i];
+
+        pthread_mutex_lock(&t->lock);
+        if (t->state == TK_RECOVERING || t->state == TK_FAULT) {
+            token_fault(t, err.message);
+            if (t->backoff_s == 0)
+                schedule_recovery(t);
+        }
+        pthread_mutex_unlock(&t->lock);
+    }
+    return -1;
+}
+
+/* The recovery loop: one thread for the process, which rebuilds every
+ * module with a token down since a run-time fault once that token's
+ * back-off has passed. When other tokens of the module still serve, the
+ * faulty one must first answer a probe on the old context, so a token that
+ * stays absent does not pause its neighbours at every attempt. */
+static pthread_t recovery_thread;
+static int recovery_running;
+static int recovery_stop;
+static pthread_cond_t recovery_cond = PTHREAD_COND_INITIALIZER;
+
+static int module_wants_rebuild(struct tk_module *m)
+{
+    char why[TK_REASON_LEN];
+    int fault_due = 0, absent_due = 0, serving = 0, answers = 0;
+    size_t i;
+
+    for (i = 0; i < m->ntokens; i++) {
+        struct tk_token *t = m->tokens[i];
+        int absent;
+
+        pthread_mutex_lock(&t->lock);
+        absent = t->state == TK_DOWN && t->absent && !t->answers_now;
+        if (t->state == TK_READY)
+            serving = 1;
+        if ((t->state == TK_FAULT || absent) && recovery_due(t)) {
+            if (absent)
+                absent_due = 1;
+            else
+                fault_due = 1;
+            schedule_recovery(t);
+        }
+        pthread_mutex_unlock(&t->lock);
+    }
+    /* A token absent since the load is looked for only by a rebuild that
+     * pauses nobody: with tokens of the module serving, a reload finds it. */
+    if (!serving)
+        return fault_due || absent_due;
+    if (!fault_due)
+        return 0;
+    for (i = 0; i < m->ntokens && !answers; i++) {
+        struct tk_token *t = m->tokens[i];
+        int fault;
+
+        pthread_mutex_lock(&t->lock);
+        fault = t->state == TK_FAULT;
+        pthread_mutex_unlock(&t->lock);
+        if (fault && m->loaded && t->slot != NULL &&
+            token_answers(t, why, sizeof(why)) != TK_SILENT)
+            answers = 1;
+    }
+    return answers;
+}
+
+static void *recovery_main(void *arg)
+{
+    struct timespec wake;
+    struct tk_module *m;
+
+    (void)arg;
+    pthread_mutex_lock(&registry_lock);
+    while (!recovery_stop) {
+        for (m = registry; m != NULL && !recovery_stop; m = m->next) {
+            if (module_wants_rebuild(m))
+                module_rebuild(m);
+        }
+        /* Back-offs are whole seconds; a quarter second is their grain. */
+        clock_gettime(CLOCK_REALTIME, &wake);
+        wake.tv_nsec += 250000000L;
+        if (wake.tv_nsec >= 1000000000L) {
+            wake.tv_sec++;
+            wake.tv_nsec -= 1000000000L;
+        }
+        if (!recovery_stop)
+            pthread_cond_timedwait(&recovery_cond, &registry_lock, &wake);
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return NULL;
+}
+
+int token_recovery_start(token_event_fn fn, token_present_fn present,
+                         token_error *err)
+{
+    __atomic_store_n(&event_fn, fn, __ATOMIC_RELEASE);
+    __atomic_store_n(&present_fn, present, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&registry_lock);
+    if (recovery_running) {
+        pthread_mutex_unlock(&registry_lock);
+        return 0;
+    }
+    recovery_stop = 0;
+    if (pthread_create(&recovery_thread, NULL, recovery_main, NULL) != 0) {
+        pthread_mutex_unlock(&registry_lock);
+        tk_error(err, TOKEN_ERR_INTERNAL, "cannot start the recovery thread");
+        return -1;
+    }
+    recovery_running = 1;
+    pthread_mutex_unlock(&registry_lock);
+    return 0;
+}
+
+void token_recovery_stop(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    if (!recovery_running) {
+        pthread_mutex_unlock(&registry_lock);
+        return;
+    }
+    recovery_stop = 1;
+    pthread_cond_signal(&recovery_cond);
+    pthread_mutex_unlock(&registry_lock);
+    pthread_join(recovery_thread, NULL);
+    pthread_mutex_lock(&registry_lock);
+    recovery_running = 0;
+    pthread_mutex_unlock(&registry_lock);
+    __atomic_store_n(&event_fn, NULL, __ATOMIC_RELEASE);
+    __atomic_store_n(&present_fn, NULL, __ATOMIC_RELEASE);
+}
+
+/* The calling thread's operations. op_token: the token of the operation
+ * in progress, between token_key_acquire and token_key_release, for
+ * tk_ui_read (whose PIN does libp11 ask for?). op_last and op_generation:
+ * the token and module generation of the last operation acquired, kept
+ * past the release for token_key_check_fault (was the context rebuilt
+ * since that operation began?); op_last is only compared, never followed. */
+static __thread struct tk_token *op_token;
+static __thread const struct tk_token *op_last;
+static __thread unsigned long op_generation;
+
 int token_key_check_fault(token_key *key, token_error *err)
 {
     struct tk_token *t = key->token;
+    struct tk_module *m = t->module;
+    unsigned long gen = op_last == t
+                            ? op_generation
+                            : __atomic_load_n(&m->generation, __ATOMIC_ACQUIRE);
     char why[TK_REASON_LEN];
-    int ready;
+    enum tk_answer answer = TK_ANSWERS;
+    int ready, recovering, r = -1;
 
     pthread_mutex_lock(&t->lock);
     ready = t->state == TK_READY;
+    recovering = t->state == TK_RECOVERING;
     pthread_mutex_unlock(&t->lock);
+    /* Another request's rebuild is under way; it holds the registry lock
+     * until it is done. */
+    if (recovering) {
+        pthread_mutex_lock(&registry_lock);
+        pthread_mutex_unlock(&registry_lock);
+        pthread_mutex_lock(&t->lock);
+        ready = t->state == TK_READY;
+        pthread_mutex_unlock(&t->lock);
+    }
+    /* The context the operation used is gone: its failure says nothing
+     * about the token, and the new context may serve it. */
+    if (__atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) != gen && ready)
+        goto retry;
     /* A token already down explains the failure without another probe. */
-    if (ready && token_answers(t, why, sizeof(why)))
-        return 0;
+    if (ready) {
+        answer = token_answers(t, why, sizeof(why));
+        /* a rebuild ran while the probe waited for it */
+        if (__atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) != gen)
+            goto retry;
+        if (answer == TK_ANSWERS)
+            return 0;
+    }
+    if (answer == TK_LOGGED_OUT) {
+        /* A reset: libp11's sessions are dead, the token is not. Rebuild
+         * now, in this thread, so the operation can be retried. */
+        pthread_mutex_lock(&registry_lock);
+        if (__atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) == gen) {
+            pthread_mutex_lock(&t->lock);
+            if (t->state == TK_READY)
+                token_fault(t, why);
+            pthread_mutex_unlock(&t->lock);
+            module_rebuild(m);
+        }
+        pthread_mutex_unlock(&registry_lock);
+        pthread_mutex_lock(&t->lock);
+        ready = t->state == TK_READY;
+        pthread_mutex_unlock(&t->lock);
+        if (ready)
+            goto retry;
+    }
     pthread_mutex_lock(&t->lock);
     /* Another caller may have marked it down meanwhile; its reason
      * stands. */
-    if (ready && t->state == TK_READY)
+    if (answer == TK_SILENT && t->state == TK_READY) {
         token_fault(t, why);
-    tk_error(err, TOKEN_ERR_UNAVAILABLE, "token %s: %s", t->name, t->reason);
+        t->backoff_s = 0;
+        schedule_recovery(t);
+    }
+    t->stats.faults++;
+    tk_error(err, TOKEN_ERR_UNAVAILABLE, "token %s: %s", t->name,
+             t->state == TK_RECOVERING ? "the token is being re-opened"
+                                       : t->reason);
     pthread_mutex_unlock(&t->lock);
-    return -1;
+    return r;
+retry:
+    pthread_mutex_lock(&t->lock);
+    t->stats.retries++;
+    pthread_mutex_unlock(&t->lock);
+    return 1;
+}
+
+/* ---- context-specific login (CKA_ALWAYS_AUTHENTICATE) ---- */
+
+/* libp11 0.4.12 (pkcs11_authenticate) asks its context's UI_METHOD for the
+ * PIN of a CKA_ALWAYS_AUTHENTICATE key after each C_SignInit or
+ * C_DecryptInit, then sends it with C_Login(CKU_CONTEXT_SPECIFIC) and
+ * wipes its copy. It keeps no PIN of its own (PKCS11_login's copy is never
+ * made: token/ logs in around libp11), so this reader fetches the PIN of
+ * the token the calling thread operates on from its configured source,
+ * only when it is the PIN the configuration was loaded with and the token
+ * never refused it, hands it over and wipes it. */
+static int tk_ui_read(UI *ui, UI_STRING *uis)
+{
+    const struct tk_token *t = op_token;
+    char why[TK_REASON_LEN];
+    char *pin;
+    int ok;
+
+    if (UI_get_string_type(uis) != UIT_PROMPT &&
+        UI_get_string_type(uis) != UIT_VERIFY)
+        return 1;
+    if (t == NULL || !t->has_pin)
+        return 0;
+    pin = token_pin_again(t, why, sizeof(why));
+    if (pin == NULL)
+        return 0;
+    ok = UI_set_result(ui, uis, pin) == 0;
+    token_pin_free(pin);
+    return ok ? 1 : 0;
+}
+
+static void ui_method_init(void)
+{
+    ui_method = UI_create_method("smimed PIN source");
+    if (ui_method != NULL && UI_method_set_reader(ui_method, tk_ui_read) != 0) {
+        UI_destroy_method(ui_method);
+        ui_method = NULL;
+    }
 }
 
 /* ---- token sets and keys ---- */
@@ -1473,7 +2303,7 @@ int token_set_token_ready(const token_set *set, size_t i, const char **reason)
             *reason = "no such token";
         return 0;
     }
-    return token_ready(set->tokens[i], reason);
+    return token_ready(set->tokens[i], 0, reason);
 }
 
 int token_set_token_optional(const token_set *set, size_t i)
@@ -1527,7 +2357,7 @@ int token_key_usable(const token_key *key, token_use use, const char **reason)
     const char *why = NULL;
     time_t now;
 
-    if (!token_ready(key->token, &why))
+    if (!token_ready(key->token, 1, &why))
         goto out;
     if (key->problem[0] != '\0') {
         why = key->problem;
@@ -1551,6 +2381,11 @@ out:
     return 0;
 }
 
+int token_key_supports(const token_key *key, token_use use)
+{
+    return !(use == TOKEN_USE_DECRYPT && key->cannot_decrypt);
+}
+
 X509 *token_key_cert0(const token_key *key)
 {
     return key->cert;
@@ -1571,6 +2406,9 @@ int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
     int r = -1;
 
     if (!token_key_usable(key, use, &reason)) {
+        pthread_mutex_lock(&t->lock);
+        t->stats.unavailable++;
+        pthread_mutex_unlock(&t->lock);
         tk_error(err, TOKEN_ERR_UNAVAILABLE, "key %s: %s", key->name, reason);
         return -1;
     }
@@ -1582,19 +2420,35 @@ int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
         deadline.tv_nsec -= 1000000000L;
     }
     pthread_mutex_lock(&t->lock);
-    while (t->state == TK_READY && t->in_flight >= t->max_sessions &&
+    /* A rebuild usually takes well under a second: wait for its outcome
+     * as for a session, within the same bound. */
+    while (((t->state == TK_READY && t->in_flight >= t->max_sessions) ||
+            t->state == TK_RECOVERING) &&
            rc != ETIMEDOUT)
         rc = pthread_cond_timedwait(&t->cond, &t->lock, &deadline);
     if (t->state != TK_READY) {
+        t->stats.unavailable++;
         tk_error(err, TOKEN_ERR_UNAVAILABLE, "token %s: %s", t->name,
-                 t->reason);
+                 t->state == TK_RECOVERING ? "the token is being re-opened"
+                                           : t->reason);
     } else if (t->in_flight >= t->max_sessions) {
+        t->stats.busy++;
         tk_error(err, TOKEN_ERR_BUSY,
                  "token %s: no session came free within %ld ms (%u in use)",
                  t->name, t->wait_ms, t->in_flight);
+    } else if (key->pkey == NULL) {
+        t->stats.unavailable++;
+        tk_error(err, TOKEN_ERR_UNAVAILABLE,
+                 "key %s: not found again after the token was re-opened",
+                 key->name);
     } else {
         t->in_flight++;
+        t->stats.operations[use == TOKEN_USE_DECRYPT]++;
         *pkey = key->pkey;
+        op_token = t;
+        op_last = t;
+        op_generation =
+            __atomic_load_n(&t->module->generation, __ATOMIC_ACQUIRE);
         r = 0;
     }
     pthread_mutex_unlock(&t->lock);
@@ -1609,6 +2463,44 @@ void token_key_release(token_key *key)
     /* An unpaired release must not wrap the count and shut the token. */
     if (t->in_flight > 0)
         t->in_flight--;
-    pthread_cond_signal(&t->cond);
+    /* broadcast: a rebuild draining the token waits here too */
+    pthread_cond_broadcast(&t->cond);
+    pthread_mutex_unlock(&t->lock);
+    op_token = NULL;
+}
+
+token_state token_set_token_state(const token_set *set, size_t i, time_t *since,
+                                  const char **reason)
+{
+    struct tk_token *t;
+    token_state state;
+
+    if (i >= set->ntokens)
+        return TOKEN_STATE_DOWN;
+    t = set->tokens[i];
+    pthread_mutex_lock(&t->lock);
+    state = state_public(t);
+    if (since != NULL)
+        *since = t->changed;
+    if (reason != NULL)
+        *reason = t->state == TK_READY        ? NULL
+                  : t->state == TK_RECOVERING ? "the token is being re-opened"
+                                              : t->reason;
+    pthread_mutex_unlock(&t->lock);
+    return state;
+}
+
+void token_set_token_stats(const token_set *set, size_t i, token_stats *out)
+{
+    struct tk_token *t;
+
+    memset(out, 0, sizeof(*out));
+    if (i >= set->ntokens)
+        return;
+    t = set->tokens[i];
+    pthread_mutex_lock(&t->lock);
+    *out = t->stats;
+    out->in_flight = t->in_flight;
+    out->max_sessions = t->max_sessions;
     pthread_mutex_unlock(&t->lock);
 }

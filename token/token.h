@@ -120,10 +120,15 @@ typedef enum {
                         * being read */
 } token_use;
 
-/* 1 when the key can be used for use now; otherwise 0 and *reason (when
- * reason is not NULL) says why: certificate mismatch, expired, wrong key
- * usage, token down. */
+/* 1 when the key can be used for use now (its token may be being
+ * re-opened: token_key_acquire waits for that); otherwise 0 and *reason
+ * (when reason is not NULL) says why: certificate mismatch, expired, wrong
+ * key usage, token down. */
 int token_key_usable(const token_key *key, token_use use, const char **reason);
+/* 0 when the key's token cannot do use at all, whatever its state: an EC
+ * key on a token without CKM_ECDH1_DERIVE (p11-kit remoting) cannot
+ * decrypt. token_key_usable then says so too. */
+int token_key_supports(const token_key *key, token_use use);
 X509 *token_key_cert0(const token_key *key);
 STACK_OF(X509) *token_key_chain0(const token_key *key);
 
@@ -136,10 +141,65 @@ int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
 void token_key_release(token_key *key);
 
 /* Call after a private-key operation with key failed (the error itself may
- * be gone: OpenSSL's CMS hides decryption errors). Probes the key's token
- * through the module's own function list; when the token does not answer,
- * marks it down with the reason and returns -1 with TOKEN_ERR_UNAVAILABLE,
- * else 0 (the failure was the operation's own, e.g. bad input). */
+ * be gone: OpenSSL's CMS hides decryption errors), from the thread that
+ * acquired the key. Probes the key's token through the module's own
+ * function list. 0: the token answers, the failure was the operation's own
+ * (e.g. bad input). 1: the operation's sessions were dead (the token was
+ * reset, or its module's context was rebuilt meanwhile) and the module now
+ * serves on a rebuilt context: retry the operation once. -1 with
+ * TOKEN_ERR_UNAVAILABLE: the token is down, with the reason; the recovery
+ * loop re-opens it. */
 int token_key_check_fault(token_key *key, token_error *err);
+
+/* What operators see of a token. */
+typedef enum {
+    TOKEN_STATE_READY,
+    TOKEN_STATE_DOWN,         /* unreachable, or not opened */
+    TOKEN_STATE_BUSY,         /* ready, every session in use */
+    TOKEN_STATE_PIN_REJECTED, /* no login is tried until a reload */
+    TOKEN_STATE_RECOVERING,   /* its module's context is being rebuilt */
+} token_state;
+
+const char *token_state_name(token_state state);
+
+/* The state, the time of its last change (*since, when not NULL) and, when
+ * not ready, why (*reason, a string that lives as long as the set). */
+token_state token_set_token_state(const token_set *set, size_t i, time_t *since,
+                                  const char **reason);
+
+/* Counters since the token set was built (a reload starts them anew). */
+typedef struct token_stats {
+    unsigned long operations[2]; /* started, by token_use */
+    unsigned long busy;          /* refused: no session came free in time */
+    unsigned long unavailable;   /* refused: token or key not usable */
+    unsigned long faults;        /* failed: the token stopped answering */
+    unsigned long retries;       /* failed on a dead context, retried */
+    unsigned long recoveries;    /* re-opened on a rebuilt context */
+    unsigned in_flight;
+    unsigned max_sessions;
+} token_stats;
+
+void token_set_token_stats(const token_set *set, size_t i, token_stats *out);
+
+/* Called on every state change of a token, from whichever thread made it
+ * (the recovery loop, or a request that found the token down); state is a
+ * token_state_name, reason NULL when ready. Must not call into token/. */
+typedef void (*token_event_fn)(const char *token, const char *state,
+                               const char *reason);
+
+/* Called from the recovery loop when a token that was absent when its set
+ * was built (no token matched its URI, or no session opened) answers now:
+ * its keys are found only by building a new set, so the caller reloads.
+ * Must not call into token/. */
+typedef void (*token_present_fn)(const char *token);
+
+/* The recovery loop: a thread that rebuilds the libp11 context of every
+ * module with a token that went down at run time, with back-off (1 s,
+ * doubling to 30 s); on modules where no token serves, it also looks for
+ * tokens absent at load with the same back-off. Start it once the first
+ * token set exists, stop it before the last one is freed. */
+int token_recovery_start(token_event_fn fn, token_present_fn present,
+                         token_error *err);
+void token_recovery_stop(void);
 
 #endif

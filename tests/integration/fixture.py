@@ -153,11 +153,12 @@ def write_config(path, tokens, **top):
     return path
 
 
-def p11tool(d, *args, login=True):
-    """pkcs11-tool on the demo token in directory d; PIN through the env."""
+def p11tool(d, *args, login=True, token="smimed-demo"):
+    """pkcs11-tool on the demo token in directory d (or another token of its
+    store, by label); PIN through the env."""
     env = softhsm_env(d)
     env["SMIMED_TEST_PIN"] = read_pin(d)
-    cmd = ["pkcs11-tool", "--module", softhsm_module(), "--token-label", "smimed-demo"]
+    cmd = ["pkcs11-tool", "--module", softhsm_module(), "--token-label", token]
     if login:
         cmd += ["--login", "--pin", "env:SMIMED_TEST_PIN"]
     return run(cmd + list(args), env=env)
@@ -191,20 +192,25 @@ def ec_spki_from_token(d, key_id):
     raise AssertionError("no EC public key with ID %s on the token" % key_id)
 
 
-def add_token_key(d, label, key_id, key_type, email_addr, key_usage):
+def add_token_key(d, label, key_id, key_type, email_addr, key_usage,
+                  token="smimed-demo", keygen=()):
     """Generates a key pair on the token in d and stores a CA-issued
-    certificate next to it (same CKA_ID), as script/demo-token does."""
+    certificate next to it (same CKA_ID), as script/demo-token does.
+    keygen: more pkcs11-tool options for the key pair (--always-auth)."""
     d = Path(d)
     work = Path(tempfile.mkdtemp(prefix="addkey", dir=str(IT)))
+
+    def tool(*args, login=True):
+        return p11tool(d, *args, login=login, token=token)
     try:
-        p11tool(d, "--keypairgen", "--key-type", key_type, "--id", key_id,
-                "--label", label, "--usage-sign")
+        tool("--keypairgen", "--key-type", key_type, "--id", key_id,
+                "--label", label, "--usage-sign", *keygen)
         if key_type.upper().startswith("EC:"):
             # pkcs11-tool 0.23 cannot export P-384 public keys ("cannot
             # create EVP_PKEY"): build the SubjectPublicKeyInfo ourselves
             (work / "pub.der").write_bytes(ec_spki_from_token(d, key_id))
         else:
-            p11tool(d, "--read-object", "--type", "pubkey", "--id", key_id,
+            tool("--read-object", "--type", "pubkey", "--id", key_id,
                     "-o", work / "pub.der", login=False)
         run(["openssl", "pkey", "-pubin", "-inform", "DER", "-in", work / "pub.der",
              "-out", work / "pub.pem"])
@@ -221,7 +227,7 @@ def add_token_key(d, label, key_id, key_type, email_addr, key_usage):
              "-set_serial", "0x" + os.urandom(8).hex(), "-days", "30", "-sha256",
              "-extfile", work / "ext", "-out", pem])
         run(["openssl", "x509", "-in", pem, "-outform", "DER", "-out", work / "cert.der"])
-        p11tool(d, "--write-object", work / "cert.der", "--type", "cert",
+        tool("--write-object", work / "cert.der", "--type", "cert",
                 "--id", key_id, "--label", label)
         return pem
     finally:

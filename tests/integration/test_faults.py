@@ -11,8 +11,8 @@ What the README and DESIGN promise ("A token that stops answering...",
 probe marks the token down, requests for its keys then get 503
 token_unavailable at once with Retry-After, /readyz says why, /healthz and
 /v1/keys keep answering; decrypt against a dead token is 503, not 422; the
-token is re-probed after 1 s, doubling to 30 s, and serves again when the
-probe passes, without logging in again. An operation that fails while the
+module's context is rebuilt after 1 s, doubling to 30 s, and the token
+serves again once it answers, logged in again (one C_Login per rebuild). An operation that fails while the
 token still answers leaves the token up: sign 503, decrypt 422."""
 
 import base64
@@ -235,8 +235,9 @@ def recovery():
     keys = keys_state()
     for name, k in keys.items():
         eq(k.get("usable"), True, "%s usable after recovery (reason %r)" % (name, k.get("reason")))
-    # recovery re-opens nothing and smimed keeps no PIN to log in again with
-    eq(log_count("C_Login"), 1, "C_Login calls after recovery")
+    # recovery rebuilt the module's context: one new login, with the PIN
+    # read again from its file
+    eq(log_count("C_Login"), 2, "C_Login calls after recovery")
 
 
 def refused():
@@ -303,7 +304,8 @@ def backoff():
             if r.status == 200:
                 ready_at = time.monotonic() - t0
                 break
-            eq(t.get("state"), "down", "/readyz state while down")
+            check(t.get("state") in ("down", "recovering"),
+                  "/readyz state while down: %r" % t.get("state"))
             time.sleep(0.1)
     finally:
         set_flag(None)
@@ -316,7 +318,10 @@ def backoff():
     check(ready_at is not None, "not ready 10.5 s after the fault (5.5 s after clearing)")
     check(6.9 <= ready_at <= 8.5, "ready again %.2f s after the fault, want about 7 s "
           "(the third probe, 4 s after the second)" % ready_at)
-    eq(len(probes), 3, "probes while polled for %.1f s (%s)" % (ready_at, probes))
+    # the attempt that succeeds opens several sessions (probe, login, libp11),
+    # which a poll may see in two steps; no attempt comes in between
+    check(len(probes) >= 3 and all(p - probes[2] < 0.5 for p in probes[3:]),
+          "probes while polled for %.1f s: %s, want three attempts" % (ready_at, probes))
     sign_ok("demo-ec", "after backoff")
 
 

@@ -19,16 +19,44 @@
  * dead reader would.
  *
  * FAULTY_P11_FLAG names a file; while it exists, its first word says what
- * fails. "removed": C_OpenSession and the start of every private-key
- * operation (C_SignInit, C_DecryptInit, C_DeriveKey) return
- * CKR_DEVICE_REMOVED, as a pulled token would. "refuse": only those key
- * operations fail, with CKR_KEY_FUNCTION_NOT_PERMITTED, while the token
- * answers everything else: an operation's own failure. Only the calls that
- * start an operation fail, never C_Sign or C_Decrypt in the middle of one,
- * so no operation is left half started in a session libp11 reuses.
+ * fails, and a number after it is an argument:
+ *
+ *   removed        C_OpenSession and the start of every private-key
+ *                  operation (C_SignInit, C_DecryptInit, C_DeriveKey)
+ *                  return CKR_DEVICE_REMOVED, as a pulled token would.
+ *   not_present    the slot reports no token: C_GetSlotInfo clears
+ *                  CKF_TOKEN_PRESENT, C_GetTokenInfo, C_OpenSession and the
+ *                  key operations return CKR_TOKEN_NOT_PRESENT.
+ *   refuse         only the key operations fail, with
+ *                  CKR_KEY_FUNCTION_NOT_PERMITTED, while the token answers
+ *                  everything else: an operation's own failure.
+ *   session_invalid  once per write of the file: every session of the
+ *                  real module is closed (C_CloseAllSessions on each slot),
+ *                  as a token reset does. SoftHSM itself then answers
+ *                  CKR_SESSION_HANDLE_INVALID for the handles libp11 keeps,
+ *                  and the process is logged out.
+ *   not_logged_in  once per write: the process is logged out (C_Logout),
+ *                  as a token that dropped its login state; SoftHSM then
+ *                  answers CKR_USER_NOT_LOGGED_IN for private-key
+ *                  operations on the sessions that stay open.
+ *   latency N      each key operation start waits N ms first.
+ *   block          each key operation start waits until the file no
+ *                  longer says "block" (a hung card); then it proceeds.
+ *   pin_code N     C_Login as the user answers N (e.g. 0xa2,
+ *                  CKR_PIN_LEN_RANGE) without asking the real module: the
+ *                  refusals SoftHSM never gives (it says CKR_PIN_INCORRECT
+ *                  to any wrong PIN).
+ *
+ * Only the calls that start an operation fail, never C_Sign or C_Decrypt
+ * in the middle of one, so no operation is left half started in a session
+ * libp11 reuses. A test writes the file by renaming a new one over it, so
+ * every write is a new inode: that is how a one-shot command tells a new
+ * write from the one it has already carried out.
  *
  * FAULTY_P11_LOG names a file to which each C_OpenSession and C_Login call
- * appends a line with its name, failed or not, so a test can count them.
+ * appends a line with its name, failed or not, so a test can count them;
+ * a context-specific login (CKU_CONTEXT_SPECIFIC, a key with
+ * CKA_ALWAYS_AUTHENTICATE) is logged as "C_Login context".
  *
  * The PKCS#11 declarations are written out, as in token/probe.c, because
  * no pkcs11.h is installed; the layout is the PKCS#11 2.x ABI.
@@ -40,6 +68,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef unsigned long ck_ulong;
@@ -50,6 +80,11 @@ typedef ck_ulong ck_rv;
 #define CKR_DEVICE_ERROR 0x30UL
 #define CKR_DEVICE_REMOVED 0x32UL
 #define CKR_KEY_FUNCTION_NOT_PERMITTED 0x68UL
+#define CKR_TOKEN_NOT_PRESENT 0xe0UL
+#define CKF_TOKEN_PRESENT 0x1UL
+#define CKF_SERIAL_SESSION 0x4UL
+#define CKU_USER 1UL
+#define CKU_CONTEXT_SPECIFIC 2UL
 
 #define REAL_MODULE "/usr/lib/softhsm/libsofthsm2.so"
 
@@ -63,19 +98,36 @@ typedef ck_rv (*ck_notify)(ck_ulong session, ck_ulong event, void *app);
 /* Entries that are only copied, never called here. */
 typedef void (*ck_any_fn)(void);
 
+/* The head of CK_SLOT_INFO; only flags is read. */
+struct ck_slot_info {
+    unsigned char description[64];
+    unsigned char manufacturer_id[32];
+    ck_ulong flags;
+    struct ck_version hardware_version;
+    struct ck_version firmware_version;
+};
+
 /* CK_FUNCTION_LIST: the version, then 68 function pointers in the order the
- * standard fixes. Only the entries this module replaces are named. */
+ * standard fixes. Only the entries this module calls or replaces are
+ * named. */
 struct ck_function_list {
     struct ck_version version;
     ck_any_fn before_get_list[3]; /* C_Initialize .. C_GetInfo */
     ck_rv (*C_GetFunctionList)(struct ck_function_list **list);
-    ck_any_fn before_open[8]; /* C_GetSlotList .. C_SetPIN */
+    ck_rv (*C_GetSlotList)(unsigned char present, ck_ulong *slots,
+                           ck_ulong *count);
+    ck_rv (*C_GetSlotInfo)(ck_ulong slot, struct ck_slot_info *info);
+    ck_rv (*C_GetTokenInfo)(ck_ulong slot, void *info);
+    ck_any_fn before_open[5]; /* C_GetMechanismList .. C_SetPIN */
     ck_rv (*C_OpenSession)(ck_ulong slot, ck_ulong flags, void *app,
                            ck_notify notify, ck_ulong *session);
-    ck_any_fn before_login[5]; /* C_CloseSession .. C_SetOperationState */
+    ck_rv (*C_CloseSession)(ck_ulong session);
+    ck_rv (*C_CloseAllSessions)(ck_ulong slot);
+    ck_any_fn before_login[3]; /* C_GetSessionInfo .. C_SetOperationState */
     ck_rv (*C_Login)(ck_ulong session, ck_ulong user, unsigned char *pin,
                      ck_ulong len);
-    ck_any_fn before_decrypt[14]; /* C_Logout .. C_EncryptFinal */
+    ck_rv (*C_Logout)(ck_ulong session);
+    ck_any_fn before_decrypt[13]; /* C_CreateObject .. C_EncryptFinal */
     ck_rv (*C_DecryptInit)(ck_ulong session, void *mechanism, ck_ulong key);
     ck_any_fn before_sign[8]; /* C_Decrypt .. C_DigestFinal */
     ck_rv (*C_SignInit)(ck_ulong session, void *mechanism, ck_ulong key);
@@ -93,6 +145,10 @@ _Static_assert(offsetof(struct ck_function_list, C_SignInit) ==
                    offsetof(struct ck_function_list, before_get_list) +
                        42 * sizeof(ck_any_fn),
                "C_SignInit is the 43rd function");
+_Static_assert(offsetof(struct ck_function_list, C_Logout) ==
+                   offsetof(struct ck_function_list, before_get_list) +
+                       19 * sizeof(ck_any_fn),
+               "C_Logout is the 20th function");
 
 typedef ck_rv (*ck_get_function_list)(struct ck_function_list **list);
 
@@ -103,31 +159,82 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 static struct ck_function_list *real; /* the real module's list */
 static struct ck_function_list wrapped;
 
-enum fault { FAULT_NONE, FAULT_REMOVED, FAULT_REFUSE };
+enum fault {
+    FAULT_NONE,
+    FAULT_REMOVED,
+    FAULT_NOT_PRESENT,
+    FAULT_REFUSE,
+    FAULT_SESSION_INVALID,
+    FAULT_NOT_LOGGED_IN,
+    FAULT_LATENCY,
+    FAULT_BLOCK,
+    FAULT_PIN_CODE,
+};
 
-/* What the flag file asks for now. */
-static enum fault fault_now(void)
+static const struct {
+    const char *word;
+    enum fault fault;
+} fault_words[] = {
+    {"removed", FAULT_REMOVED},
+    {"not_present", FAULT_NOT_PRESENT},
+    {"refuse", FAULT_REFUSE},
+    {"session_invalid", FAULT_SESSION_INVALID},
+    {"not_logged_in", FAULT_NOT_LOGGED_IN},
+    {"latency", FAULT_LATENCY},
+    {"block", FAULT_BLOCK},
+    {"pin_code", FAULT_PIN_CODE},
+};
+
+/* The write of the flag file whose one-shot command was carried out. */
+static pthread_mutex_t shot_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct stat shot_done;
+
+static void reset_tokens(enum fault fault);
+
+/* What the flag file asks for now; *arg gets its number (0 without).
+ * A one-shot command is carried out here, by the first call that sees a
+ * new write of the file. */
+static enum fault fault_now(long *arg)
 {
     const char *path = getenv("FAULTY_P11_FLAG");
-    char word[16] = "";
+    enum fault fault = FAULT_NONE;
+    char word[24] = "";
+    struct stat st;
+    long n = 0;
+    size_t i;
     FILE *f;
 
     if (path == NULL || (f = fopen(path, "r")) == NULL)
         return FAULT_NONE;
-    if (fscanf(f, "%15s", word) != 1)
+    if (fscanf(f, "%23s %li", word, &n) < 1)
         word[0] = '\0';
+    if (fstat(fileno(f), &st) != 0)
+        memset(&st, 0, sizeof(st));
     fclose(f);
-    if (strcmp(word, "removed") == 0)
-        return FAULT_REMOVED;
-    if (strcmp(word, "refuse") == 0)
-        return FAULT_REFUSE;
-    return FAULT_NONE;
+    for (i = 0; i < sizeof(fault_words) / sizeof(fault_words[0]); i++) {
+        if (strcmp(word, fault_words[i].word) == 0)
+            fault = fault_words[i].fault;
+    }
+    if (arg != NULL)
+        *arg = n;
+    if (fault == FAULT_SESSION_INVALID || fault == FAULT_NOT_LOGGED_IN) {
+        pthread_mutex_lock(&shot_lock);
+        if (st.st_ino != shot_done.st_ino ||
+            st.st_mtim.tv_sec != shot_done.st_mtim.tv_sec ||
+            st.st_mtim.tv_nsec != shot_done.st_mtim.tv_nsec) {
+            shot_done = st;
+            reset_tokens(fault);
+        }
+        pthread_mutex_unlock(&shot_lock);
+        fault = FAULT_NONE;
+    }
+    return fault;
 }
 
 static void log_call(const char *name)
 {
     const char *path = getenv("FAULTY_P11_LOG");
-    char line[32];
+    char line[40];
     int fd, n;
 
     if (path == NULL)
@@ -142,18 +249,72 @@ static void log_call(const char *name)
     close(fd);
 }
 
+/* Closes every session of every token, or logs the process out of each. */
+static void reset_tokens(enum fault fault)
+{
+    ck_ulong slots[16], count = 16, i, session;
+
+    if (real->C_GetSlotList(1, slots, &count) != CKR_OK)
+        return;
+    for (i = 0; i < count && i < 16; i++) {
+        if (fault == FAULT_SESSION_INVALID) {
+            real->C_CloseAllSessions(slots[i]);
+        } else if (real->C_OpenSession(slots[i], CKF_SERIAL_SESSION, NULL, NULL,
+                                       &session) == CKR_OK) {
+            real->C_Logout(session);
+            real->C_CloseSession(session);
+        }
+    }
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+}
+
 /* CKR_OK when a key operation may start. */
 static ck_rv key_operation_fault(void)
 {
-    switch (fault_now()) {
+    long arg;
+
+    switch (fault_now(&arg)) {
     case FAULT_REMOVED:
         return CKR_DEVICE_REMOVED;
+    case FAULT_NOT_PRESENT:
+        return CKR_TOKEN_NOT_PRESENT;
     case FAULT_REFUSE:
         return CKR_KEY_FUNCTION_NOT_PERMITTED;
-    case FAULT_NONE:
+    case FAULT_LATENCY:
+        if (arg > 0)
+            sleep_ms(arg);
+        break;
+    case FAULT_BLOCK:
+        while (fault_now(NULL) == FAULT_BLOCK)
+            sleep_ms(10);
+        break;
+    default:
         break;
     }
     return CKR_OK;
+}
+
+static ck_rv get_slot_info(ck_ulong slot, struct ck_slot_info *info)
+{
+    ck_rv rv = real->C_GetSlotInfo(slot, info);
+
+    if (rv == CKR_OK && fault_now(NULL) == FAULT_NOT_PRESENT)
+        info->flags &= ~CKF_TOKEN_PRESENT;
+    return rv;
+}
+
+static ck_rv get_token_info(ck_ulong slot, void *info)
+{
+    if (fault_now(NULL) == FAULT_NOT_PRESENT)
+        return CKR_TOKEN_NOT_PRESENT;
+    return real->C_GetTokenInfo(slot, info);
 }
 
 static ck_rv open_session(ck_ulong slot, ck_ulong flags, void *app,
@@ -164,15 +325,25 @@ static ck_rv open_session(ck_ulong slot, ck_ulong flags, void *app,
     log_call("C_OpenSession");
     if (fail != NULL && strcmp(fail, "1") == 0)
         return CKR_DEVICE_ERROR;
-    if (fault_now() == FAULT_REMOVED)
+    switch (fault_now(NULL)) {
+    case FAULT_REMOVED:
         return CKR_DEVICE_REMOVED;
+    case FAULT_NOT_PRESENT:
+        return CKR_TOKEN_NOT_PRESENT;
+    default:
+        break;
+    }
     return real->C_OpenSession(slot, flags, app, notify, session);
 }
 
 static ck_rv login(ck_ulong session, ck_ulong user, unsigned char *pin,
                    ck_ulong len)
 {
-    log_call("C_Login");
+    long code;
+
+    log_call(user == CKU_CONTEXT_SPECIFIC ? "C_Login context" : "C_Login");
+    if (user == CKU_USER && fault_now(&code) == FAULT_PIN_CODE)
+        return (ck_rv)code;
     return real->C_Login(session, user, pin, len);
 }
 
@@ -226,6 +397,8 @@ static void load_real(void)
     }
     wrapped = *real;
     wrapped.C_GetFunctionList = C_GetFunctionList;
+    wrapped.C_GetSlotInfo = get_slot_info;
+    wrapped.C_GetTokenInfo = get_token_info;
     wrapped.C_OpenSession = open_session;
     wrapped.C_Login = login;
     wrapped.C_DecryptInit = decrypt_init;

@@ -687,7 +687,7 @@ static void test_pin_reload(void)
     b = set_with(&bad, NULL);
     tap_ok(strcmp(reason_of(b),
                   "login failed: this PIN was refused before; not retried "
-                  "(fix the PIN and restart)") == 0,
+                  "(fix the PIN and reload)") == 0,
            "pin reload: the same wrong PIN: \"%s\"", reason_of(b));
     c = set_with(&good, NULL);
     tap_ok(c != NULL && reason_of(c)[0] == '\0' &&

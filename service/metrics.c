@@ -1,0 +1,324 @@
+/*
+ * Request counters and a latency histogram per endpoint, under one mutex:
+ * the work per request is a few increments, far below the cost of the
+ * request itself, and a page rendered under the same lock is consistent.
+ */
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "service/metrics.h"
+
+/* Upper bounds in seconds: a P-256 signature takes well under 1 ms, a
+ * smartcard RSA signature up to half a second, a request waiting for a
+ * busy token up to its wait_ms. */
+static const double buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                 0.25,  0.5,    1,     2.5,  5,     10};
+#define NBUCKETS (sizeof(buckets) / sizeof(buckets[0]))
+
+/* Endpoints are route paths (a handful) and "other"; statuses a handful
+ * each. Past this many pairs, the last one counts every new pair. */
+#define MAX_SERIES 96
+#define MAX_ENDPOINTS 24
+
+struct series {
+    const char *endpoint; /* static: a route path or "other" */
+    int status;
+    unsigned long count;
+};
+
+struct latency {
+    const char *endpoint;
+    unsigned long bucket[NBUCKETS]; /* cumulative at render time only */
+    unsigned long count;
+    double sum;
+};
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct series series[MAX_SERIES];
+static size_t nseries;
+static struct latency latencies[MAX_ENDPOINTS];
+static size_t nlatencies;
+static unsigned long in_flight;
+
+void metrics_request_begin(void)
+{
+    pthread_mutex_lock(&lock);
+    in_flight++;
+    pthread_mutex_unlock(&lock);
+}
+
+static struct series *series_for(const char *endpoint, int status)
+{
+    size_t i;
+
+    for (i = 0; i < nseries; i++) {
+        if (series[i].status == status &&
+            strcmp(series[i].endpoint, endpoint) == 0)
+            return &series[i];
+    }
+    if (nseries < MAX_SERIES) {
+        series[nseries].endpoint = endpoint;
+        series[nseries].status = status;
+        return &series[nseries++];
+    }
+    return &series[MAX_SERIES - 1];
+}
+
+static struct latency *latency_for(const char *endpoint)
+{
+    size_t i;
+
+    for (i = 0; i < nlatencies; i++) {
+        if (strcmp(latencies[i].endpoint, endpoint) == 0)
+            return &latencies[i];
+    }
+    if (nlatencies == MAX_ENDPOINTS)
+        return NULL;
+    latencies[nlatencies].endpoint = endpoint;
+    return &latencies[nlatencies++];
+}
+
+void metrics_request_end(const char *endpoint, int status, double seconds)
+{
+    struct latency *l;
+    size_t i;
+
+    if (endpoint == NULL)
+        endpoint = "other";
+    pthread_mutex_lock(&lock);
+    if (in_flight > 0)
+        in_flight--;
+    series_for(endpoint, status)->count++;
+    l = latency_for(endpoint);
+    if (l != NULL) {
+        for (i = 0; i < NBUCKETS && seconds > buckets[i]; i++)
+            ;
+        if (i < NBUCKETS)
+            l->bucket[i]++;
+        l->count++;
+        l->sum += seconds;
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+/* A growing text buffer; a failed append marks it failed. */
+typedef struct page {
+    char *buf;
+    size_t len, cap;
+    int failed;
+} page;
+
+__attribute__((format(printf, 2, 3))) static void put(page *p, const char *fmt,
+                                                      ...)
+{
+    va_list ap;
+    int n;
+
+    if (p->failed)
+        return;
+    for (;;) {
+        va_start(ap, fmt);
+        n = vsnprintf(p->buf + p->len, p->cap - p->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            p->failed = 1;
+            return;
+        }
+        if ((size_t)n < p->cap - p->len) {
+            p->len += (size_t)n;
+            return;
+        }
+        size_t cap = p->cap * 2 + (size_t)n + 1;
+        char *b = realloc(p->buf, cap);
+
+        if (b == NULL) {
+            p->failed = 1;
+            return;
+        }
+        p->buf = b;
+        p->cap = cap;
+    }
+}
+
+/* A label value: backslash, double quote and newline escaped, as the
+ * format requires (token names come from the configuration or the
+ * token's own label). */
+static void put_label(page *p, const char *value)
+{
+    const char *c;
+
+    for (c = value; *c != '\0'; c++) {
+        if (*c == '\\' || *c == '"')
+            put(p, "\\%c", *c);
+        else if (*c == '\n')
+            put(p, "\\n");
+        else
+            put(p, "%c", *c);
+    }
+}
+
+static void render_requests(page *p)
+{
+    unsigned long cumulative;
+    size_t i, j;
+
+    put(p, "# HELP smimed_requests_total HTTP requests answered, by "
+           "endpoint and status.\n# TYPE smimed_requests_total counter\n");
+    for (i = 0; i < nseries; i++)
+        put(p, "smimed_requests_total{endpoint=\"%s\",status=\"%d\"} %lu\n",
+            series[i].endpoint, series[i].status, series[i].count);
+    put(p, "# HELP smimed_request_duration_seconds Time from the request's "
+           "first byte to its answer.\n"
+           "# TYPE smimed_request_duration_seconds histogram\n");
+    for (i = 0; i < nlatencies; i++) {
+        const struct latency *l = &latencies[i];
+
+        cumulative = 0;
+        for (j = 0; j < NBUCKETS; j++) {
+            cumulative += l->bucket[j];
+            put(p,
+                "smimed_request_duration_seconds_bucket{endpoint=\"%s\","
+                "le=\"%g\"} %lu\n",
+                l->endpoint, buckets[j], cumulative);
+        }
+        put(p,
+            "smimed_request_duration_seconds_bucket{endpoint=\"%s\","
+            "le=\"+Inf\"} %lu\n",
+            l->endpoint, l->count);
+        put(p, "smimed_request_duration_seconds_sum{endpoint=\"%s\"} %.6f\n",
+            l->endpoint, l->sum);
+        put(p, "smimed_request_duration_seconds_count{endpoint=\"%s\"} %lu\n",
+            l->endpoint, l->count);
+    }
+    put(p,
+        "# HELP smimed_requests_in_flight HTTP requests being answered.\n"
+        "# TYPE smimed_requests_in_flight gauge\n"
+        "smimed_requests_in_flight %lu\n",
+        in_flight);
+}
+
+/* One line per token: "name{token="x"<extra>} value". */
+__attribute__((format(printf, 5, 6))) static void
+put_token(page *p, const char *name, const char *token, const char *extra,
+          const char *fmt, ...)
+{
+    char value[64];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(value, sizeof(value), fmt, ap);
+    va_end(ap);
+    put(p, "%s{token=\"", name);
+    put_label(p, token);
+    put(p, "\"%s} %s\n", extra, value);
+}
+
+static void render_tokens(page *p, token_set *tokens)
+{
+    static const token_state states[] = {
+        TOKEN_STATE_READY, TOKEN_STATE_DOWN, TOKEN_STATE_BUSY,
+        TOKEN_STATE_PIN_REJECTED, TOKEN_STATE_RECOVERING};
+    size_t n = token_set_count_tokens(tokens), i, j;
+    char extra[64];
+
+    put(p, "# HELP smimed_token_state 1 for the state each token is in.\n"
+           "# TYPE smimed_token_state gauge\n");
+    for (i = 0; i < n; i++) {
+        const char *name = token_set_token_name(tokens, i);
+        token_state now = token_set_token_state(tokens, i, NULL, NULL);
+
+        for (j = 0; j < sizeof(states) / sizeof(states[0]); j++) {
+            snprintf(extra, sizeof(extra), ",state=\"%s\"",
+                     token_state_name(states[j]));
+            put_token(p, "smimed_token_state", name, extra, "%d",
+                      now == states[j]);
+        }
+    }
+    put(p, "# HELP smimed_token_operations_total Private-key operations "
+           "started, by token and kind.\n"
+           "# TYPE smimed_token_operations_total counter\n");
+    for (i = 0; i < n; i++) {
+        token_stats st;
+
+        token_set_token_stats(tokens, i, &st);
+        put_token(p, "smimed_token_operations_total",
+                  token_set_token_name(tokens, i), ",kind=\"sign\"", "%lu",
+                  st.operations[TOKEN_USE_SIGN]);
+        put_token(p, "smimed_token_operations_total",
+                  token_set_token_name(tokens, i), ",kind=\"decrypt\"", "%lu",
+                  st.operations[TOKEN_USE_DECRYPT]);
+    }
+    put(p, "# HELP smimed_token_failures_total Operations refused or failed "
+           "for the token's sake: busy (no session in time), unavailable "
+           "(token or key not usable), fault (the token stopped answering), "
+           "retry (sessions died; retried once on a rebuilt context).\n"
+           "# TYPE smimed_token_failures_total counter\n");
+    for (i = 0; i < n; i++) {
+        const char *name = token_set_token_name(tokens, i);
+        token_stats st;
+
+        token_set_token_stats(tokens, i, &st);
+        put_token(p, "smimed_token_failures_total", name, ",kind=\"busy\"",
+                  "%lu", st.busy);
+        put_token(p, "smimed_token_failures_total", name,
+                  ",kind=\"unavailable\"", "%lu", st.unavailable);
+        put_token(p, "smimed_token_failures_total", name, ",kind=\"fault\"",
+                  "%lu", st.faults);
+        put_token(p, "smimed_token_failures_total", name, ",kind=\"retry\"",
+                  "%lu", st.retries);
+    }
+    put(p, "# HELP smimed_token_recoveries_total Times the token was "
+           "re-opened on a rebuilt module context.\n"
+           "# TYPE smimed_token_recoveries_total counter\n");
+    for (i = 0; i < n; i++) {
+        token_stats st;
+
+        token_set_token_stats(tokens, i, &st);
+        put_token(p, "smimed_token_recoveries_total",
+                  token_set_token_name(tokens, i), "", "%lu", st.recoveries);
+    }
+    put(p, "# HELP smimed_token_operations_in_flight Private-key operations "
+           "holding a session now.\n"
+           "# TYPE smimed_token_operations_in_flight gauge\n");
+    for (i = 0; i < n; i++) {
+        token_stats st;
+
+        token_set_token_stats(tokens, i, &st);
+        put_token(p, "smimed_token_operations_in_flight",
+                  token_set_token_name(tokens, i), "", "%u", st.in_flight);
+    }
+    put(p, "# HELP smimed_token_sessions Operations a token admits at once "
+           "(max_sessions).\n# TYPE smimed_token_sessions gauge\n");
+    for (i = 0; i < n; i++) {
+        token_stats st;
+
+        token_set_token_stats(tokens, i, &st);
+        put_token(p, "smimed_token_sessions", token_set_token_name(tokens, i),
+                  "", "%u", st.max_sessions);
+    }
+}
+
+int metrics_render(token_set *tokens, char **out, size_t *len)
+{
+    page p = {0};
+
+    p.cap = 4096;
+    p.buf = malloc(p.cap);
+    if (p.buf == NULL)
+        return -1;
+    p.buf[0] = '\0';
+    pthread_mutex_lock(&lock);
+    render_requests(&p);
+    pthread_mutex_unlock(&lock);
+    render_tokens(&p, tokens);
+    if (p.failed) {
+        free(p.buf);
+        return -1;
+    }
+    *out = p.buf;
+    *len = p.len;
+    return 0;
+}

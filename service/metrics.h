@@ -1,0 +1,22 @@
+/*
+ * metrics: what /metrics reports, in the Prometheus text format
+ * (version 0.0.4). Request counts and latencies are gathered here; token
+ * counters and states are read from token/ when the page is rendered.
+ */
+#ifndef SMIMED_METRICS_H
+#define SMIMED_METRICS_H
+
+#include <stddef.h>
+
+#include "token/token.h"
+
+/* A request began / ended. endpoint is a route path, or NULL for a path no
+ * route knows (counted as "other": clients must not be able to create
+ * series at will). */
+void metrics_request_begin(void);
+void metrics_request_end(const char *endpoint, int status, double seconds);
+
+/* The whole page, malloc'd, in *out (length *len); -1 without memory. */
+int metrics_render(token_set *tokens, char **out, size_t *len);
+
+#endif
