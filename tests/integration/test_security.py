@@ -149,7 +149,7 @@ def probes_open():
     eq(r.status, 200, "/readyz without a token")
     eq(sorted(r.json().keys()), ["status", "tokens"], "/readyz fields")
     for t in r.json()["tokens"]:
-        check(set(t) <= {"name", "state", "optional", "reason"}, "/readyz token fields: %r" % t)
+        check(set(t) <= {"name", "state", "optional", "reason", "since"}, "/readyz token fields: %r" % t)
 
 
 def limited_client():
