@@ -35,6 +35,10 @@ int api_respond_json(api_response *res, int status, json_t *body);
  * ownership of fields on every path. */
 int api_respond_entity(api_response *res, api_body_kind kind,
                        const unsigned char *data, size_t len, json_t *fields);
+/* api_respond_entity with the data of result; in raw mode the data is
+ * taken from result (which keeps the rest) instead of copied. */
+int api_respond_result(api_response *res, api_body_kind kind,
+                       cms_result *result, json_t *fields);
 
 /* ---- request input (api.c) ---- */
 

@@ -268,6 +268,16 @@ const unsigned char *cms_result_data(const cms_result *res, size_t *len)
     return res != NULL ? res->data : NULL;
 }
 
+unsigned char *cms_result_take_data(cms_result *res, size_t *len)
+{
+    unsigned char *data = res->data;
+
+    *len = res->len;
+    res->data = NULL;
+    res->len = 0;
+    return data;
+}
+
 size_t cms_result_count_reencoded(const cms_result *res)
 {
     return res != NULL ? res->n_reencoded : 0;
