@@ -346,41 +346,55 @@ int api_set_mime_field(json_t *obj, const unsigned char *data, size_t len)
 
 /* Octets each input octet takes inside a JSON string, as jansson writes
  * it: two for the short escapes, six for \u00XX, one otherwise. */
-static unsigned char json_escaped_len(unsigned char c)
-{
-    if (c == '"' || c == '\\' || c == '\b' || c == '\f' || c == '\n' ||
-        c == '\r' || c == '\t')
-        return 2;
-    return c < 0x20 ? 6 : 1;
-}
+static const unsigned char json_escaped_len[256] = {
+    [0x00 ... 0x07] = 6, ['\b'] = 2, ['\t'] = 2,          ['\n'] = 2,
+    [0x0b] = 6,          ['\f'] = 2, ['\r'] = 2,          [0x0e ... 0x1f] = 6,
+    [0x20 ... 0x21] = 1, ['"'] = 2,  [0x23 ... 0x5b] = 1, ['\\'] = 2,
+    [0x5d ... 0xff] = 1,
+};
 
 static size_t json_escape(unsigned char *out, const unsigned char *in,
                           size_t len)
 {
     static const char hex[] = "0123456789abcdef";
-    size_t i, o = 0;
+    size_t i = 0, run, o = 0;
     unsigned char c;
 
-    for (i = 0; i < len; i++) {
-        c = in[i];
-        switch (json_escaped_len(c)) {
-        case 1:
+    while (i < len) {
+        for (run = i; run < len && json_escaped_len[in[run]] == 1; run++)
+            ;
+        memcpy(out + o, in + i, run - i);
+        o += run - i;
+        if (run == len)
+            break;
+        c = in[run];
+        i = run + 1;
+        out[o++] = '\\';
+        switch (c) {
+        case '\b':
+            out[o++] = 'b';
+            break;
+        case '\f':
+            out[o++] = 'f';
+            break;
+        case '\n':
+            out[o++] = 'n';
+            break;
+        case '\r':
+            out[o++] = 'r';
+            break;
+        case '\t':
+            out[o++] = 't';
+            break;
+        case '"':
+        case '\\':
             out[o++] = c;
             break;
-        case 2:
-            out[o++] = '\\';
-            out[o++] = c == '\b'   ? 'b'
-                       : c == '\f' ? 'f'
-                       : c == '\n' ? 'n'
-                       : c == '\r' ? 'r'
-                       : c == '\t' ? 't'
-                                   : c;
-            break;
         default:
-            memcpy(out + o, "\\u00", 4);
-            out[o + 4] = (unsigned char)hex[c >> 4];
-            out[o + 5] = (unsigned char)hex[c & 15];
-            o += 6;
+            memcpy(out + o, "u00", 3);
+            out[o + 3] = (unsigned char)hex[c >> 4];
+            out[o + 4] = (unsigned char)hex[c & 15];
+            o += 5;
         }
     }
     return o;
@@ -407,7 +421,7 @@ static int respond_json_mime(api_response *res, const unsigned char *data,
         return -1;
     rest_len = strlen(rest);
     for (i = 0; i < len; i++)
-        n += json_escaped_len(data[i]);
+        n += json_escaped_len[data[i]];
     /* head, the string, its closing quote, a comma and the rest minus its
      * opening brace (or the bare closing brace of an empty object) */
     out = malloc(sizeof(head) - 1 + n + 2 + rest_len);
