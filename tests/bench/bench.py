@@ -19,7 +19,8 @@ Measures, prints a table and writes RESULTS_JSON:
 Environment knobs: BENCH_SECONDS (per measurement, default 5),
 BENCH_CONNECTIONS (default "1,2,8,32,128"), BENCH_THREADS (default "1,2,8"),
 BENCH_SKIP (comma list of sections to leave out: ceiling, sign, large,
-decrypt, openssl). Loopback only; every step is bounded in time.
+decrypt, openssl). Loopback only; every step is bounded in time. The sign
+ceiling is measured before and after the daemon sweep, the better kept.
 """
 
 import datetime
@@ -205,6 +206,21 @@ def ceiling(build, demo, res):
             log("  ceiling  %-8s %-7s %d threads  %9.1f/s" % (key, op, r["threads"], r["rate"]))
 
 
+def ceiling_again(build, demo, res):
+    """The sign ceiling once more, after the daemon's sweep: the machine's
+    other load changes over a run, and each thread count keeps the better of
+    its two figures (a higher ceiling only lowers the ratio)."""
+    if "sign" in SKIP:
+        return
+    for key, _ in KEYS:
+        for r in res["ceiling"][key]["sign"]:
+            again = p11bench(build, demo, key, r["threads"], "sign")["rate"]
+            r["passes"] = [r["rate"], again]
+            r["rate"] = max(r["rate"], again)
+            log("  ceiling  %-8s sign    %d threads  %9.1f/s (first pass %.1f/s)"
+                % (key, r["threads"], again, r["passes"][0]))
+
+
 def sign_sweep(build, demo, logf, work, res):
     res["sign"] = {}
     for key, _ in KEYS:
@@ -261,7 +277,7 @@ def large(build, demo, logf, work, res):
             d.stop()
         limit = sha256_rate(path, len(msg))
         rate = r["rate"] * len(msg) / 1e6
-        row = {"bytes": len(msg), "key": key, "requests": r["requests"],
+        row = {"size": size, "bytes": len(msg), "key": key, "requests": r["requests"],
                "errors": r["errors"], "mb_per_s": round(rate, 1),
                "first_request_s": round(one_s, 3),
                "sha256_mb_per_s": round(limit, 1),
@@ -365,6 +381,25 @@ def openssl_baseline(demo, work, res):
         cnf.unlink()
 
 
+def compute_ratios(res):
+    """Per key: the daemon's best rate over the connection counts divided by
+    the ceiling's best over the thread counts (sign), likewise decrypt, and
+    the speed-up over one openssl process per message."""
+    res["ratios"] = {}
+    for key, alg in KEYS:
+        ceil = best(res.get("ceiling", {}).get(key, {}).get("sign", []))
+        dmn = best(res.get("sign", {}).get(key, []))
+        ossl = res.get("openssl", {}).get(key)
+        op = "decrypt" if alg.startswith("rsa") else "derive"
+        dceil = best(res.get("ceiling", {}).get(key, {}).get(op, []))
+        ddmn = best(res.get("decrypt", {}).get(key, {}).get("rows", []))
+        res["ratios"][key] = {
+            "sign": round(dmn["rate"] / ceil["rate"], 3) if ceil and dmn else None,
+            "decrypt": round(ddmn["rate"] / dceil["rate"], 3) if dceil and ddmn else None,
+            "speedup_vs_openssl": round(dmn["rate"] / ossl["rate"], 1) if ossl and dmn else None,
+        }
+
+
 def fmt(v, spec="%.1f"):
     return "-" if v is None else spec % v
 
@@ -375,22 +410,19 @@ def summary(res):
     lines.append("== summary (%s, %d cores, %g s per measurement)"
                  % (res["date"], res["cpus"], SECS))
     lines.append("%-9s %-9s %12s %12s %7s %10s %8s" % ("key", "op", "ceiling/s", "daemon/s", "ratio", "openssl/s", "speed-up"))
-    res["ratios"] = {}
     for key, alg in KEYS:
         ceil = best(res.get("ceiling", {}).get(key, {}).get("sign", []))
         dmn = best(res.get("sign", {}).get(key, []))
         ossl = res.get("openssl", {}).get(key)
-        ratio = dmn["rate"] / ceil["rate"] if ceil and dmn else None
-        speed = dmn["rate"] / ossl["rate"] if ossl and dmn else None
-        res["ratios"][key] = {"sign": ratio, "speedup_vs_openssl": speed}
+        ratio = res["ratios"][key]["sign"]
+        speed = res["ratios"][key]["speedup_vs_openssl"]
         lines.append("%-9s %-9s %12s %12s %7s %10s %8s" % (
             key, "sign", fmt(ceil and ceil["rate"]), fmt(dmn and dmn["rate"]),
             fmt(ratio, "%.2f"), fmt(ossl and ossl["rate"]), fmt(speed, "%.0fx")))
         op = "decrypt" if alg.startswith("rsa") else "derive"
         ceil = best(res.get("ceiling", {}).get(key, {}).get(op, []))
         dmn = best(res.get("decrypt", {}).get(key, {}).get("rows", []))
-        ratio = dmn["rate"] / ceil["rate"] if ceil and dmn else None
-        res["ratios"][key]["decrypt"] = ratio
+        ratio = res["ratios"][key]["decrypt"]
         lines.append("%-9s %-9s %12s %12s %7s" % (
             key, "decrypt", fmt(ceil and ceil["rate"]), fmt(dmn and dmn["rate"]), fmt(ratio, "%.2f")))
     if res.get("sign"):
@@ -405,7 +437,7 @@ def summary(res):
         lines.append("%-10s %9s %12s %7s %16s" % ("raw sign", "MB/s", "sha256 MB/s", "ratio", "peak-idle/size"))
         for r in res["large"]:
             lines.append("%-10s %9.1f %12.1f %7.2f %16.2f" % (
-                "%.0f MiB" % (r["bytes"] / 1048576), r["mb_per_s"], r["sha256_mb_per_s"],
+                "%d MiB" % (r["size"] >> 20), r["mb_per_s"], r["sha256_mb_per_s"],
                 r["ratio"], r["peak_over_idle_per_size"]))
     lines.append("")
     lines.append("idle RSS %s KiB; start-up to ready %s ms (median of %d starts)" % (
@@ -431,7 +463,7 @@ def targets(res):
         errs = sum(r["errors"] for r in res.get("sign", {}).get(key, []))
         add("%s no errors up to %d connections" % (key, max(CONNS)), errs, errs == 0)
     for r in res.get("large", []):
-        if r["bytes"] == 10 << 20:
+        if r["size"] == 10 << 20:
             add("10 MiB raw sign >= 40% of sha256", r["ratio"], r["ratio"] >= 0.40)
             add("10 MiB peak RSS <= 4 x size above idle", r["peak_over_idle_per_size"],
                 r["peak_over_idle_per_size"] <= 4)
@@ -458,6 +490,7 @@ def main():
         d.stop()
         sections = [("ceiling", lambda: ceiling(build, demo, res)),
                     ("sign", lambda: sign_sweep(build, demo, logf, work, res)),
+                    ("ceiling", lambda: ceiling_again(build, demo, res)),
                     ("large", lambda: large(build, demo, logf, work, res)),
                     ("decrypt", lambda: decrypt(build, demo, logf, work, res)),
                     ("openssl", lambda: openssl_baseline(demo, work, res))]
@@ -470,6 +503,7 @@ def main():
             starts += [r["ready_ms"] for r in rows]
         res["ready_ms_all"] = starts
         res["ready_ms"] = round(statistics.median(starts), 1)
+    compute_ratios(res)
     res["targets"] = targets(res)
     res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     for line in summary(res):
