@@ -166,6 +166,22 @@ static void test_long_lines(void)
     }
 }
 
+/* Appends fewer than most pieces picked at random to buf[n..]; the new
+ * length. */
+static size_t add_random(char *buf, size_t n, const char *const *pieces,
+                         size_t count, unsigned most, unsigned *seed)
+{
+    unsigned i, k;
+
+    *seed = *seed * 1103515245u + 12345u;
+    k = (*seed >> 16) % most;
+    for (i = 0; i < k; i++) {
+        *seed = *seed * 1103515245u + 12345u;
+        n += (size_t)sprintf(buf + n, "%s", pieces[(*seed >> 16) % count]);
+    }
+    return n;
+}
+
 /* Random entities from the pieces the shortcut's conditions look at. */
 static void test_random(void)
 {
@@ -202,27 +218,14 @@ static void test_random(void)
     };
     unsigned seed = 7;
     char buf[4096], why[600];
-    size_t n, i, k, nh, nl, bad = 0, runs = 600;
+    size_t n, k, bad = 0, runs = 600;
 
     for (k = 0; k < runs; k++) {
-        n = 0;
-        seed = seed * 1103515245u + 12345u;
-        nh = (seed >> 16) % 4;
-        for (i = 0; i < nh; i++) {
-            seed = seed * 1103515245u + 12345u;
-            n += (size_t)sprintf(
-                buf + n, "%s",
-                headers[(seed >> 16) % (sizeof(headers) / sizeof(*headers))]);
-        }
+        n = add_random(buf, 0, headers, sizeof(headers) / sizeof(*headers), 4,
+                       &seed);
         n += (size_t)sprintf(buf + n, "%s", (seed >> 20) & 1 ? "\r\n" : "\n");
-        seed = seed * 1103515245u + 12345u;
-        nl = (seed >> 16) % 12;
-        for (i = 0; i < nl; i++) {
-            seed = seed * 1103515245u + 12345u;
-            n += (size_t)sprintf(
-                buf + n, "%s",
-                lines[(seed >> 16) % (sizeof(lines) / sizeof(*lines))]);
-        }
+        n = add_random(buf, n, lines, sizeof(lines) / sizeof(*lines), 12,
+                       &seed);
         if (!same_both_ways((unsigned char *)buf, n, why, sizeof(why))) {
             if (bad++ == 0)
                 printf("# first difference: %s\n# input: %.*s\n", why, (int)n,
