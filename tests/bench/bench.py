@@ -27,6 +27,7 @@ import datetime
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -128,9 +129,18 @@ class Daemon:
             self.proc.wait()
 
 
-def run_wrk(work, url, body_path, ctype, conns, secs):
+def cpu_seconds(pid):
+    """User plus system CPU time of pid so far."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(work, url, body_path, ctype, conns, secs, pid=None):
     """wrk with one thread (it is C and light; the daemon keeps the cores)
-    and a Lua done() that prints the figures as one JSON line."""
+    and a Lua done() that prints the figures as one JSON line. With the
+    daemon's pid, also the CPU time it and wrk spent per request, which,
+    unlike the rate, other load on the machine hardly changes."""
     script = work / "wrk.lua"
     script.write_text("""
 wrk.method = "POST"
@@ -146,16 +156,24 @@ done = function(s, lat, req)
     e.timeout, lat:percentile(50), lat:percentile(99), lat.max))
 end
 """ % (ctype, body_path))
+    cpu0 = cpu_seconds(pid) if pid else None
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         ["wrk", "-t1", "-c%d" % conns, "-d%gs" % secs,
          "--timeout", "%ds" % WRK_TIMEOUT_S, "-s", str(script), url],
         capture_output=True, text=True, timeout=secs + 60)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu1 = cpu_seconds(pid) if pid else None
     for line in out.stdout.splitlines():
         if line.startswith("BENCH "):
             r = json.loads(line[6:])
             secs_run = r["duration_us"] / 1e6
             errors = sum(r[k] for k in ("connect", "read", "write", "status", "timeout"))
+            done = max(r["requests"], 1)
+            wrk_cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime)
             return {
+                "daemon_cpu_us_per_req": round((cpu1 - cpu0) * 1e6 / done, 1) if pid else None,
+                "wrk_cpu_us_per_req": round(wrk_cpu * 1e6 / done, 1),
                 "connections": conns,
                 "requests": r["requests"],
                 "rate": round((r["requests"] - r["status"]) / secs_run, 1),
@@ -176,7 +194,8 @@ def p11bench(build, demo, key, threads, op):
     if out.returncode != 0:
         raise RuntimeError("p11bench %s %s: %s" % (key, op, out.stderr.strip()))
     rate = float(out.stdout.split("rate=")[1].split("/")[0])
-    return {"threads": threads, "rate": rate}
+    cpu = float(out.stdout.split("cpu_us_per_op=")[1].split()[0])
+    return {"threads": threads, "rate": rate, "cpu_us_per_op": cpu}
 
 
 def text_message(size):
@@ -243,7 +262,8 @@ def sign_sweep(build, demo, logf, work, res):
         for c in CONNS:
             d = Daemon(build, demo, logf)
             try:
-                r = run_wrk(work, d.url("/v1/sign"), body, "application/json", c, SECS)
+                r = run_wrk(work, d.url("/v1/sign"), body, "application/json", c, SECS,
+                            d.proc.pid)
                 r["vmhwm_kib"] = d.status()["VmHWM"]
                 r["ready_ms"] = round(d.ready_ms, 1)
                 r["idle_rss_kib"] = d.idle["VmRSS"]
@@ -329,7 +349,8 @@ def decrypt(build, demo, logf, work, res):
             body = work / ("decrypt-%s.json" % key)
             body.write_text(json.dumps({"mime": enc, "key": key}))
             for c in (2, 8):
-                r = run_wrk(work, d.url("/v1/decrypt"), body, "application/json", c, SECS)
+                r = run_wrk(work, d.url("/v1/decrypt"), body, "application/json", c, SECS,
+                            d.proc.pid)
                 rows.append(r)
                 log("  daemon   %-8s decrypt %2d conns  %9.1f/s  p50 %7.2f ms  p99 %7.2f ms  errors %d"
                     % (key, c, r["rate"], r["p50_ms"], r["p99_ms"], r["errors"]))
@@ -416,7 +437,15 @@ def compute_ratios(res):
         op = "decrypt" if alg.startswith("rsa") else "derive"
         dceil = best(res.get("ceiling", {}).get(key, {}).get(op, []))
         ddmn = best(res.get("decrypt", {}).get(key, {}).get("rows", []))
+        cpu_rows = [r for r in res.get("ceiling", {}).get(key, {}).get("sign", [])]
+        token_cpu = min((r["cpu_us_per_op"] for r in cpu_rows), default=None)
+        daemon_cpu = dmn.get("daemon_cpu_us_per_req") if dmn else None
         res["ratios"][key] = {
+            "token_cpu_us_per_sign": token_cpu,
+            "daemon_cpu_us_per_sign": daemon_cpu,
+            "wrk_cpu_us_per_sign": dmn.get("wrk_cpu_us_per_req") if dmn else None,
+            "cpu_share_of_token": round(token_cpu / daemon_cpu, 3)
+            if token_cpu and daemon_cpu else None,
             "sign": round(dmn["rate"] / ceil["rate"], 3) if ceil and dmn else None,
             "decrypt": round(ddmn["rate"] / dceil["rate"], 3) if dceil and ddmn else None,
             "speedup_vs_openssl": round(dmn["rate"] / ossl["rate"], 1) if ossl and dmn else None,
@@ -448,6 +477,14 @@ def summary(res):
         ratio = res["ratios"][key]["decrypt"]
         lines.append("%-9s %-9s %12s %12s %7s" % (
             key, "decrypt", fmt(ceil and ceil["rate"]), fmt(dmn and dmn["rate"]), fmt(ratio, "%.2f")))
+    lines.append("")
+    for key, _ in KEYS:
+        r = res["ratios"][key]
+        if r.get("cpu_share_of_token") is not None:
+            lines.append("%-9s CPU per signature: token %.0f us; daemon %.0f us per request "
+                         "(wrk %.0f us more): the token's share %.2f"
+                         % (key, r["token_cpu_us_per_sign"], r["daemon_cpu_us_per_sign"],
+                            r["wrk_cpu_us_per_sign"], r["cpu_share_of_token"]))
     if res.get("sign"):
         lines.append("")
         lines.append("%-9s %6s %10s %9s %9s %7s %10s" % ("key", "conns", "req/s", "p50 ms", "p99 ms", "errors", "VmHWM KiB"))

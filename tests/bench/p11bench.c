@@ -40,12 +40,17 @@ typedef struct worker {
     int failed;
 } worker;
 
-static double now_s(void)
+static double clock_s(clockid_t clock)
 {
     struct timespec ts;
 
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static double now_s(void)
+{
+    return clock_s(CLOCK_MONOTONIC);
 }
 
 static int sign_once(EVP_PKEY *pkey, const unsigned char *md)
@@ -188,7 +193,7 @@ int main(int argc, char **argv)
     pthread_t *tids = NULL;
     unsigned long total = 0;
     int i, nthreads, ret = 1;
-    double seconds;
+    double seconds, cpu0;
     size_t t;
 
     if (argc != 5 && argc != 6) {
@@ -237,6 +242,9 @@ int main(int argc, char **argv)
     tids = calloc((size_t)nthreads, sizeof(*tids));
     if (workers == NULL || tids == NULL)
         goto out;
+    /* CPU time per operation does not depend on what else runs on the
+     * machine, as the rate does */
+    cpu0 = clock_s(CLOCK_PROCESS_CPUTIME_ID);
     for (i = 0; i < nthreads; i++) {
         workers[i].key = key;
         workers[i].in = &in;
@@ -250,9 +258,13 @@ int main(int argc, char **argv)
         if (workers[i].failed)
             ret = 1;
     }
-    printf("%s %s op=%s threads=%d operations=%lu rate=%.1f/s\n", argv[2],
-           token_key_algorithm(key), argc == 6 ? argv[5] : "sign", nthreads,
-           total, (double)total / seconds);
+    printf("%s %s op=%s threads=%d operations=%lu rate=%.1f/s "
+           "cpu_us_per_op=%.1f\n",
+           argv[2], token_key_algorithm(key), argc == 6 ? argv[5] : "sign",
+           nthreads, total, (double)total / seconds,
+           total > 0 ? (clock_s(CLOCK_PROCESS_CPUTIME_ID) - cpu0) * 1e6 /
+                           (double)total
+                     : 0.0);
 out:
     EVP_PKEY_free(in.peer);
     free(workers);
