@@ -562,8 +562,10 @@ int api_input_open(api_input *in, const api_request *req,
     }
     /* NUL is legal inside a JSON string and may be part of a binary
      * entity; duplicate keys would make one of two values silently win */
-    in->root = json_loadb((const char *)req->body, req->body_len,
-                          JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    in->root = api_flat_json_read(req->body, req->body_len);
+    if (in->root == NULL)
+        in->root = json_loadb((const char *)req->body, req->body_len,
+                              JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     if (in->root == NULL)
         return api_fail(err, 400, "invalid_json", "line %d column %d: %s",
                         jerr.line, jerr.column, jerr.text);

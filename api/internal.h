@@ -52,6 +52,11 @@ typedef struct api_input {
     unsigned char *mime_owned;
 } api_input;
 
+/* The object in body[0..len) when it is a flat one (string, true, false
+ * and null values, no \u escapes) and valid; NULL for anything else,
+ * which the caller then reads with jansson (flatjson.c). */
+json_t *api_flat_json_read(const unsigned char *body, size_t len);
+
 /* Parses the request and its entity; refuses fields (JSON) or query
  * parameters (raw mode) not listed in known (NULL-terminated; "mime" and
  * "mime_base64" are implied in JSON). */
