@@ -37,6 +37,10 @@ int api_respond_json(api_response *res, int status, json_t *body);
  * ownership of fields on every path. */
 int api_respond_entity(api_response *res, api_body_kind kind,
                        const unsigned char *data, size_t len, json_t *fields);
+/* api_respond_entity with the data of result; in raw mode the data is
+ * taken from result (which keeps the rest) instead of copied. */
+int api_respond_result(api_response *res, api_body_kind kind,
+                       cms_result *result, json_t *fields);
 
 /* ---- request input (api.c) ---- */
 
@@ -49,6 +53,11 @@ typedef struct api_input {
     size_t mime_len;
     unsigned char *mime_owned;
 } api_input;
+
+/* The object in body[0..len) when it is a flat one (string, true, false
+ * and null values, no \u escapes) and valid; NULL for anything else,
+ * which the caller then reads with jansson (flatjson.c). */
+json_t *api_flat_json_read(const unsigned char *body, size_t len);
 
 /* Parses the request and its entity; refuses fields (JSON) or query
  * parameters (raw mode) not listed in known (NULL-terminated; "mime" and

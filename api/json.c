@@ -109,7 +109,16 @@ int api_utf8_valid(const unsigned char *s, size_t len)
         unsigned char c = s[i];
         size_t need, k;
         uint32_t cp;
+        uint64_t word;
 
+        /* ASCII, the usual mail text, eight octets at a time */
+        if (len - i >= 8) {
+            memcpy(&word, s + i, 8);
+            if ((word & 0x8080808080808080ULL) == 0) {
+                i += 8;
+                continue;
+            }
+        }
         if (c < 0x80) {
             i++;
             continue;

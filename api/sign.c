@@ -106,8 +106,7 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
     token_key *key;
     cms_error cerr = {0};
     cms_prepared *prep = NULL;
-    cms_result *signed_res = NULL, *enc = NULL;
-    const cms_result *out;
+    cms_result *signed_res = NULL, *enc = NULL, *out;
     const unsigned char *data;
     size_t len;
     int ret = -1;
@@ -142,8 +141,7 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
         }
         out = enc;
     }
-    data = cms_result_data(out, &len);
-    if (api_respond_entity(res, req->kind, data, len,
+    if (api_respond_result(res, req->kind, out,
                            sign_fields_json(&p, signed_res, &rcpt)) != 0) {
         api_fail(err, 500, "internal_error", "out of memory");
         goto out;

@@ -49,6 +49,9 @@ typedef struct cms_result cms_result;
 
 void cms_result_free(cms_result *res);
 const unsigned char *cms_result_data(const cms_result *res, size_t *len);
+/* The data, now the caller's to free(); res keeps the rest and has no data
+ * left. */
+unsigned char *cms_result_take_data(cms_result *res, size_t *len);
 /* Re-encoded parts, as "PART-NUMBER ENCODING" (IMAP part numbers, "1" for a
  * single-part entity), e.g. "2 quoted-printable". */
 size_t cms_result_count_reencoded(const cms_result *res);

@@ -21,6 +21,9 @@ typedef struct cms_buf {
 
 /* -1 when out of memory; buf is left as it was. */
 int cms_buf_add(cms_buf *buf, const void *data, size_t len);
+/* Room for len more octets without another allocation; -1 when out of
+ * memory. */
+int cms_buf_reserve(cms_buf *buf, size_t len);
 /* Appends in[0..len) with every bare CR and bare LF turned into CRLF. */
 int cms_buf_add_canonical(cms_buf *buf, const unsigned char *in, size_t len);
 void cms_buf_release(cms_buf *buf);
@@ -36,6 +39,10 @@ typedef struct cms_entity {
 
 int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
                      cms_error *err);
+/* cms_entity_parse, with always_walk 1 taking GMime's walk even where it
+ * is known to change nothing (for tests of that shortcut). */
+int cms_entity_parse_walk(const unsigned char *mime, size_t len,
+                          cms_entity *ent, int always_walk, cms_error *err);
 void cms_entity_release(cms_entity *ent);
 
 /* The way back, for decrypt and verify: the fields of the S/MIME entity

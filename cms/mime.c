@@ -44,6 +44,15 @@
  *   CMS_ERR_INPUT naming the part: a signature over it would not survive
  *   7-bit transport. The top-level fields that stay outside may have 8-bit
  *   octets (RFC 6532).
+ * - The GMime walk is skipped when it could change nothing: the inner
+ *   entity is 7-bit safe as a whole and its header fields mention neither
+ *   "multipart" nor "message" (so GMime would see one leaf) nor "8bit",
+ *   "8-bit" or "binary" (the declared encodings it would re-encode even
+ *   when the octets are safe). That entity is signed as submitted, as the
+ *   walk would leave it; input that already has CRLF line ends is not
+ *   copied to canonicalise it. Large bodies cost little more than their
+ *   digest then (script/bench). tests/unit/test_cms.c checks that both
+ *   ways give the same bytes.
  * - Re-encoded parts are reported as "PART-NUMBER ENCODING": IMAP part
  *   numbers ("1" for a single-part entity, "2.1" for the first child of the
  *   second part, "2.1" also for the body of a message/rfc822 part 2) and
@@ -149,6 +158,22 @@ int cms_buf_add(cms_buf *buf, const void *data, size_t len)
     return 0;
 }
 
+int cms_buf_reserve(cms_buf *buf, size_t len)
+{
+    unsigned char *p;
+
+    if (len > SIZE_MAX - buf->len)
+        return -1;
+    if (buf->len + len <= buf->cap)
+        return 0;
+    p = realloc(buf->data, buf->len + len);
+    if (p == NULL)
+        return -1;
+    buf->data = p;
+    buf->cap = buf->len + len;
+    return 0;
+}
+
 void cms_buf_release(cms_buf *buf)
 {
     free(buf->data);
@@ -215,6 +240,24 @@ static int add_crlf(cms_buf *out, const unsigned char *in, size_t len,
 int cms_buf_add_canonical(cms_buf *buf, const unsigned char *in, size_t len)
 {
     return add_crlf(buf, in, len, 0);
+}
+
+/* Whether s[0..len) has CRLF line ends only, no bare CR or LF: what
+ * add_crlf would copy unchanged. memchr keeps it near memory speed. */
+static int is_canonical(const unsigned char *s, size_t len)
+{
+    const unsigned char *p = s, *end = s + len, *lf;
+
+    while (p < end) {
+        lf = memchr(p, '\n', (size_t)(end - p));
+        if (lf == NULL)
+            return memchr(p, '\r', (size_t)(end - p)) == NULL;
+        if (lf == p || lf[-1] != '\r' ||
+            memchr(p, '\r', (size_t)(lf - 1 - p)) != NULL)
+            return 0;
+        p = lf + 1;
+    }
+    return 1;
 }
 
 /* End of the line starting at pos: just past its LF, or len. */
@@ -449,6 +492,42 @@ done:
 }
 
 /*
+ * A quick look for transport_fault: 1 only when it would find nothing (a
+ * CR inside a line or a blank ending one makes it say 0, and
+ * transport_fault looks closer). Line by
+ * line with memchr, and an OR over each line's octets that compilers
+ * vectorise, instead of a branch per octet.
+ */
+static int looks_transport_safe(const unsigned char *s, size_t len)
+{
+    const unsigned char *p = s, *end = s + len, *lf, *q;
+    unsigned char high, nul;
+    size_t n;
+
+    while (p < end) {
+        lf = memchr(p, '\n', (size_t)(end - p));
+        q = lf != NULL ? lf : end;
+        n = (size_t)(q - p);
+        if (n > 0 && q[-1] == '\r')
+            n--;
+        if (n > LINE_MAX_OCTETS || memchr(p, '\r', n) != NULL ||
+            (n > 0 && is_blank(p[n - 1])) ||
+            ((size_t)(end - p) >= 5 && memcmp(p, "From ", 5) == 0))
+            return 0;
+        high = 0;
+        nul = 0;
+        for (; p < q; p++) {
+            high |= *p;
+            nul |= *p == 0;
+        }
+        if ((high & 0x80) != 0 || nul)
+            return 0;
+        p = lf != NULL ? lf + 1 : end;
+    }
+    return 1;
+}
+
+/*
  * What in the canonical text s[0..len) cannot travel unchanged over 7-bit
  * transport, and where (*at): an 8-bit octet or a NUL, a line over 998
  * octets, white space ending a line (gateways strip it), or (as GMime's
@@ -461,6 +540,8 @@ static const char *transport_fault(const unsigned char *s, size_t len,
 {
     size_t i, line = 0;
 
+    if (looks_transport_safe(s, len))
+        return NULL;
     for (i = 0; i < len; i++) {
         *at = i;
         if (s[i] == 0)
@@ -1161,10 +1242,34 @@ static int check_transport_safe(const unsigned char *s, size_t len,
     return -1;
 }
 
-int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
-                     cms_error *err)
+/* Whether the header fields s[0..len) name a multipart or message type, or
+ * an 8-bit or binary encoding: the cases where GMime's walk might change
+ * a 7-bit safe entity (see the decisions above). Any mention counts,
+ * parameters and comments included: a false alarm only costs the walk. */
+static int headers_need_walk(const unsigned char *s, size_t len)
+{
+    static const char *const words[] = {"multipart", "message", "8bit", "8-bit",
+                                        "binary"};
+    char *lower = malloc(len + 1);
+    size_t i;
+    int r = 0;
+
+    if (lower == NULL)
+        return 1;
+    for (i = 0; i < len; i++)
+        lower[i] = g_ascii_tolower(s[i]);
+    for (i = 0; i < sizeof(words) / sizeof(words[0]) && !r; i++)
+        r = memmem(lower, len, words[i], strlen(words[i])) != NULL;
+    free(lower);
+    return r;
+}
+
+int cms_entity_parse_walk(const unsigned char *mime, size_t len,
+                          cms_entity *ent, int always_walk, cms_error *err)
 {
     cms_buf canon = {0}, outer = {0}, content = {0};
+    const unsigned char *text = mime;
+    size_t text_len = len, at;
     struct recoder rc;
     size_t body, i;
     int r = -1;
@@ -1174,35 +1279,45 @@ int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
         cms_set_error(err, CMS_ERR_INPUT, "the MIME entity is empty");
         goto out;
     }
-    if (add_crlf(&canon, mime, len, 0)) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        goto out;
+    if (!is_canonical(mime, len)) {
+        if (cms_buf_reserve(&canon, len + len / 32 + 2) ||
+            add_crlf(&canon, mime, len, 0)) {
+            cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+            goto out;
+        }
+        text = canon.data;
+        text_len = canon.len;
     }
-    if (split_headers(canon.data, canon.len, &outer, &content, &body, err))
+    if (split_headers(text, text_len, &outer, &content, &body, err))
         goto out;
     rc.text_body = content.len + 2;
-    if (cms_buf_add(&content, "\r\n", 2) ||
-        cms_buf_add(&content, canon.data + body, canon.len - body)) {
+    if (cms_buf_reserve(&content, 2 + text_len - body) ||
+        cms_buf_add(&content, "\r\n", 2) ||
+        cms_buf_add(&content, text + body, text_len - body)) {
         cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
         goto out;
     }
+    cms_buf_release(&canon);
 
-    rc.raw = mime;
-    rc.raw_len = len;
-    rc.text = content.data;
-    rc.text_len = content.len;
-    rc.canon_body = body;
-    rc.err = err;
-    if (recode(&rc))
-        goto out;
-    if (rc.n_parts > 0) {
-        cms_buf_release(&content);
-        content = rc.out;
-        memset(&rc.out, 0, sizeof(rc.out));
+    if (always_walk || headers_need_walk(content.data, rc.text_body) ||
+        transport_fault(content.data, content.len, &at) != NULL) {
+        rc.raw = mime;
+        rc.raw_len = len;
+        rc.text = content.data;
+        rc.text_len = content.len;
+        rc.canon_body = body;
+        rc.err = err;
+        if (recode(&rc))
+            goto out;
+        if (rc.n_parts > 0) {
+            cms_buf_release(&content);
+            content = rc.out;
+            memset(&rc.out, 0, sizeof(rc.out));
+        }
+        if (strip_line_ends(&content, rc.frozen, rc.n_frozen, err) ||
+            check_transport_safe(content.data, content.len, err))
+            goto out;
     }
-    if (strip_line_ends(&content, rc.frozen, rc.n_frozen, err) ||
-        check_transport_safe(content.data, content.len, err))
-        goto out;
 
     ent->outer = outer;
     ent->content = content;
@@ -1223,6 +1338,12 @@ out:
     cms_buf_release(&outer);
     cms_buf_release(&content);
     return r;
+}
+
+int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
+                     cms_error *err)
+{
+    return cms_entity_parse_walk(mime, len, ent, 0, err);
 }
 
 static const char *micalg_name(cms_digest digest)
@@ -1357,6 +1478,13 @@ int cms_entity_wrap(const cms_entity *ent, cms_mode mode, cms_digest digest,
     cms_buf buf = {0};
     int r = -1;
 
+    /* One allocation: a large entity would otherwise be copied at every
+     * doubling. Base64 of der in lines of 76 plus CRLF, and headers. */
+    if (cms_buf_reserve(&buf, ent->outer.len + ent->content.len +
+                                  der_len / B64_LINE_OCTETS * 78 + 78 + 1024)) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        goto out;
+    }
     if (wrap_begin(ent, &buf, err))
         goto out;
     switch (mode) {

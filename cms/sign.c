@@ -11,6 +11,7 @@
  * cms_sign_prepared digests and signs.
  */
 #include <limits.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -268,6 +269,16 @@ const unsigned char *cms_result_data(const cms_result *res, size_t *len)
     return res != NULL ? res->data : NULL;
 }
 
+unsigned char *cms_result_take_data(cms_result *res, size_t *len)
+{
+    unsigned char *data = res->data;
+
+    *len = res->len;
+    res->data = NULL;
+    res->len = 0;
+    return data;
+}
+
 size_t cms_result_count_reencoded(const cms_result *res)
 {
     return res != NULL ? res->n_reencoded : 0;
@@ -309,6 +320,35 @@ static int add_chain(CMS_ContentInfo *cms, X509 *cert, STACK_OF(X509) *chain,
                               "cannot add a chain certificate");
             return -1;
         }
+    }
+    return 0;
+}
+
+/* The SMIMECapabilities attribute OpenSSL would add (CMS_add_standard_smimecap
+ * looks up a dozen algorithms by name for it, per signature), encoded once. */
+static unsigned char *smimecap_der;
+static int smimecap_len;
+static pthread_once_t smimecap_once = PTHREAD_ONCE_INIT;
+
+static void smimecap_encode(void)
+{
+    STACK_OF(X509_ALGOR) *caps = sk_X509_ALGOR_new_null();
+
+    if (caps != NULL && CMS_add_standard_smimecap(&caps) == 1)
+        smimecap_len = i2d_X509_ALGORS(caps, &smimecap_der);
+    sk_X509_ALGOR_pop_free(caps, X509_ALGOR_free);
+    ERR_clear_error();
+}
+
+static int add_smimecap(CMS_SignerInfo *si, cms_error *err)
+{
+    pthread_once(&smimecap_once, smimecap_encode);
+    if (smimecap_der == NULL || smimecap_len <= 0 ||
+        CMS_signed_add1_attr_by_NID(si, NID_SMIMECapabilities, V_ASN1_SEQUENCE,
+                                    smimecap_der, smimecap_len) != 1) {
+        cms_set_ssl_error(err, CMS_ERR_INTERNAL,
+                          "cannot add the S/MIME capabilities");
+        return -1;
     }
     return 0;
 }
@@ -385,6 +425,7 @@ int cms_sign_prepared(const cms_prepared *prep, EVP_PKEY *pkey, X509 *cert,
                       cms_result **out, cms_error *err)
 {
     cms_buf wire = {0};
+    CMS_SignerInfo *si;
     CMS_ContentInfo *cms = NULL;
     BIO *content = NULL;
     unsigned char *der = NULL;
@@ -407,12 +448,16 @@ int cms_sign_prepared(const cms_prepared *prep, EVP_PKEY *pkey, X509 *cert,
         goto out;
     }
     /* CMS_CADES adds ESS signingCertificateV2 to the default contentType,
-     * messageDigest, signingTime and SMIMECapabilities attributes. */
-    if (CMS_add1_signer(cms, cert, pkey, digest_md(digest),
-                        CMS_BINARY | CMS_CADES) == NULL) {
+     * messageDigest and signingTime attributes; SMIMECapabilities, the
+     * same every time, comes from smimecap_der. */
+    if ((si = CMS_add1_signer(cms, cert, pkey, digest_md(digest),
+                              CMS_BINARY | CMS_CADES | CMS_NOSMIMECAP)) ==
+        NULL) {
         cms_set_ssl_error(err, CMS_ERR_KEY, "cannot add the signer");
         goto out;
     }
+    if (add_smimecap(si, err))
+        goto out;
     if (chain != NULL && add_chain(cms, cert, chain, err))
         goto out;
     content =
