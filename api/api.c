@@ -70,7 +70,9 @@ int api_fail_cms(api_error *err, const cms_error *cerr)
 {
     switch (cerr->status) {
     case CMS_ERR_INPUT:
-        return api_fail(err, 422, "invalid_mime", "%s", cerr->message);
+        /* malformed MIME is as much the request's syntax as bad JSON;
+         * undecodable CMS stays 422 invalid_smime, as the contract says */
+        return api_fail(err, 400, "invalid_mime", "%s", cerr->message);
     case CMS_ERR_DECRYPT:
         return api_fail(err, 422, "decryption_failed", "%s", cerr->message);
     case CMS_ERR_RECIPIENT:

@@ -111,21 +111,22 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
     size_t len;
     int ret = -1;
 
-    /* the contract's order: request syntax (400), the client's rights
-     * (403), the key (404), the content and the recipients (422), then the
-     * token (503) */
+    /* the contract's order: request syntax, malformed MIME included (400),
+     * the client's rights (403), the key (404), the recipients (422), then
+     * the token (503) */
     if (api_input_open(&in, req, sign_fields, err) != 0 ||
         sign_params_read(&in, &p, err) != 0 ||
-        api_recipients_read(&in, "encrypt_for", 0, &rcpt, err) != 0 ||
-        api_authorize(req, res, &in, p.key, API_OP_SIGN, err) != 0)
-        goto out;
-    key = api_lookup_key(a, p.key, err);
-    if (key == NULL || api_recipients_resolve(a, &rcpt, err) != 0)
+        api_recipients_read(&in, "encrypt_for", 0, &rcpt, err) != 0)
         goto out;
     if (cms_prepare_entity(in.mime, in.mime_len, &prep, &cerr) != 0) {
         api_fail_cms(err, &cerr);
         goto out;
     }
+    if (api_authorize(req, res, &in, p.key, API_OP_SIGN, err) != 0)
+        goto out;
+    key = api_lookup_key(a, p.key, err);
+    if (key == NULL || api_recipients_resolve(a, &rcpt, err) != 0)
+        goto out;
     if (api_check_key(a, key, TOKEN_USE_SIGN, err) != 0)
         goto out;
     res->key_op = 1;

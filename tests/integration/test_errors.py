@@ -26,7 +26,7 @@ ERR = {
     "invalid_field": (400, "invalid_field"),
     "invalid_base64": (400, "invalid_base64"),
     "unknown_key": (404, "unknown_key"),
-    "invalid_mime": (422, "invalid_mime"),
+    "invalid_mime": (400, "invalid_mime"),
 }
 
 CAP = 4096  # max_body_bytes of this suite's daemon
@@ -330,6 +330,10 @@ def syntax_before_key():
     # 400 (bad digest) wins over 404 (unknown key)
     r = D.post_json("/v1/sign", {"key": "no-such-key", "mime": GOOD["mime"], "digest": "md5"})
     expect(r, "invalid_field")
+    # malformed MIME is request syntax too
+    r = D.post_json("/v1/sign", {"key": "no-such-key",
+                                 "mime": "Content-Type: multipart/mixed\r\n\r\nno boundary\r\n"})
+    expect(r, "invalid_mime")
 
 
 def raw_mode_errors():
@@ -361,8 +365,8 @@ def garbage_mime():
     ]
     for name, raw in samples:
         r = D.post_json("/v1/sign", {"key": "demo-rsa", "mime_base64": base64.b64encode(raw).decode()})
-        check(r.status in (200, 422), "%s: status %d (%r)" % (name, r.status, r.body[:200]))
-        if r.status == 422:
+        check(r.status in (200, 400), "%s: status %d (%r)" % (name, r.status, r.body[:200]))
+        if r.status == 400:
             try:
                 expect_error(r, *ERR["invalid_mime"])
             except AssertionError as e:
@@ -453,7 +457,7 @@ def main():
         ("unknown key -> 404 unknown_key", unknown_key),
         ("400 is checked before 404 unknown key", syntax_before_key),
         ("raw mode errors", raw_mode_errors),
-        ("garbage MIME -> 422 or a verifiable signature, never 500", garbage_mime),
+        ("garbage MIME -> 400 or a verifiable signature, never 500", garbage_mime),
         ("error body has exactly error.code and error.message", error_bodies_are_clean),
         ("bytes that are not UTF-8 in what errors quote -> still JSON", invalid_utf8_in_errors),
         ("NUL inside an option -> 400 invalid_field", nul_in_options),

@@ -677,8 +677,8 @@ def still_serving():
 
 
 def malformed(name, raw, words):
-    """Sign and encrypt, JSON and raw mode: 422 invalid_mime naming the
-    fault (the contract puts content that cannot be processed at 422)."""
+    """Sign and encrypt, JSON and raw mode: 400 invalid_mime naming the
+    fault (malformed MIME is the request's own syntax)."""
     requests = [
         ("sign json", lambda: D.post_json("/v1/sign", {
             "key": "demo-rsa", "mime_base64": base64.b64encode(raw).decode()})),
@@ -691,7 +691,7 @@ def malformed(name, raw, words):
     for what, req in requests:
         r = req()
         try:
-            j = expect_error(r, 422, "invalid_mime")
+            j = expect_error(r, 400, "invalid_mime")
         except AssertionError as e:
             raise AssertionError("%s: %s" % (what, e))
         check(words in j["error"]["message"], "%s: message %r does not say %r" % (
@@ -754,7 +754,7 @@ def main():
     S.case("signed and encrypted: headers back once, signature verifies", sign_then_encrypt)
     S.case("verify: protected inner headers are not repeated", protected_headers)
     for name, raw, words in MALFORMED:
-        S.case("malformed MIME: %s -> 422, still serving" % name, malformed, name, raw, words)
+        S.case("malformed MIME: %s -> 400, still serving" % name, malformed, name, raw, words)
     S.case("malformed S/MIME to decrypt and verify -> 422, still serving", malformed_smime)
     S.case("5 MiB binary attachment, raw mode, every endpoint", big, 5)
     S.case("25 MiB binary attachment, raw mode, every endpoint", big, 25)
