@@ -88,7 +88,7 @@ static void now_text(char *buf, size_t len)
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
     strftime(sec, sizeof(sec), "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(buf, len, "%s.%03ldZ", sec, ts.tv_nsec / 1000000L);
+    snprintf(buf, len, "%s.%03dZ", sec, (int)(ts.tv_nsec / 1000000L) % 1000);
 }
 
 /* A JSON string of client-supplied text; bytes that are not printable

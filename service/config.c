@@ -428,31 +428,16 @@ static void load_trust(loader *ld, json_t *root)
         load_pem_file(ld, "crls", path, 1);
 }
 
-static int hex_digit(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 static int parse_sha256(const char *text, unsigned char *out)
 {
-    size_t i;
+    size_t n = 0;
 
     if (strlen(text) != 2 * API_TOKEN_SHA256_LEN)
         return -1;
-    for (i = 0; i < API_TOKEN_SHA256_LEN; i++) {
-        int hi = hex_digit(text[2 * i]), lo = hex_digit(text[2 * i + 1]);
-
-        if (hi < 0 || lo < 0)
-            return -1;
-        out[i] = (unsigned char)(hi << 4 | lo);
-    }
-    return 0;
+    /* '\0': no separators between the hex pairs */
+    if (OPENSSL_hexstr2buf_ex(out, API_TOKEN_SHA256_LEN, &n, text, '\0') != 1)
+        return -1;
+    return n == API_TOKEN_SHA256_LEN ? 0 : -1;
 }
 
 /* A client's "keys" or "operations": strings only. NULL with a problem

@@ -612,7 +612,7 @@ static int parse_listen(const char *listen, struct sockaddr_storage *ss,
     hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
     rc = getaddrinfo(host, colon + 1, &hints, &ai);
     if (rc != 0) {
-        snprintf(errbuf, errlen, "listen address %s: %s", host,
+        snprintf(errbuf, errlen, "listen address %.64s: %s", host,
                  gai_strerror(rc));
         return -1;
     }
