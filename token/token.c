@@ -2570,6 +2570,7 @@ token_state token_set_token_state(const token_set *set, size_t i, time_t *since,
 
 void token_set_token_stats(const token_set *set, size_t i, token_stats *out)
 {
+    const struct tk_waiter *w;
     struct tk_token *t;
 
     memset(out, 0, sizeof(*out));
@@ -2579,6 +2580,8 @@ void token_set_token_stats(const token_set *set, size_t i, token_stats *out)
     pthread_mutex_lock(&t->lock);
     *out = t->stats;
     out->in_flight = t->in_flight;
+    for (w = t->queue; w != NULL; w = w->next)
+        out->waiting++;
     out->max_sessions = t->max_sessions;
     pthread_mutex_unlock(&t->lock);
 }
