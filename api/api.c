@@ -605,6 +605,7 @@ int api_input_open(api_input *in, const api_request *req,
 
 void api_input_close(api_input *in)
 {
+    api_digest_finish(in);
     json_decref(in->root);
     free(in->mime_owned);
     memset(in, 0, sizeof(*in));

@@ -2,6 +2,7 @@
 #ifndef SMIMED_API_INTERNAL_H
 #define SMIMED_API_INTERNAL_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <jansson.h>
 #include <openssl/x509.h>
@@ -52,6 +53,12 @@ typedef struct api_input {
     const unsigned char *mime;
     size_t mime_len;
     unsigned char *mime_owned;
+    /* The audit digest of a large entity, computed on a thread of its own
+     * (api_authorize); api_input_close waits for it and copies hex into
+     * digest_res->content_sha256. */
+    pthread_t digest_thread;
+    api_response *digest_res; /* not NULL while the thread runs */
+    char digest_hex[65];
 } api_input;
 
 /* The object in body[0..len) when it is a flat one (string, true, false
@@ -100,9 +107,11 @@ int api_check_key(api *a, token_key *key, token_use use, api_error *err);
  * trail, then 403 unless the request's client may use key for op. Called
  * after the syntax checks and before the key is looked up, so a key the
  * client may not use is 403 whether or not it exists. */
-int api_authorize(const api_request *req, api_response *res,
-                  const api_input *in, const char *key, api_op op,
-                  api_error *err);
+int api_authorize(const api_request *req, api_response *res, api_input *in,
+                  const char *key, api_op op, api_error *err);
+/* Waits for the digest api_authorize left running, if any (api_input_close
+ * does). */
+void api_digest_finish(api_input *in);
 /* 1 when the request's client may use key for op (no error). */
 int api_client_may(const api_request *req, const char *key, api_op op);
 

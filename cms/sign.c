@@ -21,6 +21,7 @@
 #include <openssl/bio.h>
 #include <openssl/cms.h>
 #include <openssl/err.h>
+#include <openssl/ess.h>
 #include <openssl/x509v3.h>
 
 #include "cms/internal.h"
@@ -353,6 +354,96 @@ static int add_smimecap(CMS_SignerInfo *si, cms_error *err)
     return 0;
 }
 
+/* The ESS signingCertificateV2 attribute (RFC 5035) that CMS_CADES would
+ * build for every signature (the certificate encoded and hashed, its
+ * issuer and serial copied: about 4% of a P-256 request), encoded once per
+ * certificate and digest and kept with the certificate in its ex_data, so
+ * it lives and dies with the certificate. The same function makes it
+ * (OSSL_ESS_signing_cert_v2_new_init, issuer and serial included), so the
+ * octets are OpenSSL's own. */
+struct ess_cache {
+    unsigned char *der[CMS_DIGEST_SHA512 + 1]; /* by cms_digest */
+    int len[CMS_DIGEST_SHA512 + 1];
+};
+
+static int ess_index = -1;
+static pthread_once_t ess_once = PTHREAD_ONCE_INIT;
+/* Guards the ex_data of every certificate signed with (set once each). */
+static pthread_mutex_t ess_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void ess_cache_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx,
+                           long argl, void *argp)
+{
+    struct ess_cache *c = ptr;
+    size_t i;
+
+    if (c == NULL)
+        return;
+    for (i = 0; i < sizeof(c->der) / sizeof(c->der[0]); i++)
+        OPENSSL_free(c->der[i]);
+    free(c);
+}
+
+static void ess_index_new(void)
+{
+    ess_index = X509_get_ex_new_index(0, NULL, NULL, NULL, ess_cache_free);
+}
+
+/* Under ess_lock: cert's encoded attribute for digest, made on first use;
+ * NULL when OpenSSL fails. */
+static const unsigned char *ess_der(X509 *cert, cms_digest digest, int *len)
+{
+    struct ess_cache *c = X509_get_ex_data(cert, ess_index);
+    ESS_SIGNING_CERT_V2 *sc;
+
+    if (c == NULL) {
+        c = calloc(1, sizeof(*c));
+        if (c == NULL)
+            return NULL;
+        if (!X509_set_ex_data(cert, ess_index, c)) {
+            free(c);
+            return NULL;
+        }
+    }
+    if (c->der[digest] == NULL) {
+        sc =
+            OSSL_ESS_signing_cert_v2_new_init(digest_md(digest), cert, NULL, 1);
+        c->len[digest] =
+            sc != NULL ? i2d_ESS_SIGNING_CERT_V2(sc, &c->der[digest]) : 0;
+        ESS_SIGNING_CERT_V2_free(sc);
+        if (c->len[digest] <= 0) {
+            OPENSSL_free(c->der[digest]);
+            c->der[digest] = NULL;
+            return NULL;
+        }
+    }
+    *len = c->len[digest];
+    return c->der[digest];
+}
+
+static int add_signing_cert(CMS_SignerInfo *si, X509 *cert, cms_digest digest,
+                            cms_error *err)
+{
+    const unsigned char *der = NULL;
+    int len = 0;
+
+    pthread_once(&ess_once, ess_index_new);
+    if (ess_index >= 0) {
+        pthread_mutex_lock(&ess_lock);
+        der = ess_der(cert, digest, &len);
+        pthread_mutex_unlock(&ess_lock);
+    }
+    /* der stays as it is until cert is freed, after the signature */
+    if (der == NULL ||
+        CMS_signed_add1_attr_by_NID(si, NID_id_smime_aa_signingCertificateV2,
+                                    V_ASN1_SEQUENCE, der, len) != 1) {
+        cms_set_ssl_error(err, CMS_ERR_INTERNAL,
+                          "cannot add the signing certificate attribute");
+        return -1;
+    }
+    return 0;
+}
+
 /* The checks on what the caller passes for signing, before anything is
  * parsed or signed. */
 static int check_signing(EVP_PKEY *pkey, X509 *cert, cms_mode mode,
@@ -447,16 +538,15 @@ int cms_sign_prepared(const cms_prepared *prep, EVP_PKEY *pkey, X509 *cert,
         cms_set_ssl_error(err, CMS_ERR_INTERNAL, "cannot create SignedData");
         goto out;
     }
-    /* CMS_CADES adds ESS signingCertificateV2 to the default contentType,
-     * messageDigest and signingTime attributes; SMIMECapabilities, the
-     * same every time, comes from smimecap_der. */
+    /* The default contentType, messageDigest and signingTime attributes;
+     * ESS signingCertificateV2 (what CMS_CADES adds) and SMIMECapabilities
+     * come encoded already. */
     if ((si = CMS_add1_signer(cms, cert, pkey, digest_md(digest),
-                              CMS_BINARY | CMS_CADES | CMS_NOSMIMECAP)) ==
-        NULL) {
+                              CMS_BINARY | CMS_NOSMIMECAP)) == NULL) {
         cms_set_ssl_error(err, CMS_ERR_KEY, "cannot add the signer");
         goto out;
     }
-    if (add_smimecap(si, err))
+    if (add_signing_cert(si, cert, digest, err) || add_smimecap(si, err))
         goto out;
     if (chain != NULL && add_chain(cms, cert, chain, err))
         goto out;

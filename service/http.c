@@ -65,9 +65,10 @@ typedef struct request {
     api_body_kind kind;
     unsigned char *body;
     size_t len, cap;
-    int answered;   /* a response is queued; ignore the rest of the body */
-    int refused;    /* body refused mid-upload: drain it, then send err */
-    size_t drained; /* bytes thrown away since */
+    size_t announced; /* Content-Length within max_body, else 0 */
+    int answered;     /* a response is queued; ignore the rest of the body */
+    int refused;      /* body refused mid-upload: drain it, then send err */
+    size_t drained;   /* bytes thrown away since */
     api_error err;
     int status;
     char method[16];
@@ -432,6 +433,8 @@ static int check_headers(request *r, struct MHD_Connection *conn,
                             "request body of %llu bytes is over the limit "
                             "of %zu",
                             n, r->srv->max_body);
+        if (errno == 0 && *end == '\0')
+            r->announced = (size_t)n;
     }
     ctype = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                         MHD_HTTP_HEADER_CONTENT_TYPE);
@@ -450,7 +453,10 @@ static int append_body(request *r, const char *data, size_t size,
                         "request body is over the limit of %zu",
                         r->srv->max_body);
     if (r->len + size > r->cap) {
-        cap = r->cap ? r->cap : 16384;
+        /* the announced length at once, when it arrives: growing by
+         * doubling copies a large body once more (buffers up to 32 MiB are
+         * in the heap, where realloc moves them) */
+        cap = r->cap ? r->cap : r->announced > 16384 ? r->announced : 16384;
         while (cap < r->len + size)
             cap *= 2;
         if (cap > r->srv->max_body)

@@ -290,6 +290,16 @@ static void render_tokens(page *p, token_set *tokens)
         put_token(p, "smimed_token_operations_in_flight",
                   token_set_token_name(tokens, i), "", "%u", st.in_flight);
     }
+    put(p, "# HELP smimed_token_operations_waiting Private-key operations "
+           "queued for a session now.\n"
+           "# TYPE smimed_token_operations_waiting gauge\n");
+    for (i = 0; i < n; i++) {
+        token_stats st;
+
+        token_set_token_stats(tokens, i, &st);
+        put_token(p, "smimed_token_operations_waiting",
+                  token_set_token_name(tokens, i), "", "%u", st.waiting);
+    }
     put(p, "# HELP smimed_token_sessions Operations a token admits at once "
            "(max_sessions).\n# TYPE smimed_token_sessions gauge\n");
     for (i = 0; i < n; i++) {

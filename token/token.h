@@ -176,6 +176,7 @@ typedef struct token_stats {
     unsigned long retries;       /* failed on a dead context, retried */
     unsigned long recoveries;    /* re-opened on a rebuilt context */
     unsigned in_flight;
+    unsigned waiting; /* requests queued for a session */
     unsigned max_sessions;
 } token_stats;
 

@@ -14,6 +14,8 @@ which forwards to SoftHSMv2 and fails on command (its control file):
 - a blocked token: /healthz, /v1/keys and a key on another module answer
   while it is held; excess requests for it get 503 token_busy after
   wait_ms; it reports busy; the held request completes once released;
+- the session queue: requests waiting for a token's one session get it in
+  the order they came (the audit trail's order);
 - a refused PIN: exactly one C_Login across many requests, SIGUSR1s and
   unchanged reloads; a reload with a new PIN allows one more attempt;
 - reload: a bad new config leaves the old one serving; a request in flight
@@ -23,6 +25,7 @@ which forwards to SoftHSMv2 and fails on command (its control file):
 
 Conditions are awaited with deadlines; no sleep is an assertion."""
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -362,6 +365,53 @@ def isolation():
     S.stop_case(d, pins=[F.read_pin(TOK)])
 
 
+def queue_order():
+    """Requests waiting for a token's one session get it in the order they
+    came: with the session held, each request is started once the one
+    before it is queued (smimed_token_operations_waiting), then the
+    session is let go; the audit trail, written as each request ends,
+    lists them in that order."""
+    flag = WORK / "flag-fifo"
+    audit = WORK / "fifo-audit.log"
+    set_flag(None, flag)
+    toks = [F.token_config(TOK, name=TOKEN, module=str(FAULTY), max_sessions=1,
+                           wait_ms=60000)]
+    conf = F.write_config(WORK / "fifo.conf", toks, audit_log=str(audit))
+    d = S.daemon(conf, "fifo-daemon", env=faulty_env(flag, WORK / "p11-fifo.log"))
+    n = 6
+    sent = [msg("queued %d" % i) for i in range(n)]
+    results = [None] * n
+
+    def one(i):
+        try:
+            results[i] = d.sign(key="demo-rsa", mime=sent[i], timeout=60)
+        except Exception as e:  # reported below, with the request's number
+            results[i] = e
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    set_flag("block", flag)
+    try:
+        threads[0].start()
+        wait_for(lambda: metric(metrics(d), "smimed_token_operations_in_flight",
+                                token=TOKEN) == 1, "the first request holding the session")
+        for i in range(1, n):
+            threads[i].start()
+            wait_for(lambda: metric(metrics(d), "smimed_token_operations_waiting",
+                                    token=TOKEN) == i, "request %d queued" % i)
+    finally:
+        set_flag(None, flag)
+    for th in threads:
+        th.join(60)
+    for i, r in enumerate(results):
+        eq(getattr(r, "status", None), 200, "queued request %d (%r)" % (i, r))
+    eq(metric(metrics(d), "smimed_token_operations_waiting", token=TOKEN), 0,
+       "nobody waits afterwards")
+    digests = [json.loads(line)["content_sha256"]
+               for line in audit.read_text().splitlines()]
+    eq(digests, [hashlib.sha256(m.encode()).hexdigest() for m in sent],
+       "order of the signatures (audit trail)")
+    S.stop_case(d, pins=[F.read_pin(TOK)])
+
+
 # ---- a refused PIN is tried once
 
 def pin_rejected():
@@ -542,6 +592,8 @@ def main():
     S.case("blocked token: /healthz, /v1/keys, another module's key answer; excess "
            "requests 503 token_busy after wait_ms; state busy; held request completes",
            isolation)
+    S.case("queue: requests waiting for the one session get it first come, first "
+           "served", queue_order)
     S.case("refused PIN: one C_Login across requests, SIGUSR1 and unrelated reloads; "
            "a changed PIN gets one attempt", pin_rejected)
     for code, name in ((0xa2, "CKR_PIN_LEN_RANGE"), (0xa3, "CKR_PIN_EXPIRED"),

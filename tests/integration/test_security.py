@@ -231,6 +231,16 @@ def audit_mixed_run():
     r = D.request("POST", "/v1/sign?key=demo-ec", body=m3, headers={"Content-Type": "message/rfc822"})
     eq(r.status, 200, "sign raw")
     note(r, "demo", "sign", "demo-ec", m3)
+    # large entities have their digest taken on a thread of its own
+    # (api_authorize): granted, refused, and refused after the digest began
+    m4 = b"Content-Type: text/plain\n\n" + b"large, LF only, over 256 KiB\n" * 12000
+    r = D.request("POST", "/v1/sign?key=demo-ec", body=m4, headers={"Content-Type": "message/rfc822"})
+    eq(r.status, 200, "sign raw, large")
+    note(r, "demo", "sign", "demo-ec", m4)
+    m5 = msg("large and refused " * 20000)
+    r = D.post_json("/v1/sign", {"key": "demo-rsa", "mime": m5}, headers=bearer(LIMITED))
+    eq(r.status, 403, "refused, large")
+    note(r, "demo-limited", "sign", "demo-rsa", m5.encode())
     env = encrypted_for("demo-rsa", "audit decrypt")
     r = D.post_json("/v1/decrypt", {"mime": env})
     eq(r.status, 200, "decrypt")
