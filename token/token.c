@@ -2190,15 +2190,15 @@ int token_key_check_fault(token_key *key, token_error *err)
                             : __atomic_load_n(&m->generation, __ATOMIC_ACQUIRE);
     char why[TK_REASON_LEN];
     enum tk_answer answer = TK_ANSWERS;
-    int ready, recovering, r = -1;
+    int ready, r = -1;
 
     pthread_mutex_lock(&t->lock);
     ready = t->state == TK_READY;
-    recovering = t->state == TK_RECOVERING;
     pthread_mutex_unlock(&t->lock);
-    /* Another request's rebuild is under way; it holds the registry lock
-     * until it is done. */
-    if (recovering) {
+    /* Another request's rebuild may be under way (it holds the registry
+     * lock until it is done, and marks the token down just before it
+     * starts): wait for its outcome before judging the token. */
+    if (!ready) {
         pthread_mutex_lock(&registry_lock);
         pthread_mutex_unlock(&registry_lock);
         pthread_mutex_lock(&t->lock);
