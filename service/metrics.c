@@ -216,12 +216,68 @@ put_token(page *p, const char *name, const char *token, const char *extra,
     put(p, "\"%s} %s\n", extra, value);
 }
 
+#define STAT_GETTER(field)                                                     \
+    static unsigned long stat_##field(const token_stats *st)                   \
+    {                                                                          \
+        return st->field;                                                      \
+    }
+STAT_GETTER(busy)
+STAT_GETTER(unavailable)
+STAT_GETTER(faults)
+STAT_GETTER(retries)
+STAT_GETTER(recoveries)
+STAT_GETTER(in_flight)
+STAT_GETTER(waiting)
+STAT_GETTER(max_sessions)
+
+static unsigned long stat_signs(const token_stats *st)
+{
+    return st->operations[TOKEN_USE_SIGN];
+}
+
+static unsigned long stat_decrypts(const token_stats *st)
+{
+    return st->operations[TOKEN_USE_DECRYPT];
+}
+
+/* The numbers of token_stats as series, one line per token each; help
+ * (and type) only on the first series of a name. */
+static const struct token_series {
+    const char *name, *extra, *type, *help;
+    unsigned long (*get)(const token_stats *);
+} token_series[] = {
+    {"smimed_token_operations_total", ",kind=\"sign\"", "counter",
+     "Private-key operations started, by token and kind.", stat_signs},
+    {"smimed_token_operations_total", ",kind=\"decrypt\"", NULL, NULL,
+     stat_decrypts},
+    {"smimed_token_failures_total", ",kind=\"busy\"", "counter",
+     "Operations refused or failed for the token's sake: busy (no session in "
+     "time), unavailable (token or key not usable), fault (the token stopped "
+     "answering), retry (sessions died; retried once on a rebuilt context).",
+     stat_busy},
+    {"smimed_token_failures_total", ",kind=\"unavailable\"", NULL, NULL,
+     stat_unavailable},
+    {"smimed_token_failures_total", ",kind=\"fault\"", NULL, NULL, stat_faults},
+    {"smimed_token_failures_total", ",kind=\"retry\"", NULL, NULL,
+     stat_retries},
+    {"smimed_token_recoveries_total", "", "counter",
+     "Times the token was re-opened on a rebuilt module context.",
+     stat_recoveries},
+    {"smimed_token_operations_in_flight", "", "gauge",
+     "Private-key operations holding a session now.", stat_in_flight},
+    {"smimed_token_operations_waiting", "", "gauge",
+     "Private-key operations queued for a session now.", stat_waiting},
+    {"smimed_token_sessions", "", "gauge",
+     "Operations a token admits at once (max_sessions).", stat_max_sessions},
+};
+
 static void render_tokens(page *p, token_set *tokens)
 {
     static const token_state states[] = {
         TOKEN_STATE_READY, TOKEN_STATE_DOWN, TOKEN_STATE_BUSY,
         TOKEN_STATE_PIN_REJECTED, TOKEN_STATE_RECOVERING};
     size_t n = token_set_count_tokens(tokens), i, j;
+    token_stats *stats;
     char extra[64];
 
     put(p, "# HELP smimed_token_state 1 for the state each token is in.\n"
@@ -237,78 +293,25 @@ static void render_tokens(page *p, token_set *tokens)
                       now == states[j]);
         }
     }
-    put(p, "# HELP smimed_token_operations_total Private-key operations "
-           "started, by token and kind.\n"
-           "# TYPE smimed_token_operations_total counter\n");
-    for (i = 0; i < n; i++) {
-        token_stats st;
-
-        token_set_token_stats(tokens, i, &st);
-        put_token(p, "smimed_token_operations_total",
-                  token_set_token_name(tokens, i), ",kind=\"sign\"", "%lu",
-                  st.operations[TOKEN_USE_SIGN]);
-        put_token(p, "smimed_token_operations_total",
-                  token_set_token_name(tokens, i), ",kind=\"decrypt\"", "%lu",
-                  st.operations[TOKEN_USE_DECRYPT]);
+    /* one snapshot per token, so the series of a scrape agree */
+    stats = calloc(n > 0 ? n : 1, sizeof(*stats));
+    if (stats == NULL) {
+        p->failed = 1;
+        return;
     }
-    put(p, "# HELP smimed_token_failures_total Operations refused or failed "
-           "for the token's sake: busy (no session in time), unavailable "
-           "(token or key not usable), fault (the token stopped answering), "
-           "retry (sessions died; retried once on a rebuilt context).\n"
-           "# TYPE smimed_token_failures_total counter\n");
-    for (i = 0; i < n; i++) {
-        const char *name = token_set_token_name(tokens, i);
-        token_stats st;
+    for (i = 0; i < n; i++)
+        token_set_token_stats(tokens, i, &stats[i]);
+    for (j = 0; j < sizeof(token_series) / sizeof(token_series[0]); j++) {
+        const struct token_series *ts = &token_series[j];
 
-        token_set_token_stats(tokens, i, &st);
-        put_token(p, "smimed_token_failures_total", name, ",kind=\"busy\"",
-                  "%lu", st.busy);
-        put_token(p, "smimed_token_failures_total", name,
-                  ",kind=\"unavailable\"", "%lu", st.unavailable);
-        put_token(p, "smimed_token_failures_total", name, ",kind=\"fault\"",
-                  "%lu", st.faults);
-        put_token(p, "smimed_token_failures_total", name, ",kind=\"retry\"",
-                  "%lu", st.retries);
+        if (ts->help != NULL)
+            put(p, "# HELP %s %s\n# TYPE %s %s\n", ts->name, ts->help, ts->name,
+                ts->type);
+        for (i = 0; i < n; i++)
+            put_token(p, ts->name, token_set_token_name(tokens, i), ts->extra,
+                      "%lu", ts->get(&stats[i]));
     }
-    put(p, "# HELP smimed_token_recoveries_total Times the token was "
-           "re-opened on a rebuilt module context.\n"
-           "# TYPE smimed_token_recoveries_total counter\n");
-    for (i = 0; i < n; i++) {
-        token_stats st;
-
-        token_set_token_stats(tokens, i, &st);
-        put_token(p, "smimed_token_recoveries_total",
-                  token_set_token_name(tokens, i), "", "%lu", st.recoveries);
-    }
-    put(p, "# HELP smimed_token_operations_in_flight Private-key operations "
-           "holding a session now.\n"
-           "# TYPE smimed_token_operations_in_flight gauge\n");
-    for (i = 0; i < n; i++) {
-        token_stats st;
-
-        token_set_token_stats(tokens, i, &st);
-        put_token(p, "smimed_token_operations_in_flight",
-                  token_set_token_name(tokens, i), "", "%u", st.in_flight);
-    }
-    put(p, "# HELP smimed_token_operations_waiting Private-key operations "
-           "queued for a session now.\n"
-           "# TYPE smimed_token_operations_waiting gauge\n");
-    for (i = 0; i < n; i++) {
-        token_stats st;
-
-        token_set_token_stats(tokens, i, &st);
-        put_token(p, "smimed_token_operations_waiting",
-                  token_set_token_name(tokens, i), "", "%u", st.waiting);
-    }
-    put(p, "# HELP smimed_token_sessions Operations a token admits at once "
-           "(max_sessions).\n# TYPE smimed_token_sessions gauge\n");
-    for (i = 0; i < n; i++) {
-        token_stats st;
-
-        token_set_token_stats(tokens, i, &st);
-        put_token(p, "smimed_token_sessions", token_set_token_name(tokens, i),
-                  "", "%u", st.max_sessions);
-    }
+    free(stats);
 }
 
 int metrics_render(token_set *tokens, char **out, size_t *len)
