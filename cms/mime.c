@@ -322,6 +322,58 @@ static int is_content_field(const unsigned char *name, size_t n)
 }
 
 /*
+ * Checks the header line s[pos..pos+n) (lineno counts from 1; continued: a
+ * field precedes it, so a line starting with a blank continues it). The
+ * length of its field name, 0 for a continuation line, or -1 with err set.
+ */
+static long check_header_line(const unsigned char *s, size_t pos, size_t n,
+                              size_t lineno, int continued, cms_error *err)
+{
+    const unsigned char *colon;
+    size_t k, i;
+
+    if (memchr(s + pos, '\0', n) != NULL) {
+        cms_set_error(err, CMS_ERR_INPUT,
+                      "header line %zu contains a NUL octet", lineno);
+        return -1;
+    }
+    if (is_blank(s[pos])) {
+        if (continued)
+            return 0;
+        cms_set_error(err, CMS_ERR_INPUT,
+                      "header line %zu continues a field, but no field "
+                      "precedes it",
+                      lineno);
+        return -1;
+    }
+    colon = memchr(s + pos, ':', n);
+    if (colon == NULL) {
+        cms_set_error(err, CMS_ERR_INPUT,
+                      "header line %zu has no colon (missing blank line "
+                      "between headers and body?)",
+                      lineno);
+        return -1;
+    }
+    k = (size_t)(colon - (s + pos));
+    while (k > 0 && is_blank(s[pos + k - 1]))
+        k--;
+    if (k == 0) {
+        cms_set_error(err, CMS_ERR_INPUT,
+                      "header line %zu has an empty field name", lineno);
+        return -1;
+    }
+    for (i = 0; i < k; i++) {
+        if (s[pos + i] <= ' ' || s[pos + i] >= 127) {
+            cms_set_error(err, CMS_ERR_INPUT,
+                          "header line %zu has octet 0x%02x in its field name",
+                          lineno, s[pos + i]);
+            return -1;
+        }
+    }
+    return (long)k;
+}
+
+/*
  * Splits the header block of the canonical entity s[0..len): Content-* and
  * MIME-Version fields go to inner, the others to outer, each line CRLF
  * terminated. *body is where the body starts (len when there is none).
@@ -329,60 +381,22 @@ static int is_content_field(const unsigned char *name, size_t n)
 static int split_headers(const unsigned char *s, size_t len, cms_buf *outer,
                          cms_buf *inner, size_t *body, cms_error *err)
 {
-    const unsigned char *colon;
     cms_buf *dst = NULL;
-    size_t pos = 0, end, n, k, i, lineno = 0;
+    size_t pos = 0, end, n, lineno = 0;
+    long k;
 
     while (pos < len) {
         end = line_end(s, len, pos);
         n = line_text_len(s, pos, end);
-        lineno++;
         if (n == 0) {
             *body = end;
             return 0;
         }
-        if (memchr(s + pos, '\0', n) != NULL) {
-            cms_set_error(err, CMS_ERR_INPUT,
-                          "header line %zu contains a NUL octet", lineno);
+        k = check_header_line(s, pos, n, ++lineno, dst != NULL, err);
+        if (k < 0)
             return -1;
-        }
-        if (is_blank(s[pos])) {
-            if (dst == NULL) {
-                cms_set_error(err, CMS_ERR_INPUT,
-                              "header line %zu continues a field, but no "
-                              "field precedes it",
-                              lineno);
-                return -1;
-            }
-        } else {
-            colon = memchr(s + pos, ':', n);
-            if (colon == NULL) {
-                cms_set_error(err, CMS_ERR_INPUT,
-                              "header line %zu has no colon (missing blank "
-                              "line between headers and body?)",
-                              lineno);
-                return -1;
-            }
-            k = (size_t)(colon - (s + pos));
-            while (k > 0 && is_blank(s[pos + k - 1]))
-                k--;
-            if (k == 0) {
-                cms_set_error(err, CMS_ERR_INPUT,
-                              "header line %zu has an empty field name",
-                              lineno);
-                return -1;
-            }
-            for (i = 0; i < k; i++) {
-                if (s[pos + i] <= ' ' || s[pos + i] >= 127) {
-                    cms_set_error(err, CMS_ERR_INPUT,
-                                  "header line %zu has octet 0x%02x in its "
-                                  "field name",
-                                  lineno, s[pos + i]);
-                    return -1;
-                }
-            }
-            dst = is_content_field(s + pos, k) ? inner : outer;
-        }
+        if (k > 0)
+            dst = is_content_field(s + pos, (size_t)k) ? inner : outer;
         if (cms_buf_add(dst, s + pos, n) || cms_buf_add(dst, "\r\n", 2)) {
             cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
             return -1;
@@ -849,6 +863,35 @@ static size_t close_delimiter_end(const struct recoder *rc, size_t from,
     return 0;
 }
 
+/*
+ * Holds the header block of a multipart's part to the rules of the top
+ * level: GMime ends a part's headers at the first line without a colon and
+ * takes the rest as its body, so a broken field would be signed as text.
+ * start is where its first field begins (object_start); 0 when GMime found
+ * none, and then there is nothing to hold.
+ */
+static int check_part_headers(const struct recoder *rc, size_t start,
+                              const char *num)
+{
+    size_t pos = start, end, n, lineno;
+    cms_error lerr = {0};
+
+    for (lineno = 1; start > 0 && pos < rc->text_len; lineno++) {
+        end = line_end(rc->text, rc->text_len, pos);
+        n = line_text_len(rc->text, pos, end);
+        if (n == 0)
+            break;
+        if (check_header_line(rc->text, pos, n, lineno, lineno > 1, &lerr) <
+            0) {
+            cms_set_error(rc->err, CMS_ERR_INPUT, "part %s: %s", num,
+                          lerr.message);
+            return -1;
+        }
+        pos = end;
+    }
+    return 0;
+}
+
 /* Notes obj, a multipart/signed or multipart/encrypted, as a range of the
  * result that nothing may change. Parts before it may have been
  * re-encoded; nothing inside it is. */
@@ -879,7 +922,7 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
 {
     GMimeMultipart *mp;
     GMimeMessage *msg;
-    GMimeObject *body;
+    GMimeObject *body, *part;
     const char *own = *num ? num : "1", *boundary;
     char *sub, shown[80];
     int i, r;
@@ -914,8 +957,10 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
                 cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
                 return -1;
             }
-            r = recode_object(rc, g_mime_multipart_get_part(mp, i), sub,
-                              depth + 1);
+            part = g_mime_multipart_get_part(mp, i);
+            r = check_part_headers(rc, object_start(rc, part), sub);
+            if (r == 0)
+                r = recode_object(rc, part, sub, depth + 1);
             free(sub);
             if (r != 0)
                 return r;

@@ -660,6 +660,10 @@ MALFORMED = [
      "close delimiter"),
     ("header without colon", b"From: a@b.test\r\nthis is not a header\r\n"
      b"Content-Type: text/plain\r\n\r\nx\r\n", "no colon"),
+    ("header without colon in a nested part",
+     b"Content-Type: multipart/mixed; boundary=h\r\n\r\n--h\r\n"
+     b"Content-Type: text/plain\r\nthis is not a header\r\nX-After: y\r\n\r\nx\r\n--h--\r\n",
+     "part 1: header line 2 has no colon"),
     ("NUL in a header", b"Subject: a\x00b\r\nContent-Type: text/plain\r\n\r\nx\r\n", "NUL"),
     ("NUL in a nested header", b"Content-Type: multipart/mixed; boundary=n\r\n\r\n--n\r\n"
      b"Content-Type: text/plain; x=\x00\r\n\r\nx\r\n--n--\r\n", "NUL"),
