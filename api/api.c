@@ -537,6 +537,7 @@ static int input_mime_json(api_input *in, api_error *err)
 {
     json_t *text = json_object_get(in->root, "mime");
     json_t *b64 = json_object_get(in->root, "mime_base64");
+    cms_error cerr = {0};
 
     if (text != NULL && b64 != NULL)
         return api_fail(err, 400, "invalid_field",
@@ -553,8 +554,11 @@ static int input_mime_json(api_input *in, api_error *err)
     if (!json_is_string(b64))
         return api_fail(err, 400, "invalid_field",
                         "mime_base64 must be a string");
-    in->mime_owned = api_base64_decode(json_string_value(b64),
-                                       json_string_length(b64), &in->mime_len);
+    in->mime_owned =
+        cms_base64_decode((const unsigned char *)json_string_value(b64),
+                          json_string_length(b64), &in->mime_len, &cerr);
+    if (in->mime_owned == NULL && cerr.status == CMS_ERR_INTERNAL)
+        return api_fail(err, 500, "internal_error", "out of memory");
     if (in->mime_owned == NULL)
         return api_fail(err, 400, "invalid_base64",
                         "mime_base64 is not valid base64");

@@ -174,10 +174,6 @@ int api_handle_readyz(api *a, const api_request *req, api_response *res,
 
 /* ---- encodings (json.c) ---- */
 
-/* Strict base64 (RFC 4648 alphabet, padding optional only at the very end,
- * CR/LF/space/tab ignored). Returns a malloc'd buffer, NULL when invalid. */
-unsigned char *api_base64_decode(const char *text, size_t text_len,
-                                 size_t *out_len);
 char *api_base64_encode(const unsigned char *data, size_t len);
 
 int api_utf8_valid(const unsigned char *s, size_t len);

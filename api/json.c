@@ -1,7 +1,8 @@
 /*
- * Encodings the API needs around its JSON bodies: base64 for binary MIME,
- * UTF-8 checks to choose between "mime" and "mime_base64", and the
- * certificate description shared by /v1/keys and the verify results.
+ * Encodings the API needs around its JSON bodies: base64 for binary MIME
+ * going out (cms_base64_decode reads it coming in), UTF-8 checks to choose
+ * between "mime" and "mime_base64", and the certificate description shared
+ * by /v1/keys and the verify results.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -14,78 +15,6 @@
 #include <openssl/x509v3.h>
 
 #include "api/internal.h"
-
-static int b64_value(unsigned char c)
-{
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == '+')
-        return 62;
-    if (c == '/')
-        return 63;
-    return -1;
-}
-
-static int b64_space(unsigned char c)
-{
-    return c == '\r' || c == '\n' || c == ' ' || c == '\t';
-}
-
-unsigned char *api_base64_decode(const char *text, size_t text_len,
-                                 size_t *out_len)
-{
-    unsigned char *out = NULL, *ret = NULL;
-    uint32_t acc = 0;
-    size_t n = 0, i, pad = 0, quad = 0;
-
-    out = malloc(text_len / 4 * 3 + 3);
-    if (out == NULL)
-        goto out;
-    for (i = 0; i < text_len; i++) {
-        unsigned char c = (unsigned char)text[i];
-        int v;
-
-        if (b64_space(c))
-            continue;
-        if (c == '=') {
-            pad++;
-            continue;
-        }
-        /* data after padding means two documents glued together */
-        if (pad > 0)
-            goto out;
-        v = b64_value(c);
-        if (v < 0)
-            goto out;
-        acc = (acc << 6) | (uint32_t)v;
-        if (++quad == 4) {
-            out[n++] = (unsigned char)(acc >> 16);
-            out[n++] = (unsigned char)(acc >> 8);
-            out[n++] = (unsigned char)acc;
-            acc = 0;
-            quad = 0;
-        }
-    }
-    /* a lone sixth of a byte cannot be valid; padding must fill the quad */
-    if (quad == 1 || pad > 2 || (pad > 0 && quad + pad != 4))
-        goto out;
-    if (quad == 2) {
-        out[n++] = (unsigned char)(acc >> 4);
-    } else if (quad == 3) {
-        out[n++] = (unsigned char)(acc >> 10);
-        out[n++] = (unsigned char)(acc >> 2);
-    }
-    *out_len = n;
-    ret = out;
-    out = NULL;
-out:
-    free(out);
-    return ret;
-}
 
 char *api_base64_encode(const unsigned char *data, size_t len)
 {

@@ -44,6 +44,12 @@ const char *cms_mode_name(cms_mode mode);
 /* Once per process, before any other call (initialises GMime). */
 void cms_init(void);
 
+/* Strict base64 (alphabet and padding checked; blanks and line breaks
+ * ignored): a malloc'd buffer of *out_len octets, or NULL with
+ * CMS_ERR_INPUT naming the fault (CMS_ERR_INTERNAL when out of memory). */
+unsigned char *cms_base64_decode(const unsigned char *text, size_t len,
+                                 size_t *out_len, cms_error *err);
+
 /* A produced entity and what was changed to make it 7-bit safe. */
 typedef struct cms_result cms_result;
 

@@ -1773,6 +1773,24 @@ oom:
     return -1;
 }
 
+unsigned char *cms_base64_decode(const unsigned char *text, size_t len,
+                                 size_t *out_len, cms_error *err)
+{
+    cms_buf b = {0};
+
+    /* the reserve also makes empty input a buffer, not NULL */
+    if (cms_buf_reserve(&b, len / 4 * 3 + 3) != 0) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        return NULL;
+    }
+    if (base64_decode(text, len, &b, err) != 0) {
+        cms_buf_release(&b);
+        return NULL;
+    }
+    *out_len = b.len;
+    return b.data;
+}
+
 int cms_smime_header_read(const unsigned char *mime, size_t len,
                           cms_header_block *hb, GMimeContentType **ct,
                           cms_error *err)
