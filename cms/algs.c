@@ -348,7 +348,6 @@ typedef enum {
     PARAMS_EC,     /* absent, NULL, or an accepted namedCurve */
     PARAMS_WRAP,   /* an accepted key-wrap AlgorithmIdentifier */
     PARAMS_HASH,   /* an accepted digest AlgorithmIdentifier (MGF1) */
-    PARAMS_ANY,    /* not looked at: only the OID matters (curves) */
 } params_rule;
 
 typedef struct accepted {
@@ -407,9 +406,9 @@ static const accepted originator_algs[] = {
     {"1.2.840.10045.2.1", PARAMS_EC, 0}, /* id-ecPublicKey */
 };
 static const accepted curve_algs[] = {
-    {"1.2.840.10045.3.1.7", PARAMS_ANY, 0}, /* prime256v1 */
-    {"1.3.132.0.34", PARAMS_ANY, 0},        /* secp384r1 */
-    {"1.3.132.0.35", PARAMS_ANY, 0},        /* secp521r1 */
+    {"1.2.840.10045.3.1.7", PARAMS_NONE, 0}, /* prime256v1 */
+    {"1.3.132.0.34", PARAMS_NONE, 0},        /* secp384r1 */
+    {"1.3.132.0.35", PARAMS_NONE, 0},        /* secp521r1 */
 };
 static const accepted digest_algs[] = {
     {"1.3.14.3.2.26", PARAMS_NONE, 0},          /* sha1 */
@@ -564,8 +563,7 @@ static int check_explicit(walk *w, tlv *t, const alg_list *list, oid *hash)
         return -1;
     if (ber_next(w, &t->in, &seq) != 0)
         return unreadable(w, t->at,
-                          "an explicit tag holds more than one "
-                          "element");
+                          "an explicit tag holds more than one element");
     return check_algid(w, &a, list, hash);
 }
 
@@ -718,13 +716,10 @@ static int check_algid(walk *w, const algid *a, const alg_list *list, oid *hash)
     if (hash != NULL)
         *hash = a->alg;
     switch (ok->params) {
-    case PARAMS_ANY:
-        return 0;
     case PARAMS_NONE:
         if (a->has_params && !params_null(a))
             return refuse_params(w, list, &a->alg,
-                                 "they must be absent or "
-                                 "NULL");
+                                 "they must be absent or NULL");
         return 0;
     case PARAMS_OCTETS:
         r = a->has_params ? octets_of(w, &p, (size_t)ok->arg) : 0;

@@ -460,6 +460,16 @@ static void free_keys(void)
     }
 }
 
+/* The digests on the list. */
+static const struct {
+    const char *name;
+    const EVP_MD *(*md)(void);
+} mds[] = {{"sha1", EVP_sha1},
+           {"sha224", EVP_sha224},
+           {"sha256", EVP_sha256},
+           {"sha384", EVP_sha384},
+           {"sha512", EVP_sha512}};
+
 /* ---- accepted ------------------------------------------------------------ */
 
 static void test_content_accepted(void)
@@ -492,14 +502,6 @@ static void test_content_accepted(void)
 
 static void test_oaep_accepted(void)
 {
-    static const struct {
-        const char *name;
-        const EVP_MD *(*md)(void);
-    } mds[] = {{"sha1", EVP_sha1},
-               {"sha224", EVP_sha224},
-               {"sha256", EVP_sha256},
-               {"sha384", EVP_sha384},
-               {"sha512", EVP_sha512}};
     cms_error err;
     size_t i, k;
 
@@ -536,14 +538,6 @@ static void test_oaep_accepted(void)
 
 static void test_ecdh_accepted(void)
 {
-    static const struct {
-        const char *name;
-        const EVP_MD *(*md)(void);
-    } mds[] = {{"sha1", EVP_sha1},
-               {"sha224", EVP_sha224},
-               {"sha256", EVP_sha256},
-               {"sha384", EVP_sha384},
-               {"sha512", EVP_sha512}};
     static const struct {
         const char *name;
         const EVP_CIPHER *(*wrap)(void);
@@ -672,14 +666,6 @@ static void test_own_encrypt_accepted(void)
 
 static void test_signatures_accepted(void)
 {
-    static const struct {
-        const char *name;
-        const EVP_MD *(*md)(void);
-    } mds[] = {{"sha1", EVP_sha1},
-               {"sha224", EVP_sha224},
-               {"sha256", EVP_sha256},
-               {"sha384", EVP_sha384},
-               {"sha512", EVP_sha512}};
     cms_error err;
     size_t i;
     buf d;
