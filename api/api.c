@@ -77,6 +77,8 @@ int api_fail_cms(api_error *err, const cms_error *cerr)
         return api_fail(err, 422, "decryption_failed", "%s", cerr->message);
     case CMS_ERR_RECIPIENT:
         return api_fail(err, 422, "unfit_recipient", "%s", cerr->message);
+    case CMS_ERR_ALGORITHM:
+        return api_fail(err, 422, "unsupported_algorithm", "%s", cerr->message);
     case CMS_ERR_KEY:
         api_fail(err, 503, "token_unavailable",
                  "private-key operation "

@@ -16,6 +16,7 @@ typedef enum {
     CMS_ERR_KEY,       /* the private-key operation failed (signing) */
     CMS_ERR_DECRYPT,   /* decryption failed; one message for every cause */
     CMS_ERR_RECIPIENT, /* a recipient certificate cannot receive mail */
+    CMS_ERR_ALGORITHM, /* an algorithm (or its parameters) not accepted */
     CMS_ERR_INTERNAL,
 } cms_status;
 
@@ -101,7 +102,10 @@ typedef struct cms_envelope cms_envelope;
  * breaks or binary, DER or BER (indefinite lengths). Anything else (not
  * MIME, another content type, SignedData, certificate-only, truncated or
  * garbage CMS, nesting past a sane depth) is CMS_ERR_INPUT naming what is
- * wrong. */
+ * wrong. A content encryption, key transport, key agreement or key wrap
+ * algorithm outside smimed's lists (README, "Accepted algorithms"), or
+ * parameters of one that are not accepted, is CMS_ERR_ALGORITHM naming it
+ * and its OID; that is checked before OpenSSL parses anything. */
 int cms_envelope_parse(const unsigned char *mime, size_t len,
                        cms_envelope **out, cms_error *err);
 void cms_envelope_free(cms_envelope *env);
@@ -120,7 +124,9 @@ int cms_envelope_names(const cms_envelope *env, X509 *cert);
  * once in 256 tries), so callers cannot serve as a padding oracle. On
  * success *out holds the decrypted entity as it was encrypted and
  * *is_signed says whether it is itself an S/MIME signed entity
- * (multipart/signed or pkcs7-mime signed-data). The same cms_envelope
+ * (multipart/signed or pkcs7-mime signed-data; also when its signature
+ * uses an algorithm outside the lists, which cms_verify_entity then
+ * refuses with CMS_ERR_ALGORITHM). The same cms_envelope
  * must not be used from two threads at once. */
 int cms_envelope_decrypt(cms_envelope *env, EVP_PKEY *pkey, X509 *cert,
                          cms_result **out, int *is_signed, cms_error *err);
@@ -184,7 +190,9 @@ typedef struct cms_verification cms_verification;
  * every certificate of the path when given; NULL: no revocation checks).
  * -1 (CMS_ERR_INPUT) only when the entity cannot be parsed or holds more
  * than 16 SignerInfos or 256 certificates (bounds on the work one request
- * can cause; real mail has one signer and a handful of certificates); a
+ * can cause; real mail has one signer and a handful of certificates);
+ * CMS_ERR_ALGORITHM when a digest or signature algorithm of the SignedData
+ * is outside smimed's lists (checked before OpenSSL parses it); a
  * signature that does not verify is 0 with a result whose valid flag is 0
  * and whose reason is one of "bad_signature", "content_modified",
  * "untrusted_signer", "certificate_expired", "certificate_not_yet_valid",

@@ -109,6 +109,20 @@ int cms_body_decode(const unsigned char *body, size_t len, const char *cte,
 CMS_ContentInfo *cms_der_read(const unsigned char *der, size_t len,
                               cms_error *err);
 
+/*
+ * The allow-lists (algs.c), checked on the BER ContentInfo at the start of
+ * der[0..len) before OpenSSL parses it; what follows that ContentInfo is
+ * not read. CMS_ERR_ALGORITHM names the first algorithm identifier (or
+ * parameters) outside the lists, with its OID; CMS_ERR_INPUT says what
+ * cannot be read, or that the structure is of the wrong type. For
+ * EnvelopedData and AuthEnvelopedData: the content encryption and every
+ * KeyTransRecipientInfo and KeyAgreeRecipientInfo; for SignedData: the
+ * digest algorithms and each SignerInfo's digest and signature.
+ */
+int cms_algs_check_enveloped(const unsigned char *der, size_t len,
+                             cms_error *err);
+int cms_algs_check_signed(const unsigned char *der, size_t len, cms_error *err);
+
 /* A signed S/MIME entity taken apart, before any cryptography. */
 typedef struct cms_signed {
     CMS_ContentInfo *cms; /* SignedData */
@@ -117,7 +131,8 @@ typedef struct cms_signed {
 } cms_signed;
 
 /* Reads a multipart/signed or an application/(x-)pkcs7-mime signed-data
- * entity; CMS_ERR_INPUT for anything else. */
+ * entity; CMS_ERR_INPUT for anything else, CMS_ERR_ALGORITHM for a
+ * SignedData that cms_algs_check_signed refuses. */
 int cms_signed_read(const unsigned char *mime, size_t len, cms_signed *sd,
                     cms_error *err);
 void cms_signed_release(cms_signed *sd);
