@@ -160,10 +160,11 @@ static int check_exposure(const config *cfg, const char *listen)
 }
 
 /* The audit trail follows the config; failing to open it is fatal at
- * start and keeps the old trail on reload. */
-static int open_audit(const config *cfg)
+ * start and keeps the old trail on reload. stage: open it aside, for
+ * audit_swap once the new configuration is accepted. */
+static int open_audit(const config *cfg, int stage)
 {
-    if (audit_open(cfg->audit_log) == 0)
+    if ((stage ? audit_stage(cfg->audit_log) : audit_open(cfg->audit_log)) == 0)
         return 0;
     log_error("cannot open the audit log %s: %s", cfg->audit_log,
               strerror(errno));
@@ -220,6 +221,7 @@ static void reload(running *run, http_server *srv)
     config *cfg = NULL;
     token_set *tokens = NULL;
     api *a = NULL, *old;
+    int new_audit;
     size_t i;
 
     cfg = config_load(run->config_path, &problems);
@@ -227,12 +229,11 @@ static void reload(running *run, http_server *srv)
         log_error("%s", problems.lines[i]);
     if (cfg == NULL || check_exposure(cfg, run->listen) != 0)
         goto fail;
-    if ((cfg->audit_log == NULL) != (run->cfg->audit_log == NULL) ||
-        (cfg->audit_log != NULL &&
-         strcmp(cfg->audit_log, run->cfg->audit_log) != 0)) {
-        if (open_audit(cfg) != 0)
-            goto fail;
-    }
+    new_audit = (cfg->audit_log == NULL) != (run->cfg->audit_log == NULL) ||
+                (cfg->audit_log != NULL &&
+                 strcmp(cfg->audit_log, run->cfg->audit_log) != 0);
+    if (new_audit && open_audit(cfg, 1) != 0)
+        goto fail;
     tokens = open_tokens(cfg);
     if (tokens == NULL || loses_token(run->tokens, tokens))
         goto fail;
@@ -248,8 +249,13 @@ static void reload(running *run, http_server *srv)
         log_warn("listen, tls, max_body_bytes, max_connections, "
                  "max_connections_per_ip and request_timeout_s take effect "
                  "on restart only");
+    /* accepted: requests on the new configuration write the new trail */
+    if (new_audit)
+        audit_swap();
     switch (http_set_api(srv, a, SHUTDOWN_TIMEOUT_MS, &old)) {
     case -1:
+        if (new_audit)
+            audit_swap();
         goto fail;
     case 1:
         /* freeing tokens under a request stuck in a module would crash */
@@ -262,6 +268,7 @@ static void reload(running *run, http_server *srv)
         token_set_free(run->tokens);
         config_free(run->cfg);
     }
+    audit_discard();
     run->cfg = cfg;
     run->tokens = tokens;
     run->api = a;
@@ -271,6 +278,7 @@ static void reload(running *run, http_server *srv)
     config_problems_clear(&problems);
     return;
 fail:
+    audit_discard();
     log_error("keeping the running configuration");
     api_free(a);
     token_set_free(tokens);
@@ -434,7 +442,7 @@ int main(int argc, char **argv)
     /* a client hanging up mid-response must not kill the daemon */
     signal(SIGPIPE, SIG_IGN);
 
-    if (check_exposure(run.cfg, run.listen) != 0 || open_audit(run.cfg) != 0)
+    if (check_exposure(run.cfg, run.listen) != 0 || open_audit(run.cfg, 0) != 0)
         goto out;
     if (harden_raise_nofile(run.cfg->max_connections + 256) <
         run.cfg->max_connections + 16)

@@ -381,6 +381,51 @@ def reload_revokes():
     F.check_exit(d, d.stop())
 
 
+def reload_refused_keeps_audit():
+    """A reload that changes or drops audit_log and is then refused (its
+    token would go down: a wrong PIN file) leaves the running trail as it
+    was; an accepted one moves the records to the new file."""
+    cfg = json.loads((SEC / "smimed.conf").read_text())
+    one, two = SEC / "audit-keep-1.log", SEC / "audit-keep-2.log"
+    for f in (one, two):
+        if f.exists():
+            f.unlink()
+    wrong = SEC / "wrong-pin"
+    wrong.write_text("wrong-pin-0000000000\n")
+    wrong.chmod(0o600)
+    cfg["audit_log"] = one.name
+    conf = SEC / "audit-keep.conf"
+    conf.write_text(json.dumps(cfg))
+    d = S.daemon(conf, "audit-keep-daemon", env=F.softhsm_env(SEC))
+    r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg("before")})
+    eq(r.status, 200, "sign before the reloads")
+    record_of(r, one)
+    for what, change in (("changed", lambda c: c.update(audit_log=two.name)),
+                         ("dropped", lambda c: c.pop("audit_log"))):
+        bad = json.loads(json.dumps(cfg))
+        change(bad)
+        bad["tokens"][0]["pin_file"] = str(wrong)
+        conf.write_text(json.dumps(bad))
+        refused = d.stderr_text().count("keeping the running configuration")
+        d.send_signal(signal.SIGHUP)
+        deadline = time.time() + 30
+        while d.stderr_text().count("keeping the running configuration") == refused:
+            check(time.time() < deadline, "reload with audit_log %s not refused: %s" % (what, d.tail(5)))
+            time.sleep(0.1)
+        check("would go down" in d.stderr_text(), "refused for another reason: %s" % d.tail(5))
+        r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg("refused " + what)})
+        eq(r.status, 200, "sign after the refused reload (audit_log %s)" % what)
+        record_of(r, one)
+        check(not two.exists() or not audit_records(two), "records in %s" % two.name)
+    conf.write_text(json.dumps(dict(cfg, audit_log=two.name)))
+    reload_and_wait(d)
+    r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg("accepted")})
+    eq(r.status, 200, "sign after the accepted reload")
+    record_of(r, two)
+    no_record(r, one)
+    F.check_exit(d, d.stop())
+
+
 # ------------------------------------------------------------ TLS
 
 def openssl(*args):
@@ -789,6 +834,8 @@ def main():
     S.case("audit: a mixed run, one valid record per operation or refusal", audit_mixed_run)
     S.case("audit: SIGUSR1 reopens the audit log", audit_reopen)
     S.case("reload: a removed client gets 401, the audit log follows", reload_revokes)
+    S.case("reload: refused after a new audit_log, the running trail stays; accepted, it moves",
+           reload_refused_keeps_audit)
     S.case("audit: a failed write fails the operation", audit_write_failure)
     S.case("audit: an audit log that cannot be opened stops the start", audit_unopenable)
     if S.case("TLS: server and CAs", tls_setup):
