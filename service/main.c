@@ -18,6 +18,7 @@
 #include "api/api.h"
 #include "cms/cms.h"
 #include "service/audit.h"
+#include "service/budget.h"
 #include "service/config.h"
 #include "service/harden.h"
 #include "service/http.h"
@@ -245,10 +246,12 @@ static void reload(running *run, http_server *srv)
         cfg->max_connections != run->cfg->max_connections ||
         cfg->max_connections_per_ip != run->cfg->max_connections_per_ip ||
         cfg->request_timeout_s != run->cfg->request_timeout_s ||
+        cfg->header_timeout_s != run->cfg->header_timeout_s ||
+        cfg->max_inflight_body_bytes != run->cfg->max_inflight_body_bytes ||
         (cfg->tls_certificate != NULL) != (run->cfg->tls_certificate != NULL))
-        log_warn("listen, tls, max_body_bytes, max_connections, "
-                 "max_connections_per_ip and request_timeout_s take effect "
-                 "on restart only");
+        log_warn("listen, tls, max_body_bytes, max_inflight_body_bytes, "
+                 "max_connections, max_connections_per_ip, request_timeout_s "
+                 "and header_timeout_s take effect on restart only");
     /* accepted: requests on the new configuration write the new trail */
     if (new_audit)
         audit_swap();
@@ -375,6 +378,7 @@ int main(int argc, char **argv)
     config_problems problems = {0};
     running run = {0};
     http_server *srv = NULL;
+    budget *body_budget = NULL;
     http_options hopts;
     token_error terr = {0};
     sigset_t sigs;
@@ -462,12 +466,21 @@ int main(int argc, char **argv)
         log_error("out of memory");
         goto out;
     }
+    /* made once, before any process could be forked to share it */
+    body_budget = budget_new(run.cfg->max_inflight_body_bytes);
+    if (body_budget == NULL) {
+        log_error("cannot map the budget of body bytes in flight: %s",
+                  strerror(errno));
+        goto out;
+    }
     memset(&hopts, 0, sizeof(hopts));
     hopts.listen = run.listen;
     hopts.max_body_bytes = run.cfg->max_body_bytes;
     hopts.max_connections = run.cfg->max_connections;
     hopts.max_connections_per_ip = run.cfg->max_connections_per_ip;
     hopts.timeout_s = run.cfg->request_timeout_s;
+    hopts.header_timeout_s = run.cfg->header_timeout_s;
+    hopts.budget = body_budget;
     hopts.tls_certificate = run.cfg->tls_certificate;
     hopts.tls_key = run.cfg->tls_key;
     hopts.tls_client_ca = run.cfg->tls_client_ca;
@@ -487,6 +500,7 @@ int main(int argc, char **argv)
     ret = serve(srv, &run, &sigs);
 out:
     token_recovery_stop();
+    budget_free(body_budget);
     api_free(run.api);
     token_set_free(run.tokens);
     config_free(run.cfg);

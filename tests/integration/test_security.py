@@ -655,13 +655,19 @@ def modules_only_from_config():
 # ------------------------------------------------------------ limits
 
 def idle_connections():
-    """500 idle connections from one address (a webmail back end) are
-    accepted and do not keep a normal request from being served."""
+    """500 idle connections from one address (a webmail back end, with
+    max_connections_per_ip raised to 512) are accepted and do not keep a
+    normal request from being served."""
+    cfg = json.loads((SEC / "smimed.conf").read_text())
+    cfg.update(max_connections_per_ip=512)
+    conf = SEC / "webmail.conf"
+    conf.write_text(json.dumps(cfg))
+    d = S.daemon(conf, "webmail-daemon", env=F.softhsm_env(SEC))
     socks = []
     try:
         for _ in range(500):
-            socks.append(socket.create_connection(("127.0.0.1", D.port), timeout=30))
-        r = D.post_json("/v1/sign", {"key": "demo-ec", "mime": msg("past 500 idle")}, timeout=30)
+            socks.append(socket.create_connection(("127.0.0.1", d.port), timeout=30))
+        r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg("past 500 idle")}, timeout=30)
         eq(r.status, 200, "sign with 500 idle connections open")
         # the last idle connection was accepted, not dropped at the limit
         socks[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -669,6 +675,36 @@ def idle_connections():
     finally:
         for s in socks:
             s.close()
+    F.check_exit(d, d.stop())
+
+
+def per_ip_default():
+    """By default one address holds at most 64 connections."""
+    socks = []
+    try:
+        for _ in range(64):
+            socks.append(socket.create_connection(("127.0.0.1", D.port), timeout=30))
+        socks[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        check(socks[-1].recv(64).startswith(b"HTTP/1.1 200"), "the 64th connection was not served")
+        refused = False
+        try:
+            r = D.request("GET", "/healthz", timeout=10)
+            refused = r.status != 200
+        except (OSError, http.client.HTTPException):
+            refused = True
+        check(refused, "a 65th connection from one address was served")
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.time() + 20
+    while True:
+        try:
+            if D.request("GET", "/healthz", timeout=5).status == 200:
+                break
+        except (OSError, http.client.HTTPException):
+            pass
+        check(time.time() < deadline, "not served again after the connections went")
+        time.sleep(0.1)
 
 
 def per_ip_limit_and_timeout():
@@ -849,6 +885,7 @@ def main():
     S.case("modules: OPENSSL_CONF ignored, only the configured PKCS#11 module", modules_only_from_config)
     S.case("500 idle connections from one address; a request is still served", idle_connections)
     S.case("per-IP connection limit and idle timeout", per_ip_limit_and_timeout)
+    S.case("per-IP connection limit: 64 by default", per_ip_default)
     S.case("non-loopback listen refused without clients; insecure override", non_loopback)
     S.case("--hash-token and the demo's tokens", hash_token)
     S.case("--check-config: client problems", config_problems)
