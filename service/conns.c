@@ -38,9 +38,12 @@
 
 enum { ST_WAIT, ST_BUSY, ST_IDLE, ST_SHUT };
 
-/* How often idle keep-alive connections are looked at for a new request;
- * its header deadline starts when that is seen. */
+/* How often idle keep-alive connections are looked at for a new request
+ * (a getsockopt each); its header deadline starts when that is seen. */
 #define IDLE_POLL_MS 1000
+/* Deadlines are kept to within this: at most one pass over the
+ * connections this often, however many deadlines fall in between. */
+#define PASS_MIN_MS 100
 /* The last 1/RESERVE_PART of max_connections is the reserve, and there an
  * address must hold fewer than 1/RESERVE_PART of the free slots. */
 #define RESERVE_PART 8
@@ -191,10 +194,13 @@ static int state_move(conns_entry *e, int from, int to)
                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
-/* One pass over every connection; returns when the next deadline is. */
-static struct timespec watch_pass(conns *c, const struct timespec *now)
+/* One pass over every connection, idle ones too when poll_idle; returns
+ * when the next deadline is (at the latest *idle_due). */
+static struct timespec watch_pass(conns *c, const struct timespec *now,
+                                  int poll_idle,
+                                  const struct timespec *idle_due)
 {
-    struct timespec next = now_plus_ms(IDLE_POLL_MS);
+    struct timespec next = *idle_due;
     conns_entry *e;
     uint64_t bytes, now_bytes;
 
@@ -212,7 +218,7 @@ static struct timespec watch_pass(conns *c, const struct timespec *now)
             break;
         case ST_IDLE:
             bytes = __atomic_load_n(&e->idle_bytes, __ATOMIC_RELAXED);
-            if (bytes == UINT64_MAX)
+            if (!poll_idle || bytes == UINT64_MAX)
                 break;
             now_bytes = received(e->fd);
             if (now_bytes == UINT64_MAX || now_bytes == bytes)
@@ -231,15 +237,22 @@ static struct timespec watch_pass(conns *c, const struct timespec *now)
 static void *watch(void *arg)
 {
     conns *c = arg;
-    struct timespec now, next, reported = {0, 0};
+    struct timespec now, next, soonest, idle_due, reported = {0, 0};
     uint64_t seen[3] = {0, 0, 0}, counts[3];
-    int report;
+    int report, poll_idle;
 
     clock_gettime(CLOCK_MONOTONIC, &reported);
+    idle_due = reported;
     pthread_mutex_lock(&c->lock);
     while (!c->stop) {
         clock_gettime(CLOCK_MONOTONIC, &now);
-        next = watch_pass(c, &now);
+        poll_idle = !before(&now, &idle_due);
+        if (poll_idle)
+            idle_due = now_plus_ms(IDLE_POLL_MS);
+        next = watch_pass(c, &now, poll_idle, &idle_due);
+        soonest = now_plus_ms(PASS_MIN_MS);
+        if (before(&next, &soonest))
+            next = soonest;
         counts[0] = c->header_timeouts;
         counts[1] = c->refused_per_ip;
         counts[2] = c->refused_reserve;
