@@ -77,7 +77,7 @@ def proc_status(pid):
 class Daemon:
     """A fresh build/smimed on a free loopback port, ready when /readyz is."""
 
-    def __init__(self, build, demo, logf, config="smimed.conf"):
+    def __init__(self, build, demo, logf, config="bench.conf"):
         self.port = free_port()
         start = time.perf_counter()
         self.proc = subprocess.Popen(
@@ -247,10 +247,19 @@ def ceiling_again(build, demo, res):
                     % (key, op, r["threads"], again, r["passes"][0]))
 
 
-def tuned_config(demo):
-    """The demo config with max_sessions = the core count, next to it (its
-    paths are relative to its folder)."""
+def bench_config(demo):
+    """The demo config as the benchmark runs it, next to it (its paths are
+    relative to its folder): wrk connects from one address, so that address
+    may hold as many connections as the daemon takes."""
     conf = json.loads((demo / "smimed.conf").read_text())
+    conf["max_connections_per_ip"] = conf.get("max_connections", 1024)
+    (demo / "bench.conf").write_text(json.dumps(conf, indent=2) + "\n")
+    return conf
+
+
+def tuned_config(demo):
+    """The benchmark's config with max_sessions = the core count."""
+    conf = bench_config(demo)
     for t in conf["tokens"]:
         t["max_sessions"] = os.cpu_count()
     (demo / "bench-tuned.conf").write_text(json.dumps(conf, indent=2) + "\n")
@@ -562,6 +571,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="smimed-bench.") as w, \
             open(build / "bench-daemon.log", "w") as logf:
         work = Path(w)
+        bench_config(demo)
         d = Daemon(build, demo, logf)
         res["idle_rss_kib"] = d.idle["VmRSS"]
         starts = [d.ready_ms]
