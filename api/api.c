@@ -533,17 +533,22 @@ static int query_check_name(void *arg, const char *name)
     return 1;
 }
 
+/* in->mime is already set when the quick reader left "mime" decoded in
+ * the body. */
 static int input_mime_json(api_input *in, api_error *err)
 {
     json_t *text = json_object_get(in->root, "mime");
     json_t *b64 = json_object_get(in->root, "mime_base64");
     cms_error cerr = {0};
+    int in_body = in->mime != NULL;
 
-    if (text != NULL && b64 != NULL)
+    if ((text != NULL || in_body) && b64 != NULL)
         return api_fail(err, 400, "invalid_field",
                         "give either mime or mime_base64, not both");
-    if (text == NULL && b64 == NULL)
+    if (text == NULL && !in_body && b64 == NULL)
         return api_fail(err, 400, "missing_field", "mime is required");
+    if (in_body)
+        return 0;
     if (text != NULL) {
         if (!json_is_string(text))
             return api_fail(err, 400, "invalid_field", "mime must be a string");
@@ -569,10 +574,13 @@ static int input_mime_json(api_input *in, api_error *err)
 int api_input_open(api_input *in, const api_request *req,
                    const char *const *known, api_error *err)
 {
+    static const api_body none = {NULL, 0};
+    const api_body *body = req->body != NULL ? req->body : &none;
     query_check qc = {known, NULL};
     json_error_t jerr;
     const char *name;
     json_t *v;
+    int r;
 
     memset(in, 0, sizeof(*in));
     in->req = req;
@@ -581,15 +589,18 @@ int api_input_open(api_input *in, const api_request *req,
         if (qc.unknown != NULL)
             return api_fail(err, 400, "invalid_field",
                             "unknown query parameter \"%s\"", qc.unknown);
-        in->mime = req->body;
-        in->mime_len = req->body_len;
+        in->mime = body->data;
+        in->mime_len = body->len;
+        in->mime_in_body = 1;
         return 0;
     }
     /* NUL is legal inside a JSON string and may be part of a binary
      * entity; duplicate keys would make one of two values silently win */
-    in->root = api_flat_json_read(req->body, req->body_len);
+    if (body->data != NULL)
+        in->root = api_flat_json_read_inplace(body->data, body->len, "mime",
+                                              &in->mime, &in->mime_len);
     if (in->root == NULL)
-        in->root = json_loadb((const char *)req->body, req->body_len,
+        in->root = json_loadb((const char *)body->data, body->len,
                               JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     if (in->root == NULL)
         return api_fail(err, 400, "invalid_json", "line %d column %d: %s",
@@ -604,7 +615,30 @@ int api_input_open(api_input *in, const api_request *req,
             return api_fail(err, 400, "invalid_field", "unknown field \"%s\"",
                             name);
     }
-    return input_mime_json(in, err);
+    in->mime_in_body = in->mime != NULL;
+    r = input_mime_json(in, err);
+    /* the entity is a jansson string or decoded base64 now, unless the
+     * quick reader left it in the body */
+    if (!in->mime_in_body)
+        api_input_drop_body(in);
+    return r;
+}
+
+void api_input_drop_body(api_input *in)
+{
+    api_body *body = in->req->body;
+
+    if (body == NULL || body->data == NULL)
+        return;
+    api_digest_finish(in);
+    if (in->mime_in_body) {
+        in->mime = NULL;
+        in->mime_len = 0;
+        in->mime_in_body = 0;
+    }
+    free(body->data);
+    body->data = NULL;
+    body->len = 0;
 }
 
 void api_input_close(api_input *in)
@@ -731,15 +765,23 @@ int api_handle(api *a, const api_request *req, api_response *res)
 {
     api_error err = {0};
     api_request r = *req;
+    int rc = 0;
 
     /* again here, not only on the headers: a reload may have revoked the
      * client while its body was arriving */
     if ((api_path_is_open(req->route->path) ||
          api_authenticate(a, req, &r.client, &err) == 0) &&
         req->route->handler(a, &r, res, &err) == 0)
-        return 0;
+        goto out;
     /* a library error left on this thread's queue would be reported
      * against the next request served by it */
     ERR_clear_error();
-    return api_response_set_error(res, &err);
+    rc = api_response_set_error(res, &err);
+out:
+    if (req->body != NULL) {
+        free(req->body->data);
+        req->body->data = NULL;
+        req->body->len = 0;
+    }
+    return rc;
 }
