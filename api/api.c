@@ -374,90 +374,96 @@ static const unsigned char json_escaped_len[256] = {
     [0x5d ... 0xff] = 1,
 };
 
-static size_t json_escape(unsigned char *out, const unsigned char *in,
-                          size_t len)
+/* Escapes buf[0..len) in place into buf[at..at+n), n its escaped length
+ * (buf has room for it): from the end backwards, so every octet is read
+ * before an escape can cover it (at > 0, and escapes only lengthen). */
+static void json_escape_in_place(unsigned char *buf, size_t len, size_t at,
+                                 size_t n)
 {
     static const char hex[] = "0123456789abcdef";
-    size_t i = 0, run, o = 0;
+    size_t i = len, run, o = at + n;
     unsigned char c;
 
-    while (i < len) {
-        for (run = i; run < len && json_escaped_len[in[run]] == 1; run++)
+    while (i > 0) {
+        for (run = i; run > 0 && json_escaped_len[buf[run - 1]] == 1; run--)
             ;
-        memcpy(out + o, in + i, run - i);
-        o += run - i;
-        if (run == len)
+        o -= i - run;
+        memmove(buf + o, buf + run, i - run);
+        if (run == 0)
             break;
-        c = in[run];
-        i = run + 1;
-        out[o++] = '\\';
+        i = run - 1;
+        c = buf[i];
         switch (c) {
         case '\b':
-            out[o++] = 'b';
+            c = 'b';
             break;
         case '\f':
-            out[o++] = 'f';
+            c = 'f';
             break;
         case '\n':
-            out[o++] = 'n';
+            c = 'n';
             break;
         case '\r':
-            out[o++] = 'r';
+            c = 'r';
             break;
         case '\t':
-            out[o++] = 't';
+            c = 't';
             break;
         case '"':
         case '\\':
-            out[o++] = c;
             break;
         default:
-            memcpy(out + o, "u00", 3);
-            out[o + 3] = (unsigned char)hex[c >> 4];
-            out[o + 4] = (unsigned char)hex[c & 15];
-            o += 5;
+            o -= 6;
+            memcpy(buf + o, "\\u00", 4);
+            buf[o + 4] = (unsigned char)hex[c >> 4];
+            buf[o + 5] = (unsigned char)hex[c & 15];
+            continue;
         }
+        buf[--o] = c;
+        buf[--o] = '\\';
     }
-    return o;
 }
 
 /*
  * {"mime":"...", then the other fields}: the entity, most of the body,
- * escaped here in two passes (count, then write into one allocation);
- * jansson's writer goes through a callback per character and was a sixth
- * of a small signing request's CPU (callgrind, script/bench). The entity
- * is valid UTF-8 without NUL, so only quotes, backslashes and controls
- * need escapes.
+ * escaped here in two passes (count, then write); jansson's writer goes
+ * through a callback per character and was a sixth of a small signing
+ * request's CPU (callgrind, script/bench). The entity is valid UTF-8
+ * without NUL, so only quotes, backslashes and controls need escapes.
+ * Built in place: buf holds the entity at its start and grows to the
+ * whole body (realloc extends a large buffer where it lies, or remaps it),
+ * so a large entity is not in memory twice, as it and its escaped copy.
+ * Takes buf on every path.
  */
-static int respond_json_mime(api_response *res, const unsigned char *data,
-                             size_t len, json_t *fields)
+static int respond_json_mime_in(api_response *res, unsigned char *buf,
+                                size_t len, json_t *fields)
 {
     static const char head[] = "{\"mime\":\"";
+    const size_t at = sizeof(head) - 1;
     char *rest = json_dumps(fields, JSON_COMPACT);
     size_t rest_len, n = 0, i, o;
-    unsigned char *out;
+    unsigned char *out = NULL;
 
     json_decref(fields);
     if (rest == NULL)
-        return -1;
+        goto fail;
     rest_len = strlen(rest);
     for (i = 0; i < len; i++)
-        n += json_escaped_len[data[i]];
+        n += json_escaped_len[buf[i]];
     /* head, the string, its closing quote, a comma and the rest minus its
      * opening brace (or the bare closing brace of an empty object) */
-    out = malloc(sizeof(head) - 1 + n + 2 + rest_len);
-    if (out == NULL) {
-        free(rest);
-        return -1;
-    }
-    memcpy(out, head, sizeof(head) - 1);
-    o = sizeof(head) - 1;
-    o += json_escape(out + o, data, len);
+    out = realloc(buf, at + n + 2 + rest_len);
+    if (out == NULL)
+        goto fail;
+    buf = NULL;
+    o = at + n;
     out[o++] = '"';
     if (rest_len > 2)
         out[o++] = ',';
     memcpy(out + o, rest + 1, rest_len - 1);
     o += rest_len - 1;
+    json_escape_in_place(out, len, at, n);
+    memcpy(out, head, at);
     free(rest);
     free(res->body);
     res->body = out;
@@ -465,6 +471,32 @@ static int respond_json_mime(api_response *res, const unsigned char *data,
     res->status = 200;
     res->content_type = "application/json";
     return 0;
+fail:
+    free(rest);
+    free(buf);
+    return -1;
+}
+
+static int respond_json_mime(api_response *res, const unsigned char *data,
+                             size_t len, json_t *fields)
+{
+    unsigned char *buf = malloc(len ? len : 1);
+
+    if (buf == NULL) {
+        json_decref(fields);
+        return -1;
+    }
+    memcpy(buf, data, len);
+    return respond_json_mime_in(res, buf, len, fields);
+}
+
+/* Whether fields and the entity data[0..len) go out through
+ * respond_json_mime. */
+static int json_mime_fits(json_t *fields, const unsigned char *data, size_t len)
+{
+    return json_object_get(fields, "mime") == NULL &&
+           json_object_get(fields, "mime_base64") == NULL &&
+           api_utf8_valid(data, len) && memchr(data, '\0', len) == NULL;
 }
 
 int api_respond_entity(api_response *res, api_body_kind kind,
@@ -479,9 +511,7 @@ int api_respond_entity(api_response *res, api_body_kind kind,
         json_decref(fields);
         return r;
     }
-    if (json_object_get(fields, "mime") == NULL &&
-        json_object_get(fields, "mime_base64") == NULL &&
-        api_utf8_valid(data, len) && memchr(data, '\0', len) == NULL)
+    if (json_mime_fits(fields, data, len))
         return respond_json_mime(res, data, len, fields);
     if (api_set_mime_field(fields, data, len) != 0) {
         json_decref(fields);
@@ -497,10 +527,15 @@ int api_respond_result(api_response *res, api_body_kind kind,
     size_t len;
     int r;
 
-    if (kind != API_BODY_RAW || fields == NULL) {
-        data = (unsigned char *)cms_result_data(result, &len);
-        return api_respond_entity(res, kind, data, len, fields);
+    data = (unsigned char *)cms_result_data(result, &len);
+    if (fields != NULL && kind != API_BODY_RAW &&
+        json_mime_fits(fields, data, len)) {
+        /* escaped where it is */
+        data = cms_result_take_data(result, &len);
+        return respond_json_mime_in(res, data, len, fields);
     }
+    if (kind != API_BODY_RAW || fields == NULL)
+        return api_respond_entity(res, kind, data, len, fields);
     /* the entity goes out as the body itself: hand it over, no copy */
     data = cms_result_take_data(result, &len);
     r = respond_raw_owned(res, data, len, fields);

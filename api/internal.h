@@ -38,8 +38,9 @@ int api_respond_json(api_response *res, int status, json_t *body);
  * ownership of fields on every path. */
 int api_respond_entity(api_response *res, api_body_kind kind,
                        const unsigned char *data, size_t len, json_t *fields);
-/* api_respond_entity with the data of result; in raw mode the data is
- * taken from result (which keeps the rest) instead of copied. */
+/* api_respond_entity with the data of result, taken from result (which
+ * keeps the rest) instead of copied: in raw mode it is the body, and in
+ * JSON mode it is escaped in place into the body where it can be. */
 int api_respond_result(api_response *res, api_body_kind kind,
                        cms_result *result, json_t *fields);
 
