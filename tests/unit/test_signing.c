@@ -184,7 +184,7 @@ static int compare_once(const char *entity, const char *inner,
         cms_signing_new(prep, s->cert, NULL, mode, digest, &sg, &err) ||
         cms_signing_sign(sg, s->key, &err) ||
         cms_signing_finish(sg, &r, &err)) {
-        snprintf(why, whylen, "signing: %s", err.message);
+        snprintf(why, whylen, "signing: %.100s", err.message);
         goto out;
     }
     ref =
@@ -293,7 +293,7 @@ static int opaque_is_der(size_t n, char *why, size_t whylen)
     if (cms_sign_entity((const unsigned char *)entity, len, signers[1].key,
                         signers[1].cert, NULL, CMS_MODE_OPAQUE,
                         CMS_DIGEST_SHA256, &r, &err) != 0) {
-        snprintf(why, whylen, "%s", err.message);
+        snprintf(why, whylen, "%.150s", err.message);
         goto out;
     }
     data = cms_result_data(r, &rlen);
