@@ -80,14 +80,46 @@ int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
 typedef struct cms_prepared cms_prepared;
 /* Everything of signing that can fail on the input (parsing, re-encoding,
  * the 7-bit check; CMS_ERR_INPUT as for cms_sign_entity), without a key:
- * callers holding a scarce key (a token session) prepare first. */
+ * callers holding a scarce key (a token session) prepare first. An entity
+ * that is signed as it is (CRLF line ends, nothing to re-encode, the
+ * Content-* fields ending its header block) is not copied: prep then
+ * points into mime, which must outlive it. */
 int cms_prepare_entity(const unsigned char *mime, size_t len,
                        cms_prepared **out, cms_error *err);
 void cms_prepared_free(cms_prepared *prep);
-/* Signs a prepared entity; prep can be signed again (e.g. another digest).
- * prep is only read, so threads may sign the same one at once. The content
- * is digested here (OpenSSL 3.0 cannot sign a digest made before), then
- * the key makes the one signature. */
+
+/*
+ * A signature in the making, in steps, so that a caller holding a key
+ * others wait for (a token session) holds it for the private-key operation
+ * alone:
+ *   cms_signing_new     digests the content and builds the SignedData
+ *                       with every signed attribute (no private key);
+ *   cms_signing_sign    the one private-key operation: a signature over
+ *                       the digest of the signed attributes;
+ *   cms_signing_finish  writes the S/MIME entity.
+ * The output is what CMS_sign/CMS_final would make with the same signing
+ * time (RFC 5652 SignedData, DER; signed attributes contentType,
+ * messageDigest, signingTime, SMIMECapabilities and ESS
+ * signingCertificateV2). The signing time is taken in cms_signing_new.
+ */
+typedef struct cms_signing cms_signing;
+/* prep is borrowed until cms_signing_free; cert is the signer's
+ * certificate, chain (may be NULL) certificates to add. Threads may start
+ * signings of the same prep at once. */
+int cms_signing_new(const cms_prepared *prep, X509 *cert, STACK_OF(X509) *chain,
+                    cms_mode mode, cms_digest digest, cms_signing **out,
+                    cms_error *err);
+/* Signs with pkey, the private key of the certificate: CMS_ERR_KEY when
+ * it is not, or when the operation fails (a token fault: the caller may
+ * call again, with the key re-opened; a later signature replaces an
+ * earlier one). */
+int cms_signing_sign(cms_signing *s, EVP_PKEY *pkey, cms_error *err);
+/* The signed entity; CMS_ERR_INTERNAL before cms_signing_sign succeeded. */
+int cms_signing_finish(cms_signing *s, cms_result **out, cms_error *err);
+void cms_signing_free(cms_signing *s);
+
+/* cms_signing_new, _sign and _finish at once; prep can be signed again
+ * (e.g. with another digest), from several threads at once. */
 int cms_sign_prepared(const cms_prepared *prep, EVP_PKEY *pkey, X509 *cert,
                       STACK_OF(X509) *chain, cms_mode mode, cms_digest digest,
                       cms_result **out, cms_error *err);

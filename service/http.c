@@ -590,6 +590,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
     http_server *srv = cls;
     request *r = *req_cls;
     api_request areq = {0};
+    api_body body = {0};
     api_response res = {0};
     api_error err = {0};
     api_ref *ref;
@@ -648,8 +649,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
         return answer_error(r, conn, &r->err);
     areq.route = r->route;
     areq.kind = r->kind;
-    areq.body = r->body;
-    areq.body_len = r->len;
+    /* api_handle takes the body, and frees it as soon as it can */
+    body.data = r->body;
+    body.len = r->len;
+    r->body = NULL;
+    areq.body = &body;
     areq.query = query_get;
     areq.query_each = query_each;
     areq.query_ctx = conn;
