@@ -105,6 +105,7 @@ int api_recipients_resolve(api *a, api_recipients *r, api_error *err)
 {
     token_key *key;
     cms_error cerr = {0};
+    char missing[160];
     size_t i;
 
     if (r->names.count == 0)
@@ -113,10 +114,18 @@ int api_recipients_resolve(api *a, api_recipients *r, api_error *err)
         if (r->slots[i] != NULL)
             continue;
         key = token_set_find_key(a->tokens, r->names.items[i]);
-        if (key == NULL)
-            return api_fail(err, 404, "unknown_key",
-                            "%s[%zu]: no key named \"%s\"", r->field, i,
-                            r->names.items[i]);
+        if (key == NULL) {
+            /* a discovery token that is down may hold it (a reload that
+             * met the token absent serves none of its keys) */
+            snprintf(missing, sizeof(missing),
+                     "%s[%zu]: no key named \"%.60s\" is available", r->field,
+                     i, r->names.items[i]);
+            if (api_fail_if_discovery_down(a, missing, err) == 0)
+                api_fail(err, 404, "unknown_key",
+                         "%s[%zu]: no key named \"%s\"", r->field, i,
+                         r->names.items[i]);
+            return -1;
+        }
         if (token_key_cert0(key) == NULL)
             return api_fail(err, 422, "unfit_recipient",
                             "%s[%zu]: key \"%s\" has no certificate", r->field,
