@@ -56,6 +56,7 @@ RAW = {"Content-Type": "message/rfc822"}
 MAX_SESSIONS = 2
 WAIT_MS = (1500, 2000)
 RECOVER_S = 45          # back-off 1, 2, 4, 8 s... after the longest fault
+OVERTIME_S = 240        # how long the first round of faults may overrun CHAOS_S
 ALLOWED_503 = ("token_unavailable", "token_busy", "server_busy")
 
 D = None
@@ -312,15 +313,21 @@ FAULT_ROUND = ("removed", "session_invalid", "stale", "not_logged_in", "latency"
 
 
 def injector(stop, deadline):
+    """Faults until the deadline, and at least one whole round of them
+    however long that takes on a busy machine (within a bound)."""
     gen = random.Random(SEED + 1)
-    plan = []
-    while time.monotonic() < deadline and not stop.is_set():
-        stop.wait(0.5 + gen.random() * 1.5)
-        if stop.is_set() or time.monotonic() >= deadline:
+    plan, rounds = [], 0
+    while not stop.is_set():
+        now = time.monotonic()
+        if now >= deadline and (rounds > 1 or not plan) or now >= deadline + OVERTIME_S:
             break
         if not plan:
             plan = list(FAULT_ROUND)
             gen.shuffle(plan)
+            rounds += 1
+        stop.wait(0.5 + gen.random() * 1.5)
+        if stop.is_set():
+            break
         name = plan.pop()
         FAULTS[name] += 1
         if name == "reload":
@@ -371,9 +378,8 @@ def chaos():
     t0 = time.monotonic()
     for t in clients + [inj]:
         t.start()
-    while time.monotonic() < deadline and not stop.is_set() and D.running():
-        time.sleep(0.2)
-    inj.join(RECOVER_S + 30)
+    # the clients keep going until the faults end and the token is back
+    inj.join(CHAOS_S + OVERTIME_S + RECOVER_S + 30)
     stop.set()
     for t in clients:
         t.join(120)
