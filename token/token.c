@@ -76,7 +76,13 @@
  * rebuilds its module's context with back-off (1 s, doubling to 30 s). A
  * token that answers but logged us out was reset: libp11's pooled
  * sessions are dead, so the caller rebuilds the module at once and
- * retries its operation. A rebuild (module_rebuild) stops and drains every
+ * retries its operation. A token that passes the probe may still have
+ * dead libp11 handles (sessions gone while the login stayed): check.c
+ * runs the same kind of operation once more, on input of our own, through
+ * libp11's key; a CKR code of dead handles gets the same rebuild and
+ * retry, any other failure makes the operation the token's fault (a 503,
+ * the token stays up), and only a check that works leaves the failure to
+ * the operation itself. A rebuild (module_rebuild) stops and drains every
  * token of the module, of every token set, then PKCS11_CTX_unload,
  * PKCS11_CTX_load, and re-opens each token in the order above: probe, log
  * in through the function list, and only then let libp11 list the keys.
