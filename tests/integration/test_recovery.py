@@ -204,7 +204,7 @@ def healthy():
         sign_ok(D, key, "healthy %s" % key)
 
 
-def reset_retried(word):
+def reset_retried(word, key="demo-rsa"):
     """The token drops every session (or the login) between two requests;
     the next request meets the dead sessions and still succeeds."""
     logins = log_count("C_Login")
@@ -213,7 +213,7 @@ def reset_retried(word):
     rec0 = metric(m0, "smimed_token_recoveries_total", token=TOKEN)
     set_flag(word)
     try:
-        sign_ok(D, "demo-rsa", "after %s" % word)
+        sign_ok(D, key, "after %s" % word)
     finally:
         set_flag(None)
     eq(log_count("C_Login"), logins + 1, "C_Login calls: one new login on the rebuilt context")
@@ -222,7 +222,7 @@ def reset_retried(word):
        "retries counted")
     eq(metric(m, "smimed_token_recoveries_total", token=TOKEN), rec0 + 1, "recoveries counted")
     eq(state_of(D, TOKEN), "ready", "state after the retry")
-    sign_ok(D, "demo-ec", "after %s, other key" % word)
+    sign_ok(D, "demo-ec" if key == "demo-rsa" else "demo-rsa", "after %s, other key" % word)
     check("token %s ready" % TOKEN in D.stderr_text(), "no log line for the token coming back")
 
 
@@ -250,9 +250,9 @@ def reset_decrypt_retried(word):
 
 def damaged_no_rebuild():
     """With the token healthy, an envelope whose encrypted key was damaged
-    (bad padding) and one whose content was (right key, wrong bytes) are
-    the same 422 decryption_failed as ever: the token-side check passes,
-    nothing is rebuilt, no login is made."""
+    (bad padding) and ones whose content was (right key, wrong bytes; RSA
+    and ECDH) are the same 422 decryption_failed as ever: the token-side
+    check passes, nothing is rebuilt, no login is made."""
     logins = log_count("C_Login")
     raw, _ = envelope("demo-rsa", "damaged", outform="DER")
     off, ln = F.ktri_encrypted_key(raw)
@@ -266,6 +266,14 @@ def damaged_no_rebuild():
         except AssertionError as e:
             raise AssertionError("damaged %s: %s" % (what, e))
         answers.add(j["error"]["message"])
+    raw, _ = envelope("demo-ec", "damaged ec", outform="DER")
+    ec_damaged = raw[:-40] + bytes(b ^ 0xa5 for b in raw[-40:])
+    r = D.post_json("/v1/decrypt", {"mime": F.pkcs7_mime(ec_damaged).decode("ascii")})
+    try:
+        j = expect_error(r, 422, "decryption_failed")
+    except AssertionError as e:
+        raise AssertionError("damaged EC content: %s" % e)
+    answers.add(j["error"]["message"])
     eq(len(answers), 1, "distinct decryption_failed messages (%r)" % answers)
     eq(log_count("C_Login"), logins, "C_Login calls: nothing was rebuilt")
     eq(state_of(D, TOKEN), "ready", "state")
@@ -659,8 +667,10 @@ def main():
                reset_retried, "session_invalid")
         S.case("login lost under a request (CKR_USER_NOT_LOGGED_IN): retried and succeeds",
                reset_retried, "not_logged_in")
-        S.case("stale handles under a request (sessions dead, still logged in): retried "
-               "on a rebuilt context and succeeds", reset_retried, "stale")
+        for key in F.KEYS:
+            S.case("stale handles under a signature with %s (sessions dead, still logged "
+                   "in): retried on a rebuilt context and succeeds" % key,
+                   reset_retried, "stale", key)
         for word in ("session_invalid", "not_logged_in", "stale"):
             S.case("%s under a decryption, both keys: 200, retried on a rebuilt context, "
                    "not 422" % word, reset_decrypt_retried, word)
