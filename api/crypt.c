@@ -105,6 +105,7 @@ int api_recipients_resolve(api *a, api_recipients *r, api_error *err)
 {
     token_key *key;
     cms_error cerr = {0};
+    char missing[160];
     size_t i;
 
     if (r->names.count == 0)
@@ -113,10 +114,18 @@ int api_recipients_resolve(api *a, api_recipients *r, api_error *err)
         if (r->slots[i] != NULL)
             continue;
         key = token_set_find_key(a->tokens, r->names.items[i]);
-        if (key == NULL)
-            return api_fail(err, 404, "unknown_key",
-                            "%s[%zu]: no key named \"%s\"", r->field, i,
-                            r->names.items[i]);
+        if (key == NULL) {
+            /* a discovery token that is down may hold it (a reload that
+             * met the token absent serves none of its keys) */
+            snprintf(missing, sizeof(missing),
+                     "%s[%zu]: no key named \"%.60s\" is available", r->field,
+                     i, r->names.items[i]);
+            if (api_fail_if_discovery_down(a, missing, err) == 0)
+                api_fail(err, 404, "unknown_key",
+                         "%s[%zu]: no key named \"%s\"", r->field, i,
+                         r->names.items[i]);
+            return -1;
+        }
         if (token_key_cert0(key) == NULL)
             return api_fail(err, 422, "unfit_recipient",
                             "%s[%zu]: key \"%s\" has no certificate", r->field,
@@ -246,8 +255,14 @@ static int check_forced(api *a, token_key *key, const cms_envelope *env,
 }
 
 /* Decrypts with the key's token operation slot held. A failure is
- * 422 decryption_failed unless the token itself stopped answering: that is
- * a 503, and says nothing about the ciphertext. */
+ * 422 decryption_failed unless the token is to blame: OpenSSL's CMS hides
+ * the token's error (it goes on with a random key, so that bad padding
+ * looks like a wrong key), so token_key_check_fault finds out from the
+ * token alone, with a probe and an operation of its own on input the
+ * client has no part in: whether this is a 503 depends on the token, never
+ * on the ciphertext. Dead sessions are re-opened and the decryption is
+ * tried once more, as for a signature; failing again on the re-opened
+ * context is a 503 too. */
 static int decrypt_on_token(token_key *key, cms_envelope *env, cms_result **out,
                             int *is_signed, api_error *err)
 {
@@ -268,7 +283,7 @@ static int decrypt_on_token(token_key *key, cms_envelope *env, cms_result **out,
                     ? token_key_check_fault(key, &terr)
                     : 0;
     } while (fault > 0 && tries++ == 0);
-    if (fault < 0)
+    if (fault != 0)
         return api_fail_token(err, &terr);
     return api_fail_cms(err, &cerr);
 }

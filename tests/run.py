@@ -4,13 +4,17 @@
     python3 tests/run.py [BUILD_DIR] [--unit-only | --integration-only] [SUITE...]
 
 Runs (1) every unit test binary BUILD_DIR/tests/test_* (TAP output, cwd =
-tests/; exit 77 = skipped) and (2) every integration suite
-tests/integration/test_*.py against BUILD_DIR/smimed. SUITE names filter
-either kind ("test_cms", "sign", ...). Each case is printed as
-"ok - suite: name" or "not ok - suite: name: reason"; failure details
-follow as "#" lines and are summed up again before the final line, which is
-exactly "N passed, M failed" (", K skipped" when some were skipped). The
-exit status is 1 when any case failed.
+tests/) and (2) every integration suite tests/integration/test_*.py against
+BUILD_DIR/smimed. SUITE names filter either kind ("test_cms", "sign", ...).
+Each case is printed as "ok - suite: name" or "not ok - suite: name:
+reason"; failure details follow as "#" lines and are summed up again before
+the final line, which is exactly "N passed, M failed". The exit status is 1
+when any case failed.
+
+A skipped case (a TAP "# SKIP", a unit binary's exit status 77, an
+integration case printed with "# SKIP") counts as failed: script/bootstrap
+installs every peer the tests use, so a skip only ever means a set-up that
+failed and a case that was never checked.
 """
 
 import os
@@ -31,18 +35,18 @@ TAP_LINE = re.compile(r"^(not ok|ok)\b\s*(\d+)?\s*(?:-\s*)?(.*)$")
 PLAN = re.compile(r"^1\.\.(\d+)")
 
 
+SKIPPED = "skipped, which fails the run: script/bootstrap installs every peer"
+
+
 class Totals:
     def __init__(self):
         self.passed = 0
         self.failed = 0
-        self.skipped = 0
         self.failures = []  # (case, detail)
 
     def add(self, kind, case, detail=""):
         if kind == "ok":
             self.passed += 1
-        elif kind == "skip":
-            self.skipped += 1
         else:
             self.failed += 1
             self.failures.append((case, detail))
@@ -77,8 +81,8 @@ def run_unit(exe, totals):
         err = (e.stderr or b"").decode(errors="replace")
         rc = "timeout after %ds" % UNIT_TIMEOUT
     if rc == 77:
-        print("ok - %s # SKIP exit status 77" % suite, flush=True)
-        totals.add("skip", suite)
+        print("not ok - %s: exit status 77, %s" % (suite, SKIPPED), flush=True)
+        totals.add("fail", suite, tail(out + "\n" + err))
         return
     seen = failed = 0
     plan = None
@@ -100,8 +104,9 @@ def run_unit(exe, totals):
         name = "%s: %s" % (suite, desc.strip() or "#%d" % seen)
         directive = re.search(r"#\s*(SKIP|TODO)\b(.*)$", desc, re.I)
         if directive and directive.group(1).upper() == "SKIP":
-            print("ok - %s" % name, flush=True)
-            totals.add("skip", name)
+            failed += 1
+            print("not ok - %s: %s" % (name, SKIPPED), flush=True)
+            totals.add("fail", name, SKIPPED)
         elif status == "ok" or (directive and directive.group(1).upper() == "TODO"):
             print("ok - %s" % name, flush=True)
             totals.add("ok", name)
@@ -170,10 +175,16 @@ def run_suite(script, build, it_dir, totals):
                 current = line[len("not ok - "):]
                 details[current] = []
                 totals.add("fail", current)
+            elif line.startswith("ok - ") and " # SKIP" in line:
+                cases += 1
+                failed += 1
+                current = None
+                print("not ok - %s: %s" % (line[5:], SKIPPED), flush=True)
+                totals.add("fail", line[5:], SKIPPED)
             elif line.startswith("ok - "):
                 cases += 1
                 current = None
-                totals.add("skip" if " # SKIP" in line else "ok", line[5:])
+                totals.add("ok", line[5:])
             elif line.startswith("#") and current is not None:
                 details[current].append(line)
     sel.close()
@@ -264,10 +275,7 @@ def main(argv):
             for line in detail.splitlines()[:12]:
                 print("#      " + line.lstrip("# "))
     print("# total time %.0fs" % (time.time() - t0))
-    line = "%d passed, %d failed" % (totals.passed, totals.failed)
-    if totals.skipped:
-        line += ", %d skipped" % totals.skipped
-    print(line, flush=True)
+    print("%d passed, %d failed" % (totals.passed, totals.failed), flush=True)
     return 1 if totals.failed else 0
 
 

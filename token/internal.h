@@ -72,6 +72,21 @@ int tk_probe_has_mechanism(const tk_probe *probe, unsigned long slot_id,
 /* "CKR_PIN_INCORRECT (0xa0)": the name when known, always the number. */
 void tk_ckr_describe(unsigned long rv, char *buf, size_t len);
 
+/*
+ * check.c: a known-answer test of a key's operation through libp11.
+ */
+
+/* Runs one operation of kind use with pkey (libp11's key) on input of our
+ * own and checks the result with pub, the certificate's key: a signature
+ * over a random digest, or a decryption (RSA: a random key encrypted to
+ * pub; EC: an agreement with a fresh ephemeral key). 1 when the token did
+ * it right; 0 when it failed or answered wrong, *ckr then the module's
+ * code (0 when it gave none); -1 when the check could not be made (no
+ * public key, out of memory). The caller holds an operation slot. Leaves
+ * this thread's OpenSSL error queue empty. */
+int tk_key_known_answer(EVP_PKEY *pkey, EVP_PKEY *pub, token_use use,
+                        unsigned long *ckr);
+
 #define TK_CKR_PIN_INCORRECT 0xa0UL
 #define TK_CKR_PIN_INVALID 0xa1UL
 #define TK_CKR_PIN_LEN_RANGE 0xa2UL

@@ -76,7 +76,13 @@
  * rebuilds its module's context with back-off (1 s, doubling to 30 s). A
  * token that answers but logged us out was reset: libp11's pooled
  * sessions are dead, so the caller rebuilds the module at once and
- * retries its operation. A rebuild (module_rebuild) stops and drains every
+ * retries its operation. A token that passes the probe may still have
+ * dead libp11 handles (sessions gone while the login stayed): check.c
+ * runs the same kind of operation once more, on input of our own, through
+ * libp11's key; a CKR code of dead handles gets the same rebuild and
+ * retry, any other failure makes the operation the token's fault (a 503,
+ * the token stays up), and only a check that works leaves the failure to
+ * the operation itself. A rebuild (module_rebuild) stops and drains every
  * token of the module, of every token set, then PKCS11_CTX_unload,
  * PKCS11_CTX_load, and re-opens each token in the order above: probe, log
  * in through the function list, and only then let libp11 list the keys.
@@ -2173,13 +2179,81 @@ void token_recovery_stop(void)
 
 /* The calling thread's operations. op_token: the token of the operation
  * in progress, between token_key_acquire and token_key_release, for
- * tk_ui_read (whose PIN does libp11 ask for?). op_last and op_generation:
- * the token and module generation of the last operation acquired, kept
- * past the release for token_key_check_fault (was the context rebuilt
- * since that operation began?); op_last is only compared, never followed. */
+ * tk_ui_read (whose PIN does libp11 ask for?). op_last, op_generation and
+ * op_use: the token, module generation and use of the last operation
+ * acquired, kept past the release for token_key_check_fault (was the
+ * context rebuilt since that operation began? what kind of operation is
+ * to be checked?); op_last is only compared, never followed. */
 static __thread struct tk_token *op_token;
 static __thread const struct tk_token *op_last;
 static __thread unsigned long op_generation;
+static __thread token_use op_use;
+
+static int acquire_slot(token_key *key, token_use use, EVP_PKEY **pkey,
+                        int check, token_error *err);
+
+/* CKR codes of a check operation that mean libp11's handles (its pooled
+ * sessions, its key object, its login on them) are dead while the token
+ * itself answers the probe: a rebuilt context serves again. */
+static int ckr_stale(unsigned long rv)
+{
+    switch (rv) {
+    case 0x32UL:  /* CKR_DEVICE_REMOVED: gone, and back by the probe */
+    case 0x60UL:  /* CKR_KEY_HANDLE_INVALID */
+    case 0x82UL:  /* CKR_OBJECT_HANDLE_INVALID */
+    case 0xb0UL:  /* CKR_SESSION_CLOSED */
+    case 0xb3UL:  /* CKR_SESSION_HANDLE_INVALID */
+    case 0xe0UL:  /* CKR_TOKEN_NOT_PRESENT: as CKR_DEVICE_REMOVED */
+    case 0x101UL: /* CKR_USER_NOT_LOGGED_IN */
+    case 0x190UL: /* CKR_CRYPTOKI_NOT_INITIALIZED */
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* What a known-answer test (check.c) made of a key whose operation failed
+ * on a token that answers the probe. */
+enum tk_verdict {
+    TK_KEY_WORKS,     /* the failure was the operation's own */
+    TK_KEY_STALE,     /* libp11's handles are dead: rebuild, retry */
+    TK_KEY_FAILS,     /* the token fails the key's operations */
+    TK_KEY_UNCHECKED, /* no slot for the check: err says why */
+};
+
+/* Runs the check on an operation slot of its own, queued like any
+ * operation (libp11 must never wait for a session). why gets the reason
+ * of TK_KEY_STALE and TK_KEY_FAILS. */
+static enum tk_verdict key_answers(token_key *key, token_use use, char *why,
+                                   size_t len, token_error *err)
+{
+    char ckr_text[64];
+    unsigned long ckr;
+    EVP_PKEY *pkey;
+    int r;
+
+    if (acquire_slot(key, use, &pkey, 1, err) != 0)
+        return TK_KEY_UNCHECKED;
+    r = tk_key_known_answer(pkey, X509_get0_pubkey(key->cert), use, &ckr);
+    token_key_release(key);
+    /* A check that cannot be made leaves the verdict as it was before
+     * there were checks: the operation's own failure. */
+    if (r != 0)
+        return TK_KEY_WORKS;
+    if (ckr != 0)
+        tk_ckr_describe(ckr, ckr_text, sizeof(ckr_text));
+    else
+        snprintf(ckr_text, sizeof(ckr_text), "a wrong result");
+    if (ckr_stale(ckr)) {
+        snprintf(why, len,
+                 "the token's sessions are stale (a check operation got %s)",
+                 ckr_text);
+        return TK_KEY_STALE;
+    }
+    snprintf(why, len, "the token fails the key's %s operations too (%s)",
+             use == TOKEN_USE_SIGN ? "signature" : "decryption", ckr_text);
+    return TK_KEY_FAILS;
+}
 
 int token_key_check_fault(token_key *key, token_error *err)
 {
@@ -2190,7 +2264,8 @@ int token_key_check_fault(token_key *key, token_error *err)
                             : __atomic_load_n(&m->generation, __ATOMIC_ACQUIRE);
     char why[TK_REASON_LEN];
     enum tk_answer answer = TK_ANSWERS;
-    int ready, r = -1;
+    enum tk_verdict verdict = TK_KEY_WORKS;
+    int ready, rebuilt, down = 0;
 
     pthread_mutex_lock(&t->lock);
     ready = t->state == TK_READY;
@@ -2215,14 +2290,32 @@ int token_key_check_fault(token_key *key, token_error *err)
         /* a rebuild ran while the probe waited for it */
         if (__atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) != gen)
             goto retry;
-        if (answer == TK_ANSWERS)
-            return 0;
+        if (answer == TK_ANSWERS) {
+            /* The token answers; do libp11's handles? (check.c says why
+             * a decryption cannot tell.) */
+            verdict = key_answers(key, op_use, why, sizeof(why), err);
+            if (__atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) != gen)
+                goto retry;
+            if (verdict == TK_KEY_WORKS)
+                return 0;
+            if (verdict == TK_KEY_UNCHECKED)
+                return -1;
+            if (verdict == TK_KEY_FAILS) {
+                pthread_mutex_lock(&t->lock);
+                t->stats.faults++;
+                pthread_mutex_unlock(&t->lock);
+                tk_error(err, TOKEN_ERR_UNAVAILABLE, "key %s: %s", key->name,
+                         why);
+                return -1;
+            }
+        }
     }
-    if (answer == TK_LOGGED_OUT) {
+    if (answer == TK_LOGGED_OUT || verdict == TK_KEY_STALE) {
         /* A reset: libp11's sessions are dead, the token is not. Rebuild
          * now, in this thread, so the operation can be retried. */
         pthread_mutex_lock(&registry_lock);
-        if (__atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) == gen) {
+        rebuilt = __atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) == gen;
+        if (rebuilt) {
             pthread_mutex_lock(&t->lock);
             if (t->state == TK_READY)
                 token_fault(t, why);
@@ -2233,13 +2326,20 @@ int token_key_check_fault(token_key *key, token_error *err)
         pthread_mutex_lock(&t->lock);
         ready = t->state == TK_READY;
         pthread_mutex_unlock(&t->lock);
-        if (ready)
+        /* Handles that are stale on the context just rebuilt for that
+         * reason would have every request rebuild it again: such a token
+         * is left to the recovery loop's back-off. */
+        if (ready && rebuilt && verdict == TK_KEY_STALE) {
+            verdict = key_answers(key, op_use, why, sizeof(why), err);
+            down = verdict == TK_KEY_STALE || verdict == TK_KEY_FAILS;
+        }
+        if (ready && !down)
             goto retry;
     }
     pthread_mutex_lock(&t->lock);
     /* Another caller may have marked it down meanwhile; its reason
      * stands. */
-    if (answer == TK_SILENT && t->state == TK_READY) {
+    if ((answer == TK_SILENT || down) && t->state == TK_READY) {
         token_fault(t, why);
         t->backoff_s = 0;
         schedule_recovery(t);
@@ -2249,11 +2349,16 @@ int token_key_check_fault(token_key *key, token_error *err)
              t->state == TK_RECOVERING ? "the token is being re-opened"
                                        : t->reason);
     pthread_mutex_unlock(&t->lock);
-    return r;
+    return -1;
 retry:
     pthread_mutex_lock(&t->lock);
     t->stats.retries++;
     pthread_mutex_unlock(&t->lock);
+    /* For a caller that has retried once already and gives up. */
+    tk_error(err, TOKEN_ERR_UNAVAILABLE,
+             "token %s: re-opened under this request, and the operation "
+             "failed again",
+             t->name);
     return 1;
 }
 
@@ -2474,8 +2579,11 @@ static int wait_in_queue(struct tk_token *t, const struct timespec *deadline)
     return free_now;
 }
 
-int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
-                      token_error *err)
+/* token_key_acquire, and the slot of a check operation (check): that one
+ * is not counted as an operation and leaves the record of the last
+ * operation (op_last, op_generation, op_use) alone. */
+static int acquire_slot(token_key *key, token_use use, EVP_PKEY **pkey,
+                        int check, token_error *err)
 {
     struct tk_token *t = key->token;
     struct timespec deadline;
@@ -2516,12 +2624,15 @@ int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
                  key->name);
     } else {
         t->in_flight++;
-        t->stats.operations[use == TOKEN_USE_DECRYPT]++;
         *pkey = key->pkey;
         op_token = t;
-        op_last = t;
-        op_generation =
-            __atomic_load_n(&t->module->generation, __ATOMIC_ACQUIRE);
+        if (!check) {
+            t->stats.operations[use == TOKEN_USE_DECRYPT]++;
+            op_last = t;
+            op_use = use;
+            op_generation =
+                __atomic_load_n(&t->module->generation, __ATOMIC_ACQUIRE);
+        }
         r = 0;
     }
     /* the queue's new head may find a slot free too */
@@ -2529,6 +2640,12 @@ int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
         pthread_cond_signal(&t->queue->cond);
     pthread_mutex_unlock(&t->lock);
     return r;
+}
+
+int token_key_acquire(token_key *key, token_use use, EVP_PKEY **pkey,
+                      token_error *err)
+{
+    return acquire_slot(key, use, pkey, 0, err);
 }
 
 void token_key_release(token_key *key)

@@ -143,12 +143,18 @@ void token_key_release(token_key *key);
 /* Call after a private-key operation with key failed (the error itself may
  * be gone: OpenSSL's CMS hides decryption errors), from the thread that
  * acquired the key. Probes the key's token through the module's own
- * function list. 0: the token answers, the failure was the operation's own
- * (e.g. bad input). 1: the operation's sessions were dead (the token was
- * reset, or its module's context was rebuilt meanwhile) and the module now
- * serves on a rebuilt context: retry the operation once. -1 with
- * TOKEN_ERR_UNAVAILABLE: the token is down, with the reason; the recovery
- * loop re-opens it. */
+ * function list and, when it answers, runs one operation of the same kind
+ * with the key on input of its own (token/check.c); neither depends on
+ * what the failed operation was given. 0: the token answers and does the
+ * check, the failure was the operation's own (e.g. bad input). 1: the
+ * operation's sessions were dead (the token was reset, its handles went
+ * stale, or its module's context was rebuilt meanwhile) and the module now
+ * serves on a rebuilt context: retry the operation once (err says what to
+ * answer when the retry fails the same way). -1 with TOKEN_ERR_UNAVAILABLE:
+ * the token is down, with the reason, and the recovery loop re-opens it;
+ * or it answers but fails the check too (the reason names the token's
+ * code) and stays up. -1 with TOKEN_ERR_BUSY: no operation slot came free
+ * for the check. */
 int token_key_check_fault(token_key *key, token_error *err);
 
 /* What operators see of a token. */

@@ -4,8 +4,11 @@ token reached through tests/unit/faulty_p11.c (<build>/tests/faulty_p11.so),
 which forwards to SoftHSMv2 and fails on command (its control file):
 
 - a token reset (session_invalid: every session closed, the process logged
-  out) or a lost login (not_logged_in) under a request: the request still
-  succeeds, retried once on a rebuilt libp11 context, with one new C_Login;
+  out), a lost login (not_logged_in) or stale handles (stale: libp11's
+  sessions dead while the process stays logged in, so the probe passes)
+  under a signature or a decryption: the request still succeeds, retried
+  once on a rebuilt libp11 context, with one new C_Login; a damaged
+  envelope stays 422 decryption_failed and rebuilds nothing;
 - a token that is not present: 503 token_unavailable with Retry-After,
   /readyz 503 naming it (state down, reason, time of the change), and back
   within seconds of the fault clearing, without a restart;
@@ -94,6 +97,22 @@ def sign_ok(d, key, tag):
     content = F.openssl_verify(r.json()["mime"].encode(), CA, WORK)
     check(("recovery: %s" % tag).encode() in content,
           "verified content does not hold the message: %r" % content[:200])
+
+
+def plain(tag):
+    return ("Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+            "recovery secret: %s\r\n" % tag).encode()
+
+
+def envelope(key, tag, outform="SMIME"):
+    """An envelope openssl made for the key's certificate, and its content."""
+    want = plain(tag)
+    return F.openssl_encrypt(want, [TOK / ("%s.pem" % key)], WORK, "-aes256",
+                             outform=outform), want
+
+
+def decrypt(d, raw):
+    return d.post_json("/v1/decrypt", {"mime": raw.decode("ascii")})
 
 
 def token_entry(d, name):
@@ -185,7 +204,7 @@ def healthy():
         sign_ok(D, key, "healthy %s" % key)
 
 
-def reset_retried(word):
+def reset_retried(word, key="demo-rsa"):
     """The token drops every session (or the login) between two requests;
     the next request meets the dead sessions and still succeeds."""
     logins = log_count("C_Login")
@@ -194,7 +213,7 @@ def reset_retried(word):
     rec0 = metric(m0, "smimed_token_recoveries_total", token=TOKEN)
     set_flag(word)
     try:
-        sign_ok(D, "demo-rsa", "after %s" % word)
+        sign_ok(D, key, "after %s" % word)
     finally:
         set_flag(None)
     eq(log_count("C_Login"), logins + 1, "C_Login calls: one new login on the rebuilt context")
@@ -203,8 +222,61 @@ def reset_retried(word):
        "retries counted")
     eq(metric(m, "smimed_token_recoveries_total", token=TOKEN), rec0 + 1, "recoveries counted")
     eq(state_of(D, TOKEN), "ready", "state after the retry")
-    sign_ok(D, "demo-ec", "after %s, other key" % word)
+    sign_ok(D, "demo-ec" if key == "demo-rsa" else "demo-rsa", "after %s, other key" % word)
     check("token %s ready" % TOKEN in D.stderr_text(), "no log line for the token coming back")
+
+
+def reset_decrypt_retried(word):
+    """The same faults met by a decryption, with each key: OpenSSL's CMS
+    hides the token's error behind its defence against padding oracles, so
+    only the token side can tell the failure is not the message's. The
+    decryption is retried on a rebuilt context and succeeds."""
+    for key in F.KEYS:
+        raw, want = envelope(key, "%s %s" % (word, key))
+        logins = log_count("C_Login")
+        set_flag(word)
+        try:
+            r = decrypt(D, raw)
+        finally:
+            set_flag(None)
+        eq(r.status, 200, "decrypt for %s after %s (%r)" % (key, word, r.body[:300]))
+        j = r.json()
+        eq(j.get("key"), key, "key")
+        F.same_entity(F.mime_of(j), want, "decrypted entity")
+        eq(log_count("C_Login"), logins + 1,
+           "C_Login calls: one new login on the context rebuilt for %s" % key)
+        eq(state_of(D, TOKEN), "ready", "state after the retry")
+
+
+def damaged_no_rebuild():
+    """With the token healthy, an envelope whose encrypted key was damaged
+    (bad padding) and ones whose content was (right key, wrong bytes; RSA
+    and ECDH) are the same 422 decryption_failed as ever: the token-side
+    check passes, nothing is rebuilt, no login is made."""
+    logins = log_count("C_Login")
+    raw, _ = envelope("demo-rsa", "damaged", outform="DER")
+    off, ln = F.ktri_encrypted_key(raw)
+    key_damaged = F.replace_at(raw, off, bytes(b ^ 0x5a for b in raw[off:off + ln]))
+    content_damaged = raw[:-40] + bytes(b ^ 0xa5 for b in raw[-40:])
+    answers = set()
+    for what, der in (("encrypted key", key_damaged), ("content", content_damaged)):
+        r = D.post_json("/v1/decrypt", {"mime": F.pkcs7_mime(der).decode("ascii")})
+        try:
+            j = expect_error(r, 422, "decryption_failed")
+        except AssertionError as e:
+            raise AssertionError("damaged %s: %s" % (what, e))
+        answers.add(j["error"]["message"])
+    raw, _ = envelope("demo-ec", "damaged ec", outform="DER")
+    ec_damaged = raw[:-40] + bytes(b ^ 0xa5 for b in raw[-40:])
+    r = D.post_json("/v1/decrypt", {"mime": F.pkcs7_mime(ec_damaged).decode("ascii")})
+    try:
+        j = expect_error(r, 422, "decryption_failed")
+    except AssertionError as e:
+        raise AssertionError("damaged EC content: %s" % e)
+    answers.add(j["error"]["message"])
+    eq(len(answers), 1, "distinct decryption_failed messages (%r)" % answers)
+    eq(log_count("C_Login"), logins, "C_Login calls: nothing was rebuilt")
+    eq(state_of(D, TOKEN), "ready", "state")
 
 
 def reset_concurrent():
@@ -518,6 +590,17 @@ def absent_at_start():
         eq(t.get("state"), "down", "state while absent")
         # a discovery token that is down may hold any key name
         expect_error(d.sign(key="demo-rsa", mime=msg("absent")), 503, "token_unavailable")
+        # and so may a recipient named by its key (the chaos suite found a
+        # 404 unknown_key after a reload that met the token removed); a
+        # recipient given as a certificate needs no token
+        r = d.post_json("/v1/encrypt", {"mime": msg("absent"), "recipients": ["demo-ec"]})
+        expect_error(r, 503, "token_unavailable")
+        r = d.request("POST", "/v1/encrypt?recipients=demo-rsa", body=msg("absent").encode(),
+                      headers={"Content-Type": "message/rfc822"})
+        expect_error(r, 503, "token_unavailable")
+        r = d.post_json("/v1/encrypt", {"mime": msg("absent"),
+                                        "recipients": [(TOK / "demo-rsa.pem").read_text()]})
+        eq(r.status, 200, "encrypt to a certificate while absent (%r)" % r.body[:200])
         eq(log_count("C_Login", log), 0, "no login while absent")
     finally:
         set_flag(None, flag)
@@ -584,6 +667,15 @@ def main():
                reset_retried, "session_invalid")
         S.case("login lost under a request (CKR_USER_NOT_LOGGED_IN): retried and succeeds",
                reset_retried, "not_logged_in")
+        for key in F.KEYS:
+            S.case("stale handles under a signature with %s (sessions dead, still logged "
+                   "in): retried on a rebuilt context and succeeds" % key,
+                   reset_retried, "stale", key)
+        for word in ("session_invalid", "not_logged_in", "stale"):
+            S.case("%s under a decryption, both keys: 200, retried on a rebuilt context, "
+                   "not 422" % word, reset_decrypt_retried, word)
+        S.case("damaged envelopes on a healthy token: 422 decryption_failed, one message, "
+               "no rebuild", damaged_no_rebuild)
         S.case("six requests meet one reset together: one rebuild, all succeed",
                reset_concurrent)
         S.case("token not present: 503 + Retry-After at once, /readyz names it with "

@@ -102,8 +102,8 @@ def state():
 
 def start():
     global D, TOK
-    if not CLIENTS:
-        raise F.Skip("p11-kit-client.so is not installed (package p11-kit-modules)")
+    check(CLIENTS, "p11-kit-client.so is not installed (package p11-kit-modules, in "
+          "script/packages.txt): run script/bootstrap")
     TOK = F.copy_token_dir(DEMO, WORK / "token")
     start_server()
     tok = F.token_config(TOK, name=TOKEN, module=CLIENTS[0])

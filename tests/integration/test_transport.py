@@ -8,6 +8,7 @@ through every endpoint in raw mode; malformed MIME is refused cleanly."""
 import base64
 import email
 import email.policy
+import os
 import re
 import struct
 import sys
@@ -592,13 +593,42 @@ def timed(fn, *args, **kw):
     return r, time.monotonic() - t0
 
 
+def daemon_cpu():
+    """CPU seconds the daemon used so far, all its threads (those that
+    ended included: /proc/PID/stat counts the whole thread group)."""
+    fields = Path("/proc/%d/stat" % D.proc.pid).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# The big round trips are measured in the daemon's CPU time, which other
+# processes on a shared machine barely change (wall time under a load of
+# 4 on 2 cores came out up to 3 times longer for one size and not the
+# other), as the least of REPS runs of each request (the first run also
+# pays for the daemon's allocator growing). Wall time is printed beside it.
+REPS = 3
+
+
+def best(fn, *args, **kw):
+    """The first run's answer, and the least CPU and wall time of REPS
+    runs as {"cpu": s, "wall": s}."""
+    r = None
+    cost = {"cpu": float("inf"), "wall": float("inf")}
+    for _ in range(REPS):
+        c0 = daemon_cpu()
+        got, wall = timed(fn, *args, **kw)
+        cost["cpu"] = min(cost["cpu"], daemon_cpu() - c0)
+        cost["wall"] = min(cost["wall"], wall)
+        r = r or got
+    return r, cost
+
+
 def big_round_trip(mib):
     """Sign (both modes), encrypt, decrypt, verify in raw mode; returns
     {operation: seconds}."""
     msg, blob = big_message(mib, "big %d MiB" % mib)
     times = {}
-    det, times["sign detached"] = timed(sign_raw, msg, "demo-ec", "detached", 600)
-    opq, times["sign opaque"] = timed(sign_raw, msg, "demo-rsa", "opaque", 600)
+    det, times["sign detached"] = best(sign_raw, msg, "demo-ec", "detached", 600)
+    opq, times["sign opaque"] = best(sign_raw, msg, "demo-rsa", "opaque", 600)
     for r in (det, opq):
         eq(r.header("X-Smimed-Reencoded"), "1 quoted-printable, 2 base64",
            "X-Smimed-Reencoded")
@@ -606,21 +636,21 @@ def big_round_trip(mib):
     check(all(b < 128 for b in canonical), "signed content is not 7-bit")
     eq(attachment_of(canonical), blob, "the signed attachment")
     for name, r in (("detached", det), ("opaque", opq)):
-        v, t = timed(D.request, "POST", "/v1/verify", body=r.body, headers=RAW, timeout=600)
+        v, t = best(D.request, "POST", "/v1/verify", body=r.body, headers=RAW, timeout=600)
         times["verify " + name] = t
         eq(v.status, 200, "verify status (%r)" % v.body[:300])
         j = v.json()
         eq(j.get("valid"), True, "verify %s valid" % name)
         eq(F.mime_of(j), outer_lines(msg) + canonical, "verify %s: the message" % name)
     eq(F.openssl_verify(opq.body, CA, WORK), canonical, "openssl: the opaque content")
-    enc, times["encrypt"] = timed(D.request, "POST", "/v1/encrypt?recipients=demo-rsa",
-                                  body=msg, headers=RAW, timeout=600)
+    enc, times["encrypt"] = best(D.request, "POST", "/v1/encrypt?recipients=demo-rsa",
+                                 body=msg, headers=RAW, timeout=600)
     eq(enc.status, 200, "encrypt status (%r)" % enc.body[:300])
     print("# %d MiB: message %d octets, detached %d, opaque %d, encrypted %d" % (
         mib, len(msg), len(det.body), len(opq.body), len(enc.body)), flush=True)
     check(len(enc.body) < 64 * 1024 * 1024, "encrypted form over the 64 MiB cap")
-    dec, times["decrypt"] = timed(D.request, "POST", "/v1/decrypt", body=enc.body, headers=RAW,
-                                  timeout=600)
+    dec, times["decrypt"] = best(D.request, "POST", "/v1/decrypt", body=enc.body, headers=RAW,
+                                 timeout=600)
     eq(dec.status, 200, "decrypt status (%r)" % dec.body[:300])
     eq(dec.body, outer_lines(msg) + canonical, "decrypted message")
     return times
@@ -631,20 +661,39 @@ BIG = {}
 
 def big(mib):
     BIG[mib] = big_round_trip(mib)
-    print("# %d MiB raw mode: %s" % (mib, ", ".join(
-        "%s %.2fs" % kv for kv in BIG[mib].items())), flush=True)
+    print("# %d MiB raw mode, daemon CPU (wall): %s" % (mib, ", ".join(
+        "%s %.2fs (%.2fs)" % (op, c["cpu"], c["wall"]) for op, c in BIG[mib].items())),
+        flush=True)
+
+
+# 25 MiB against 5 MiB: a linear cost a + b*n gives a ratio between 1 (all
+# fixed cost) and 5; a quadratic cost gives up to 25, and a quadratic term
+# that is only a quarter of the 5 MiB cost already gives 10. Measured on
+# the sanitizer build, seven runs of the suite (42 ratios) under load
+# averages of 2 to 8 on 2 cores: daemon CPU ratios 3.6 to 7.4 (the larger
+# buffers miss the caches more and fault in more pages, so a byte costs
+# up to half as much again at 25 MiB), wall-time ratios 2.9 to 11.4 (a
+# wall-time bound would fail on a busy machine). A bound of 8 would leave
+# the worst CPU ratio seen 8% of headroom; 10 leaves a third and still
+# fails a quadratic term of a quarter of the cost.
+MAX_RATIO = 10
 
 
 def not_quadratic():
-    """25 MiB costs about five times 5 MiB: linear. Quadratic would be 25
-    times; the bound is loose so a busy machine cannot make it flake."""
-    if 5 not in BIG or 25 not in BIG:
-        raise F.Skip("a size failed")
-    for op, t5 in BIG[5].items():
-        t25 = BIG[25][op]
-        print("# %s: 5 MiB %.2fs, 25 MiB %.2fs, ratio %.1f" % (op, t5, t25, t25 / max(t5, 1e-3)),
-              flush=True)
-        check(t25 <= 15 * t5 + 20, "%s: 25 MiB took %.1fs, 5 MiB %.1fs" % (op, t25, t5))
+    """25 MiB costs about five times 5 MiB in daemon CPU time: linear, not
+    quadratic."""
+    check(5 in BIG and 25 in BIG, "a size failed (see its case), so linearity cannot be "
+          "checked")
+    slow = []
+    for op, c5 in BIG[5].items():
+        c25 = BIG[25][op]
+        ratio = c25["cpu"] / max(c5["cpu"], 0.01)
+        print("# %s: 5 MiB %.2fs, 25 MiB %.2fs CPU, ratio %.1f (wall %.2fs, %.2fs, ratio %.1f)"
+              % (op, c5["cpu"], c25["cpu"], ratio, c5["wall"], c25["wall"],
+                 c25["wall"] / max(c5["wall"], 0.01)), flush=True)
+        if ratio > MAX_RATIO:
+            slow.append("%s %.1f" % (op, ratio))
+    check(not slow, "25 MiB against 5 MiB over %d times the CPU: %s" % (MAX_RATIO, ", ".join(slow)))
 
 
 # ------------------------------------------------------------------ malformed MIME

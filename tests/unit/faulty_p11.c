@@ -39,6 +39,16 @@
  *                  as a token that dropped its login state; SoftHSM then
  *                  answers CKR_USER_NOT_LOGGED_IN for private-key
  *                  operations on the sessions that stay open.
+ *   stale          once per write: every session opened through this
+ *                  module so far goes stale: a key operation started on
+ *                  one fails with CKR_SESSION_HANDLE_INVALID, while the
+ *                  real sessions stay open, so the process stays logged
+ *                  in and a new session works. A reset whose middleware
+ *                  restores the login but not the handles (an HSM that
+ *                  fails over to its twin): libp11's pooled sessions are
+ *                  dead, and a probe on a session of its own sees nothing
+ *                  wrong. A session handle opened again, C_CloseAllSessions
+ *                  and C_Finalize clear the mark.
  *   latency N      each key operation start waits N ms first.
  *   block          each key operation start waits until the file no
  *                  longer says "block" (a hung card); then it proceeds.
@@ -80,6 +90,7 @@ typedef ck_ulong ck_rv;
 #define CKR_DEVICE_ERROR 0x30UL
 #define CKR_DEVICE_REMOVED 0x32UL
 #define CKR_KEY_FUNCTION_NOT_PERMITTED 0x68UL
+#define CKR_SESSION_HANDLE_INVALID 0xb3UL
 #define CKR_TOKEN_NOT_PRESENT 0xe0UL
 #define CKF_TOKEN_PRESENT 0x1UL
 #define CKF_SERIAL_SESSION 0x4UL
@@ -112,7 +123,9 @@ struct ck_slot_info {
  * named. */
 struct ck_function_list {
     struct ck_version version;
-    ck_any_fn before_get_list[3]; /* C_Initialize .. C_GetInfo */
+    ck_rv (*C_Initialize)(void *args);
+    ck_rv (*C_Finalize)(void *reserved);
+    ck_any_fn get_info;
     ck_rv (*C_GetFunctionList)(struct ck_function_list **list);
     ck_rv (*C_GetSlotList)(unsigned char present, ck_ulong *slots,
                            ck_ulong *count);
@@ -138,15 +151,15 @@ struct ck_function_list {
 };
 
 _Static_assert(sizeof(struct ck_function_list) ==
-                   offsetof(struct ck_function_list, before_get_list) +
+                   offsetof(struct ck_function_list, C_Initialize) +
                        68 * sizeof(ck_any_fn),
                "CK_FUNCTION_LIST holds 68 functions");
 _Static_assert(offsetof(struct ck_function_list, C_SignInit) ==
-                   offsetof(struct ck_function_list, before_get_list) +
+                   offsetof(struct ck_function_list, C_Initialize) +
                        42 * sizeof(ck_any_fn),
                "C_SignInit is the 43rd function");
 _Static_assert(offsetof(struct ck_function_list, C_Logout) ==
-                   offsetof(struct ck_function_list, before_get_list) +
+                   offsetof(struct ck_function_list, C_Initialize) +
                        19 * sizeof(ck_any_fn),
                "C_Logout is the 20th function");
 
@@ -166,6 +179,7 @@ enum fault {
     FAULT_REFUSE,
     FAULT_SESSION_INVALID,
     FAULT_NOT_LOGGED_IN,
+    FAULT_STALE,
     FAULT_LATENCY,
     FAULT_BLOCK,
     FAULT_PIN_CODE,
@@ -180,6 +194,7 @@ static const struct {
     {"refuse", FAULT_REFUSE},
     {"session_invalid", FAULT_SESSION_INVALID},
     {"not_logged_in", FAULT_NOT_LOGGED_IN},
+    {"stale", FAULT_STALE},
     {"latency", FAULT_LATENCY},
     {"block", FAULT_BLOCK},
     {"pin_code", FAULT_PIN_CODE},
@@ -190,6 +205,72 @@ static pthread_mutex_t shot_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct stat shot_done;
 
 static void reset_tokens(enum fault fault);
+
+/* The sessions opened through this module and not closed since, and
+ * whether each went stale. A linear table: a test opens a few dozen. */
+#define MAX_TRACKED 1024
+
+static pthread_mutex_t sessions_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct tracked {
+    ck_ulong handle;
+    ck_ulong slot;
+    int stale;
+} tracked[MAX_TRACKED];
+static size_t ntracked;
+
+static void track_open(ck_ulong slot, ck_ulong handle)
+{
+    size_t i;
+
+    pthread_mutex_lock(&sessions_lock);
+    for (i = 0; i < ntracked && tracked[i].handle != handle; i++)
+        ;
+    if (i == ntracked && ntracked < MAX_TRACKED)
+        ntracked++;
+    if (i < ntracked)
+        tracked[i] = (struct tracked){handle, slot, 0};
+    pthread_mutex_unlock(&sessions_lock);
+}
+
+/* Forgets one session, or (all) every session of slot. */
+static void track_close(ck_ulong slot_or_handle, int all)
+{
+    size_t i = 0;
+
+    pthread_mutex_lock(&sessions_lock);
+    while (i < ntracked) {
+        if (all ? tracked[i].slot == slot_or_handle
+                : tracked[i].handle == slot_or_handle)
+            tracked[i] = tracked[--ntracked];
+        else
+            i++;
+    }
+    pthread_mutex_unlock(&sessions_lock);
+}
+
+static void track_stale_all(void)
+{
+    size_t i;
+
+    pthread_mutex_lock(&sessions_lock);
+    for (i = 0; i < ntracked; i++)
+        tracked[i].stale = 1;
+    pthread_mutex_unlock(&sessions_lock);
+}
+
+static int session_stale(ck_ulong handle)
+{
+    size_t i;
+    int stale = 0;
+
+    pthread_mutex_lock(&sessions_lock);
+    for (i = 0; i < ntracked; i++) {
+        if (tracked[i].handle == handle)
+            stale = tracked[i].stale;
+    }
+    pthread_mutex_unlock(&sessions_lock);
+    return stale;
+}
 
 /* What the flag file asks for now; *arg gets its number (0 without).
  * A one-shot command is carried out here, by the first call that sees a
@@ -217,7 +298,8 @@ static enum fault fault_now(long *arg)
     }
     if (arg != NULL)
         *arg = n;
-    if (fault == FAULT_SESSION_INVALID || fault == FAULT_NOT_LOGGED_IN) {
+    if (fault == FAULT_SESSION_INVALID || fault == FAULT_NOT_LOGGED_IN ||
+        fault == FAULT_STALE) {
         pthread_mutex_lock(&shot_lock);
         if (st.st_ino != shot_done.st_ino ||
             st.st_mtim.tv_sec != shot_done.st_mtim.tv_sec ||
@@ -249,15 +331,21 @@ static void log_call(const char *name)
     close(fd);
 }
 
-/* Closes every session of every token, or logs the process out of each. */
+/* Closes every session of every token, logs the process out of each, or
+ * marks the sessions handed out so far stale. */
 static void reset_tokens(enum fault fault)
 {
     ck_ulong slots[16], count = 16, i, session;
 
+    if (fault == FAULT_STALE) {
+        track_stale_all();
+        return;
+    }
     if (real->C_GetSlotList(1, slots, &count) != CKR_OK)
         return;
     for (i = 0; i < count && i < 16; i++) {
         if (fault == FAULT_SESSION_INVALID) {
+            track_close(slots[i], 1);
             real->C_CloseAllSessions(slots[i]);
         } else if (real->C_OpenSession(slots[i], CKF_SERIAL_SESSION, NULL, NULL,
                                        &session) == CKR_OK) {
@@ -275,12 +363,15 @@ static void sleep_ms(long ms)
         ;
 }
 
-/* CKR_OK when a key operation may start. */
-static ck_rv key_operation_fault(void)
+/* CKR_OK when a key operation may start on session. */
+static ck_rv key_operation_fault(ck_ulong session)
 {
     long arg;
+    enum fault fault = fault_now(&arg);
 
-    switch (fault_now(&arg)) {
+    if (session_stale(session))
+        return CKR_SESSION_HANDLE_INVALID;
+    switch (fault) {
     case FAULT_REMOVED:
         return CKR_DEVICE_REMOVED;
     case FAULT_NOT_PRESENT:
@@ -321,6 +412,7 @@ static ck_rv open_session(ck_ulong slot, ck_ulong flags, void *app,
                           ck_notify notify, ck_ulong *session)
 {
     const char *fail = getenv("FAULTY_P11_FAIL_OPEN");
+    ck_rv rv;
 
     log_call("C_OpenSession");
     if (fail != NULL && strcmp(fail, "1") == 0)
@@ -333,7 +425,30 @@ static ck_rv open_session(ck_ulong slot, ck_ulong flags, void *app,
     default:
         break;
     }
-    return real->C_OpenSession(slot, flags, app, notify, session);
+    rv = real->C_OpenSession(slot, flags, app, notify, session);
+    if (rv == CKR_OK)
+        track_open(slot, *session);
+    return rv;
+}
+
+static ck_rv close_session(ck_ulong session)
+{
+    track_close(session, 0);
+    return real->C_CloseSession(session);
+}
+
+static ck_rv close_all_sessions(ck_ulong slot)
+{
+    track_close(slot, 1);
+    return real->C_CloseAllSessions(slot);
+}
+
+static ck_rv finalize(void *reserved)
+{
+    pthread_mutex_lock(&sessions_lock);
+    ntracked = 0;
+    pthread_mutex_unlock(&sessions_lock);
+    return real->C_Finalize(reserved);
 }
 
 static ck_rv login(ck_ulong session, ck_ulong user, unsigned char *pin,
@@ -349,14 +464,14 @@ static ck_rv login(ck_ulong session, ck_ulong user, unsigned char *pin,
 
 static ck_rv decrypt_init(ck_ulong session, void *mechanism, ck_ulong key)
 {
-    ck_rv rv = key_operation_fault();
+    ck_rv rv = key_operation_fault(session);
 
     return rv != CKR_OK ? rv : real->C_DecryptInit(session, mechanism, key);
 }
 
 static ck_rv sign_init(ck_ulong session, void *mechanism, ck_ulong key)
 {
-    ck_rv rv = key_operation_fault();
+    ck_rv rv = key_operation_fault(session);
 
     return rv != CKR_OK ? rv : real->C_SignInit(session, mechanism, key);
 }
@@ -364,7 +479,7 @@ static ck_rv sign_init(ck_ulong session, void *mechanism, ck_ulong key)
 static ck_rv derive_key(ck_ulong session, void *mechanism, ck_ulong base,
                         void *attributes, ck_ulong count, ck_ulong *key)
 {
-    ck_rv rv = key_operation_fault();
+    ck_rv rv = key_operation_fault(session);
 
     return rv != CKR_OK ? rv
                         : real->C_DeriveKey(session, mechanism, base,
@@ -399,7 +514,10 @@ static void load_real(void)
     wrapped.C_GetFunctionList = C_GetFunctionList;
     wrapped.C_GetSlotInfo = get_slot_info;
     wrapped.C_GetTokenInfo = get_token_info;
+    wrapped.C_Finalize = finalize;
     wrapped.C_OpenSession = open_session;
+    wrapped.C_CloseSession = close_session;
+    wrapped.C_CloseAllSessions = close_all_sessions;
     wrapped.C_Login = login;
     wrapped.C_DecryptInit = decrypt_init;
     wrapped.C_SignInit = sign_init;

@@ -9,7 +9,10 @@
  *   by token_key_check_fault, goes down, wakes the requests waiting for it,
  *   and comes back through the recovery thread's rebuild once the fault is
  *   gone; an operation that fails while the token answers ("refuse")
- *   leaves it up.
+ *   leaves it up, and is the token's fault when the token fails a check
+ *   operation of its own on the key too; sessions that went stale while
+ *   the process stayed logged in ("stale": the probe passes) are found by
+ *   that check and re-opened at once.
  * - A PIN the token refused is not sent again on reload, nor any PIN while
  *   the process is logged in (FAULTY_P11_LOG counts the C_Login calls).
  *
@@ -371,8 +374,9 @@ static void case_runtime_fault(struct outcome *o)
     token_recovery_stop();
 }
 
-/* An operation that fails while the token answers is the operation's
- * failure, not the token's. */
+/* An operation that fails while the token answers and does the key's
+ * operations for a check is the operation's own failure; one the token
+ * refuses for the check too is the token's, and the token stays up. */
 static void case_operation_refused(struct outcome *o)
 {
     token_error err = {0};
@@ -394,11 +398,54 @@ static void case_operation_refused(struct outcome *o)
           "the token refuses the signature");
     err.status = TOKEN_OK;
     rc = token_key_check_fault(k, &err);
-    check(o, rc == 0 && err.status == TOKEN_OK,
-          "token_key_check_fault: 0, the token answers");
+    check(o,
+          rc == -1 && err.status == TOKEN_ERR_UNAVAILABLE &&
+              strstr(err.message, "CKR_KEY_FUNCTION_NOT_PERMITTED") != NULL,
+          "token_key_check_fault: -1, the check is refused too, \"%s\"",
+          err.message);
     check(o, reason_of(set)[0] == '\0', "token still ready");
     set_fault(NULL);
     check(o, sign_and_verify(k, &status), "signs once the token allows it");
+    err.status = TOKEN_OK;
+    rc = token_key_check_fault(k, &err);
+    check(o, rc == 0 && err.status == TOKEN_OK,
+          "token_key_check_fault after a signature of its own: 0, the key "
+          "works");
+    token_set_free(set);
+}
+
+/* Sessions dead, the process still logged in: the probe passes, the check
+ * operation does not; the module is rebuilt in the caller's thread (one
+ * new login) and the operation works on the new context. */
+static void case_stale_handles(struct outcome *o)
+{
+    token_error err = {0};
+    token_status status;
+    token_set *set;
+    token_key *k;
+    int rc, logins;
+
+    watch_calls();
+    set = faulty_set(pin_path, 0, &err);
+    k = signer(set);
+    if (!check(o, k != NULL && reason_of(set)[0] == '\0', "token ready%s%s",
+               why_not(set, &err)[0] != '\0' ? ": " : "", why_not(set, &err))) {
+        token_set_free(set);
+        return;
+    }
+    logins = calls("C_Login");
+    set_fault("stale");
+    check(o, !sign_and_verify(k, &status) && status == TOKEN_OK,
+          "the signature fails on a stale session");
+    rc = token_key_check_fault(k, &err);
+    check(o, rc == 1, "token_key_check_fault: 1, retry (%d, \"%s\")", rc,
+          err.message);
+    check(o, reason_of(set)[0] == '\0', "token ready after the rebuild");
+    check(o, calls("C_Login") == logins + 1,
+          "the rebuilt context logged in once more (%d logins)",
+          calls("C_Login") - logins);
+    check(o, sign_and_verify(k, &status), "signs on the rebuilt context");
+    set_fault(NULL);
     token_set_free(set);
 }
 
@@ -547,6 +594,7 @@ int main(void)
         run_case("C_OpenSession forwarded", case_open_forwarded);
         run_case("fault at run time", case_runtime_fault);
         run_case("operation refused", case_operation_refused);
+        run_case("stale handles", case_stale_handles);
         run_case("PINs on reload", case_pins);
     } else {
         sh("sed 's/^/# /' %s/setup.log", dir);
