@@ -637,6 +637,18 @@ int api_input_string(api_input *in, const char *name, const char **out,
     return 0;
 }
 
+int api_input_key(api_input *in, const char *name, const char **out,
+                  api_error *err)
+{
+    if (api_input_string(in, name, out, err) != 0)
+        return -1;
+    if (*out != NULL && strlen(*out) > TOKEN_KEY_NAME_MAX)
+        return api_fail(err, 400, "invalid_field",
+                        "%s: key names are at most %d bytes", name,
+                        TOKEN_KEY_NAME_MAX);
+    return 0;
+}
+
 int api_input_bool(api_input *in, const char *name, int *out, api_error *err)
 {
     const char *s;

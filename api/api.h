@@ -50,6 +50,10 @@ typedef struct api_header {
     char *value;      /* owned */
 } api_header;
 
+/* The longest client name, in bytes: the configuration refuses longer
+ * ones, so the audit trail never holds a name cut short. */
+#define API_CLIENT_NAME_MAX 63
+
 typedef struct api_response {
     int status;
     const char *content_type; /* static */
@@ -57,7 +61,7 @@ typedef struct api_response {
     size_t body_len;
     api_header headers[API_MAX_HEADERS];
     size_t nheaders;
-    char key[128];     /* key used, for the access log; may be empty */
+    char key[TOKEN_KEY_NAME_MAX + 1]; /* key used; may be empty */
     const char *error; /* error code of an error response, static */
     /* for the audit trail: operation is set (static: "sign", "decrypt")
      * once a private-key request passed its syntax checks; key_op once the
@@ -65,7 +69,7 @@ typedef struct api_response {
      * answer goes out */
     const char *operation;
     int key_op;
-    char client[64];         /* authenticated client; empty when none */
+    char client[API_CLIENT_NAME_MAX + 1]; /* authenticated; "" when none */
     char content_sha256[65]; /* hex digest of the submitted entity */
 } api_response;
 

@@ -75,6 +75,10 @@ void api_input_close(api_input *in);
 /* An optional string option; *out stays NULL when absent. */
 int api_input_string(api_input *in, const char *name, const char **out,
                      api_error *err);
+/* An optional key name (api_input_string); 400 when it is longer than any
+ * served name can be, so no record ever holds it cut short. */
+int api_input_key(api_input *in, const char *name, const char **out,
+                  api_error *err);
 /* An optional boolean option; *out stays as it was when absent. */
 int api_input_bool(api_input *in, const char *name, int *out, api_error *err);
 
