@@ -44,6 +44,10 @@ int api_route_has_body(const api_route *route);
 const char *api_route_path(const api_route *route);
 
 #define API_MAX_HEADERS 8
+/* The longest response header value api builds: a response's whole head
+ * must fit the connection's memory (service/http.c). A list that would be
+ * longer (X-Smimed-Reencoded) is cut; the JSON form carries all of it. */
+#define API_HEADER_VALUE_MAX 4096
 
 typedef struct api_header {
     const char *name; /* static */
@@ -77,13 +81,6 @@ void api_response_clear(api_response *res);
 /* Replaces whatever res holds with the JSON error body of err. */
 int api_response_set_error(api_response *res, const api_error *err);
 
-/* Looks up a query parameter of the request; NULL when absent. */
-typedef const char *(*api_query_fn)(void *ctx, const char *name);
-/* Calls fn for every query parameter name; stops at the first non-zero. */
-typedef int (*api_query_each_fn)(void *ctx,
-                                 int (*fn)(void *arg, const char *name),
-                                 void *arg);
-
 /* What TLS says about the peer. subject is RFC 4514; sans are the
  * rfc822Name, dNSName and URI entries. */
 typedef struct api_peer {
@@ -97,15 +94,17 @@ typedef struct api_client api_client;
 
 typedef struct api_request {
     const char *authorization; /* the Authorization header; may be NULL */
+    size_t authorization_len;  /* its length, a NUL inside it counted */
     const api_peer *peer;      /* NULL without a client certificate */
     const api_client *client;  /* set by api_handle once authenticated */
     const api_route *route;
     api_body_kind kind;
     const unsigned char *body;
     size_t body_len;
-    api_query_fn query;
-    api_query_each_fn query_each;
-    void *query_ctx;
+    /* raw mode's options: the request target's bytes after '?', not
+     * unescaped (api/query.h reads them); NULL when it has no '?' */
+    const char *query;
+    size_t query_len;
 } api_request;
 
 typedef struct api api;

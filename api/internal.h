@@ -8,6 +8,7 @@
 #include <openssl/x509.h>
 
 #include "api/api.h"
+#include "api/query.h"
 #include "cms/cms.h"
 
 /* Everything is borrowed from the service's configuration. */
@@ -50,6 +51,7 @@ int api_respond_result(api_response *res, api_body_kind kind,
 typedef struct api_input {
     const api_request *req;
     json_t *root;
+    api_query *query; /* raw mode */
     const unsigned char *mime;
     size_t mime_len;
     unsigned char *mime_owned;
