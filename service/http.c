@@ -676,9 +676,13 @@ static enum MHD_Result first_call(request *r, struct MHD_Connection *conn,
     }
     if (is_metrics(method, url))
         return answer_metrics(r, conn);
-    /* a body sent along is not read: libmicrohttpd closes the connection
-     * after the answer */
-    if (!api_route_has_body(r->route))
+    /* Nothing to wait for: a body sent along to a route without one is not
+     * read (libmicrohttpd closes the connection after the answer). And a
+     * request that announces no body must be answered now: with Expect:
+     * 100-continue, libmicrohttpd 0.9.75 would call the handler again with
+     * the bytes that follow before it takes a response. */
+    if (!api_route_has_body(r->route) ||
+        (!r->scan.chunked && r->announced == 0))
         return handle(r, conn);
     return MHD_YES;
 }

@@ -149,13 +149,12 @@ static void check_framing(scan_state *st)
 }
 
 /*
- * What the pool surely has left for the response head. Taken from it
- * already: the header block and a record per value. The read buffer
- * starts at half the pool and grows by at most an eighth of what is free
- * while a header block arrives; the response is built once the buffer is
- * cut back to the bytes read ahead, which lie in it. So the head has at
- * least half the pool less the records, and all of it less the block, the
- * records and one growth step.
+ * What the pool has left for the response head. Taken from it already:
+ * the header block and a record per value. While a block arrives the read
+ * buffer may have grown by up to an eighth of what was free past it; the
+ * response is built once the buffer is cut back to the bytes read ahead,
+ * which are none after a body unless the client pipelines its next
+ * request behind it (the one case left to libmicrohttpd: README).
  */
 static size_t pool_room(struct MHD_Connection *conn, const scan_state *st)
 {
@@ -167,14 +166,10 @@ static size_t pool_room(struct MHD_Connection *conn, const scan_state *st)
                                   MHD_HEADER_KIND | MHD_COOKIE_KIND |
                                       MHD_GET_ARGUMENT_KIND | MHD_FOOTER_KIND,
                                   NULL, NULL);
-    size_t records =
-        (size_t)(nvalues > 0 ? nvalues : 0) * WIRE_PER_VALUE + st->cookies;
-    size_t half = WIRE_POOL_SIZE / 2, whole;
+    size_t used = WIRE_ROUND(block) + WIRE_POOL_SIZE / 8 + st->cookies +
+                  (size_t)(nvalues > 0 ? nvalues : 0) * WIRE_PER_VALUE;
 
-    whole = WIRE_ROUND(block) + records + WIRE_POOL_SIZE / 8;
-    half = records < half ? half - records : 0;
-    whole = whole < WIRE_POOL_SIZE ? WIRE_POOL_SIZE - whole : 0;
-    return half < whole ? half : whole;
+    return used < WIRE_POOL_SIZE ? WIRE_POOL_SIZE - used : 0;
 }
 
 void wire_scan_headers(struct MHD_Connection *conn, const char *method,

@@ -18,7 +18,7 @@
 #include "api/api.h"
 
 /* Each connection's memory pool (MHD_OPTION_CONNECTION_MEMORY_LIMIT). */
-#define WIRE_POOL_SIZE ((size_t)32 << 10)
+#define WIRE_POOL_SIZE ((size_t)16 << 10)
 
 /* The longest response head http.c builds: status line, Date,
  * Connection, Content-Type, Content-Length, X-Request-Id, Allow or
