@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -69,7 +70,7 @@ typedef struct request {
     http_server *srv;
     struct timespec start;
     int started; /* the access handler has been called */
-    const api_route *route;
+    const api_route *route; /* NULL for /metrics */
     api_body_kind kind;
     unsigned char *body;
     size_t len, cap;
@@ -655,6 +656,20 @@ static enum MHD_Result handle(request *r, struct MHD_Connection *conn)
     return respond(r, conn, &res);
 }
 
+static int answer_now(request *r, struct MHD_Connection *conn)
+{
+    const char *clen = MHD_lookup_connection_value(
+        conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *expect = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                                     MHD_HTTP_HEADER_EXPECT);
+    int has_body = r->scan.chunked || (clen != NULL && strcmp(clen, "0") != 0);
+
+    if (r->route == NULL || !api_route_has_body(r->route))
+        return has_body;
+    return !r->scan.chunked && r->announced == 0 && expect != NULL &&
+           strcasecmp(expect, "100-continue") == 0;
+}
+
 /* The first call: everything decided on the headers. */
 static enum MHD_Result first_call(request *r, struct MHD_Connection *conn,
                                   const char *method, const char *url,
@@ -674,16 +689,14 @@ static enum MHD_Result first_call(request *r, struct MHD_Connection *conn,
         }
         return respond(r, conn, &res);
     }
-    if (is_metrics(method, url))
-        return answer_metrics(r, conn);
-    /* Nothing to wait for: a body sent along to a route without one is not
-     * read (libmicrohttpd closes the connection after the answer). And a
-     * request that announces no body must be answered now: with Expect:
-     * 100-continue, libmicrohttpd 0.9.75 would call the handler again with
-     * the bytes that follow before it takes a response. */
-    if (!api_route_has_body(r->route) ||
-        (!r->scan.chunked && r->announced == 0))
-        return handle(r, conn);
+    /* An answer queued now ends the connection after it (libmicrohttpd
+     * 0.9.75 reads nothing more of it), so only what must be is answered
+     * now: a body sent to a route without one, which is then never read,
+     * and a body route's request that announces no body but asks for 100
+     * Continue, for which libmicrohttpd would call the handler again with
+     * whatever bytes follow before it takes a response. */
+    if (answer_now(r, conn))
+        return r->route == NULL ? answer_metrics(r, conn) : handle(r, conn);
     return MHD_YES;
 }
 
@@ -739,7 +752,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
     }
     if (r->refused)
         return answer_error(r, conn, &r->err);
-    return handle(r, conn);
+    return r->route == NULL ? answer_metrics(r, conn) : handle(r, conn);
 }
 
 /* "host:port" or "[v6]:port" into a socket address. */

@@ -366,6 +366,42 @@ def discovered_labels():
         F.check_exit(dl, rc, "labels daemon exit")
 
 
+def keep_alive():
+    """Requests without a body are answered on the last call, as ones with a
+    body are, so a keep-alive connection carries them (an answer queued on
+    the header block makes libmicrohttpd 0.9.75 close the connection); one
+    that sends a body to a route without one is answered without reading
+    it, and closed."""
+    body = json.dumps({"key": "demo-ec", "mime": MSG}).encode()
+    reqs = [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /v1/keys HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body,
+            b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"]
+    s = socket.create_connection(("127.0.0.1", D.port), timeout=15)
+    try:
+        for n, req in enumerate(reqs):
+            s.sendall(req)
+            buf = b""
+            while True:
+                a, rest = parse_answer(buf, req.startswith(b"HEAD"))
+                if a is not None:
+                    break
+                chunk = s.recv(65536)
+                check(chunk, "request %d on the connection: closed" % n)
+                buf += chunk
+            eq(a.status, 200, "request %d on one connection" % n)
+            check((a.header("Connection") or "").lower() != "close",
+                  "request %d: Connection: close" % n)
+    finally:
+        s.close()
+    a, secs, ended = exchange(b"GET /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    check(a is not None and a.status == 200, "GET with a body: %r" % (a and a.raw[:100]))
+    eq((a.header("Connection") or "").lower(), "close", "GET with a body: Connection")
+
+
 def trickled():
     """A request that arrives a byte at a time, header block and body, is
     read and answered like any other (the header checks read
@@ -736,6 +772,7 @@ def main():
     S.case("1,500 re-encoded parts: 200, the header list cut to 4 KiB, the JSON form whole, "
            "audited once", many_reencoded)
     S.case("a header block that leaves no room for the answer: JSON 431", room_for_the_answer)
+    S.case("keep-alive carries requests without a body; a GET with one is answered", keep_alive)
     S.case("a request sent a byte at a time is answered, its NUL seen", trickled)
     S.case("%d mutated requests: each answered (JSON errors) or closed at once when incomplete"
            % N, mutation_fuzz)
