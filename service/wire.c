@@ -1,8 +1,9 @@
 /*
  * What libmicrohttpd 0.9.75 leaves of a request's bytes (service/wire.h).
  *
- * The header block sits at the start of the connection's memory pool, from
- * the request line's first byte (the method) for header_size bytes. Each
+ * The header block sits in the connection's memory pool, from the request
+ * line's first byte (the method) for header_size bytes; a folded line is
+ * the one thing copied out of it (and refused). Each
  * line's CR and LF were overwritten with NUL, each name cut at its colon,
  * and each value recorded as the string after the colon's white space, so
  * the bytes from a value's recorded end to the next line's name are the
@@ -16,7 +17,7 @@
 #include "service/wire.h"
 
 /* What the pool gives each header, query parameter and cookie recorded
- * (struct MHD_HTTP_Header, 56 bytes, in 16-byte units). */
+ * (struct MHD_HTTP_Header, 56 bytes, rounded up to its 16-byte unit). */
 #define WIRE_PER_VALUE 64
 #define WIRE_ROUND(n) (((n) + 15) & ~(size_t)15)
 
