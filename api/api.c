@@ -275,16 +275,60 @@ static const struct {
     {"verification", "X-Smimed-Verification"},
 };
 
-/* One header value for a field: strings as they are, booleans as
- * true/false, lists joined with ", " ("none" when empty: an empty header
- * value does not survive every client), a verification as "valid" or its
- * reason. NULL when out of memory. */
-static char *header_value(json_t *v)
+/* Room for "N parts, first K:" ahead of a cut list. */
+#define LIST_PREFIX_MAX 64
+
+/* A list as one header value: its strings joined with ", " ("none" when
+ * empty: an empty header value does not survive every client). A list
+ * longer than API_HEADER_VALUE_MAX becomes "N parts, first K: " and the
+ * first K strings that fit. */
+static char *header_list(json_t *v)
 {
+    size_t i, n = json_array_size(v), len = 0, fit, used = 0, add, o;
     json_t *item;
-    size_t i, len = 1;
     char *s;
 
+    if (n == 0)
+        return strdup("none");
+    json_array_foreach (v, i, item)
+        len += strlen(json_string_value(item)) + (i > 0 ? 2 : 0);
+    fit = n;
+    if (len > API_HEADER_VALUE_MAX) {
+        for (fit = 0; fit < n; fit++) {
+            add = strlen(json_string_value(json_array_get(v, fit))) +
+                  (fit > 0 ? 2 : 0);
+            if (LIST_PREFIX_MAX + used + add > API_HEADER_VALUE_MAX)
+                break;
+            used += add;
+        }
+        len = LIST_PREFIX_MAX + used;
+    }
+    s = malloc(len + 1);
+    if (s == NULL)
+        return NULL;
+    o = 0;
+    if (fit < n)
+        o = (size_t)snprintf(s, LIST_PREFIX_MAX, "%zu parts, first %zu:%s", n,
+                             fit, fit > 0 ? " " : "");
+    for (i = 0; i < fit; i++) {
+        const char *t = json_string_value(json_array_get(v, i));
+
+        if (i > 0) {
+            memcpy(s + o, ", ", 2);
+            o += 2;
+        }
+        memcpy(s + o, t, strlen(t));
+        o += strlen(t);
+    }
+    s[o] = '\0';
+    return s;
+}
+
+/* One header value for a field: strings as they are, booleans as
+ * true/false, lists as header_list writes them, a verification as "valid"
+ * or its reason. NULL when out of memory. */
+static char *header_value(json_t *v)
+{
     if (json_is_string(v))
         return strdup(json_string_value(v));
     if (json_is_boolean(v))
@@ -293,20 +337,7 @@ static char *header_value(json_t *v)
         return strdup(json_is_true(json_object_get(v, "valid"))
                           ? "valid"
                           : json_string_value(json_object_get(v, "reason")));
-    if (json_array_size(v) == 0)
-        return strdup("none");
-    json_array_foreach (v, i, item)
-        len += strlen(json_string_value(item)) + 2;
-    s = malloc(len);
-    if (s == NULL)
-        return NULL;
-    s[0] = '\0';
-    json_array_foreach (v, i, item) {
-        if (i > 0)
-            strcat(s, ", ");
-        strcat(s, json_string_value(item));
-    }
-    return s;
+    return header_list(v);
 }
 
 /* Takes ownership of body (malloc'd, NULL only when len is 0). */
@@ -555,21 +586,6 @@ static int is_known(const char *name, const char *const *known)
     return 0;
 }
 
-typedef struct query_check {
-    const char *const *known;
-    const char *unknown;
-} query_check;
-
-static int query_check_name(void *arg, const char *name)
-{
-    query_check *qc = arg;
-
-    if (is_known(name, qc->known))
-        return 0;
-    qc->unknown = name;
-    return 1;
-}
-
 /* in->mime is already set when the quick reader left "mime" decoded in
  * the body. */
 static int input_mime_json(api_input *in, api_error *err)
@@ -613,19 +629,25 @@ int api_input_open(api_input *in, const api_request *req,
 {
     static const api_body none = {NULL, 0};
     const api_body *body = req->body != NULL ? req->body : &none;
-    query_check qc = {known, NULL};
     json_error_t jerr;
     const char *name;
     json_t *v;
+    size_t i;
     int r;
 
     memset(in, 0, sizeof(*in));
     in->req = req;
     if (req->kind == API_BODY_RAW) {
-        req->query_each(req->query_ctx, query_check_name, &qc);
-        if (qc.unknown != NULL)
-            return api_fail(err, 400, "invalid_field",
-                            "unknown query parameter \"%s\"", qc.unknown);
+        if (api_query_parse(req->query != NULL ? req->query : "",
+                            req->query != NULL ? req->query_len : 0, &in->query,
+                            err) != 0)
+            return -1;
+        for (i = 0; i < api_query_count(in->query); i++) {
+            name = api_query_name_at(in->query, i);
+            if (!is_known(name, known))
+                return api_fail(err, 400, "invalid_field",
+                                "unknown query parameter \"%s\"", name);
+        }
         in->mime = body->data;
         in->mime_len = body->len;
         in->mime_in_body = 1;
@@ -682,6 +704,7 @@ void api_input_close(api_input *in)
 {
     api_digest_finish(in);
     json_decref(in->root);
+    api_query_free(in->query);
     free(in->mime_owned);
     memset(in, 0, sizeof(*in));
 }
@@ -692,7 +715,7 @@ int api_input_string(api_input *in, const char *name, const char **out,
     json_t *v;
 
     if (in->root == NULL) {
-        *out = in->req->query(in->req->query_ctx, name);
+        *out = api_query_get(in->query, name);
         return 0;
     }
     v = json_object_get(in->root, name);
@@ -708,13 +731,25 @@ int api_input_string(api_input *in, const char *name, const char **out,
     return 0;
 }
 
+int api_input_key(api_input *in, const char *name, const char **out,
+                  api_error *err)
+{
+    if (api_input_string(in, name, out, err) != 0)
+        return -1;
+    if (*out != NULL && strlen(*out) > TOKEN_KEY_NAME_MAX)
+        return api_fail(err, 400, "invalid_field",
+                        "%s: key names are at most %d bytes", name,
+                        TOKEN_KEY_NAME_MAX);
+    return 0;
+}
+
 int api_input_bool(api_input *in, const char *name, int *out, api_error *err)
 {
     const char *s;
     json_t *v;
 
     if (in->root == NULL) {
-        s = in->req->query(in->req->query_ctx, name);
+        s = api_query_get(in->query, name);
         if (s == NULL)
             return 0;
         if (strcmp(s, "true") != 0 && strcmp(s, "false") != 0)
@@ -767,7 +802,7 @@ int api_input_strings(api_input *in, const char *name, api_strings *out,
 
     memset(out, 0, sizeof(*out));
     if (in->root == NULL) {
-        s = in->req->query(in->req->query_ctx, name);
+        s = api_query_get(in->query, name);
         for (; s != NULL; s = comma != NULL ? comma + 1 : NULL) {
             comma = strchr(s, ',');
             if (strings_add(out, s, comma ? (size_t)(comma - s) : strlen(s)))

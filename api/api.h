@@ -44,11 +44,19 @@ int api_route_has_body(const api_route *route);
 const char *api_route_path(const api_route *route);
 
 #define API_MAX_HEADERS 8
+/* The longest response header value api builds: a response's whole head
+ * must fit the connection's memory (service/http.c). A list that would be
+ * longer (X-Smimed-Reencoded) is cut; the JSON form carries all of it. */
+#define API_HEADER_VALUE_MAX 4096
 
 typedef struct api_header {
     const char *name; /* static */
     char *value;      /* owned */
 } api_header;
+
+/* The longest client name, in bytes: the configuration refuses longer
+ * ones, so the audit trail never holds a name cut short. */
+#define API_CLIENT_NAME_MAX 63
 
 typedef struct api_response {
     int status;
@@ -57,7 +65,7 @@ typedef struct api_response {
     size_t body_len;
     api_header headers[API_MAX_HEADERS];
     size_t nheaders;
-    char key[128];     /* key used, for the access log; may be empty */
+    char key[TOKEN_KEY_NAME_MAX + 1]; /* key used; may be empty */
     const char *error; /* error code of an error response, static */
     /* for the audit trail: operation is set (static: "sign", "decrypt")
      * once a private-key request passed its syntax checks; key_op once the
@@ -65,20 +73,13 @@ typedef struct api_response {
      * answer goes out */
     const char *operation;
     int key_op;
-    char client[64];         /* authenticated client; empty when none */
+    char client[API_CLIENT_NAME_MAX + 1]; /* authenticated; "" when none */
     char content_sha256[65]; /* hex digest of the submitted entity */
 } api_response;
 
 void api_response_clear(api_response *res);
 /* Replaces whatever res holds with the JSON error body of err. */
 int api_response_set_error(api_response *res, const api_error *err);
-
-/* Looks up a query parameter of the request; NULL when absent. */
-typedef const char *(*api_query_fn)(void *ctx, const char *name);
-/* Calls fn for every query parameter name; stops at the first non-zero. */
-typedef int (*api_query_each_fn)(void *ctx,
-                                 int (*fn)(void *arg, const char *name),
-                                 void *arg);
 
 /* What TLS says about the peer. subject is RFC 4514; sans are the
  * rfc822Name, dNSName and URI entries. */
@@ -103,14 +104,16 @@ typedef struct api_body {
 
 typedef struct api_request {
     const char *authorization; /* the Authorization header; may be NULL */
+    size_t authorization_len;  /* its length, a NUL inside it counted */
     const api_peer *peer;      /* NULL without a client certificate */
     const api_client *client;  /* set by api_handle once authenticated */
     const api_route *route;
     api_body_kind kind;
     api_body *body; /* NULL without a body */
-    api_query_fn query;
-    api_query_each_fn query_each;
-    void *query_ctx;
+    /* raw mode's options: the request target's bytes after '?', not
+     * unescaped (api/query.h reads them); NULL when it has no '?' */
+    const char *query;
+    size_t query_len;
 } api_request;
 
 typedef struct api api;

@@ -41,20 +41,23 @@ int api_hash_token(const char *token, size_t len,
     return 0;
 }
 
-/* The token of "Bearer TOKEN" (RFC 6750: the scheme is case-insensitive),
- * or NULL. */
-static const char *bearer_token(const char *authorization, size_t *len)
+/* The token of "Bearer TOKEN" (RFC 6750: the scheme is case-insensitive)
+ * in authorization[0..len), or NULL. */
+static const char *bearer_token(const char *authorization, size_t len,
+                                size_t *tlen)
 {
-    const char *t;
+    const char *t, *end;
 
-    if (authorization == NULL || strncasecmp(authorization, "Bearer ", 7) != 0)
+    if (authorization == NULL || len < 7 ||
+        strncasecmp(authorization, "Bearer ", 7) != 0)
         return NULL;
-    for (t = authorization + 7; *t == ' '; t++)
+    end = authorization + len;
+    for (t = authorization + 7; t < end && *t == ' '; t++)
         ;
-    *len = strlen(t);
-    while (*len > 0 && (t[*len - 1] == ' ' || t[*len - 1] == '\t'))
-        (*len)--;
-    return *len > 0 ? t : NULL;
+    *tlen = (size_t)(end - t);
+    while (*tlen > 0 && (t[*tlen - 1] == ' ' || t[*tlen - 1] == '\t'))
+        (*tlen)--;
+    return *tlen > 0 ? t : NULL;
 }
 
 static const api_client *client_by_token(const api *a, const char *token,
@@ -119,7 +122,7 @@ int api_authenticate(const api *a, const api_request *req,
         if (*client != NULL)
             return 0;
     }
-    token = bearer_token(req->authorization, &len);
+    token = bearer_token(req->authorization, req->authorization_len, &len);
     if (token == NULL)
         return unauthorized(err, req->peer != NULL
                                      ? "the client certificate names no "
@@ -127,6 +130,9 @@ int api_authenticate(const api *a, const api_request *req,
                                        "token was given"
                                      : "authentication required: "
                                        "Authorization: Bearer TOKEN");
+    /* a token cut at a NUL would be checked without what follows it */
+    if (memchr(token, '\0', len) != NULL)
+        return unauthorized(err, "the bearer token contains NUL");
     *client = client_by_token(a, token, len);
     if (*client == NULL)
         return unauthorized(err, "the bearer token is not valid");

@@ -339,7 +339,7 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
      * (503); without a forced key the rights are known once the envelope
      * names its recipients */
     if (api_input_open(&in, req, fields, err) != 0 ||
-        api_input_string(&in, "key", &forced, err) != 0 ||
+        api_input_key(&in, "key", &forced, err) != 0 ||
         api_input_bool(&in, "verify", &verify, err) != 0 ||
         api_trust_read(&in, &trust, err) != 0)
         goto out;

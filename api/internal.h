@@ -8,6 +8,7 @@
 #include <openssl/x509.h>
 
 #include "api/api.h"
+#include "api/query.h"
 #include "cms/cms.h"
 
 /* Everything is borrowed from the service's configuration. */
@@ -51,6 +52,7 @@ int api_respond_result(api_response *res, api_body_kind kind,
 typedef struct api_input {
     const api_request *req;
     json_t *root;
+    api_query *query; /* raw mode */
     const unsigned char *mime;
     size_t mime_len;
     int mime_in_body; /* mime points into req->body */
@@ -90,6 +92,10 @@ void api_input_drop_body(api_input *in);
 /* An optional string option; *out stays NULL when absent. */
 int api_input_string(api_input *in, const char *name, const char **out,
                      api_error *err);
+/* An optional key name (api_input_string); 400 when it is longer than any
+ * served name can be, so no record ever holds it cut short. */
+int api_input_key(api_input *in, const char *name, const char **out,
+                  api_error *err);
 /* An optional boolean option; *out stays as it was when absent. */
 int api_input_bool(api_input *in, const char *name, int *out, api_error *err);
 

@@ -22,7 +22,7 @@ static int sign_params_read(api_input *in, sign_params *p, api_error *err)
 {
     const char *mode = NULL, *digest = NULL;
 
-    if (api_input_string(in, "key", &p->key, err) != 0 ||
+    if (api_input_key(in, "key", &p->key, err) != 0 ||
         api_input_string(in, "mode", &mode, err) != 0 ||
         api_input_string(in, "digest", &digest, err) != 0)
         return -1;

@@ -21,7 +21,7 @@ static int read_pems(api_input *in, const char *field, STACK_OF(X509) *certs,
 
     /* raw mode has no room for PEM text in a query string */
     if (in->root == NULL) {
-        if (in->req->query(in->req->query_ctx, field) != NULL)
+        if (api_query_get(in->query, field) != NULL)
             return api_fail(err, 400, "invalid_field",
                             "%s needs a JSON request", field);
         return 0;

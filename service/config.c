@@ -315,6 +315,31 @@ static int name_taken(const config *cfg, size_t upto_token, size_t upto_key,
     return 0;
 }
 
+/* Names go into audit records and log lines whole: longer than their
+ * buffers, or with control characters, they would be cut or forge
+ * lines. */
+static void check_name(loader *ld, const char *where, const char *what,
+                       const char *name, size_t max)
+{
+    size_t n, i;
+
+    if (name == NULL)
+        return;
+    n = strlen(name);
+    for (i = 0; i < n; i++) {
+        if ((unsigned char)name[i] < 0x20 || name[i] == 0x7f) {
+            problem(ld, where,
+                    "%s name holds a control character (0x%02x at byte %zu)",
+                    what, (unsigned char)name[i], i);
+            return;
+        }
+    }
+    if (n > max)
+        problem(ld, where,
+                "%s name \"%.40s...\" is %zu bytes long; the limit is %zu",
+                what, name, n, max);
+}
+
 static void load_key(loader *ld, size_t ti, size_t ki, json_t *obj)
 {
     token_key_spec *ks = (token_key_spec *)&ld->cfg->tokens[ti].keys[ki];
@@ -328,6 +353,7 @@ static void load_key(loader *ld, size_t ti, size_t ki, json_t *obj)
     ks->cert_file = get_path(ld, where, obj, "certificate");
     ks->chain_file = get_path(ld, where, obj, "chain");
     check_uri(ld, where, ks->uri, 1);
+    check_name(ld, where, "key", ks->name, TOKEN_KEY_NAME_MAX);
     if (name_taken(ld->cfg, ti, ki, ks->name))
         problem(ld, where, "key name \"%s\" is used twice", ks->name);
 }
@@ -498,7 +524,10 @@ static void load_client(loader *ld, size_t ci, json_t *obj)
         problem(ld, where,
                 "certificate_subject and certificate_san need "
                 "\"tls\": {\"client_ca\": ...}");
+    check_name(ld, where, "client", c->name, API_CLIENT_NAME_MAX);
     c->keys = get_names(ld, where, obj, "keys", &c->nkeys);
+    for (i = 0; c->keys != NULL && i < c->nkeys; i++)
+        check_name(ld, where, "key", c->keys[i], TOKEN_KEY_NAME_MAX);
     ops = get_names(ld, where, obj, "operations", &nops);
     for (i = 0; ops != NULL && i < nops; i++) {
         if (strcmp(ops[i], "sign") == 0)

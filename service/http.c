@@ -1,8 +1,13 @@
 /*
- * libmicrohttpd wiring. The access handler is called first with the
- * headers, then with each piece of the body, then once more at the end;
- * everything the contract checks from headers alone (route, method, size,
- * media type) is answered on the first call, before any body is read.
+ * libmicrohttpd wiring. The URI log callback sees each request first, with
+ * the request target as sent; the access handler is called next with the
+ * headers, then with each piece of the body, then once more at the end.
+ * Everything the contract checks from headers alone (route, method, size,
+ * media type, the header block itself) is answered on the first call,
+ * before any body is read, and so is every request without a body.
+ * Every answer goes through respond(): the whole response is built before
+ * the audit record is written, and one that cannot be built becomes a
+ * JSON 500, so no request is recorded as answered that was not.
  */
 #include <errno.h>
 #include <netdb.h>
@@ -11,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -27,6 +33,7 @@
 #include "service/http.h"
 #include "service/log.h"
 #include "service/metrics.h"
+#include "service/wire.h"
 
 /* An api generation and the requests using it, so a reload can wait for
  * them before the old one is freed. */
@@ -49,8 +56,9 @@ struct http_server {
     char *tls_cert, *tls_key, *tls_ca; /* PEM text, kept for MHD */
 };
 
-/* How much of a refused or unexpected body is read and thrown away so the
- * client can still get its answer. */
+/* How much of a refused chunked body is read and thrown away so the
+ * client can still get its answer: libmicrohttpd 0.9.75 takes none
+ * before the body has ended, and a chunked one may never end. */
 #define DRAIN_LIMIT ((size_t)1 << 20)
 
 /* Bound on a TLS certificate, key or CA bundle file. */
@@ -65,7 +73,8 @@ struct http_server {
 typedef struct request {
     http_server *srv;
     struct timespec start;
-    const api_route *route;
+    int started; /* the access handler has been called */
+    const api_route *route; /* NULL for /metrics */
     api_body_kind kind;
     unsigned char *body;
     size_t len, cap;
@@ -73,11 +82,12 @@ typedef struct request {
     int answered;     /* a response is queued; ignore the rest of the body */
     int refused;      /* body refused mid-upload: drain it, then send err */
     size_t drained;   /* bytes thrown away since */
+    int close;        /* the body's end is unknown: close after the answer */
     api_error err;
     int status;
     char method[16];
     char path[128];
-    char key[128];
+    char key[TOKEN_KEY_NAME_MAX + 1];
     const char *error; /* static */
     char id[17];       /* request id: X-Request-Id and the audit trail */
     char remote[INET6_ADDRSTRLEN];
@@ -85,7 +95,10 @@ typedef struct request {
     api_peer peer;
     char *peer_strings[PEER_SANS_MAX + 1]; /* subject, then sans; owned */
     const char *endpoint; /* static; metrics label of a route-less path */
-
+    char *query;          /* the raw query string; NULL without '?' */
+    size_t query_len;
+    int target_nul; /* the request target held a NUL byte */
+    wire_scan scan; /* the header block, read at the first call */
     uint64_t reserved; /* bytes of the body budget this request holds */
     conns_entry *conn; /* its connection's entry; NULL when untracked */
 } request;
@@ -99,6 +112,20 @@ static double ms_since(const struct timespec *start)
            (double)(now.tv_nsec - start->tv_nsec) / 1e6;
 }
 
+/* Copies text into buf (cut to fit) with control characters replaced:
+ * the method and path are the client's text, and no log line is forged. */
+static void copy_printable(char *buf, size_t size, const char *text, size_t len)
+{
+    size_t i;
+
+    if (len >= size)
+        len = size - 1;
+    for (i = 0; i < len; i++)
+        buf[i] =
+            (unsigned char)text[i] < 0x20 || text[i] == 0x7f ? '?' : text[i];
+    buf[len] = '\0';
+}
+
 static void on_mhd_log(void *cls, const char *fmt, va_list ap)
 {
     char msg[512];
@@ -108,67 +135,135 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap)
     n = strlen(msg);
     while (n > 0 && msg[n - 1] == '\n')
         msg[--n] = '\0';
+    /* its messages may quote the request */
+    copy_printable(msg, sizeof(msg), msg, n);
     log_warn("libmicrohttpd: %s", msg);
 }
 
-/* Hands res->body to libmicrohttpd, which frees it after sending. */
-static enum MHD_Result queue(request *r, struct MHD_Connection *conn,
-                             api_response *res)
+static int audit(request *r, api_response *res);
+
+/* The whole response for res, every header added; NULL when it cannot be
+ * built (no memory, a value libmicrohttpd refuses) or its head would be
+ * longer than the connection's memory is sure to hold. Hands res->body to
+ * libmicrohttpd, which frees it after sending. */
+static struct MHD_Response *response_build(request *r, api_response *res)
 {
     struct MHD_Response *resp;
-    enum MHD_Result ret = MHD_NO;
-    size_t i;
+    size_t i, head;
+    int close = r->refused || r->close ||
+                __atomic_load_n(&r->srv->closing, __ATOMIC_RELAXED);
 
+    if (res->status < 100 || res->status > 599 || res->content_type == NULL)
+        return NULL;
+    head = wire_head_frame((unsigned)res->status) +
+           wire_header_line(MHD_HTTP_HEADER_CONTENT_TYPE, res->content_type) +
+           wire_header_line("X-Request-Id", r->id);
+    for (i = 0; i < res->nheaders; i++)
+        head += wire_header_line(res->headers[i].name, res->headers[i].value);
+    if (head > WIRE_HEAD_MAX) {
+        log_error("request %s: a response head of %zu bytes is over the %zu "
+                  "the connection's memory is sure to hold",
+                  r->id, head, WIRE_HEAD_MAX);
+        return NULL;
+    }
     resp = MHD_create_response_from_buffer_with_free_callback(res->body_len,
                                                               res->body, free);
     if (resp == NULL)
-        goto out;
+        return NULL;
     res->body = NULL;
     if (MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
                                 res->content_type) != MHD_YES)
-        goto out;
+        goto fail;
     for (i = 0; i < res->nheaders; i++)
         if (MHD_add_response_header(resp, res->headers[i].name,
                                     res->headers[i].value) != MHD_YES)
-            goto out;
+            goto fail;
     if (MHD_add_response_header(resp, "X-Request-Id", r->id) != MHD_YES)
-        goto out;
+        goto fail;
     /* while shutting down, keep-alive would hold connections open */
-    if ((r->refused || __atomic_load_n(&r->srv->closing, __ATOMIC_RELAXED)) &&
-        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close") !=
-            MHD_YES)
-        goto out;
-    r->status = res->status;
-    r->answered = 1;
-    snprintf(r->key, sizeof(r->key), "%s", res->key);
-    r->error = res->error;
-    ret = MHD_queue_response(conn, (unsigned)res->status, resp);
-out:
+    if (close && MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION,
+                                         "close") != MHD_YES)
+        goto fail;
+    return resp;
+fail:
     MHD_destroy_response(resp);
-    api_response_clear(res);
-    return ret;
+    return NULL;
 }
 
-/* When even an error body cannot be built (out of memory), a fixed one:
+/* Replaces res with the error err and builds it. NULL when even that
+ * fails; res then still says 500 for the audit trail and the log. */
+static struct MHD_Response *error_build(request *r, api_response *res,
+                                        const api_error *err)
+{
+    struct MHD_Response *resp = NULL;
+
+    if (api_response_set_error(res, err) == 0)
+        resp = response_build(r, res);
+    if (resp == NULL) {
+        res->status = 500;
+        res->error = "internal_error";
+    }
+    return resp;
+}
+
+/* When not even an error body can be built (out of memory), a fixed one:
  * every non-2xx answer carries a JSON error. */
-static enum MHD_Result answer_fixed(request *r, struct MHD_Connection *conn)
+static struct MHD_Response *fixed_build(void)
 {
     static const char body[] = "{\"error\":{\"code\":\"internal_error\","
                                "\"message\":\"out of memory\"}}";
     struct MHD_Response *resp;
-    enum MHD_Result ret;
 
     resp = MHD_create_response_from_buffer(sizeof(body) - 1, (void *)body,
                                            MHD_RESPMEM_PERSISTENT);
+    if (resp != NULL &&
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+                                "application/json") != MHD_YES) {
+        MHD_destroy_response(resp);
+        resp = NULL;
+    }
+    return resp;
+}
+
+/* Builds res, writes its audit record, then queues it. A response that
+ * cannot be built is answered 500, and that is what the audit trail
+ * records; a record of a key operation that cannot be written withholds
+ * the result (audit_failed). */
+static enum MHD_Result respond(request *r, struct MHD_Connection *conn,
+                               api_response *res)
+{
+    struct MHD_Response *resp = response_build(r, res);
+    api_error err;
+    enum MHD_Result ret = MHD_NO;
+
+    if (resp == NULL) {
+        log_error("request %s: the %d response could not be built", r->id,
+                  res->status);
+        api_fail(&err, 500, "internal_error",
+                 "the response could not be built");
+        resp = error_build(r, res, &err);
+    }
+    if (audit(r, res) != 0) {
+        if (resp != NULL)
+            MHD_destroy_response(resp);
+        resp = error_build(r, res, &r->err);
+    }
     if (resp == NULL)
-        return MHD_NO;
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
-                            "application/json");
-    r->status = 500;
-    r->error = "internal_error";
+        resp = fixed_build();
+    r->status = resp != NULL ? res->status : 500;
     r->answered = 1;
-    ret = MHD_queue_response(conn, 500, resp);
-    MHD_destroy_response(resp);
+    /* a key name that is no key may come from the request */
+    copy_printable(r->key, sizeof(r->key), res->key, strlen(res->key));
+    r->error = res->error;
+    if (resp != NULL) {
+        ret = MHD_queue_response(conn, (unsigned)r->status, resp);
+        MHD_destroy_response(resp);
+    }
+    if (ret != MHD_YES)
+        log_error("request %s: libmicrohttpd took no response; the "
+                  "connection closes",
+                  r->id);
+    api_response_clear(res);
     return ret;
 }
 
@@ -178,10 +273,10 @@ static enum MHD_Result answer_error(request *r, struct MHD_Connection *conn,
     api_response res = {0};
 
     if (api_response_set_error(&res, err) != 0) {
-        api_response_clear(&res);
-        return answer_fixed(r, conn);
+        res.status = 500;
+        res.error = "internal_error";
     }
-    return queue(r, conn, &res);
+    return respond(r, conn, &res);
 }
 
 static void remote_address(request *r, struct MHD_Connection *conn)
@@ -261,17 +356,28 @@ out:
         gnutls_x509_crt_deinit(crt);
 }
 
+/* A request, from its target as sent (NULL when it had none). */
 static request *request_new(http_server *srv, struct MHD_Connection *conn,
-                            const char *method, const char *url)
+                            const char *uri)
 {
     request *r = calloc(1, sizeof(*r));
     unsigned char rnd[8];
-    char *p;
+    const char *q;
     size_t i;
 
     if (r == NULL)
         return NULL;
     r->srv = srv;
+    q = uri != NULL ? strchr(uri, '?') : NULL;
+    if (q != NULL) {
+        r->query_len = strlen(q + 1);
+        r->query = strdup(q + 1);
+        if (r->query == NULL) {
+            free(r);
+            return NULL;
+        }
+    }
+    r->target_nul = wire_target_has_nul(uri);
     if (RAND_bytes(rnd, sizeof(rnd)) != 1)
         memset(rnd, 0, sizeof(rnd));
     for (i = 0; i < sizeof(rnd); i++)
@@ -279,12 +385,12 @@ static request *request_new(http_server *srv, struct MHD_Connection *conn,
     remote_address(r, conn);
     peer_read(r, conn);
     clock_gettime(CLOCK_MONOTONIC, &r->start);
-    snprintf(r->method, sizeof(r->method), "%s", method);
-    snprintf(r->path, sizeof(r->path), "%s", url);
-    /* the path is the client's text: no forged log lines */
-    for (p = r->path; *p != '\0'; p++)
-        if ((unsigned char)*p < 0x20 || *p == 0x7f)
-            *p = '?';
+    /* until the access handler names them: a request libmicrohttpd
+     * answers itself is logged by its target */
+    snprintf(r->method, sizeof(r->method), "-");
+    if (uri != NULL)
+        copy_printable(r->path, sizeof(r->path), uri,
+                       q != NULL ? (size_t)(q - uri) : strlen(uri));
     pthread_mutex_lock(&srv->lock);
     srv->in_flight++;
     pthread_mutex_unlock(&srv->lock);
@@ -292,17 +398,35 @@ static request *request_new(http_server *srv, struct MHD_Connection *conn,
     return r;
 }
 
+/* libmicrohttpd 0.9.75 calls this with the request target as it arrived,
+ * before it unescapes or splits anything (the raw query is ours to read);
+ * what it returns is the request's *req_cls, and from here on it reports
+ * the request's end to on_completed. */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+    return request_new(cls, conn, uri);
+}
+
 static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                          enum MHD_RequestTerminationCode toe)
 {
     request *r = *req_cls;
     http_server *srv = cls;
+    const union MHD_ConnectionInfo *ci;
 
     if (r == NULL)
         return;
     budget_release(srv->budget, r->reserved);
     if (r->conn != NULL)
         conns_end_request(r->conn);
+    /* answered by libmicrohttpd itself (its own 400, 413, 431) */
+    if (!r->answered) {
+        ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_HTTP_STATUS);
+        if (ci != NULL && ci->http_status != 0) {
+            r->status = (int)ci->http_status;
+            r->error = "libmicrohttpd";
+        }
+    }
     /* method, path, status, latency and key only: never content or PINs */
     log_info("%s %s %d %.1fms key=%s%s%s%s", r->method, r->path, r->status,
              ms_since(&r->start), r->key[0] ? r->key : "-",
@@ -313,6 +437,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                                          : r->endpoint,
                         r->status, ms_since(&r->start) / 1e3);
     free(r->body);
+    free(r->query);
     for (size_t i = 0; i <= PEER_SANS_MAX; i++)
         free(r->peer_strings[i]);
     free(r);
@@ -342,27 +467,26 @@ static void ref_put(http_server *srv, api_ref *ref)
     pthread_mutex_unlock(&srv->lock);
 }
 
-/* Fills the request's credentials: the Authorization header and the TLS
- * client certificate. */
-static void credentials(request *r, struct MHD_Connection *conn,
-                        api_request *areq)
+/* Fills the request's credentials: the Authorization header as sent (a
+ * NUL in it is the api's to refuse) and the TLS client certificate. */
+static void credentials(request *r, api_request *areq)
 {
-    areq->authorization = MHD_lookup_connection_value(
-        conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    areq->authorization = r->scan.authorization;
+    areq->authorization_len = r->scan.authorization_len;
     areq->peer = r->has_peer ? &r->peer : NULL;
 }
 
 /* 401 comes before everything else the contract checks, so it is decided
  * on the headers; api_handle checks again with the configuration that
  * serves the body. */
-static int authenticate(request *r, struct MHD_Connection *conn, api_error *err)
+static int authenticate(request *r, api_error *err)
 {
     api_request areq = {0};
     const api_client *client;
     api_ref *ref = ref_get(r->srv);
     int rc;
 
-    credentials(r, conn, &areq);
+    credentials(r, &areq);
     rc = api_authenticate(ref->api, &areq, &client, err);
     ref_put(r->srv, ref);
     return rc;
@@ -399,9 +523,16 @@ static int audit(request *r, api_response *res)
 
 /* GET /metrics: served here rather than by api/, which knows nothing of
  * request counts; like /healthz and /readyz it needs no credentials. */
+static int is_metrics(const char *method, const char *url)
+{
+    return strcmp(url, "/metrics") == 0 &&
+           (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0);
+}
+
 static enum MHD_Result answer_metrics(request *r, struct MHD_Connection *conn)
 {
     api_response res = {0};
+    api_error err;
     api_ref *ref;
     char *page = NULL;
     int rc;
@@ -410,12 +541,14 @@ static enum MHD_Result answer_metrics(request *r, struct MHD_Connection *conn)
     ref = ref_get(r->srv);
     rc = metrics_render(api_tokens0(ref->api), &page, &res.body_len);
     ref_put(r->srv, ref);
-    if (rc != 0)
-        return answer_fixed(r, conn);
+    if (rc != 0) {
+        api_fail(&err, 500, "internal_error", "out of memory");
+        return answer_error(r, conn, &err);
+    }
     res.body = (unsigned char *)page;
     res.status = 200;
     res.content_type = "text/plain; version=0.0.4; charset=utf-8";
-    return queue(r, conn, &res);
+    return respond(r, conn, &res);
 }
 
 /* A body is read only within the daemon's budget of body bytes in flight:
@@ -440,39 +573,58 @@ static int reserve_body(request *r, struct MHD_Connection *conn, api_error *err)
     return 0;
 }
 
-/* The checks made from the headers alone, in the contract's order. */
+/* The checks made from the headers alone, in the contract's order: 431
+ * (a header block that leaves no room for the answer) before all, then
+ * 401, 404/405, 413/415, and 400 for the header block and the target. */
 static int check_headers(request *r, struct MHD_Connection *conn,
-                         const char *method, const char *url, api_error *err)
+                         const char *method, const char *url,
+                         const char *version, api_error *err)
 {
     const char *clen, *ctype;
     char *end;
     unsigned long long n;
 
-    if (!api_path_is_open(url) && authenticate(r, conn, err) != 0)
+    wire_scan_headers(conn, method, version, &r->scan);
+    r->close = r->scan.framing;
+    if (r->scan.too_large.status != 0) {
+        *err = r->scan.too_large;
         return -1;
-    r->route = api_route_find(method, url, err);
-    if (r->route == NULL)
-        return -1;
-    if (!api_route_has_body(r->route))
-        return 0;
-    clen = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                       MHD_HTTP_HEADER_CONTENT_LENGTH);
-    if (clen != NULL) {
-        errno = 0;
-        n = strtoull(clen, &end, 10);
-        if (errno == 0 && *end == '\0' && n > r->srv->max_body)
-            return api_fail(err, 413, "body_too_large",
-                            "request body of %llu bytes is over the limit "
-                            "of %zu",
-                            n, r->srv->max_body);
-        if (errno == 0 && *end == '\0')
-            r->announced = (size_t)n;
     }
-    ctype = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                        MHD_HTTP_HEADER_CONTENT_TYPE);
-    if (api_route_check_media(r->route, ctype, &r->kind, err) != 0)
+    if (!is_metrics(method, url)) {
+        if (!api_path_is_open(url) && authenticate(r, err) != 0)
+            return -1;
+        r->route = api_route_find(method, url, err);
+        if (r->route == NULL)
+            return -1;
+    }
+    if (r->route != NULL && api_route_has_body(r->route)) {
+        clen = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                           MHD_HTTP_HEADER_CONTENT_LENGTH);
+        if (clen != NULL && !r->scan.chunked) {
+            errno = 0;
+            n = strtoull(clen, &end, 10);
+            if (errno == 0 && *end == '\0' && n > r->srv->max_body)
+                return api_fail(err, 413, "body_too_large",
+                                "request body of %llu bytes is over the "
+                                "limit of %zu",
+                                n, r->srv->max_body);
+            if (errno == 0 && *end == '\0')
+                r->announced = (size_t)n;
+        }
+        ctype = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                            MHD_HTTP_HEADER_CONTENT_TYPE);
+        if (api_route_check_media(r->route, ctype, &r->kind, err) != 0 ||
+            reserve_body(r, conn, err) != 0)
+            return -1;
+    }
+    if (r->scan.problem.status != 0) {
+        *err = r->scan.problem;
         return -1;
-    return reserve_body(r, conn, err);
+    }
+    if (r->target_nul)
+        return api_fail(err, 400, "invalid_field",
+                        "the request target holds a NUL byte");
+    return 0;
 }
 
 static int append_body(request *r, const char *data, size_t size,
@@ -510,36 +662,92 @@ static int append_body(request *r, const char *data, size_t size,
     return 0;
 }
 
-typedef struct query_iter {
-    int (*fn)(void *arg, const char *name);
-    void *arg;
-    int stopped;
-} query_iter;
-
-static enum MHD_Result on_query_arg(void *cls, enum MHD_ValueKind kind,
-                                    const char *key, const char *value)
+/* Hands the request to the api: on the last call for a request with a
+ * body, on the first for one without. */
+static enum MHD_Result handle(request *r, struct MHD_Connection *conn)
 {
-    query_iter *it = cls;
+    api_request areq = {0};
+    api_body body = {0};
+    api_response res = {0};
+    api_ref *ref;
+    int rc;
 
-    if (it->fn(it->arg, key) != 0) {
-        it->stopped = 1;
-        return MHD_NO;
+    areq.route = r->route;
+    areq.kind = r->kind;
+    /* api_handle takes the body, and frees it as soon as it can */
+    body.data = r->body;
+    body.len = r->len;
+    r->body = NULL;
+    areq.body = &body;
+    areq.query = r->query;
+    areq.query_len = r->query_len;
+    credentials(r, &areq);
+    ref = ref_get(r->srv);
+    rc = api_handle(ref->api, &areq, &res);
+    ref_put(r->srv, ref);
+    if (rc != 0) {
+        res.status = 500;
+        res.error = "internal_error";
     }
+    return respond(r, conn, &res);
+}
+
+static int answer_now(request *r, struct MHD_Connection *conn)
+{
+    const char *clen = MHD_lookup_connection_value(
+        conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *expect = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                                     MHD_HTTP_HEADER_EXPECT);
+    int has_body = r->scan.chunked || (clen != NULL && strcmp(clen, "0") != 0);
+
+    if (r->route == NULL || !api_route_has_body(r->route))
+        return has_body;
+    return !r->scan.chunked && r->announced == 0 && expect != NULL &&
+           strcasecmp(expect, "100-continue") == 0;
+}
+
+/* The first call: everything decided on the headers. */
+static enum MHD_Result first_call(request *r, struct MHD_Connection *conn,
+                                  const char *method, const char *url,
+                                  const char *version)
+{
+    api_error err = {0};
+
+    r->started = 1;
+    snprintf(r->method, sizeof(r->method), "%s", method);
+    copy_printable(r->path, sizeof(r->path), url, strlen(url));
+    if (check_headers(r, conn, method, url, version, &err) != 0) {
+        api_response res = {0};
+
+        if (api_response_set_error(&res, &err) != 0) {
+            res.status = 500;
+            res.error = "internal_error";
+        }
+        return respond(r, conn, &res);
+    }
+    /* An answer queued now ends the connection after it (libmicrohttpd
+     * 0.9.75 reads nothing more of it), so only what must be is answered
+     * now: a body sent to a route without one, which is then never read,
+     * and a body route's request that announces no body but asks for 100
+     * Continue, for which libmicrohttpd would call the handler again with
+     * whatever bytes follow before it takes a response. */
+    if (answer_now(r, conn))
+        return r->route == NULL ? answer_metrics(r, conn) : handle(r, conn);
     return MHD_YES;
 }
 
-static const char *query_get(void *ctx, const char *name)
+/* With no request (no memory for one), the fixed 500. */
+static enum MHD_Result answer_without_request(struct MHD_Connection *conn)
 {
-    return MHD_lookup_connection_value(ctx, MHD_GET_ARGUMENT_KIND, name);
-}
+    struct MHD_Response *resp = fixed_build();
+    enum MHD_Result ret;
 
-static int query_each(void *ctx, int (*fn)(void *arg, const char *name),
-                      void *arg)
-{
-    query_iter it = {fn, arg, 0};
-
-    MHD_get_connection_values(ctx, MHD_GET_ARGUMENT_KIND, on_query_arg, &it);
-    return it.stopped;
+    if (resp == NULL)
+        return MHD_NO;
+    log_error("no memory for a request; answering 500");
+    ret = MHD_queue_response(conn, 500, resp);
+    MHD_destroy_response(resp);
+    return ret;
 }
 
 static conns_entry *conn_entry(struct MHD_Connection *conn)
@@ -587,38 +795,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
                                   const char *version, const char *upload_data,
                                   size_t *upload_data_size, void **req_cls)
 {
-    http_server *srv = cls;
     request *r = *req_cls;
-    api_request areq = {0};
-    api_body body = {0};
-    api_response res = {0};
-    api_error err = {0};
-    api_ref *ref;
-    int rc;
 
-    if (r == NULL) {
-        conns_entry *ce = conn_entry(conn);
-
+    if (r == NULL)
+        return answer_without_request(conn);
+    if (!r->started) {
+        r->conn = conn_entry(conn);
         /* the header is complete: its deadline no longer applies */
-        if (ce != NULL && conns_begin_request(ce) != 0)
+        if (r->conn != NULL && conns_begin_request(r->conn) != 0)
             return MHD_NO;
-        r = request_new(srv, conn, method, url);
-        if (r == NULL)
-            return MHD_NO;
-        r->conn = ce;
-        *req_cls = r;
-        if (strcmp(url, "/metrics") == 0 &&
-            (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0))
-            return answer_metrics(r, conn);
-        if (check_headers(r, conn, method, url, &err) != 0) {
-            if (api_response_set_error(&res, &err) != 0) {
-                api_response_clear(&res);
-                return answer_fixed(r, conn);
-            }
-            audit(r, &res);
-            return queue(r, conn, &res);
-        }
-        return MHD_YES;
+        return first_call(r, conn, method, url, version);
     }
     if (r->answered) {
         *upload_data_size = 0;
@@ -630,46 +816,24 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
         *upload_data_size = 0;
         /* libmicrohttpd 0.9.75 takes no response while a body is still
          * arriving: keep nothing more and answer once it has ended */
-        if (!r->refused && api_route_has_body(r->route) &&
-            append_body(r, upload_data, size, &r->err) != 0) {
+        if (!r->refused && append_body(r, upload_data, size, &r->err) != 0) {
             r->refused = 1;
             free(r->body);
             r->body = NULL;
             r->len = r->cap = 0;
-        } else if (r->refused || !api_route_has_body(r->route)) {
-            /* a client that keeps sending gets its 413 only while that
-             * stays cheap; past the limit the connection is closed */
+        } else if (r->refused) {
+            /* a Content-Length body ends within max_body; a chunked one
+             * that keeps coming gets its 413 only while that stays cheap,
+             * and past the limit the connection is closed */
             r->drained += size;
-            if (r->drained > DRAIN_LIMIT)
+            if (r->scan.chunked && r->drained > DRAIN_LIMIT)
                 return MHD_NO;
         }
         return MHD_YES;
     }
     if (r->refused)
         return answer_error(r, conn, &r->err);
-    areq.route = r->route;
-    areq.kind = r->kind;
-    /* api_handle takes the body, and frees it as soon as it can */
-    body.data = r->body;
-    body.len = r->len;
-    r->body = NULL;
-    areq.body = &body;
-    areq.query = query_get;
-    areq.query_each = query_each;
-    areq.query_ctx = conn;
-    credentials(r, conn, &areq);
-    ref = ref_get(srv);
-    rc = api_handle(ref->api, &areq, &res);
-    ref_put(srv, ref);
-    if (rc != 0) {
-        api_response_clear(&res);
-        return answer_fixed(r, conn);
-    }
-    if (audit(r, &res) != 0 && api_response_set_error(&res, &r->err) != 0) {
-        api_response_clear(&res);
-        return answer_fixed(r, conn);
-    }
-    return queue(r, conn, &res);
+    return r->route == NULL ? answer_metrics(r, conn) : handle(r, conn);
 }
 
 /* "host:port" or "[v6]:port" into a socket address. */
@@ -817,6 +981,8 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
     /* the per-address limit is conns_admit's, with the reserve */
     OPT(MHD_OPTION_CONNECTION_TIMEOUT, opts->timeout_s, NULL);
     OPT(MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv);
+    OPT(MHD_OPTION_URI_LOG_CALLBACK, on_uri, srv);
+    OPT(MHD_OPTION_CONNECTION_MEMORY_LIMIT, WIRE_POOL_SIZE, NULL);
     OPT(MHD_OPTION_NOTIFY_CONNECTION, on_connection, srv);
     if (opts->tls_certificate != NULL) {
         flags |= MHD_USE_TLS;

@@ -59,13 +59,21 @@ static void log_keys(token_set *tokens)
     size_t i;
 
     for (i = 0; i < token_set_count_tokens(tokens); i++) {
-        const char *reason = NULL;
+        const char *reason = NULL, *first = NULL;
+        size_t skipped;
 
         if (token_set_token_ready(tokens, i, &reason))
             log_info("token %s ready", token_set_token_name(tokens, i));
         else
             log_warn("token %s down: %s", token_set_token_name(tokens, i),
                      reason != NULL ? reason : "unknown");
+        skipped = token_set_token_skipped(tokens, i, &first);
+        if (skipped > 0)
+            log_warn("token %s: %zu discovered key%s not served: a key name "
+                     "is 1 to %d bytes without control characters (label "
+                     "\"%s\")",
+                     token_set_token_name(tokens, i), skipped,
+                     skipped == 1 ? " is" : "s are", TOKEN_KEY_NAME_MAX, first);
     }
     for (i = 0; i < token_set_count_keys(tokens); i++) {
         token_key *key = token_set_key_at(tokens, i);

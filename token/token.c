@@ -231,6 +231,8 @@ struct tk_token {
     unsigned max_sessions;
     long wait_ms;
     char open_reason[TK_REASON_LEN]; /* why token_set_add left it down */
+    size_t nskipped;        /* discovered labels that cannot be names */
+    char skipped_first[48]; /* the first of them, cut, for the log */
     pthread_mutex_t lock;
     pthread_cond_t cond;     /* CLOCK_MONOTONIC; module_drain waits on it */
     unsigned in_flight;      /* under lock */
@@ -1088,6 +1090,8 @@ static int build_name_taken(const struct tk_build *b, const char *name)
 
 static int check_spec(const token_spec *spec, token_error *err)
 {
+    size_t i;
+
     if (spec->module == NULL || spec->module[0] == '\0') {
         tk_error(err, TOKEN_ERR_CONFIG, "no PKCS#11 module path");
         return -1;
@@ -1104,6 +1108,16 @@ static int check_spec(const token_spec *spec, token_error *err)
         tk_error(err, TOKEN_ERR_CONFIG,
                  "max_sessions and wait_ms must not be negative");
         return -1;
+    }
+    for (i = 0; i < spec->nkeys; i++) {
+        if (spec->keys[i].name == NULL ||
+            !token_name_is_valid(spec->keys[i].name)) {
+            tk_error(err, TOKEN_ERR_CONFIG,
+                     "key names are 1 to %d bytes without control "
+                     "characters",
+                     TOKEN_KEY_NAME_MAX);
+            return -1;
+        }
     }
     return 0;
 }
@@ -1312,6 +1326,33 @@ out:
     return r;
 }
 
+int token_name_is_valid(const char *name)
+{
+    size_t n;
+
+    for (n = 0; name[n] != '\0'; n++)
+        if ((unsigned char)name[n] < 0x20 || name[n] == 0x7f)
+            return 0;
+    return n > 0 && n <= TOKEN_KEY_NAME_MAX;
+}
+
+/* A discovered label that cannot be served: counted, and the first one
+ * kept (cut, control characters as '?') for the service's warning. */
+static void token_note_skipped(struct tk_token *t, const char *label)
+{
+    size_t n, cut = sizeof(t->skipped_first) - 4;
+    char *p;
+
+    if (t->nskipped++ > 0)
+        return;
+    n = strlen(label);
+    snprintf(t->skipped_first, sizeof(t->skipped_first), "%.*s%s",
+             (int)(n > cut ? cut : n), label, n > cut ? "..." : "");
+    for (p = t->skipped_first; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
+}
+
 /* Finds the configured keys on the token, then, in discovery mode, every
  * other labelled private key with a same-ID certificate, under its label
  * unless that name is already served (configured here, or by a token
@@ -1373,6 +1414,10 @@ static int token_resolve_keys(struct tk_build *b, token_error *err)
             build_name_taken(b, keys[i].label) ||
             token_cert_for(&keys[i], certs, ncerts) == NULL)
             continue;
+        if (!token_name_is_valid(keys[i].label)) {
+            token_note_skipped(t, keys[i].label);
+            continue;
+        }
         k = key_new(keys[i].label, t, b->chain, err);
         if (k == NULL || build_push_key(b, k, err) < 0)
             return -1;
@@ -2455,6 +2500,15 @@ int token_set_token_optional(const token_set *set, size_t i)
 int token_set_token_discovery(const token_set *set, size_t i)
 {
     return i < set->ntokens ? set->tokens[i]->discovery : 0;
+}
+
+size_t token_set_token_skipped(const token_set *set, size_t i,
+                               const char **first)
+{
+    if (i >= set->ntokens)
+        return 0;
+    *first = set->tokens[i]->skipped_first;
+    return set->tokens[i]->nskipped;
 }
 
 size_t token_set_count_keys(const token_set *set)

@@ -59,6 +59,15 @@ int token_pin_check_file(const char *path, token_error *err);
 int token_pin_env_available(const char *name);
 void token_pin_free(char *pin);
 
+/* The longest key name served, in bytes. Audit records and logs hold key
+ * names in buffers of this size plus one: a configured name over it is a
+ * configuration error, a discovered label over it is not served. */
+#define TOKEN_KEY_NAME_MAX 127
+
+/* 1 when name can be a served key name: 1 to TOKEN_KEY_NAME_MAX bytes and
+ * no control characters (it travels in response headers and log lines). */
+int token_name_is_valid(const char *name);
+
 /* One key named in the configuration. */
 typedef struct token_key_spec {
     const char *name;       /* served name */
@@ -104,6 +113,12 @@ int token_set_token_optional(const token_set *set, size_t i);
  * may then live on it while it is down. */
 int token_set_token_discovery(const token_set *set, size_t i);
 
+/* Keys discovery found on token i but does not serve, because their label
+ * cannot be a key name (token_name_is_valid): how many, and in *first the
+ * first one's label, cut short and with control characters replaced, for
+ * a log line. */
+size_t token_set_token_skipped(const token_set *set, size_t i,
+                               const char **first);
 size_t token_set_count_keys(const token_set *set);
 token_key *token_set_key_at(token_set *set, size_t i);
 token_key *token_set_find_key(token_set *set, const char *name);

@@ -195,10 +195,11 @@ def ec_spki_from_token(d, key_id):
 
 
 def add_token_key(d, label, key_id, key_type, email_addr, key_usage,
-                  token="smimed-demo", keygen=()):
+                  token="smimed-demo", keygen=(), cn=None):
     """Generates a key pair on the token in d and stores a CA-issued
     certificate next to it (same CKA_ID), as script/demo-token does.
-    keygen: more pkcs11-tool options for the key pair (--always-auth)."""
+    keygen: more pkcs11-tool options for the key pair (--always-auth);
+    cn: the certificate's common name when the label cannot be one."""
     d = Path(d)
     work = Path(tempfile.mkdtemp(prefix="addkey", dir=str(IT)))
 
@@ -217,13 +218,13 @@ def add_token_key(d, label, key_id, key_type, email_addr, key_usage,
         run(["openssl", "pkey", "-pubin", "-inform", "DER", "-in", work / "pub.der",
              "-out", work / "pub.pem"])
         run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout",
-             work / "tmp.key", "-subj", "/CN=%s/emailAddress=%s" % (label, email_addr),
+             work / "tmp.key", "-subj", "/CN=%s/emailAddress=%s" % (cn or label, email_addr),
              "-out", work / "req.csr"])
         (work / "ext").write_text(
             "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,%s\n"
             "extendedKeyUsage=emailProtection\nsubjectAltName=email:%s\n"
             % (key_usage, email_addr))
-        pem = d / ("%s.pem" % label)
+        pem = d / ("%s.pem" % (cn or label)).replace(" ", "-")
         run(["openssl", "x509", "-req", "-in", work / "req.csr", "-force_pubkey",
              work / "pub.pem", "-CA", d / "ca.pem", "-CAkey", d / "ca.key",
              "-set_serial", "0x" + os.urandom(8).hex(), "-days", "30", "-sha256",

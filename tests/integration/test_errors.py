@@ -27,6 +27,8 @@ ERR = {
     "invalid_base64": (400, "invalid_base64"),
     "unknown_key": (404, "unknown_key"),
     "invalid_mime": (400, "invalid_mime"),
+    "invalid_header": (400, "invalid_header"),
+    "unsupported_transfer_encoding": (400, "unsupported_transfer_encoding"),
 }
 
 CAP = 4096  # max_body_bytes of this suite's daemon
@@ -390,8 +392,7 @@ def invalid_utf8_in_errors():
            "unsupported_media_type")
     # a message cut at the 256-byte limit in the middle of a character
     for n in range(230, 245):
-        expect(D.post_json("/v1/sign", {"key": "a" * n + "\u00e9" * 10, "mime": GOOD["mime"]}),
-               "unknown_key")
+        expect(D.request("GET", "/" + "a" * n + "%C3%A9" * 10), "not_found")
 
 
 def nul_in_options():
@@ -413,11 +414,18 @@ def key_before_recipients():
 
 
 def log_lines_not_forged():
+    forged = "\n2026-01-01T00:00:00.000Z error main: forged"
     D.request("GET", "/x%0a2026-01-01T00:00:00.000Z%20error%20main:%20forged")
+    # the key name of a 404 is the client's text too, in JSON and raw mode
+    expect_error(D.post_json("/v1/sign", {"key": "x" + forged, "mime": GOOD["mime"]}),
+                 *ERR["unknown_key"])
+    expect_error(D.request("POST", "/v1/sign?key=x%0a2026-01-01T00:00:00.000Z%20error%20main:"
+                           "%20forged", body=GOOD["mime"].encode(),
+                           headers={"Content-Type": "message/rfc822"}), *ERR["unknown_key"])
     still_serving()
     check(not any(l.startswith("2026-01-01T00:00:00.000Z error main: forged")
                   for l in D.tail(10000).splitlines()),
-          "a request path forged a log line")
+          "a request path or key name forged a log line")
 
 
 def error_bodies_are_clean():
@@ -430,6 +438,203 @@ def error_bodies_are_clean():
 def health_endpoints_method():
     r = D.request("POST", "/healthz", body=b"{}", headers={"Content-Type": "application/json"})
     expect(r, "method_not_allowed")
+
+
+# ------------------------------------------------------------------ strict input
+
+def raw_exchange(data, timeout=10, shut=False):
+    """Sends data on a fresh connection (then half-closes it when shut);
+    returns (status, headers with lower-case names, body), or None when the
+    connection ends without an answer."""
+    s = socket.create_connection(("127.0.0.1", D.port), timeout=timeout)
+    try:
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        head, body = read_response(s, timeout=timeout)
+        # an interim 100 Continue: the answer follows
+        while head.startswith(b"HTTP/1.1 100 "):
+            rest = body
+            if b"\r\n\r\n" not in rest:
+                more_head, more_body = read_response(s, timeout=timeout)
+                rest += more_head + (b"\r\n\r\n" + more_body if more_head else b"")
+            head, _, body = rest.partition(b"\r\n\r\n")
+    finally:
+        s.close()
+    if not head:
+        return None
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        headers[k.strip().lower().decode()] = v.strip().decode(errors="replace")
+    return raw_status(head), headers, body
+
+
+def raw_sign(query, extra=b"", body=None, ctype=b"message/rfc822"):
+    body = GOOD["mime"].encode() if body is None else body
+    return (b"POST /v1/sign%s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: %s\r\n%sContent-Length: %d\r\n\r\n" % (query, ctype, extra, len(body))
+            + body)
+
+
+def expect_raw(data, which, what, shut=False):
+    got = raw_exchange(data, shut=shut)
+    check(got is not None, "%s: no answer" % what)
+    status, headers, body = got
+    want_status, want_code = ERR[which] if which in ERR else which
+    try:
+        r = F.Response(status, "", list(headers.items()), body)
+        j = expect_error(r, want_status, want_code)
+    except AssertionError as e:
+        raise AssertionError("%s: %s" % (what, e))
+    return headers, j
+
+
+def strict_query():
+    refused = [
+        (b"?key=demo-ec&key=demo-rsa", "twice", "a repeated parameter (first would win)"),
+        (b"?key=demo-ec&key=demo-ec", "twice", "a repeated parameter, same value"),
+        (b"?key=demo-ec&k%65y=demo-rsa", "twice", "a repeated parameter through an escape"),
+        (b"?key=demo-ec%00x", "NUL", "a NUL in a value (it would cut the value)"),
+        (b"?key=demo-ec%00", "NUL", "a NUL ending a value"),
+        (b"?key%00x=demo-ec", "NUL", "a NUL in a name"),
+        (b"?key=demo-ec&", "empty", "a trailing '&'"),
+        (b"?&key=demo-ec", "empty", "a leading '&'"),
+        (b"?key=demo-ec&&mode=opaque", "empty", "a doubled '&'"),
+        (b"?=demo-ec", "no name", "an empty name"),
+        (b"?key=demo-ec&mode=%zz", "escape", "a bad escape"),
+        (b"?key=demo-ec%2", "escape", "half an escape"),
+        (b"?key=demo-ec&mode=opaque%", "escape", "a '%' at the end"),
+        (b"?key=demo-ec&mode=\"opaque\"", "percent-encode", "a raw quote"),
+        (b"?key=demo-ec&mode=opaque#x", "percent-encode", "a raw '#'"),
+        (b"?key=demo-ec&mode=op\xc3\xa4que", "percent-encode", "a raw 8-bit byte"),
+        (b"?key=" + b"k" * 8190, "over", "an overlong query string"),
+        (b"?key=demo-ec&" + b"&".join(b"p%d=1" % i for i in range(70)), "more than",
+         "too many parameters"),
+    ]
+    for query, word, what in refused:
+        headers, j = expect_raw(raw_sign(query), "invalid_field", what)
+        check(word in j["error"]["message"], "%s: message %r" % (what, j["error"]["message"]))
+    # what the rules allow: escapes in names and values, an empty query,
+    # '+' for a space
+    for query, want in ((b"?k%65y=demo%2Dec", 200), (b"?key=demo-ec&mode=opaque&digest=sha384", 200),
+                        (b"?key=demo+ec", "unknown_key"), (b"?key=demo%2Bec", "unknown_key"),
+                        (b"?", "missing_field")):
+        got = raw_exchange(raw_sign(query))
+        check(got is not None, "%r: no answer" % query)
+        if want == 200:
+            eq(got[0], 200, "status for %r (%r)" % (query, got[2][:200]))
+            F.openssl_verify(got[2], DEMO / "ca.pem", WORK)
+        else:
+            expect_raw(raw_sign(query), want, repr(query))
+    r = D.request("POST", "/v1/sign?key=demo+ec", body=GOOD["mime"].encode(),
+                  headers={"Content-Type": "message/rfc822"})
+    check("demo ec" in r.json()["error"]["message"], "'+' read as a space: %r" % r.body)
+    still_serving()
+
+
+def key_name_length():
+    longest = "k" * 127
+    expect(D.post_json("/v1/sign", {"key": longest, "mime": GOOD["mime"]}), "unknown_key")
+    for r in (D.post_json("/v1/sign", {"key": longest + "k", "mime": GOOD["mime"]}),
+              D.post_json("/v1/decrypt", {"key": longest + "k", "mime": "x"}),
+              D.request("POST", "/v1/sign?key=" + longest + "k", body=GOOD["mime"].encode(),
+                        headers={"Content-Type": "message/rfc822"})):
+        j = expect_error(r, *ERR["invalid_field"])
+        check("127" in j["error"]["message"], "message %r" % j["error"]["message"])
+    still_serving()
+
+
+def header_block_checks():
+    bad = [
+        (b"X-Note: a\x00b\r\n", "NUL", "a NUL inside a header value"),
+        (b"X-Note: ab\x00\r\n", "NUL", "a NUL ending a header value"),
+        (b"X-Note: \x00ab\r\n", "NUL", "a NUL starting a header value"),
+        (b"X-Note: a\x01b\r\n", "control", "a control character in a value"),
+        (b"X-Note : ab\r\n", "white space", "a space before the colon"),
+        (b"X-Note: a\r\n b\r\n", "folded", "a value folded over two lines"),
+        (b"Content-Type: message/rfc822\r\n", "twice", "Content-Type twice"),
+        (b"Host: other\r\n", "twice", "Host twice"),
+    ]
+    for extra, word, what in bad:
+        headers, j = expect_raw(raw_sign(b"?key=demo-ec", extra=extra), "invalid_header", what)
+        check(word in j["error"]["message"], "%s: message %r" % (what, j["error"]["message"]))
+    # a NUL in the value of the header that picks the media type
+    expect_raw(raw_sign(b"?key=demo-ec", ctype=b"message/rfc822\x00junk"), "invalid_header",
+               "a NUL in Content-Type")
+    # the same checks hold for requests without a body
+    expect_raw(b"GET /v1/keys HTTP/1.1\r\nHost: x\r\nX-Note: a\x00b\r\nConnection: close\r\n\r\n",
+               "invalid_header", "a NUL in a header of GET /v1/keys")
+    # tabs and 8-bit bytes in values, and bare LF line ends, are fine
+    got = raw_exchange(raw_sign(b"?key=demo-ec", extra=b"X-Note: a\tb \xc3\xa9\r\n"))
+    eq(got and got[0], 200, "a tab and UTF-8 in a header value")
+    lf = raw_sign(b"?key=demo-ec").replace(b"\r\n\r\n", b"\n\n", 1)
+    head, _, body = lf.partition(b"\n\n")
+    got = raw_exchange(head.replace(b"\r\n", b"\n") + b"\n\n" + body)
+    eq(got and got[0], 200, "a header block with bare LF line ends")
+    still_serving()
+
+
+def nul_in_target():
+    expect_raw(b"POST /v1/sign?key=demo-ec\x00x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+               b"Content-Type: message/rfc822\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(GOOD["mime"]), GOOD["mime"].encode()), "invalid_field",
+               "a raw NUL in the request target")
+    still_serving()
+
+
+def transfer_codings():
+    msg = GOOD["mime"].encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(msg), msg)
+    for te, code, what in ((b"xchunked", "unsupported_transfer_encoding", "xchunked"),
+                           (b"gzip, chunked", "unsupported_transfer_encoding", "gzip, chunked"),
+                           (b"identity", "unsupported_transfer_encoding", "identity"),
+                           (b"chunked\r\nTransfer-Encoding: chunked", "unsupported_transfer_encoding",
+                            "two Transfer-Encoding headers"),
+                           (b"chunked\r\nContent-Length: %d" % len(chunked), "invalid_header",
+                            "Transfer-Encoding with Content-Length")):
+        data = (b"POST /v1/sign?key=demo-ec HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: message/rfc822\r\nTransfer-Encoding: %s\r\n\r\n" % te) + chunked
+        t0 = time.time()
+        headers, j = expect_raw(data, (400, code), what)
+        check(time.time() - t0 < 5, "%s: answered after %.1fs" % (what, time.time() - t0))
+        eq(headers.get("connection", "").lower(), "close", "%s: Connection" % what)
+    data = (b"POST /v1/sign?key=demo-ec HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: message/rfc822\r\nTransfer-Encoding: Chunked\r\n\r\n") + chunked
+    got = raw_exchange(data)
+    eq(got and got[0], 200, "Transfer-Encoding: Chunked (any case) is read")
+    still_serving()
+
+
+def chunk_sizes():
+    head = (b"POST /v1/sign?key=demo-ec HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: message/rfc822\r\nTransfer-Encoding: chunked\r\n\r\n")
+    # over 64 bits: libmicrohttpd's own 413, at once
+    got = raw_exchange(head + b"1ffffffffffffffff\r\nabc\r\n0\r\n\r\n")
+    check(got is not None, "a chunk size over 64 bits: no answer")
+    eq(got[0], 413, "status for a chunk size over 64 bits")
+    # 2^64 - 1 fits: libmicrohttpd waits for that many bytes, and no answer
+    # can be sent before the body ends; a client that gives up is closed
+    # at once, and the daemon goes on
+    t0 = time.time()
+    got = raw_exchange(head + b"ffffffffffffffff\r\nabc\r\n0\r\n\r\n", timeout=10, shut=True)
+    check(got is None and time.time() - t0 < 5,
+          "a chunk of 2^64-1 bytes: %r after %.1fs" % (got, time.time() - t0))
+    still_serving()
+
+
+def no_body_announced():
+    """A body route with no body announced is answered at once: with
+    Expect: 100-continue and bytes behind the header block, libmicrohttpd
+    0.9.75 calls the handler before the request's end, where no answer can
+    be queued (the connection was closed without one)."""
+    for extra, what in ((b"Expect: 100-continue\r\nContent-Length: 0\r\n", "Content-Length: 0"),
+                        (b"Expect: 100-continue\r\n", "no Content-Length")):
+        data = (b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Content-Type: application/json\r\n" + extra + b"\r\n" + sign_body(GOOD))
+        expect_raw(data, "invalid_json", "%s, Expect: 100-continue, bytes after" % what)
+    still_serving()
 
 
 def main():
@@ -462,7 +667,18 @@ def main():
         ("bytes that are not UTF-8 in what errors quote -> still JSON", invalid_utf8_in_errors),
         ("NUL inside an option -> 400 invalid_field", nul_in_options),
         ("unknown signing key (404) before unfit recipient (422)", key_before_recipients),
-        ("a request path cannot forge a log line", log_lines_not_forged),
+        ("a request path or key name cannot forge a log line", log_lines_not_forged),
+        ("raw-mode query: repeated, NUL, empty, bad escapes, raw bytes, too long -> 400",
+         strict_query),
+        ("key names over 127 bytes -> 400 invalid_field", key_name_length),
+        ("NUL, control characters, folding, repeats in headers -> 400 invalid_header",
+         header_block_checks),
+        ("a raw NUL in the request target -> 400", nul_in_target),
+        ("Transfer-Encoding other than chunked -> 400 at once, Connection: close",
+         transfer_codings),
+        ("chunk sizes of 2^64-1 and over: an answer or a bounded close", chunk_sizes),
+        ("no body announced, Expect: 100-continue, bytes after: answered at once",
+         no_body_announced),
     ]
     for name, fn in cases:
         S.case(name, fn)

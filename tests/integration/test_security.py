@@ -130,6 +130,56 @@ def scheme_case_insensitive():
     eq(r.status, 200, "lower-case scheme, two spaces")
 
 
+def raw_sign_with(auth_lines):
+    """A JSON sign request written by hand, with the Authorization lines as
+    given (bytes); the response as a fixture Response, or None."""
+    body = json.dumps({"key": "demo-ec", "mime": msg("NUL")}).encode()
+    s = socket.create_connection(("127.0.0.1", D.port), timeout=15)
+    try:
+        s.sendall(b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + auth_lines +
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    lines = head.split(b"\r\n")
+    headers = [(k.strip().decode(), v.strip().decode()) for k, _, v in
+               (line.partition(b":") for line in lines[1:])]
+    return F.Response(int(lines[0].split()[1]), "", headers, rest)
+
+
+def nul_in_token():
+    """A NUL cuts a header value in libmicrohttpd: what follows it must not
+    be ignored, a token with a NUL is no token."""
+    tok = TOKEN.encode()
+    for line, what in ((b"Authorization: Bearer " + tok + b"\x00junk\r\n", "NUL then more"),
+                       (b"Authorization: Bearer " + tok + b"\x00\r\n", "a NUL at the end"),
+                       (b"Authorization: Bearer " + tok[:8] + b"\x00" + tok[8:] + b"\r\n",
+                        "a NUL inside")):
+        r = raw_sign_with(line)
+        check(r is not None, "%s: no answer" % what)
+        try:
+            refused_401(r)
+        except AssertionError as e:
+            raise AssertionError("%s: %s" % (what, e))
+        eq(record_of(r)["result"], 401, "%s: audit result" % what)
+    # two Authorization headers: whichever one would be read, refused
+    for lines in (b"Authorization: Bearer " + tok + b"\r\nAuthorization: Bearer x\r\n",
+                  b"Authorization: Bearer x\r\nAuthorization: Bearer " + tok + b"\r\n"):
+        r = raw_sign_with(lines)
+        check(r is not None and r.status in (400, 401), "two Authorization headers: %r" % r)
+        expect_error(r, r.status, "invalid_header" if r.status == 400 else "unauthorized")
+    r = raw_sign_with(b"Authorization: Bearer " + tok + b"\r\n")
+    eq(r.status, 200, "the same request with the token alone")
+
+
 def order_401_first():
     """401 comes before 404, 405, 413 and 415."""
     refused_401(D.request("GET", "/no/such/path", auth=False))
@@ -863,6 +913,7 @@ def main():
     S.case("no token: 401 with WWW-Authenticate, no key operation", missing_token)
     S.case("wrong token: 401", wrong_token)
     S.case("Bearer scheme is case-insensitive", scheme_case_insensitive)
+    S.case("a NUL in the bearer token: 401, audited; two Authorization headers refused", nul_in_token)
     S.case("401 comes before 404, 405, 413, 415", order_401_first)
     S.case("/healthz and /readyz need no token", probes_open)
     S.case("limited token: 403 for other keys and operations, no key operation", limited_client)

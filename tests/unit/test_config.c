@@ -313,6 +313,84 @@ static void test_problems(void)
     config_problems_clear(&p);
 }
 
+/* A config with one key and one client, named as given. */
+static config *load_named(const char *key, const char *client,
+                          const char *client_key, config_problems *p)
+{
+    char *text = NULL;
+    config *cfg;
+
+    if (asprintf(&text,
+                 "{\"clients\": [{\"name\": \"%s\", \"token_sha256\": "
+                 "\"00ff" HASH60 "\", \"keys\": [\"%s\"], "
+                 "\"operations\": [\"sign\"]}], \"tokens\": [{" TOKEN_OK
+                 ", \"keys\": [{\"name\": \"%s\", \"uri\": "
+                 "\"pkcs11:object=k\"}]}]}",
+                 client, client_key, key) < 0)
+        exit(1);
+    cfg = load(text, p);
+    free(text);
+    return cfg;
+}
+
+static char *repeat(char c, size_t n)
+{
+    char *s = malloc(n + 1);
+
+    if (s == NULL)
+        exit(1);
+    memset(s, c, n);
+    s[n] = '\0';
+    return s;
+}
+
+/* Names go whole into the audit record's fixed fields: the longest that
+ * fit load, one byte more is a problem, and so is a control character. */
+static void test_names(void)
+{
+    config_problems p = {0};
+    char *k127 = repeat('k', TOKEN_KEY_NAME_MAX);
+    char *k128 = repeat('k', TOKEN_KEY_NAME_MAX + 1);
+    char *c63 = repeat('c', API_CLIENT_NAME_MAX);
+    char *c64 = repeat('c', API_CLIENT_NAME_MAX + 1);
+    config *cfg;
+
+    cfg = load_named(k127, c63, k127, &p);
+    tap_ok(cfg != NULL && p.count == 0 &&
+               strlen(cfg->tokens[0].keys[0].name) == TOKEN_KEY_NAME_MAX &&
+               strlen(cfg->clients[0].name) == API_CLIENT_NAME_MAX,
+           "a %d-byte key name and a %d-byte client name load",
+           TOKEN_KEY_NAME_MAX, API_CLIENT_NAME_MAX);
+    config_free(cfg);
+    cfg = load_named(k128, c63, k127, &p);
+    tap_ok(cfg == NULL && has_problem(&p, "tokens[0].keys[0]", "128 bytes"),
+           "a %d-byte key name is refused", TOKEN_KEY_NAME_MAX + 1);
+    config_free(cfg);
+    cfg = load_named(k127, c64, k127, &p);
+    tap_ok(cfg == NULL && has_problem(&p, "clients[0]", "client name") &&
+               has_problem(&p, "clients[0]", "64 bytes"),
+           "a %d-byte client name is refused", API_CLIENT_NAME_MAX + 1);
+    config_free(cfg);
+    cfg = load_named(k127, c63, k128, &p);
+    tap_ok(cfg == NULL && has_problem(&p, "clients[0]", "key name"),
+           "a client's key over %d bytes is refused", TOKEN_KEY_NAME_MAX);
+    config_free(cfg);
+    cfg = load_named("k\\u000aforged", c63, "k", &p);
+    tap_ok(cfg == NULL &&
+               has_problem(&p, "tokens[0].keys[0]", "control character"),
+           "a key name with a newline is refused");
+    config_free(cfg);
+    cfg = load_named("k", "c\\u001b[1m", "k", &p);
+    tap_ok(cfg == NULL && has_problem(&p, "clients[0]", "control character"),
+           "a client name with an escape character is refused");
+    config_free(cfg);
+    config_problems_clear(&p);
+    free(k127);
+    free(k128);
+    free(c63);
+    free(c64);
+}
+
 int main(void)
 {
     char cmd[300];
@@ -328,6 +406,7 @@ int main(void)
     write_file("cert.pem", "");
     test_good();
     test_problems();
+    test_names();
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
     if (system(cmd) != 0)
         printf("# could not remove %s\n", dir);
