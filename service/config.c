@@ -326,7 +326,8 @@ static void load_key(loader *ld, size_t ti, size_t ki, json_t *obj)
     ks->cert_file = get_path(ld, where, obj, "certificate");
     ks->chain_file = get_path(ld, where, obj, "chain");
     check_uri(ld, where, ks->uri, 1);
-    if (name_taken(ld->cfg, ti, ki, ks->name))
+    /* a missing name is a problem check_object reported already */
+    if (ks->name != NULL && name_taken(ld->cfg, ti, ki, ks->name))
         problem(ld, where, "key name \"%s\" is used twice", ks->name);
 }
 
