@@ -373,16 +373,28 @@ static long check_header_line(const unsigned char *s, size_t pos, size_t n,
     return (long)k;
 }
 
+/* Counts the field line[0..n) when it is called name; 1 when one was
+ * counted before. */
+static int repeats(int *seen, const unsigned char *line, size_t n,
+                   const char *name)
+{
+    return name_is(line, n, name) && (*seen)++ > 0;
+}
+
 /*
  * Splits the header block of the canonical entity s[0..len): Content-* and
  * MIME-Version fields go to inner, the others to outer, each line CRLF
  * terminated. *body is where the body starts (len when there is none).
+ * Two Content-Type or Content-Transfer-Encoding fields are refused, as by
+ * cms_header_block_read, which reads the entity back after decryption and
+ * verification.
  */
 static int split_headers(const unsigned char *s, size_t len, cms_buf *outer,
                          cms_buf *inner, size_t *body, cms_error *err)
 {
     cms_buf *dst = NULL;
     size_t pos = 0, end, n, lineno = 0;
+    int types = 0, encodings = 0;
     long k;
 
     while (pos < len) {
@@ -395,6 +407,14 @@ static int split_headers(const unsigned char *s, size_t len, cms_buf *outer,
         k = check_header_line(s, pos, n, ++lineno, dst != NULL, err);
         if (k < 0)
             return -1;
+        if (k > 0 && (repeats(&types, s + pos, (size_t)k, "Content-Type") ||
+                      repeats(&encodings, s + pos, (size_t)k,
+                              "Content-Transfer-Encoding"))) {
+            cms_set_error(err, CMS_ERR_INPUT,
+                          "header line %zu repeats the %.*s field", lineno,
+                          (int)k, (const char *)s + pos);
+            return -1;
+        }
         if (k > 0)
             dst = is_content_field(s + pos, (size_t)k) ? inner : outer;
         if (cms_buf_add(dst, s + pos, n) || cms_buf_add(dst, "\r\n", 2)) {

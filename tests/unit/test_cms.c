@@ -1182,6 +1182,18 @@ static void test_malformed(void)
                    "\nx\n--o--\n",
                    "part 1 is a multipart without its close delimiter"),
            "a nested multipart without its close delimiter");
+    /* found by tests/fuzz/fuzz_entity.c: readers would disagree on which
+     * field counts, and verifying such a signature did not put the mail
+     * headers back (the inner header block is read strictly there) */
+    tap_ok(refused("Subject: s\nContent-Type: text/plain\n"
+                   "Content-Type: text/html\n\nx\n",
+                   "header line 3 repeats the Content-Type field"),
+           "two Content-Type fields");
+    tap_ok(refused("Content-Transfer-Encoding: 7bit\n"
+                   "content-transfer-encoding : base64\n\neA==\n",
+                   "header line 2 repeats the content-transfer-encoding "
+                   "field"),
+           "two Content-Transfer-Encoding fields");
 }
 
 /* White space ending a line is stripped by gateways: in a body it makes
