@@ -887,8 +887,8 @@ static size_t close_delimiter_end(const struct recoder *rc, size_t from,
  * Holds the header block of a multipart's part to the rules of the top
  * level: GMime ends a part's headers at the first line without a colon and
  * takes the rest as its body, so a broken field would be signed as text.
- * start is where its first field begins (object_start); 0 when GMime found
- * none, and then there is nothing to hold.
+ * start is where its header block begins (part_start); 0 when not known,
+ * and then there is nothing to hold.
  */
 static int check_part_headers(const struct recoder *rc, size_t start,
                               const char *num)
@@ -910,6 +910,42 @@ static int check_part_headers(const struct recoder *rc, size_t start,
         pos = end;
     }
     return 0;
+}
+
+/*
+ * Where the header block of part, a part of a multipart with boundary
+ * whose own header block starts at floor, starts: just after the delimiter
+ * line before it. GMime drops lines it cannot read as fields before the
+ * first one it keeps (and keeps none of a part with no good field), so its
+ * first field's offset (object_start) can be past lines that would be
+ * signed as headers. object_start when the delimiter is not found.
+ */
+static size_t part_start(const struct recoder *rc, GMimeObject *part,
+                         const char *boundary, size_t floor)
+{
+    GMimeDataWrapper *wrapper;
+    GMimeStream *stream;
+    size_t first = object_start(rc, part), pos = first, prev;
+    size_t blen = strlen(boundary);
+    gint64 body;
+    int close;
+
+    if (pos == 0 && GMIME_IS_PART(part) &&
+        (wrapper = g_mime_part_get_content(GMIME_PART(part))) != NULL &&
+        (stream = g_mime_data_wrapper_get_stream(wrapper)) != NULL &&
+        g_mime_stream_reset(stream) == 0 &&
+        (body = g_mime_stream_tell(stream)) >= 2 &&
+        (guint64)body <= rc->text_len)
+        pos = (size_t)body - 2; /* the blank line ending no fields */
+    while (pos > floor && rc->text[pos - 1] == '\n') {
+        for (prev = pos - 1; prev > floor && rc->text[prev - 1] != '\n'; prev--)
+            ;
+        if (cms_is_delimiter(rc->text, prev, line_text_len(rc->text, prev, pos),
+                             boundary, blen, &close))
+            return pos;
+        pos = prev;
+    }
+    return first;
 }
 
 /* Notes obj, a multipart/signed or multipart/encrypted, as a range of the
@@ -978,7 +1014,8 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
                 return -1;
             }
             part = g_mime_multipart_get_part(mp, i);
-            r = check_part_headers(rc, object_start(rc, part), sub);
+            r = check_part_headers(
+                rc, part_start(rc, part, boundary, object_start(rc, obj)), sub);
             if (r == 0)
                 r = recode_object(rc, part, sub, depth + 1);
             free(sub);

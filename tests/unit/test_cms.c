@@ -1267,6 +1267,18 @@ static void test_not_7bit_safe(void)
                    "part 1: header line 3 has no colon (missing blank line "
                    "between headers and body?)"),
            "a part without a blank line after its headers, 8-bit body");
+    /* A part's header block is checked from its delimiter on: GMime keeps
+     * no field of the second part below, and the check started at the
+     * first field it kept (found by tests/fuzz/fuzz_entity.c). */
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=m\n\n"
+                   "--m\nnot a field\nContent-Type: text/plain\n\n"
+                   "caf\xc3\xa9\n--m--\n",
+                   "part 1: header line 1 has no colon"),
+           "a part whose first header line is no field, 8-bit body");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=m\n\n"
+                   "--m\n\nx\n--m\nno field at all\n\ncaf\xc3\xa9\n--m--\n",
+                   "part 2: header line 1 has no colon"),
+           "a part with no field but a line that is none, 8-bit body");
     memset(&err, 0, sizeof(err));
     tap_ok(cms_prepare_entity((const unsigned char *)no_blank_line,
                               strlen(no_blank_line), &prep, &err) == -1 &&
