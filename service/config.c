@@ -115,7 +115,7 @@ void config_problems_clear(config_problems *p)
 __attribute__((format(printf, 3, 4))) static void
 problem(loader *ld, const char *where, const char *fmt, ...)
 {
-    char msg[512], *line = NULL, **grown;
+    char msg[512], *line = NULL, **grown, *p;
     va_list ap;
 
     va_start(ap, fmt);
@@ -129,6 +129,10 @@ problem(loader *ld, const char *where, const char *fmt, ...)
     if (asprintf(&line, "%s: %s%s%s", ld->file, where, *where ? ": " : "",
                  msg) < 0)
         return;
+    /* one line each, whatever the names in the file hold */
+    for (p = line; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
     grown[ld->problems->count++] = line;
 }
 

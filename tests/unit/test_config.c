@@ -197,6 +197,12 @@ static void test_problems(void)
                    "{\"tokns\": [], \"tokens\": [{" TOKEN_OK
                    ", \"discovery\": true}]}",
                    "smimed.conf", "unknown option \"tokns\"");
+    /* found by tests/fuzz/fuzz_config.c: a name from the file put a line
+     * break into its problem line */
+    expect_problem("a line break in an option name",
+                   "{\"a\\nb\\u001b[2J\": 1, \"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true}]}",
+                   "smimed.conf", "unknown option \"a?b?[2J\"");
     expect_problem("tokens missing", "{}", "smimed.conf",
                    "\"tokens\" is "
                    "required");
