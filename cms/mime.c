@@ -622,6 +622,7 @@ struct recoder {
     size_t n_parts;
     size_t (*frozen)[2]; /* multipart/signed or encrypted, in out's terms */
     size_t n_frozen;
+    const char *bound; /* of the multipart being walked; NULL at the top */
     cms_error *err;
 };
 
@@ -853,34 +854,52 @@ static size_t object_start(const struct recoder *rc, GMimeObject *obj)
     return off >= 0 && (guint64)off < rc->text_len ? (size_t)off : 0;
 }
 
-/* Where the close delimiter of boundary that follows rc->text[from..)
- * ends; 0 when there is none. GMime
- * takes a multipart that the data ends inside as complete; it was cut
- * short (in transit, or built wrong), and a signature would vouch for a
- * fragment. */
-static size_t close_delimiter_end(const struct recoder *rc, size_t from,
-                                  const char *boundary)
+/* Where the first delimiter line of boundary in rc->text[from..to) starts
+ * (a close delimiter only, with close_only); to when there is none. */
+static size_t find_delimiter(const struct recoder *rc, size_t from, size_t to,
+                             const char *boundary, int close_only)
 {
     size_t blen = strlen(boundary), pos = from, end;
     const unsigned char *p;
     int close;
 
     if (blen == 0)
-        return 0;
-    while (pos < rc->text_len && (p = memmem(rc->text + pos, rc->text_len - pos,
-                                             boundary, blen)) != NULL) {
+        return to;
+    while (pos < to &&
+           (p = memmem(rc->text + pos, to - pos, boundary, blen)) != NULL) {
         pos = (size_t)(p - rc->text);
         if (pos >= 2 && (pos == 2 || rc->text[pos - 3] == '\n')) {
             end = line_end(rc->text, rc->text_len, pos - 2);
             if (cms_is_delimiter(rc->text, pos - 2,
                                  line_text_len(rc->text, pos - 2, end),
                                  boundary, blen, &close) &&
-                close)
-                return end;
+                (close || !close_only))
+                return pos - 2;
         }
         pos += blen;
     }
-    return 0;
+    return to;
+}
+
+/* Where the close delimiter of boundary that follows rc->text[from..)
+ * ends; 0 when there is none before a delimiter of the enclosing
+ * multipart (rc->bound), which is where GMime ends it. GMime takes a
+ * multipart that ends that way, or with the data, as complete; it was cut
+ * short (in transit, or built wrong), a signature would vouch for a
+ * fragment, and a close delimiter further on (in a later part's body,
+ * which re-encoding may hide) is not its own. */
+static size_t close_delimiter_end(const struct recoder *rc, size_t from,
+                                  const char *boundary)
+{
+    size_t at;
+
+    if (boundary[0] == '\0')
+        return 0;
+    at = find_delimiter(rc, from, rc->text_len, boundary, 1);
+    if (at == rc->text_len ||
+        (rc->bound != NULL && find_delimiter(rc, from, at, rc->bound, 0) < at))
+        return 0;
+    return line_end(rc->text, rc->text_len, at);
 }
 
 /*
@@ -979,7 +998,7 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
     GMimeMultipart *mp;
     GMimeMessage *msg;
     GMimeObject *body, *part;
-    const char *own = *num ? num : "1", *boundary;
+    const char *own = *num ? num : "1", *boundary, *outer_bound;
     char *sub, shown[80];
     int i, r;
 
@@ -1008,6 +1027,8 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
                           *num ? "part " : "the entity", num, shown);
             return -1;
         }
+        outer_bound = rc->bound;
+        rc->bound = boundary;
         for (i = 0; i < g_mime_multipart_get_count(mp); i++) {
             if (asprintf(&sub, *num ? "%s.%d" : "%s%d", num, i + 1) < 0) {
                 cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
@@ -1022,6 +1043,7 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
             if (r != 0)
                 return r;
         }
+        rc->bound = outer_bound;
         return 0;
     }
     if (GMIME_IS_MESSAGE_PART(obj)) {

@@ -1182,6 +1182,18 @@ static void test_malformed(void)
                    "\nx\n--o--\n",
                    "part 1 is a multipart without its close delimiter"),
            "a nested multipart without its close delimiter");
+    /* found by tests/fuzz/fuzz_entity.c: a "--b--" in a later part's body
+     * (which re-encoding hides) passed for the close delimiter of part 1,
+     * which GMime ends at the next "--a" */
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=a\n\n"
+                   "--a\nContent-Type: multipart/alternative; boundary=b\n\n"
+                   "--b\n\nx\n"
+                   "--a\nContent-Type: application/octet-stream\n"
+                   "Content-Transfer-Encoding: 8bit\n\n\xff\n--b--\n"
+                   "--a--\n",
+                   "part 1 is a multipart without its close delimiter "
+                   "\"--b--\""),
+           "a nested multipart ended by its parent's delimiter");
     /* found by tests/fuzz/fuzz_entity.c: readers would disagree on which
      * field counts, and verifying such a signature did not put the mail
      * headers back (the inner header block is read strictly there) */
