@@ -77,6 +77,8 @@ int api_fail_cms(api_error *err, const cms_error *cerr)
         return api_fail(err, 422, "decryption_failed", "%s", cerr->message);
     case CMS_ERR_RECIPIENT:
         return api_fail(err, 422, "unfit_recipient", "%s", cerr->message);
+    case CMS_ERR_ALGORITHM:
+        return api_fail(err, 422, "unsupported_algorithm", "%s", cerr->message);
     case CMS_ERR_KEY:
         api_fail(err, 503, "token_unavailable",
                  "private-key operation "
@@ -374,90 +376,96 @@ static const unsigned char json_escaped_len[256] = {
     [0x5d ... 0xff] = 1,
 };
 
-static size_t json_escape(unsigned char *out, const unsigned char *in,
-                          size_t len)
+/* Escapes buf[0..len) in place into buf[at..at+n), n its escaped length
+ * (buf has room for it): from the end backwards, so every octet is read
+ * before an escape can cover it (at > 0, and escapes only lengthen). */
+static void json_escape_in_place(unsigned char *buf, size_t len, size_t at,
+                                 size_t n)
 {
     static const char hex[] = "0123456789abcdef";
-    size_t i = 0, run, o = 0;
+    size_t i = len, run, o = at + n;
     unsigned char c;
 
-    while (i < len) {
-        for (run = i; run < len && json_escaped_len[in[run]] == 1; run++)
+    while (i > 0) {
+        for (run = i; run > 0 && json_escaped_len[buf[run - 1]] == 1; run--)
             ;
-        memcpy(out + o, in + i, run - i);
-        o += run - i;
-        if (run == len)
+        o -= i - run;
+        memmove(buf + o, buf + run, i - run);
+        if (run == 0)
             break;
-        c = in[run];
-        i = run + 1;
-        out[o++] = '\\';
+        i = run - 1;
+        c = buf[i];
         switch (c) {
         case '\b':
-            out[o++] = 'b';
+            c = 'b';
             break;
         case '\f':
-            out[o++] = 'f';
+            c = 'f';
             break;
         case '\n':
-            out[o++] = 'n';
+            c = 'n';
             break;
         case '\r':
-            out[o++] = 'r';
+            c = 'r';
             break;
         case '\t':
-            out[o++] = 't';
+            c = 't';
             break;
         case '"':
         case '\\':
-            out[o++] = c;
             break;
         default:
-            memcpy(out + o, "u00", 3);
-            out[o + 3] = (unsigned char)hex[c >> 4];
-            out[o + 4] = (unsigned char)hex[c & 15];
-            o += 5;
+            o -= 6;
+            memcpy(buf + o, "\\u00", 4);
+            buf[o + 4] = (unsigned char)hex[c >> 4];
+            buf[o + 5] = (unsigned char)hex[c & 15];
+            continue;
         }
+        buf[--o] = c;
+        buf[--o] = '\\';
     }
-    return o;
 }
 
 /*
  * {"mime":"...", then the other fields}: the entity, most of the body,
- * escaped here in two passes (count, then write into one allocation);
- * jansson's writer goes through a callback per character and was a sixth
- * of a small signing request's CPU (callgrind, script/bench). The entity
- * is valid UTF-8 without NUL, so only quotes, backslashes and controls
- * need escapes.
+ * escaped here in two passes (count, then write); jansson's writer goes
+ * through a callback per character and was a sixth of a small signing
+ * request's CPU (callgrind, script/bench). The entity is valid UTF-8
+ * without NUL, so only quotes, backslashes and controls need escapes.
+ * Built in place: buf holds the entity at its start and grows to the
+ * whole body (realloc extends a large buffer where it lies, or remaps it),
+ * so a large entity is not in memory twice, as it and its escaped copy.
+ * Takes buf on every path.
  */
-static int respond_json_mime(api_response *res, const unsigned char *data,
-                             size_t len, json_t *fields)
+static int respond_json_mime_in(api_response *res, unsigned char *buf,
+                                size_t len, json_t *fields)
 {
     static const char head[] = "{\"mime\":\"";
+    const size_t at = sizeof(head) - 1;
     char *rest = json_dumps(fields, JSON_COMPACT);
     size_t rest_len, n = 0, i, o;
-    unsigned char *out;
+    unsigned char *out = NULL;
 
     json_decref(fields);
     if (rest == NULL)
-        return -1;
+        goto fail;
     rest_len = strlen(rest);
     for (i = 0; i < len; i++)
-        n += json_escaped_len[data[i]];
+        n += json_escaped_len[buf[i]];
     /* head, the string, its closing quote, a comma and the rest minus its
      * opening brace (or the bare closing brace of an empty object) */
-    out = malloc(sizeof(head) - 1 + n + 2 + rest_len);
-    if (out == NULL) {
-        free(rest);
-        return -1;
-    }
-    memcpy(out, head, sizeof(head) - 1);
-    o = sizeof(head) - 1;
-    o += json_escape(out + o, data, len);
+    out = realloc(buf, at + n + 2 + rest_len);
+    if (out == NULL)
+        goto fail;
+    buf = NULL;
+    o = at + n;
     out[o++] = '"';
     if (rest_len > 2)
         out[o++] = ',';
     memcpy(out + o, rest + 1, rest_len - 1);
     o += rest_len - 1;
+    json_escape_in_place(out, len, at, n);
+    memcpy(out, head, at);
     free(rest);
     free(res->body);
     res->body = out;
@@ -465,6 +473,32 @@ static int respond_json_mime(api_response *res, const unsigned char *data,
     res->status = 200;
     res->content_type = "application/json";
     return 0;
+fail:
+    free(rest);
+    free(buf);
+    return -1;
+}
+
+static int respond_json_mime(api_response *res, const unsigned char *data,
+                             size_t len, json_t *fields)
+{
+    unsigned char *buf = malloc(len ? len : 1);
+
+    if (buf == NULL) {
+        json_decref(fields);
+        return -1;
+    }
+    memcpy(buf, data, len);
+    return respond_json_mime_in(res, buf, len, fields);
+}
+
+/* Whether fields and the entity data[0..len) go out through
+ * respond_json_mime. */
+static int json_mime_fits(json_t *fields, const unsigned char *data, size_t len)
+{
+    return json_object_get(fields, "mime") == NULL &&
+           json_object_get(fields, "mime_base64") == NULL &&
+           api_utf8_valid(data, len) && memchr(data, '\0', len) == NULL;
 }
 
 int api_respond_entity(api_response *res, api_body_kind kind,
@@ -479,9 +513,7 @@ int api_respond_entity(api_response *res, api_body_kind kind,
         json_decref(fields);
         return r;
     }
-    if (json_object_get(fields, "mime") == NULL &&
-        json_object_get(fields, "mime_base64") == NULL &&
-        api_utf8_valid(data, len) && memchr(data, '\0', len) == NULL)
+    if (json_mime_fits(fields, data, len))
         return respond_json_mime(res, data, len, fields);
     if (api_set_mime_field(fields, data, len) != 0) {
         json_decref(fields);
@@ -497,10 +529,15 @@ int api_respond_result(api_response *res, api_body_kind kind,
     size_t len;
     int r;
 
-    if (kind != API_BODY_RAW || fields == NULL) {
-        data = (unsigned char *)cms_result_data(result, &len);
-        return api_respond_entity(res, kind, data, len, fields);
+    data = (unsigned char *)cms_result_data(result, &len);
+    if (fields != NULL && kind != API_BODY_RAW &&
+        json_mime_fits(fields, data, len)) {
+        /* escaped where it is */
+        data = cms_result_take_data(result, &len);
+        return respond_json_mime_in(res, data, len, fields);
     }
+    if (kind != API_BODY_RAW || fields == NULL)
+        return api_respond_entity(res, kind, data, len, fields);
     /* the entity goes out as the body itself: hand it over, no copy */
     data = cms_result_take_data(result, &len);
     r = respond_raw_owned(res, data, len, fields);
@@ -533,17 +570,22 @@ static int query_check_name(void *arg, const char *name)
     return 1;
 }
 
+/* in->mime is already set when the quick reader left "mime" decoded in
+ * the body. */
 static int input_mime_json(api_input *in, api_error *err)
 {
     json_t *text = json_object_get(in->root, "mime");
     json_t *b64 = json_object_get(in->root, "mime_base64");
     cms_error cerr = {0};
+    int in_body = in->mime != NULL;
 
-    if (text != NULL && b64 != NULL)
+    if ((text != NULL || in_body) && b64 != NULL)
         return api_fail(err, 400, "invalid_field",
                         "give either mime or mime_base64, not both");
-    if (text == NULL && b64 == NULL)
+    if (text == NULL && !in_body && b64 == NULL)
         return api_fail(err, 400, "missing_field", "mime is required");
+    if (in_body)
+        return 0;
     if (text != NULL) {
         if (!json_is_string(text))
             return api_fail(err, 400, "invalid_field", "mime must be a string");
@@ -569,10 +611,13 @@ static int input_mime_json(api_input *in, api_error *err)
 int api_input_open(api_input *in, const api_request *req,
                    const char *const *known, api_error *err)
 {
+    static const api_body none = {NULL, 0};
+    const api_body *body = req->body != NULL ? req->body : &none;
     query_check qc = {known, NULL};
     json_error_t jerr;
     const char *name;
     json_t *v;
+    int r;
 
     memset(in, 0, sizeof(*in));
     in->req = req;
@@ -581,15 +626,18 @@ int api_input_open(api_input *in, const api_request *req,
         if (qc.unknown != NULL)
             return api_fail(err, 400, "invalid_field",
                             "unknown query parameter \"%s\"", qc.unknown);
-        in->mime = req->body;
-        in->mime_len = req->body_len;
+        in->mime = body->data;
+        in->mime_len = body->len;
+        in->mime_in_body = 1;
         return 0;
     }
     /* NUL is legal inside a JSON string and may be part of a binary
      * entity; duplicate keys would make one of two values silently win */
-    in->root = api_flat_json_read(req->body, req->body_len);
+    if (body->data != NULL)
+        in->root = api_flat_json_read_inplace(body->data, body->len, "mime",
+                                              &in->mime, &in->mime_len);
     if (in->root == NULL)
-        in->root = json_loadb((const char *)req->body, req->body_len,
+        in->root = json_loadb((const char *)body->data, body->len,
                               JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     if (in->root == NULL)
         return api_fail(err, 400, "invalid_json", "line %d column %d: %s",
@@ -604,7 +652,30 @@ int api_input_open(api_input *in, const api_request *req,
             return api_fail(err, 400, "invalid_field", "unknown field \"%s\"",
                             name);
     }
-    return input_mime_json(in, err);
+    in->mime_in_body = in->mime != NULL;
+    r = input_mime_json(in, err);
+    /* the entity is a jansson string or decoded base64 now, unless the
+     * quick reader left it in the body */
+    if (!in->mime_in_body)
+        api_input_drop_body(in);
+    return r;
+}
+
+void api_input_drop_body(api_input *in)
+{
+    api_body *body = in->req->body;
+
+    if (body == NULL || body->data == NULL)
+        return;
+    api_digest_finish(in);
+    if (in->mime_in_body) {
+        in->mime = NULL;
+        in->mime_len = 0;
+        in->mime_in_body = 0;
+    }
+    free(body->data);
+    body->data = NULL;
+    body->len = 0;
 }
 
 void api_input_close(api_input *in)
@@ -731,15 +802,23 @@ int api_handle(api *a, const api_request *req, api_response *res)
 {
     api_error err = {0};
     api_request r = *req;
+    int rc = 0;
 
     /* again here, not only on the headers: a reload may have revoked the
      * client while its body was arriving */
     if ((api_path_is_open(req->route->path) ||
          api_authenticate(a, req, &r.client, &err) == 0) &&
         req->route->handler(a, &r, res, &err) == 0)
-        return 0;
+        goto out;
     /* a library error left on this thread's queue would be reported
      * against the next request served by it */
     ERR_clear_error();
-    return api_response_set_error(res, &err);
+    rc = api_response_set_error(res, &err);
+out:
+    if (req->body != NULL) {
+        free(req->body->data);
+        req->body->data = NULL;
+        req->body->len = 0;
+    }
+    return rc;
 }

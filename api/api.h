@@ -91,14 +91,23 @@ typedef struct api_peer {
 
 typedef struct api_client api_client;
 
+/* A request body, malloc'd, handed to api_handle with its request: the api
+ * decodes the entity's JSON string in place inside it and frees it as soon
+ * as nothing points into it, before a large response is built (a body
+ * and a response of a large entity at once would be one copy more of
+ * it), at the latest when api_handle returns. */
+typedef struct api_body {
+    unsigned char *data;
+    size_t len;
+} api_body;
+
 typedef struct api_request {
     const char *authorization; /* the Authorization header; may be NULL */
     const api_peer *peer;      /* NULL without a client certificate */
     const api_client *client;  /* set by api_handle once authenticated */
     const api_route *route;
     api_body_kind kind;
-    const unsigned char *body;
-    size_t body_len;
+    api_body *body; /* NULL without a body */
     api_query_fn query;
     api_query_each_fn query_each;
     void *query_ctx;
@@ -152,7 +161,8 @@ int api_hash_token(const char *token, size_t len,
                    unsigned char out[API_TOKEN_SHA256_LEN]);
 
 /* Always fills res (a success body or an error body); -1 on a failure that
- * left even the error body unbuilt (out of memory). */
+ * left even the error body unbuilt (out of memory). Takes req->body's data
+ * over on every path: frees it and sets it NULL. */
 int api_handle(api *a, const api_request *req, api_response *res);
 
 #endif

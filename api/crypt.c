@@ -274,23 +274,32 @@ static int decrypt_on_token(token_key *key, cms_envelope *env, cms_result **out,
 }
 
 /* What "verify": true adds: the verify response for a signed entity, or a
- * negative one that says there was no signature to check. */
+ * negative one that says there was no signature to check, or none smimed
+ * checks (an algorithm outside its lists: the plaintext is still the
+ * caller's, where /v1/verify would answer 422). */
 static int decrypt_verification(api *a, const api_trust *t, const cms_result *r,
                                 int is_signed, json_t **out, api_error *err)
 {
     const unsigned char *data;
     size_t len;
 
-    if (!is_signed) {
+    if (is_signed) {
+        data = cms_result_data(r, &len);
+        if (api_verify_entity(a, t, data, len, out, err) == 0)
+            return 0;
+        if (strcmp(err->code, "unsupported_algorithm") != 0)
+            return -1;
+        *out = json_pack("{s:b,s:s,s:s,s:[]}", "valid", 0, "reason",
+                         "unsupported_algorithm", "detail", err->message,
+                         "signers");
+    } else {
         *out = json_pack(
             "{s:b,s:s,s:s,s:[]}", "valid", 0, "reason", "not_signed", "detail",
             "the decrypted entity carries no signature", "signers");
-        if (*out == NULL)
-            return api_fail(err, 500, "internal_error", "out of memory");
-        return 0;
     }
-    data = cms_result_data(r, &len);
-    return api_verify_entity(a, t, data, len, out, err);
+    if (*out == NULL)
+        return api_fail(err, 500, "internal_error", "out of memory");
+    return 0;
 }
 
 int api_handle_decrypt(api *a, const api_request *req, api_response *res,
@@ -327,7 +336,10 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
             goto out;
     }
     if (cms_envelope_parse(in.mime, in.mime_len, &env, &cerr) != 0) {
-        api_fail(err, 422, "invalid_smime", "%s", cerr.message);
+        if (cerr.status == CMS_ERR_INPUT)
+            api_fail(err, 422, "invalid_smime", "%s", cerr.message);
+        else
+            api_fail_cms(err, &cerr);
         goto out;
     }
     if (key != NULL) {

@@ -12,6 +12,11 @@
  * and the caller parses with jansson, which gives the answer and the
  * error message. What it does return is the object jansson would build
  * (tests/unit/test_flatjson.c compares the two).
+ *
+ * Requests carry the entity as one string, most of the body: the daemon
+ * reads it with api_flat_json_read_inplace, which decodes that string
+ * inside the body itself instead of copying it (twice: into a buffer, and
+ * into a jansson string), and leaves the body as it was when it declines.
  */
 #include <string.h>
 
@@ -19,7 +24,6 @@
 
 typedef struct reader {
     const unsigned char *p, *end;
-    size_t cap; /* of each string buffer: the body's length */
 } reader;
 
 static void skip_space(reader *r)
@@ -29,26 +33,32 @@ static void skip_space(reader *r)
         r->p++;
 }
 
-/* The string at r->p (at its opening quote) into out (r->cap octets);
- * its length, or -1 for anything the quick reader leaves to jansson. */
-static long read_string(reader *r, unsigned char *out)
+/*
+ * The string at r->p (at its opening quote): its decoded length, or -1 for
+ * anything the quick reader leaves to jansson; r->p ends past the closing
+ * quote. With out, decodes it into out, which may be the string's own
+ * first octet (decoding in place: an escape is never shorter than what it
+ * stands for, so the writes stay behind the reads). check_utf8 checks the
+ * octets as read; escapes decode to ASCII, so that is the same as
+ * checking the decoded string, and a string decoded in place is checked
+ * before its octets change.
+ */
+static long read_string(reader *r, unsigned char *out, int check_utf8)
 {
-    const unsigned char *s;
+    const unsigned char *s, *start;
     size_t n = 0, run;
     unsigned char c;
 
     if (r->p >= r->end || *r->p != '"')
         return -1;
-    s = ++r->p;
-    /* unescaped, the string is never longer than the rest of the body */
-    if ((size_t)(r->end - s) > r->cap)
-        return -1;
+    start = s = r->p + 1;
     for (;;) {
         for (run = 0; s + run < r->end && s[run] != '"' && s[run] != '\\' &&
                       s[run] >= 0x20;
              run++)
             ;
-        memcpy(out + n, s, run);
+        if (out != NULL)
+            memmove(out + n, s, run);
         n += run;
         s += run;
         if (s >= r->end || *s < 0x20)
@@ -81,13 +91,31 @@ static long read_string(reader *r, unsigned char *out)
         default: /* \u and anything invalid */
             return -1;
         }
-        out[n++] = c;
+        if (out != NULL)
+            out[n] = c;
+        n++;
         s += 2;
     }
-    r->p = s + 1;
-    if (!api_utf8_valid(out, n))
+    if (check_utf8 && !api_utf8_valid(start, (size_t)(s - start)))
         return -1;
+    r->p = s + 1;
     return (long)n;
+}
+
+/* The string at r->p in a buffer of its own, NUL-terminated; NULL for
+ * anything left to jansson. */
+static unsigned char *read_string_copy(reader *r, size_t *len)
+{
+    reader again = *r;
+    unsigned char *buf;
+    long n = read_string(r, NULL, 1);
+
+    if (n < 0 || (buf = malloc((size_t)n + 1)) == NULL)
+        return NULL;
+    read_string(&again, buf, 0);
+    buf[n] = '\0';
+    *len = (size_t)n;
+    return buf;
 }
 
 static int read_literal(reader *r, const char *word, size_t len)
@@ -99,16 +127,22 @@ static int read_literal(reader *r, const char *word, size_t len)
 }
 
 /* A value: a string, true, false or null; NULL for anything else. */
-static json_t *read_value(reader *r, unsigned char *buf)
+static json_t *read_value(reader *r)
 {
-    long n;
+    unsigned char *buf;
+    json_t *v;
+    size_t n;
 
     if (r->p >= r->end)
         return NULL;
     switch (*r->p) {
     case '"':
-        n = read_string(r, buf);
-        return n < 0 ? NULL : json_stringn_nocheck((char *)buf, (size_t)n);
+        buf = read_string_copy(r, &n);
+        if (buf == NULL)
+            return NULL;
+        v = json_stringn_nocheck((char *)buf, n);
+        free(buf);
+        return v;
     case 't':
         return read_literal(r, "true", 4) ? json_true() : NULL;
     case 'f':
@@ -119,15 +153,19 @@ static json_t *read_value(reader *r, unsigned char *buf)
     return NULL;
 }
 
-json_t *api_flat_json_read(const unsigned char *body, size_t len)
+/* Both readers: with inplace (body itself, writable), the string value of
+ * the field big is decoded there at the end and left out of the object. */
+static json_t *read_object(const unsigned char *body, size_t len,
+                           unsigned char *inplace, const char *big,
+                           const unsigned char **big_value, size_t *big_len)
 {
-    reader r = {body, body + len, len};
-    unsigned char *name = malloc(len + 1), *value = malloc(len + 1);
+    reader r = {body, body + len};
+    const unsigned char *big_at = NULL;
+    unsigned char *name = NULL;
     json_t *obj = NULL, *v;
-    long n;
+    size_t n;
+    long vn = 0;
 
-    if (name == NULL || value == NULL)
-        goto fail;
     skip_space(&r);
     if (r.p >= r.end || *r.p++ != '{')
         goto fail;
@@ -141,20 +179,31 @@ json_t *api_flat_json_read(const unsigned char *body, size_t len)
     }
     for (;;) {
         skip_space(&r);
-        n = read_string(&r, name);
-        if (n < 0 || memchr(name, '\0', (size_t)n) != NULL)
+        name = read_string_copy(&r, &n);
+        if (name == NULL || memchr(name, '\0', n) != NULL)
             goto fail;
-        name[n] = '\0';
         /* a duplicate name is jansson's to refuse */
-        if (json_object_get(obj, (char *)name) != NULL)
+        if (json_object_get(obj, (char *)name) != NULL ||
+            (big_at != NULL && strcmp((char *)name, big) == 0))
             goto fail;
         skip_space(&r);
         if (r.p >= r.end || *r.p++ != ':')
             goto fail;
         skip_space(&r);
-        v = read_value(&r, value);
-        if (v == NULL || json_object_set_new_nocheck(obj, (char *)name, v) != 0)
-            goto fail;
+        if (inplace != NULL && strcmp((char *)name, big) == 0 && r.p < r.end &&
+            *r.p == '"') {
+            big_at = r.p;
+            vn = read_string(&r, NULL, 1);
+            if (vn < 0)
+                goto fail;
+        } else {
+            v = read_value(&r);
+            if (v == NULL ||
+                json_object_set_new_nocheck(obj, (char *)name, v) != 0)
+                goto fail;
+        }
+        free(name);
+        name = NULL;
         skip_space(&r);
         if (r.p < r.end && *r.p == ',') {
             r.p++;
@@ -170,12 +219,33 @@ end:
     skip_space(&r);
     if (r.p != r.end)
         goto fail;
-    free(name);
-    free(value);
+    if (inplace != NULL) {
+        *big_value = NULL;
+        *big_len = 0;
+    }
+    if (big_at != NULL) {
+        /* all checked: only now may body change */
+        r.p = big_at;
+        *big_value = inplace + (big_at + 1 - body);
+        read_string(&r, inplace + (big_at + 1 - body), 0);
+        *big_len = (size_t)vn;
+    }
     return obj;
 fail:
-    json_decref(obj);
     free(name);
-    free(value);
+    json_decref(obj);
     return NULL;
+}
+
+json_t *api_flat_json_read(const unsigned char *body, size_t len)
+{
+    return read_object(body, len, NULL, NULL, NULL, NULL);
+}
+
+json_t *api_flat_json_read_inplace(unsigned char *body, size_t len,
+                                   const char *big,
+                                   const unsigned char **big_value,
+                                   size_t *big_len)
+{
+    return read_object(body, len, body, big, big_value, big_len);
 }

@@ -38,8 +38,9 @@ int api_respond_json(api_response *res, int status, json_t *body);
  * ownership of fields on every path. */
 int api_respond_entity(api_response *res, api_body_kind kind,
                        const unsigned char *data, size_t len, json_t *fields);
-/* api_respond_entity with the data of result; in raw mode the data is
- * taken from result (which keeps the rest) instead of copied. */
+/* api_respond_entity with the data of result, taken from result (which
+ * keeps the rest) instead of copied: in raw mode it is the body, and in
+ * JSON mode it is escaped in place into the body where it can be. */
 int api_respond_result(api_response *res, api_body_kind kind,
                        cms_result *result, json_t *fields);
 
@@ -52,6 +53,7 @@ typedef struct api_input {
     json_t *root;
     const unsigned char *mime;
     size_t mime_len;
+    int mime_in_body; /* mime points into req->body */
     unsigned char *mime_owned;
     /* The audit digest of a large entity, computed on a thread of its own
      * (api_authorize); api_input_close waits for it and copies hex into
@@ -65,6 +67,15 @@ typedef struct api_input {
  * and null values, no \u escapes) and valid; NULL for anything else,
  * which the caller then reads with jansson (flatjson.c). */
 json_t *api_flat_json_read(const unsigned char *body, size_t len);
+/* The same for a body the caller lets it change: when the object is
+ * returned, the string value of the field named big (if it has one) is
+ * decoded in place inside body and left out of the object, *big_value
+ * pointing to it (NULL when there is none); when NULL is returned, body is
+ * as it was. */
+json_t *api_flat_json_read_inplace(unsigned char *body, size_t len,
+                                   const char *big,
+                                   const unsigned char **big_value,
+                                   size_t *big_len);
 
 /* Parses the request and its entity; refuses fields (JSON) or query
  * parameters (raw mode) not listed in known (NULL-terminated; "mime" and
@@ -72,6 +83,10 @@ json_t *api_flat_json_read(const unsigned char *body, size_t len);
 int api_input_open(api_input *in, const api_request *req,
                    const char *const *known, api_error *err);
 void api_input_close(api_input *in);
+/* Frees the request body once the entity in it is used for the last time
+ * (after the audit digest, which api_authorize may have left running):
+ * in->mime is gone afterwards if it pointed into the body. */
+void api_input_drop_body(api_input *in);
 /* An optional string option; *out stays NULL when absent. */
 int api_input_string(api_input *in, const char *name, const char **out,
                      api_error *err);

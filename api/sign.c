@@ -68,10 +68,10 @@ static json_t *sign_fields_json(const sign_params *p, const cms_result *r,
     return fields;
 }
 
-/* Signs with the key's token operation slot held only for the signature:
- * the entity was prepared (and refused, if need be) before. */
-static int sign_on_token(token_key *key, const cms_prepared *prep,
-                         const sign_params *p, cms_result **out, api_error *err)
+/* The one private-key operation of a signing, with the key's token
+ * operation slot held for it alone: the entity was prepared and digested,
+ * and the SignedData built, before (cms_signing_new). */
+static int sign_on_token(token_key *key, cms_signing *s, api_error *err)
 {
     token_error terr = {0};
     cms_error cerr = {0};
@@ -81,9 +81,7 @@ static int sign_on_token(token_key *key, const cms_prepared *prep,
     do {
         if (token_key_acquire(key, TOKEN_USE_SIGN, &pkey, &terr) != 0)
             return api_fail_token(err, &terr);
-        rc = cms_sign_prepared(prep, pkey, token_key_cert0(key),
-                               token_key_chain0(key), p->mode, p->digest, out,
-                               &cerr);
+        rc = cms_signing_sign(s, pkey, &cerr);
         token_key_release(key);
         if (rc == 0)
             return 0;
@@ -106,6 +104,7 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
     token_key *key;
     cms_error cerr = {0};
     cms_prepared *prep = NULL;
+    cms_signing *signing = NULL;
     cms_result *signed_res = NULL, *enc = NULL, *out;
     const unsigned char *data;
     size_t len;
@@ -130,8 +129,25 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
     if (api_check_key(a, key, TOKEN_USE_SIGN, err) != 0)
         goto out;
     res->key_op = 1;
-    if (sign_on_token(key, prep, &p, &signed_res, err) != 0)
+    if (cms_signing_new(prep, token_key_cert0(key), token_key_chain0(key),
+                        p.mode, p.digest, &signing, &cerr) != 0) {
+        api_fail_cms(err, &cerr);
         goto out;
+    }
+    if (sign_on_token(key, signing, err) != 0)
+        goto out;
+    if (cms_signing_finish(signing, &signed_res, &cerr) != 0) {
+        api_fail_cms(err, &cerr);
+        goto out;
+    }
+    /* the signed entity is a copy: what it was made from (the prepared
+     * entity may point into the request body) goes before the response
+     * is built */
+    cms_signing_free(signing);
+    signing = NULL;
+    cms_prepared_free(prep);
+    prep = NULL;
+    api_input_drop_body(&in);
     out = signed_res;
     if (rcpt.certs != NULL) {
         data = cms_result_data(signed_res, &len);
@@ -151,6 +167,7 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
 out:
     cms_result_free(signed_res);
     cms_result_free(enc);
+    cms_signing_free(signing);
     cms_prepared_free(prep);
     api_recipients_clear(&rcpt);
     api_input_close(&in);

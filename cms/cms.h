@@ -16,6 +16,7 @@ typedef enum {
     CMS_ERR_KEY,       /* the private-key operation failed (signing) */
     CMS_ERR_DECRYPT,   /* decryption failed; one message for every cause */
     CMS_ERR_RECIPIENT, /* a recipient certificate cannot receive mail */
+    CMS_ERR_ALGORITHM, /* an algorithm (or its parameters) not accepted */
     CMS_ERR_INTERNAL,
 } cms_status;
 
@@ -79,14 +80,46 @@ int cms_sign_entity(const unsigned char *mime, size_t len, EVP_PKEY *pkey,
 typedef struct cms_prepared cms_prepared;
 /* Everything of signing that can fail on the input (parsing, re-encoding,
  * the 7-bit check; CMS_ERR_INPUT as for cms_sign_entity), without a key:
- * callers holding a scarce key (a token session) prepare first. */
+ * callers holding a scarce key (a token session) prepare first. An entity
+ * that is signed as it is (CRLF line ends, nothing to re-encode, the
+ * Content-* fields ending its header block) is not copied: prep then
+ * points into mime, which must outlive it. */
 int cms_prepare_entity(const unsigned char *mime, size_t len,
                        cms_prepared **out, cms_error *err);
 void cms_prepared_free(cms_prepared *prep);
-/* Signs a prepared entity; prep can be signed again (e.g. another digest).
- * prep is only read, so threads may sign the same one at once. The content
- * is digested here (OpenSSL 3.0 cannot sign a digest made before), then
- * the key makes the one signature. */
+
+/*
+ * A signature in the making, in steps, so that a caller holding a key
+ * others wait for (a token session) holds it for the private-key operation
+ * alone:
+ *   cms_signing_new     digests the content and builds the SignedData
+ *                       with every signed attribute (no private key);
+ *   cms_signing_sign    the one private-key operation: a signature over
+ *                       the digest of the signed attributes;
+ *   cms_signing_finish  writes the S/MIME entity.
+ * The output is what CMS_sign/CMS_final would make with the same signing
+ * time (RFC 5652 SignedData, DER; signed attributes contentType,
+ * messageDigest, signingTime, SMIMECapabilities and ESS
+ * signingCertificateV2). The signing time is taken in cms_signing_new.
+ */
+typedef struct cms_signing cms_signing;
+/* prep is borrowed until cms_signing_free; cert is the signer's
+ * certificate, chain (may be NULL) certificates to add. Threads may start
+ * signings of the same prep at once. */
+int cms_signing_new(const cms_prepared *prep, X509 *cert, STACK_OF(X509) *chain,
+                    cms_mode mode, cms_digest digest, cms_signing **out,
+                    cms_error *err);
+/* Signs with pkey, the private key of the certificate: CMS_ERR_KEY when
+ * it is not, or when the operation fails (a token fault: the caller may
+ * call again, with the key re-opened; a later signature replaces an
+ * earlier one). */
+int cms_signing_sign(cms_signing *s, EVP_PKEY *pkey, cms_error *err);
+/* The signed entity; CMS_ERR_INTERNAL before cms_signing_sign succeeded. */
+int cms_signing_finish(cms_signing *s, cms_result **out, cms_error *err);
+void cms_signing_free(cms_signing *s);
+
+/* cms_signing_new, _sign and _finish at once; prep can be signed again
+ * (e.g. with another digest), from several threads at once. */
 int cms_sign_prepared(const cms_prepared *prep, EVP_PKEY *pkey, X509 *cert,
                       STACK_OF(X509) *chain, cms_mode mode, cms_digest digest,
                       cms_result **out, cms_error *err);
@@ -101,7 +134,10 @@ typedef struct cms_envelope cms_envelope;
  * breaks or binary, DER or BER (indefinite lengths). Anything else (not
  * MIME, another content type, SignedData, certificate-only, truncated or
  * garbage CMS, nesting past a sane depth) is CMS_ERR_INPUT naming what is
- * wrong. */
+ * wrong. A content encryption, key transport, key agreement or key wrap
+ * algorithm outside smimed's lists (README, "Accepted algorithms"), or
+ * parameters of one that are not accepted, is CMS_ERR_ALGORITHM naming it
+ * and its OID; that is checked before OpenSSL parses anything. */
 int cms_envelope_parse(const unsigned char *mime, size_t len,
                        cms_envelope **out, cms_error *err);
 void cms_envelope_free(cms_envelope *env);
@@ -120,7 +156,9 @@ int cms_envelope_names(const cms_envelope *env, X509 *cert);
  * once in 256 tries), so callers cannot serve as a padding oracle. On
  * success *out holds the decrypted entity as it was encrypted and
  * *is_signed says whether it is itself an S/MIME signed entity
- * (multipart/signed or pkcs7-mime signed-data). The same cms_envelope
+ * (multipart/signed or pkcs7-mime signed-data; also when its signature
+ * uses an algorithm outside the lists, which cms_verify_entity then
+ * refuses with CMS_ERR_ALGORITHM). The same cms_envelope
  * must not be used from two threads at once. */
 int cms_envelope_decrypt(cms_envelope *env, EVP_PKEY *pkey, X509 *cert,
                          cms_result **out, int *is_signed, cms_error *err);
@@ -184,7 +222,9 @@ typedef struct cms_verification cms_verification;
  * every certificate of the path when given; NULL: no revocation checks).
  * -1 (CMS_ERR_INPUT) only when the entity cannot be parsed or holds more
  * than 16 SignerInfos or 256 certificates (bounds on the work one request
- * can cause; real mail has one signer and a handful of certificates); a
+ * can cause; real mail has one signer and a handful of certificates);
+ * CMS_ERR_ALGORITHM when a digest or signature algorithm of the SignedData
+ * is outside smimed's lists (checked before OpenSSL parses it); a
  * signature that does not verify is 0 with a result whose valid flag is 0
  * and whose reason is one of "bad_signature", "content_modified",
  * "untrusted_signer", "certificate_expired", "certificate_not_yet_valid",

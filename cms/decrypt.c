@@ -58,7 +58,7 @@ int cms_envelope_parse(const unsigned char *mime, size_t len,
     cms_buf der = {0};
     const char *smime_type;
     char shown[128];
-    int nid, r = -1;
+    int r = -1;
 
     if (out == NULL) {
         cms_set_error(err, CMS_ERR_INTERNAL, "no result");
@@ -84,17 +84,12 @@ int cms_envelope_parse(const unsigned char *mime, size_t len,
     if (cms_body_decode(mime + hb.body, len - hb.body, hb.transfer_encoding,
                         &der, err))
         goto out;
+    /* the allow-lists and the type, before OpenSSL reads any of it */
+    if (cms_algs_check_enveloped(der.data, der.len, err))
+        goto out;
     cms = cms_der_read(der.data, der.len, err);
     if (cms == NULL)
         goto out;
-    nid = OBJ_obj2nid(CMS_get0_type(cms));
-    if (nid != NID_pkcs7_enveloped &&
-        nid != NID_id_smime_ct_authEnvelopedData) {
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "the CMS structure is %s, not enveloped data",
-                      nid != NID_undef ? OBJ_nid2ln(nid) : "of unknown type");
-        goto out;
-    }
     content = CMS_get0_content(cms);
     if (content == NULL || *content == NULL) {
         cms_set_error(err, CMS_ERR_INPUT,
@@ -180,6 +175,7 @@ int cms_envelope_decrypt(cms_envelope *env, EVP_PKEY *pkey, X509 *cert,
 {
     cms_header_block hb = {0};
     cms_signed sd = {0};
+    cms_error serr = {0};
     CMS_ContentInfo *cms = NULL;
     BIO *plain = NULL;
     cms_buf data = {0};
@@ -221,8 +217,11 @@ int cms_envelope_decrypt(cms_envelope *env, EVP_PKEY *pkey, X509 *cert,
     }
     if (cms_outer_restore(&env->outer, &data, err))
         goto out;
-    /* Signed means what cms_verify_entity would take as a signed entity. */
-    signed_entity = cms_signed_read(data.data, data.len, &sd, NULL) == 0;
+    /* Signed means what cms_verify_entity would take as a signed entity,
+     * or one it refuses for its algorithms only: that is still signed,
+     * with a signature smimed does not check. */
+    signed_entity = cms_signed_read(data.data, data.len, &sd, &serr) == 0 ||
+                    serr.status == CMS_ERR_ALGORITHM;
     if (cms_result_new(&data, NULL, out, err))
         goto out;
     *is_signed = signed_entity;

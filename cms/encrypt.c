@@ -188,9 +188,7 @@ static int add_content_type(cms_entity *ent, cms_error *err)
         cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
         goto out;
     }
-    cms_buf_release(&ent->content);
-    ent->content = content;
-    memset(&content, 0, sizeof(content));
+    cms_entity_set_content(ent, &content);
     r = 0;
 out:
     cms_buf_release(&content);

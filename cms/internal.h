@@ -21,6 +21,7 @@ typedef struct cms_buf {
 
 /* -1 when out of memory; buf is left as it was. */
 int cms_buf_add(cms_buf *buf, const void *data, size_t len);
+int cms_buf_add_str(cms_buf *buf, const char *s);
 /* Room for len more octets without another allocation; -1 when out of
  * memory. */
 int cms_buf_reserve(cms_buf *buf, size_t len);
@@ -28,17 +29,33 @@ int cms_buf_reserve(cms_buf *buf, size_t len);
 int cms_buf_add_canonical(cms_buf *buf, const unsigned char *in, size_t len);
 void cms_buf_release(cms_buf *buf);
 
+/* Octets someone else owns. */
+typedef struct cms_bytes {
+    const unsigned char *data;
+    size_t len;
+} cms_bytes;
+
 /* An entity split into what stays outside the signature or encryption and
  * what goes inside. */
 typedef struct cms_entity {
-    cms_buf outer;    /* top-level mail headers, CRLF line ends */
-    cms_buf content;  /* the inner entity: CRLF line ends, 7-bit safe */
+    cms_buf outer; /* top-level mail headers, CRLF line ends */
+    /* The inner entity: CRLF line ends, 7-bit safe. It points into the
+     * input of cms_entity_parse when that held it as it is to be signed
+     * (not copied: the input must outlive the entity), else into own. */
+    cms_bytes content;
+    cms_buf own;
     char **reencoded; /* "PART-NUMBER ENCODING", malloc'd */
     size_t n_reencoded;
 } cms_entity;
 
+/* The inner entity is the Content-* and MIME-Version fields, a blank line
+ * and the body: when the input is canonical, nothing needs re-encoding
+ * and those fields end its header block, that is a range of the input, and
+ * ent->content points into mime instead of copying it. */
 int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
                      cms_error *err);
+/* Makes buf (taken, left empty) the inner entity. */
+void cms_entity_set_content(cms_entity *ent, cms_buf *buf);
 /* cms_entity_parse, with always_walk 1 taking GMime's walk even where it
  * is known to change nothing (for tests of that shortcut). */
 int cms_entity_parse_walk(const unsigned char *mime, size_t len,
@@ -55,10 +72,13 @@ int cms_outer_read(const unsigned char *s, size_t len, cms_buf *outer,
  * one, RFC 8551 §3.1). */
 int cms_outer_restore(const cms_buf *outer, cms_buf *content, cms_error *err);
 
-/* Writes the outer headers and the S/MIME entity around der: the detached
- * signature (CMS_MODE_DETACHED) or the whole SignedData (CMS_MODE_OPAQUE). */
+/* Writes the outer headers and the S/MIME entity around the DER that the
+ * pieces der[0..n) make one after the other: the detached signature
+ * (CMS_MODE_DETACHED) or the whole SignedData (CMS_MODE_OPAQUE, whose
+ * eContent can then be ent->content itself, never copied into a DER
+ * buffer). out is allocated once, at its final size. */
 int cms_entity_wrap(const cms_entity *ent, cms_mode mode, cms_digest digest,
-                    const unsigned char *der, size_t der_len, cms_buf *out,
+                    const cms_bytes *der, size_t n, cms_buf *out,
                     cms_error *err);
 /* Likewise for EnvelopedData (auth 0) or AuthEnvelopedData (auth 1). */
 int cms_entity_wrap_enveloped(const cms_entity *ent, int auth,
@@ -109,6 +129,20 @@ int cms_body_decode(const unsigned char *body, size_t len, const char *cte,
 CMS_ContentInfo *cms_der_read(const unsigned char *der, size_t len,
                               cms_error *err);
 
+/*
+ * The allow-lists (algs.c), checked on the BER ContentInfo at the start of
+ * der[0..len) before OpenSSL parses it; what follows that ContentInfo is
+ * not read. CMS_ERR_ALGORITHM names the first algorithm identifier (or
+ * parameters) outside the lists, with its OID; CMS_ERR_INPUT says what
+ * cannot be read, or that the structure is of the wrong type. For
+ * EnvelopedData and AuthEnvelopedData: the content encryption and every
+ * KeyTransRecipientInfo and KeyAgreeRecipientInfo; for SignedData: the
+ * digest algorithms and each SignerInfo's digest and signature.
+ */
+int cms_algs_check_enveloped(const unsigned char *der, size_t len,
+                             cms_error *err);
+int cms_algs_check_signed(const unsigned char *der, size_t len, cms_error *err);
+
 /* A signed S/MIME entity taken apart, before any cryptography. */
 typedef struct cms_signed {
     CMS_ContentInfo *cms; /* SignedData */
@@ -117,7 +151,8 @@ typedef struct cms_signed {
 } cms_signed;
 
 /* Reads a multipart/signed or an application/(x-)pkcs7-mime signed-data
- * entity; CMS_ERR_INPUT for anything else. */
+ * entity; CMS_ERR_INPUT for anything else, CMS_ERR_ALGORITHM for a
+ * SignedData that cms_algs_check_signed refuses. */
 int cms_signed_read(const unsigned char *mime, size_t len, cms_signed *sd,
                     cms_error *err);
 void cms_signed_release(cms_signed *sd);

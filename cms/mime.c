@@ -68,7 +68,6 @@
 #include <gmime/gmime.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
-#include <openssl/rand.h>
 
 #include "cms/internal.h"
 
@@ -77,11 +76,6 @@
 /* Real mail nests a handful of levels. GMime stops parsing at 1024 and
  * leaves deeper parts unparsed, so they could not be made 7-bit safe. */
 #define MAX_DEPTH 64
-#define BOUNDARY_PREFIX "----=_smimed_"
-/* Prefix, 32 hex digits, NUL. */
-#define BOUNDARY_SIZE (sizeof(BOUNDARY_PREFIX) + 32)
-/* EVP_EncodeBlock turns 57 octets into one 76-character line. */
-#define B64_LINE_OCTETS 57
 
 static pthread_once_t gmime_once = PTHREAD_ONCE_INIT;
 
@@ -182,7 +176,7 @@ void cms_buf_release(cms_buf *buf)
     buf->cap = 0;
 }
 
-static int add_str(cms_buf *buf, const char *s)
+int cms_buf_add_str(cms_buf *buf, const char *s)
 {
     return cms_buf_add(buf, s, strlen(s));
 }
@@ -192,12 +186,23 @@ void cms_entity_release(cms_entity *ent)
     size_t i;
 
     cms_buf_release(&ent->outer);
-    cms_buf_release(&ent->content);
+    cms_buf_release(&ent->own);
+    ent->content.data = NULL;
+    ent->content.len = 0;
     for (i = 0; i < ent->n_reencoded; i++)
         free(ent->reencoded[i]);
     free(ent->reencoded);
     ent->reencoded = NULL;
     ent->n_reencoded = 0;
+}
+
+void cms_entity_set_content(cms_entity *ent, cms_buf *buf)
+{
+    cms_buf_release(&ent->own);
+    ent->own = *buf;
+    memset(buf, 0, sizeof(*buf));
+    ent->content.data = ent->own.data;
+    ent->content.len = ent->own.len;
 }
 
 /*
@@ -220,7 +225,7 @@ static int add_crlf(cms_buf *out, const unsigned char *in, size_t len,
             ((len - i >= 5 && memcmp(in + i, "From ", 5) == 0) ||
              (len - i >= 2 && memcmp(in + i, "--", 2) == 0))) {
             if (cms_buf_add(out, in + run, i - run) ||
-                add_str(out, in[i] == 'F' ? "=46" : "=2D"))
+                cms_buf_add_str(out, in[i] == 'F' ? "=46" : "=2D"))
                 return -1;
             run = i + 1;
         }
@@ -507,7 +512,7 @@ int cms_outer_restore(const cms_buf *outer, cms_buf *content, cms_error *err)
             g_free(name);
         }
         if (keep && (cms_buf_add(&out, outer->data + pos, end - pos - 2) ||
-                     add_str(&out, lf ? "\n" : "\r\n")))
+                     cms_buf_add_str(&out, lf ? "\n" : "\r\n")))
             goto oom;
     }
     if (cms_buf_add(&out, content->data, content->len))
@@ -823,11 +828,16 @@ static int recode_leaf(struct recoder *rc, GMimePart *part, const char *num,
         break;
     }
 
-    if (cms_buf_add(&rc->out, rc->text + rc->copied, h - rc->copied) ||
+    /* Room for the whole entity and some growth at once: growing from
+     * nothing by doubling copies a large one several times. */
+    if ((rc->out.cap == 0 &&
+         cms_buf_reserve(&rc->out, rc->text_len + rc->text_len / 4 + 256)) ||
+        cms_buf_add(&rc->out, rc->text + rc->copied, h - rc->copied) ||
         add_headers_without_cte(&rc->out, rc->text, h, b - 2) ||
-        add_str(&rc->out, "Content-Transfer-Encoding: ") ||
-        add_str(&rc->out, g_mime_content_encoding_to_string(encoding)) ||
-        add_str(&rc->out, "\r\n\r\n") ||
+        cms_buf_add_str(&rc->out, "Content-Transfer-Encoding: ") ||
+        cms_buf_add_str(&rc->out,
+                        g_mime_content_encoding_to_string(encoding)) ||
+        cms_buf_add_str(&rc->out, "\r\n\r\n") ||
         add_encoded(&rc->out, src, src_len, encoding) ||
         record_part(rc, num, encoding)) {
         cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
@@ -1311,18 +1321,20 @@ out:
     cms_header_block_release(&hb);
 }
 
-/* Drops the white space ending each line of content outside the frozen
- * ranges, and lines of white space alone. After re-encoding, such lines
- * can only be header fields, preambles, epilogues and delimiters. */
-static int strip_line_ends(cms_buf *content, size_t (*frozen)[2],
-                           size_t n_frozen, cms_error *err)
+/* Drops the white space ending each line of s[0..len) outside the frozen
+ * ranges, and lines of white space alone, into *out: 1 when that changed
+ * anything, 0 when s stays as it is (out untouched). After re-encoding,
+ * such lines can only be header fields, preambles, epilogues and
+ * delimiters. */
+static int strip_line_ends(const unsigned char *s, size_t len,
+                           size_t (*frozen)[2], size_t n_frozen, cms_buf *out,
+                           cms_error *err)
 {
-    const unsigned char *s = content->data;
-    cms_buf out = {0};
+    cms_buf buf = {0};
     size_t pos, end, n, m, k = 0, copied = 0;
 
-    for (pos = 0; pos < content->len; pos = end) {
-        end = line_end(s, content->len, pos);
+    for (pos = 0; pos < len; pos = end) {
+        end = line_end(s, len, pos);
         while (k < n_frozen && frozen[k][1] <= pos)
             k++;
         if (k < n_frozen && frozen[k][0] <= pos)
@@ -1332,20 +1344,20 @@ static int strip_line_ends(cms_buf *content, size_t (*frozen)[2],
             ;
         if (m == n)
             continue;
-        if (cms_buf_add(&out, s + copied, pos + m - copied) ||
-            (m > 0 && cms_buf_add(&out, s + pos + n, end - pos - n)))
+        if ((copied == 0 && cms_buf_reserve(&buf, len)) ||
+            cms_buf_add(&buf, s + copied, pos + m - copied) ||
+            (m > 0 && cms_buf_add(&buf, s + pos + n, end - pos - n)))
             goto oom;
         copied = end;
     }
-    if (out.len == 0 && copied == 0)
+    if (copied == 0)
         return 0;
-    if (cms_buf_add(&out, s + copied, content->len - copied))
+    if (cms_buf_add(&buf, s + copied, len - copied))
         goto oom;
-    cms_buf_release(content);
-    *content = out;
-    return 0;
+    *out = buf;
+    return 1;
 oom:
-    cms_buf_release(&out);
+    cms_buf_release(&buf);
     cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
     return -1;
 }
@@ -1391,12 +1403,12 @@ static int headers_need_walk(const unsigned char *s, size_t len)
 int cms_entity_parse_walk(const unsigned char *mime, size_t len,
                           cms_entity *ent, int always_walk, cms_error *err)
 {
-    cms_buf canon = {0}, outer = {0}, content = {0};
-    const unsigned char *text = mime;
-    size_t text_len = len, at;
+    cms_buf canon = {0}, outer = {0}, inner = {0}, own = {0}, stripped = {0};
+    const unsigned char *text = mime, *content;
+    size_t text_len = len, content_len, start, at;
     struct recoder rc;
     size_t body, i;
-    int r = -1;
+    int r = -1, changed;
 
     memset(&rc, 0, sizeof(rc));
     if (mime == NULL || len == 0) {
@@ -1412,43 +1424,73 @@ int cms_entity_parse_walk(const unsigned char *mime, size_t len,
         text = canon.data;
         text_len = canon.len;
     }
-    if (split_headers(text, text_len, &outer, &content, &body, err))
+    if (split_headers(text, text_len, &outer, &inner, &body, err))
         goto out;
-    rc.text_body = content.len + 2;
-    if (cms_buf_reserve(&content, 2 + text_len - body) ||
-        cms_buf_add(&content, "\r\n", 2) ||
-        cms_buf_add(&content, text + body, text_len - body)) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        goto out;
+    rc.text_body = inner.len + 2;
+    /* The inner fields, a blank line and the body. When the fields end
+     * the header block, those are the octets from the first of them on
+     * (the same octets, whatever the reason): no copy of the body. */
+    start = body >= inner.len + 2 ? body - 2 - inner.len : 0;
+    if (body >= inner.len + 2 && memcmp(text + body - 2, "\r\n", 2) == 0 &&
+        (inner.len == 0 || memcmp(text + start, inner.data, inner.len) == 0)) {
+        content = text + start;
+        content_len = text_len - start;
+        own = canon;
+        memset(&canon, 0, sizeof(canon));
+    } else {
+        if (cms_buf_reserve(&inner, 2 + text_len - body) ||
+            cms_buf_add(&inner, "\r\n", 2) ||
+            cms_buf_add(&inner, text + body, text_len - body)) {
+            cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+            goto out;
+        }
+        own = inner;
+        memset(&inner, 0, sizeof(inner));
+        content = own.data;
+        content_len = own.len;
     }
     cms_buf_release(&canon);
 
-    if (always_walk || headers_need_walk(content.data, rc.text_body) ||
-        transport_fault(content.data, content.len, &at) != NULL) {
+    if (always_walk || headers_need_walk(content, rc.text_body) ||
+        transport_fault(content, content_len, &at) != NULL) {
         rc.raw = mime;
         rc.raw_len = len;
-        rc.text = content.data;
-        rc.text_len = content.len;
+        rc.text = content;
+        rc.text_len = content_len;
         rc.canon_body = body;
         rc.err = err;
         if (recode(&rc))
             goto out;
         if (rc.n_parts > 0) {
-            cms_buf_release(&content);
-            content = rc.out;
+            cms_buf_release(&own);
+            own = rc.out;
             memset(&rc.out, 0, sizeof(rc.out));
+            content = own.data;
+            content_len = own.len;
         }
-        if (strip_line_ends(&content, rc.frozen, rc.n_frozen, err) ||
-            check_transport_safe(content.data, content.len, err))
+        changed = strip_line_ends(content, content_len, rc.frozen, rc.n_frozen,
+                                  &stripped, err);
+        if (changed < 0)
+            goto out;
+        if (changed) {
+            cms_buf_release(&own);
+            own = stripped;
+            memset(&stripped, 0, sizeof(stripped));
+            content = own.data;
+            content_len = own.len;
+        }
+        if (check_transport_safe(content, content_len, err))
             goto out;
     }
 
     ent->outer = outer;
-    ent->content = content;
+    ent->own = own;
+    ent->content.data = content;
+    ent->content.len = content_len;
     ent->reencoded = rc.parts;
     ent->n_reencoded = rc.n_parts;
     memset(&outer, 0, sizeof(outer));
-    memset(&content, 0, sizeof(content));
+    memset(&own, 0, sizeof(own));
     rc.parts = NULL;
     rc.n_parts = 0;
     r = 0;
@@ -1460,7 +1502,9 @@ out:
     cms_buf_release(&rc.out);
     cms_buf_release(&canon);
     cms_buf_release(&outer);
-    cms_buf_release(&content);
+    cms_buf_release(&inner);
+    cms_buf_release(&own);
+    cms_buf_release(&stripped);
     return r;
 }
 
@@ -1468,184 +1512,6 @@ int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
                      cms_error *err)
 {
     return cms_entity_parse_walk(mime, len, ent, 0, err);
-}
-
-static const char *micalg_name(cms_digest digest)
-{
-    switch (digest) {
-    case CMS_DIGEST_SHA256:
-        return "sha-256";
-    case CMS_DIGEST_SHA384:
-        return "sha-384";
-    case CMS_DIGEST_SHA512:
-        return "sha-512";
-    }
-    return NULL;
-}
-
-/* Base64 in 76-character lines, each ending in CRLF. */
-static int add_base64(cms_buf *out, const unsigned char *der, size_t len)
-{
-    unsigned char line[4 * B64_LINE_OCTETS / 3 + 2];
-    size_t off, n;
-    int k;
-
-    for (off = 0; off < len; off += n) {
-        n = len - off < B64_LINE_OCTETS ? len - off : B64_LINE_OCTETS;
-        k = EVP_EncodeBlock(line, der + off, (int)n);
-        line[k] = '\r';
-        line[k + 1] = '\n';
-        if (cms_buf_add(out, line, (size_t)k + 2))
-            return -1;
-    }
-    return 0;
-}
-
-/* A boundary that does not occur in the content (RFC 2046 §5.1.1): random,
- * and "=_" cannot appear in quoted-printable or base64 text. */
-static int make_boundary(const cms_buf *content, char *boundary, cms_error *err)
-{
-    unsigned char rnd[16];
-    size_t i;
-    int attempt;
-
-    for (attempt = 0; attempt < 4; attempt++) {
-        if (RAND_bytes(rnd, sizeof(rnd)) != 1) {
-            cms_set_ssl_error(err, CMS_ERR_INTERNAL,
-                              "cannot generate a MIME boundary");
-            return -1;
-        }
-        memcpy(boundary, BOUNDARY_PREFIX, sizeof(BOUNDARY_PREFIX) - 1);
-        for (i = 0; i < sizeof(rnd); i++)
-            snprintf(boundary + sizeof(BOUNDARY_PREFIX) - 1 + 2 * i, 3, "%02x",
-                     rnd[i]);
-        if (memmem(content->data, content->len, boundary, BOUNDARY_SIZE - 1) ==
-            NULL)
-            return 0;
-    }
-    cms_set_error(err, CMS_ERR_INTERNAL,
-                  "cannot find a MIME boundary absent from the content");
-    return -1;
-}
-
-static int wrap_detached(const cms_entity *ent, cms_digest digest,
-                         const unsigned char *sig, size_t sig_len, cms_buf *out,
-                         cms_error *err)
-{
-    char boundary[BOUNDARY_SIZE];
-    const char *micalg = micalg_name(digest);
-
-    if (micalg == NULL) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "unknown digest %d", digest);
-        return -1;
-    }
-    if (make_boundary(&ent->content, boundary, err))
-        return -1;
-    if (add_str(out, "Content-Type: multipart/signed;\r\n"
-                     "\tprotocol=\"application/pkcs7-signature\";\r\n"
-                     "\tmicalg=") ||
-        add_str(out, micalg) || add_str(out, ";\r\n\tboundary=\"") ||
-        add_str(out, boundary) || add_str(out, "\"\r\n\r\n") ||
-        add_str(out, "This is an S/MIME signed message\r\n\r\n--") ||
-        add_str(out, boundary) || add_str(out, "\r\n") ||
-        cms_buf_add(out, ent->content.data, ent->content.len) ||
-        add_str(out, "\r\n--") || add_str(out, boundary) ||
-        add_str(out, "\r\n"
-                     "Content-Type: application/pkcs7-signature; "
-                     "name=smime.p7s\r\n"
-                     "Content-Transfer-Encoding: base64\r\n"
-                     "Content-Disposition: attachment; "
-                     "filename=smime.p7s\r\n"
-                     "\r\n") ||
-        add_base64(out, sig, sig_len) ||
-        /* The last base64 line's CRLF is part of the closing delimiter. */
-        add_str(out, "--") || add_str(out, boundary) ||
-        add_str(out, "--\r\n")) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        return -1;
-    }
-    return 0;
-}
-
-static int wrap_p7m(const char *smime_type, const unsigned char *der,
-                    size_t der_len, cms_buf *out, cms_error *err)
-{
-    if (add_str(out, "Content-Type: application/pkcs7-mime; smime-type=") ||
-        add_str(out, smime_type) ||
-        add_str(out, ";\r\n"
-                     "\tname=smime.p7m\r\n"
-                     "Content-Transfer-Encoding: base64\r\n"
-                     "Content-Disposition: attachment; "
-                     "filename=smime.p7m\r\n"
-                     "\r\n") ||
-        add_base64(out, der, der_len)) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        return -1;
-    }
-    return 0;
-}
-
-static int wrap_begin(const cms_entity *ent, cms_buf *out, cms_error *err)
-{
-    if (cms_buf_add(out, ent->outer.data, ent->outer.len) ||
-        add_str(out, "MIME-Version: 1.0\r\n")) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        return -1;
-    }
-    return 0;
-}
-
-int cms_entity_wrap(const cms_entity *ent, cms_mode mode, cms_digest digest,
-                    const unsigned char *der, size_t der_len, cms_buf *out,
-                    cms_error *err)
-{
-    cms_buf buf = {0};
-    int r = -1;
-
-    /* One allocation: a large entity would otherwise be copied at every
-     * doubling. Base64 of der in lines of 76 plus CRLF, and headers. */
-    if (cms_buf_reserve(&buf, ent->outer.len + ent->content.len +
-                                  der_len / B64_LINE_OCTETS * 78 + 78 + 1024)) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        goto out;
-    }
-    if (wrap_begin(ent, &buf, err))
-        goto out;
-    switch (mode) {
-    case CMS_MODE_DETACHED:
-        if (wrap_detached(ent, digest, der, der_len, &buf, err))
-            goto out;
-        break;
-    case CMS_MODE_OPAQUE:
-        if (wrap_p7m("signed-data", der, der_len, &buf, err))
-            goto out;
-        break;
-    default:
-        cms_set_error(err, CMS_ERR_INTERNAL, "unknown mode %d", mode);
-        goto out;
-    }
-    *out = buf;
-    memset(&buf, 0, sizeof(buf));
-    r = 0;
-out:
-    cms_buf_release(&buf);
-    return r;
-}
-
-int cms_entity_wrap_enveloped(const cms_entity *ent, int auth,
-                              const unsigned char *der, size_t der_len,
-                              cms_buf *out, cms_error *err)
-{
-    cms_buf buf = {0};
-
-    if (wrap_begin(ent, &buf, err) ||
-        wrap_p7m(auth ? "authEnveloped-data" : "enveloped-data", der, der_len,
-                 &buf, err)) {
-        cms_buf_release(&buf);
-        return -1;
-    }
-    *out = buf;
-    return 0;
 }
 
 /* ---- reading S/MIME entities ---------------------------------------- */

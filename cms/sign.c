@@ -5,10 +5,24 @@
  * calls the token, so everything goes through the ordinary CMS API, which
  * reaches the key through EVP and works with such keys.
  *
- * Signing comes in two steps so that a caller can do all that depends on
- * the input alone before it takes a key others wait for:
- * cms_prepare_entity parses and re-encodes (and refuses bad input),
- * cms_sign_prepared digests and signs.
+ * Signing comes in steps so that a caller holding a key others wait for
+ * (a token session) holds it for the private-key operation alone:
+ * cms_prepare_entity parses and re-encodes (and refuses bad input);
+ * cms_signing_new digests the content and builds the whole SignedData but
+ * its signature; cms_signing_sign makes the one signature over the signed
+ * attributes; cms_signing_finish writes the S/MIME entity.
+ *
+ * OpenSSL 3.0 digests the content only inside CMS_final, under the key
+ * (CMS_final_digest came in 3.2), so the steps do by hand what CMS_final
+ * does for a SignerInfo (crypto/cms/cms_sd.c, cms_SignerInfo_content_sign
+ * and CMS_SignerInfo_sign): the messageDigest, contentType and signingTime
+ * attributes, then a signature over the DER of the signed attributes
+ * with the signer's digest. CMS_add1_signer is given the certificate's
+ * public key, which it checks against the certificate and uses to set the
+ * signature algorithm, and which makes no signature; the private key signs
+ * the digest of the attributes with EVP_PKEY_sign, which is where
+ * EVP_DigestSignFinal ends for RSA PKCS#1 v1.5 and ECDSA too. The output is
+ * the octets CMS_final gives (tests/unit/test_cms.c compares them).
  */
 #include <limits.h>
 #include <pthread.h>
@@ -18,7 +32,6 @@
 #include <string.h>
 #include <time.h>
 
-#include <openssl/bio.h>
 #include <openssl/cms.h>
 #include <openssl/err.h>
 #include <openssl/ess.h>
@@ -35,6 +48,21 @@ struct cms_result {
 
 struct cms_prepared {
     cms_entity ent;
+};
+
+struct cms_signing {
+    const cms_prepared *prep; /* borrowed */
+    cms_mode mode;
+    cms_digest digest;
+    X509 *cert;
+    /* The SignedData without its eContent (put back as the entity is
+     * written), with every signed attribute; si is cms's. */
+    CMS_ContentInfo *cms;
+    CMS_SignerInfo *si;
+    /* The digest of the signed attributes: what the key signs. */
+    unsigned char tbs[EVP_MAX_MD_SIZE];
+    unsigned int tbs_len;
+    int have_signature;
 };
 
 /* Length of the UTF-8 sequence starting s[0..len) (RFC 3629: no overlong
@@ -447,7 +475,7 @@ static int add_signing_cert(CMS_SignerInfo *si, X509 *cert, cms_digest digest,
 /* The checks on what the caller passes for signing, before anything is
  * parsed or signed. */
 static int check_signing(EVP_PKEY *pkey, X509 *cert, cms_mode mode,
-                         cms_digest digest, cms_result **out, cms_error *err)
+                         cms_digest digest, void *out, cms_error *err)
 {
     if (pkey == NULL || cert == NULL || out == NULL) {
         cms_set_error(err, CMS_ERR_INTERNAL, "no key, certificate or result");
@@ -488,7 +516,8 @@ int cms_prepare_entity(const unsigned char *mime, size_t len,
     }
     if (cms_entity_parse(mime, len, &prep->ent, err))
         goto out;
-    /* OpenSSL's memory BIO takes an int length. */
+    /* OpenSSL's ASN.1 lengths are ints: readers of an opaque SignedData
+     * could not take more. */
     if (prep->ent.content.len > INT_MAX) {
         cms_set_error(err, CMS_ERR_INPUT, "the entity is too large");
         goto out;
@@ -511,75 +540,395 @@ void cms_prepared_free(cms_prepared *prep)
     free(prep);
 }
 
-int cms_sign_prepared(const cms_prepared *prep, EVP_PKEY *pkey, X509 *cert,
-                      STACK_OF(X509) *chain, cms_mode mode, cms_digest digest,
-                      cms_result **out, cms_error *err)
-{
-    cms_buf wire = {0};
-    CMS_SignerInfo *si;
-    CMS_ContentInfo *cms = NULL;
-    BIO *content = NULL;
-    unsigned char *der = NULL;
-    unsigned int flags = CMS_PARTIAL | CMS_BINARY;
-    int der_len, r = -1;
+/* One encoded attribute, for sorting. */
+typedef struct der_item {
+    unsigned char *der;
+    int len;
+} der_item;
 
-    cms_init();
-    if (check_signing(pkey, cert, mode, digest, out, err))
-        goto out;
-    if (prep == NULL) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "no prepared entity");
+/* DER's order of a SET OF: the encodings compared as octet strings, a
+ * shorter one first when it is the other's prefix (as OpenSSL sorts). */
+static int der_item_cmp(const void *a, const void *b)
+{
+    const der_item *x = a, *y = b;
+    int n = x->len < y->len ? x->len : y->len, c = memcmp(x->der, y->der, n);
+
+    return c != 0 ? c : x->len - y->len;
+}
+
+/* A DER tag and length into out (room for 10 octets); its length. */
+static size_t der_header(unsigned char *out, unsigned char tag, size_t len)
+{
+    size_t n = 0, k = 0, i;
+
+    out[n++] = tag;
+    if (len < 0x80) {
+        out[n++] = (unsigned char)len;
+        return n;
+    }
+    while (k < sizeof(len) && len >> (8 * k) != 0)
+        k++;
+    out[n++] = (unsigned char)(0x80 | k);
+    for (i = k; i > 0; i--)
+        out[n++] = (unsigned char)(len >> (8 * (i - 1)));
+    return n;
+}
+
+/* The length of a whole element with len octets of content. */
+static size_t der_size(size_t len)
+{
+    unsigned char hdr[10];
+
+    return der_header(hdr, 0, len) + len;
+}
+
+/* The digest md of the signed attributes of si as the SET OF that RFC
+ * 5652 §5.4 has signed (what CMS_SignerInfo_sign encodes) into out. */
+static int digest_attributes(CMS_SignerInfo *si, const EVP_MD *md,
+                             unsigned char *out, unsigned int *out_len,
+                             cms_error *err)
+{
+    int i, n = CMS_signed_get_attr_count(si), r = -1;
+    der_item *items = NULL;
+    unsigned char hdr[10];
+    size_t total = 0;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+
+    if (n <= 0 || ctx == NULL ||
+        (items = calloc((size_t)n, sizeof(*items))) == NULL)
+        goto fail;
+    for (i = 0; i < n; i++) {
+        items[i].len =
+            i2d_X509_ATTRIBUTE(CMS_signed_get_attr(si, i), &items[i].der);
+        if (items[i].len <= 0)
+            goto fail;
+        total += (size_t)items[i].len;
+    }
+    qsort(items, (size_t)n, sizeof(*items), der_item_cmp);
+    if (EVP_DigestInit_ex(ctx, md, NULL) != 1 ||
+        EVP_DigestUpdate(ctx, hdr, der_header(hdr, 0x31, total)) != 1)
+        goto fail;
+    for (i = 0; i < n; i++)
+        if (EVP_DigestUpdate(ctx, items[i].der, (size_t)items[i].len) != 1)
+            goto fail;
+    if (EVP_DigestFinal_ex(ctx, out, out_len) != 1)
+        goto fail;
+    r = 0;
+    goto out;
+fail:
+    cms_set_ssl_error(err, CMS_ERR_INTERNAL,
+                      "cannot encode the signed attributes");
+out:
+    for (i = 0; items != NULL && i < n; i++)
+        OPENSSL_free(items[i].der);
+    free(items);
+    EVP_MD_CTX_free(ctx);
+    return r;
+}
+
+/* What CMS_final adds to a SignerInfo before it signs: the content's
+ * digest, its type and the time. */
+static int add_final_attributes(CMS_ContentInfo *cms, CMS_SignerInfo *si,
+                                const cms_bytes *content, const EVP_MD *md,
+                                cms_error *err)
+{
+    unsigned char d[EVP_MAX_MD_SIZE];
+    unsigned int d_len = 0;
+    ASN1_TIME *now = X509_gmtime_adj(NULL, 0);
+    int r = -1;
+
+    if (EVP_Digest(content->data, content->len, d, &d_len, md, NULL) != 1) {
+        cms_set_ssl_error(err, CMS_ERR_INTERNAL, "cannot digest the content");
         goto out;
     }
-    if (mode == CMS_MODE_DETACHED)
-        flags |= CMS_DETACHED;
+    if (now == NULL ||
+        CMS_signed_add1_attr_by_NID(si, NID_pkcs9_messageDigest,
+                                    V_ASN1_OCTET_STRING, d, (int)d_len) != 1 ||
+        CMS_signed_add1_attr_by_NID(si, NID_pkcs9_contentType, V_ASN1_OBJECT,
+                                    CMS_get0_eContentType(cms), -1) != 1 ||
+        CMS_signed_add1_attr_by_NID(si, NID_pkcs9_signingTime, now->type, now,
+                                    -1) != 1) {
+        cms_set_ssl_error(err, CMS_ERR_INTERNAL,
+                          "cannot add the signed attributes");
+        goto out;
+    }
+    r = 0;
+out:
+    ASN1_TIME_free(now);
+    return r;
+}
 
-    cms = CMS_sign(NULL, NULL, NULL, NULL, flags);
-    if (cms == NULL) {
+int cms_signing_new(const cms_prepared *prep, X509 *cert, STACK_OF(X509) *chain,
+                    cms_mode mode, cms_digest digest, cms_signing **out,
+                    cms_error *err)
+{
+    cms_signing *s = NULL;
+    EVP_PKEY *pub;
+    int r = -1;
+
+    cms_init();
+    if (prep == NULL || cert == NULL || out == NULL) {
+        cms_set_error(err, CMS_ERR_INTERNAL,
+                      "no prepared entity, certificate or result");
+        goto out;
+    }
+    pub = X509_get0_pubkey(cert);
+    if (pub == NULL) {
+        cms_set_ssl_error(err, CMS_ERR_KEY,
+                          "cannot read the certificate's public key");
+        goto out;
+    }
+    if (check_signing(pub, cert, mode, digest, out, err))
+        goto out;
+    s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
+        goto out;
+    }
+    s->prep = prep;
+    s->mode = mode;
+    s->digest = digest;
+    X509_up_ref(cert);
+    s->cert = cert;
+    /* Detached either way: an opaque one's content goes in as the entity
+     * is written (cms_signing_finish). */
+    s->cms = CMS_sign(NULL, NULL, NULL, NULL,
+                      CMS_PARTIAL | CMS_BINARY | CMS_DETACHED);
+    if (s->cms == NULL) {
         cms_set_ssl_error(err, CMS_ERR_INTERNAL, "cannot create SignedData");
         goto out;
     }
-    /* The default contentType, messageDigest and signingTime attributes;
-     * ESS signingCertificateV2 (what CMS_CADES adds) and SMIMECapabilities
+    /* ESS signingCertificateV2 (what CMS_CADES adds) and SMIMECapabilities
      * come encoded already. */
-    if ((si = CMS_add1_signer(cms, cert, pkey, digest_md(digest),
-                              CMS_BINARY | CMS_NOSMIMECAP)) == NULL) {
+    s->si = CMS_add1_signer(s->cms, cert, pub, digest_md(digest),
+                            CMS_BINARY | CMS_NOSMIMECAP);
+    if (s->si == NULL) {
         cms_set_ssl_error(err, CMS_ERR_KEY, "cannot add the signer");
         goto out;
     }
-    if (add_signing_cert(si, cert, digest, err) || add_smimecap(si, err))
+    if (add_signing_cert(s->si, cert, digest, err) ||
+        add_smimecap(s->si, err) ||
+        (chain != NULL && add_chain(s->cms, cert, chain, err)) ||
+        add_final_attributes(s->cms, s->si, &prep->ent.content,
+                             digest_md(digest), err) ||
+        digest_attributes(s->si, digest_md(digest), s->tbs, &s->tbs_len, err))
         goto out;
-    if (chain != NULL && add_chain(cms, cert, chain, err))
+    *out = s;
+    s = NULL;
+    r = 0;
+out:
+    if (r != 0)
+        ERR_clear_error();
+    cms_signing_free(s);
+    return r;
+}
+
+int cms_signing_sign(cms_signing *s, EVP_PKEY *pkey, cms_error *err)
+{
+    EVP_PKEY_CTX *ctx = NULL;
+    unsigned char *sig = NULL;
+    size_t sig_len = 0;
+    int r = -1;
+
+    if (s == NULL || check_signing(pkey, s->cert, s->mode, s->digest, s, err))
         goto out;
-    content =
-        BIO_new_mem_buf(prep->ent.content.data, (int)prep->ent.content.len);
-    if (content == NULL) {
-        cms_set_ssl_error(err, CMS_ERR_INTERNAL,
-                          "cannot read the content to sign");
+    /* What CMS_add1_signer checked when it was given the private key. */
+    if (X509_check_private_key(s->cert, pkey) != 1) {
+        cms_set_ssl_error(err, CMS_ERR_KEY,
+                          "the key does not belong to the certificate");
         goto out;
     }
-    /* The content is canonical already; CMS_BINARY keeps OpenSSL from
-     * touching its line ends. */
-    if (CMS_final(cms, content, NULL, flags) != 1) {
+    ctx = EVP_PKEY_CTX_new_from_pkey(NULL, pkey, NULL);
+    if (ctx == NULL || EVP_PKEY_sign_init(ctx) <= 0 ||
+        EVP_PKEY_CTX_set_signature_md(ctx, digest_md(s->digest)) <= 0 ||
+        EVP_PKEY_sign(ctx, NULL, &sig_len, s->tbs, s->tbs_len) <= 0 ||
+        sig_len > INT_MAX || (sig = OPENSSL_malloc(sig_len)) == NULL ||
+        EVP_PKEY_sign(ctx, sig, &sig_len, s->tbs, s->tbs_len) <= 0) {
         cms_set_ssl_error(err, CMS_ERR_KEY, "signing failed");
         goto out;
     }
-    der_len = i2d_CMS_ContentInfo(cms, &der);
+    /* replaces (and frees) a signature an earlier try left */
+    ASN1_STRING_set0(CMS_SignerInfo_get0_signature(s->si), sig, (int)sig_len);
+    sig = NULL;
+    s->have_signature = 1;
+    r = 0;
+out:
+    if (r != 0)
+        ERR_clear_error();
+    OPENSSL_free(sig);
+    EVP_PKEY_CTX_free(ctx);
+    return r;
+}
+
+/* Reads the DER header at der[*pos..end) (one-octet tags, definite
+ * lengths), moves *pos past it; -1 unless its tag is want and its content
+ * fits. */
+static int der_enter(const unsigned char *der, size_t end, size_t *pos,
+                     unsigned char want, size_t *len)
+{
+    size_t p = *pos, n, k;
+
+    if (end - p < 2 || der[p++] != want)
+        return -1;
+    n = der[p++];
+    if (n & 0x80) {
+        k = n & 0x7f;
+        if (k == 0 || k > sizeof(n) || end - p < k)
+            return -1;
+        for (n = 0; k > 0; k--)
+            n = n << 8 | der[p++];
+    }
+    if (n > end - p)
+        return -1;
+    *pos = p;
+    *len = n;
+    return 0;
+}
+
+/* Like der_enter, then past the content too. */
+static int der_skip(const unsigned char *der, size_t end, size_t *pos,
+                    unsigned char want)
+{
+    size_t len;
+
+    if (der_enter(der, end, pos, want, &len))
+        return -1;
+    *pos += len;
+    return 0;
+}
+
+static int add_header(cms_buf *out, unsigned char tag, size_t len)
+{
+    unsigned char hdr[10];
+
+    return cms_buf_add(out, hdr, der_header(hdr, tag, len));
+}
+
+/*
+ * The ContentInfo der[0..der_len) of a SignedData without eContent, with
+ * content_len octets of eContent put in, as three pieces: head (built
+ * here, every length from encapContentInfo out grown to match), then the
+ * content, then der from *tail on. Together they are what i2d gives for
+ * the same structure with the content embedded:
+ *   ContentInfo ::= SEQUENCE { contentType, [0] EXPLICIT SignedData }
+ *   SignedData ::= SEQUENCE { version, digestAlgorithms,
+ *       encapContentInfo, [0] certificates OPTIONAL, signerInfos }
+ *   EncapsulatedContentInfo ::= SEQUENCE { eContentType,
+ *       eContent [0] EXPLICIT OCTET STRING OPTIONAL }
+ */
+static int splice_content(const unsigned char *der, size_t der_len,
+                          size_t content_len, cms_buf *head, size_t *tail)
+{
+    size_t pos = 0, len0, len1, len2, len3, start1, start3, encap, econtent;
+    size_t sd_body, enc_body, n0, n1, n2, n3;
+
+    /* ContentInfo, its contentType, [0], SignedData: each fills the rest */
+    if (der_enter(der, der_len, &pos, 0x30, &len0) || pos + len0 != der_len ||
+        der_skip(der, der_len, &pos, 0x06))
+        return -1;
+    start1 = pos;
+    if (der_enter(der, der_len, &pos, 0xa0, &len1) || pos + len1 != der_len ||
+        der_enter(der, der_len, &pos, 0x30, &len2) || pos + len2 != der_len)
+        return -1;
+    sd_body = pos;
+    /* version, digestAlgorithms, then encapContentInfo with only its type */
+    if (der_skip(der, der_len, &pos, 0x02) ||
+        der_skip(der, der_len, &pos, 0x31))
+        return -1;
+    start3 = pos;
+    if (der_enter(der, der_len, &pos, 0x30, &len3))
+        return -1;
+    enc_body = pos;
+    if (der_skip(der, der_len, &pos, 0x06) || pos != enc_body + len3)
+        return -1;
+    encap = pos - start3;
+
+    econtent = der_size(der_size(content_len)); /* [0] { OCTET STRING } */
+    n3 = len3 + econtent;
+    n2 = len2 - encap + der_size(n3);
+    n1 = der_size(n2);
+    n0 = len0 - (der_len - start1) + der_size(n1);
+    if (add_header(head, 0x30, n0) ||
+        cms_buf_add(head, der + (der_len - len0), start1 - (der_len - len0)) ||
+        add_header(head, 0xa0, n1) || add_header(head, 0x30, n2) ||
+        cms_buf_add(head, der + sd_body, start3 - sd_body) ||
+        add_header(head, 0x30, n3) || cms_buf_add(head, der + enc_body, len3) ||
+        add_header(head, 0xa0, der_size(content_len)) ||
+        add_header(head, 0x04, content_len))
+        return -1;
+    *tail = pos;
+    return 0;
+}
+
+int cms_signing_finish(cms_signing *s, cms_result **out, cms_error *err)
+{
+    const cms_entity *ent;
+    cms_buf wire = {0}, head = {0};
+    cms_bytes pieces[3];
+    unsigned char *der = NULL;
+    size_t tail, n = 0;
+    int der_len, r = -1;
+
+    if (s == NULL || out == NULL || !s->have_signature) {
+        cms_set_error(err, CMS_ERR_INTERNAL, "nothing signed");
+        goto out;
+    }
+    ent = &s->prep->ent;
+    der_len = i2d_CMS_ContentInfo(s->cms, &der);
     if (der_len <= 0) {
         cms_set_ssl_error(err, CMS_ERR_INTERNAL, "cannot encode SignedData");
         goto out;
     }
-    if (cms_entity_wrap(&prep->ent, mode, digest, der, (size_t)der_len, &wire,
-                        err) ||
-        cms_result_new(&wire, &prep->ent, out, err))
+    if (s->mode == CMS_MODE_DETACHED) {
+        pieces[n++] = (cms_bytes){der, (size_t)der_len};
+    } else {
+        if (splice_content(der, (size_t)der_len, ent->content.len, &head,
+                           &tail)) {
+            cms_set_error(err, CMS_ERR_INTERNAL,
+                          "cannot put the content into the SignedData");
+            goto out;
+        }
+        pieces[n++] = (cms_bytes){head.data, head.len};
+        pieces[n++] = ent->content;
+        pieces[n++] = (cms_bytes){der + tail, (size_t)der_len - tail};
+    }
+    if (cms_entity_wrap(ent, s->mode, s->digest, pieces, n, &wire, err) ||
+        cms_result_new(&wire, ent, out, err))
         goto out;
     r = 0;
 out:
     if (r != 0)
         ERR_clear_error();
     OPENSSL_free(der);
-    BIO_free(content);
-    CMS_ContentInfo_free(cms);
+    cms_buf_release(&head);
     cms_buf_release(&wire);
+    return r;
+}
+
+void cms_signing_free(cms_signing *s)
+{
+    if (s == NULL)
+        return;
+    CMS_ContentInfo_free(s->cms);
+    X509_free(s->cert);
+    free(s);
+}
+
+int cms_sign_prepared(const cms_prepared *prep, EVP_PKEY *pkey, X509 *cert,
+                      STACK_OF(X509) *chain, cms_mode mode, cms_digest digest,
+                      cms_result **out, cms_error *err)
+{
+    cms_signing *s = NULL;
+    int r = -1;
+
+    /* the caller's mistakes first, whichever step would see them */
+    if (check_signing(pkey, cert, mode, digest, out, err) ||
+        cms_signing_new(prep, cert, chain, mode, digest, &s, err) ||
+        cms_signing_sign(s, pkey, err) || cms_signing_finish(s, out, err))
+        goto out;
+    r = 0;
+out:
+    cms_signing_free(s);
     return r;
 }
 

@@ -56,29 +56,21 @@ void cms_signed_release(cms_signed *sd)
 }
 
 /* Reads the CMS structure from the body of an entity whose header block is
- * hb and checks it is SignedData. */
+ * hb, once the allow-lists have passed it and found it SignedData. */
 static CMS_ContentInfo *read_signed_data(const unsigned char *s, size_t len,
                                          const cms_header_block *hb,
                                          cms_error *err)
 {
     CMS_ContentInfo *cms = NULL;
     cms_buf der = {0};
-    int nid;
 
     if (cms_body_decode(s + hb->body, len - hb->body, hb->transfer_encoding,
                         &der, err))
         goto out;
-    cms = cms_der_read(der.data, der.len, err);
-    if (cms == NULL)
+    /* the allow-lists and the type, before OpenSSL reads any of it */
+    if (cms_algs_check_signed(der.data, der.len, err))
         goto out;
-    nid = OBJ_obj2nid(CMS_get0_type(cms));
-    if (nid != NID_pkcs7_signed) {
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "the CMS structure is %s, not signed data",
-                      nid != NID_undef ? OBJ_nid2ln(nid) : "of unknown type");
-        CMS_ContentInfo_free(cms);
-        cms = NULL;
-    }
+    cms = cms_der_read(der.data, der.len, err);
 out:
     cms_buf_release(&der);
     return cms;

@@ -20,6 +20,10 @@
 static pthread_mutex_t audit_lock = PTHREAD_MUTEX_INITIALIZER;
 static int audit_fd = -1;
 static char *audit_path;
+/* the trail audit_swap switches to; set by audit_stage */
+static int staged_fd = -1;
+static char *staged_path;
+static int staged;
 
 static int open_file(const char *path)
 {
@@ -27,10 +31,10 @@ static int open_file(const char *path)
                 0600);
 }
 
-int audit_open(const char *path)
+int audit_stage(const char *path)
 {
     char *copy = NULL;
-    int fd = -1, old;
+    int fd = -1;
 
     if (path != NULL) {
         copy = strdup(path);
@@ -42,14 +46,55 @@ int audit_open(const char *path)
             return -1;
         }
     }
+    audit_discard();
     pthread_mutex_lock(&audit_lock);
-    old = audit_fd;
-    audit_fd = fd;
-    free(audit_path);
-    audit_path = copy;
+    staged_fd = fd;
+    staged_path = copy;
+    staged = 1;
     pthread_mutex_unlock(&audit_lock);
-    if (old >= 0)
-        close(old);
+    return 0;
+}
+
+void audit_swap(void)
+{
+    int fd;
+    char *path;
+
+    pthread_mutex_lock(&audit_lock);
+    if (staged) {
+        fd = audit_fd;
+        path = audit_path;
+        audit_fd = staged_fd;
+        audit_path = staged_path;
+        staged_fd = fd;
+        staged_path = path;
+    }
+    pthread_mutex_unlock(&audit_lock);
+}
+
+void audit_discard(void)
+{
+    int fd;
+    char *path;
+
+    pthread_mutex_lock(&audit_lock);
+    fd = staged_fd;
+    path = staged_path;
+    staged_fd = -1;
+    staged_path = NULL;
+    staged = 0;
+    pthread_mutex_unlock(&audit_lock);
+    if (fd >= 0)
+        close(fd);
+    free(path);
+}
+
+int audit_open(const char *path)
+{
+    if (audit_stage(path) != 0)
+        return -1;
+    audit_swap();
+    audit_discard();
     return 0;
 }
 

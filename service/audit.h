@@ -22,6 +22,16 @@ typedef struct audit_record {
 /* NULL path: no audit trail. -1 (errno set) when the file cannot be
  * opened; the trail in use, if any, stays. */
 int audit_open(const char *path);
+/* A reload's trail, in three steps so that a configuration refused after
+ * its audit log was opened leaves the running trail as it was:
+ * audit_stage opens path (NULL: no trail) and keeps it aside, -1 (errno
+ * set, nothing staged) when it cannot; audit_swap makes the staged trail
+ * the one in use and stages the one it replaced (a second swap goes back);
+ * audit_discard closes whatever is staged. The trail in use is never
+ * closed by the first two. */
+int audit_stage(const char *path);
+void audit_swap(void);
+void audit_discard(void);
 /* Reopens the same path after rotation (SIGUSR1); -1 keeps the old file. */
 int audit_reopen(void);
 void audit_close(void);

@@ -42,6 +42,8 @@ static const opt top_opts[] = {
     {"max_connections", OPT_INT, 0, 1, 65536},
     {"max_connections_per_ip", OPT_INT, 0, 1, 65536},
     {"request_timeout_s", OPT_INT, 0, 1, 3600},
+    {"header_timeout_s", OPT_INT, 0, 1, 3600},
+    {"max_inflight_body_bytes", OPT_INT, 0, 1024, (json_int_t)1 << 50},
     {"log_level", OPT_STRING, 0, 0, 0},
     {"log_file", OPT_STRING, 0, 0, 0},
     {"trust", OPT_PATH, 0, 0, 0},
@@ -570,6 +572,34 @@ static void check_listen(loader *ld, const char *listen)
         problem(ld, "listen", "\"%s\" has no valid port", listen);
 }
 
+/* The default budget of body bytes in flight: a quarter of the memory,
+ * at most 1 GiB, and never below one body of max_body_bytes (a smaller
+ * one would refuse every large request; given explicitly, that is an
+ * error). */
+static void load_body_budget(loader *ld, json_t *root)
+{
+    config *cfg = ld->cfg;
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    size_t dflt = (size_t)1 << 30, quarter;
+
+    cfg->max_body_bytes =
+        (size_t)get_int(root, "max_body_bytes", (json_int_t)64 << 20);
+    if (pages > 0 && size > 0) {
+        quarter = (size_t)pages * (size_t)size / 4;
+        if (quarter < dflt)
+            dflt = quarter;
+    }
+    if (dflt < cfg->max_body_bytes)
+        dflt = cfg->max_body_bytes;
+    cfg->max_inflight_body_bytes =
+        (size_t)get_int(root, "max_inflight_body_bytes", (json_int_t)dflt);
+    if (cfg->max_inflight_body_bytes < cfg->max_body_bytes)
+        problem(ld, "max_inflight_body_bytes",
+                "%zu is below max_body_bytes (%zu): no request of the largest "
+                "size could ever be served",
+                cfg->max_inflight_body_bytes, cfg->max_body_bytes);
+}
+
 static void load_top(loader *ld, json_t *root)
 {
     config *cfg = ld->cfg;
@@ -583,13 +613,13 @@ static void load_top(loader *ld, json_t *root)
     cfg->listen = keep(ld, strdup(s != NULL ? s : "127.0.0.1:8080"));
     if (cfg->listen != NULL)
         check_listen(ld, cfg->listen);
-    cfg->max_body_bytes =
-        (size_t)get_int(root, "max_body_bytes", (json_int_t)64 << 20);
-    /* a webmail back end is one address with hundreds of connections */
+    load_body_budget(ld, root);
     cfg->max_connections = (unsigned)get_int(root, "max_connections", 1024);
+    /* a webmail back end behind one address raises it (README) */
     cfg->max_connections_per_ip =
-        (unsigned)get_int(root, "max_connections_per_ip", 512);
+        (unsigned)get_int(root, "max_connections_per_ip", 64);
     cfg->request_timeout_s = (unsigned)get_int(root, "request_timeout_s", 60);
+    cfg->header_timeout_s = (unsigned)get_int(root, "header_timeout_s", 10);
     s = get_string(root, "log_level");
     cfg->log_level = LOG_LEVEL_INFO;
     if (s != NULL && config_log_level_from_name(s, &cfg->log_level) != 0)

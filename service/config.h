@@ -23,9 +23,12 @@ typedef enum {
 typedef struct config {
     char *listen;          /* "host:port" */
     size_t max_body_bytes; /* request body cap */
+    /* request body bytes in flight across the daemon; >= max_body_bytes */
+    size_t max_inflight_body_bytes;
     unsigned max_connections;
     unsigned max_connections_per_ip;
     unsigned request_timeout_s;
+    unsigned header_timeout_s; /* deadline for a complete request header */
     log_level log_level;
     char *log_file; /* NULL: stderr */
     /* verification: anchors from a PEM bundle or a hashed directory, and

@@ -22,6 +22,8 @@
 #include <openssl/rand.h>
 
 #include "service/audit.h"
+#include "service/budget.h"
+#include "service/conns.h"
 #include "service/http.h"
 #include "service/log.h"
 #include "service/metrics.h"
@@ -37,6 +39,8 @@ struct http_server {
     struct MHD_Daemon *daemon;
     api_ref *current;
     size_t max_body;
+    budget *budget; /* borrowed */
+    conns *conns;
     unsigned port;
     pthread_mutex_t lock;
     pthread_cond_t idle;
@@ -81,6 +85,9 @@ typedef struct request {
     api_peer peer;
     char *peer_strings[PEER_SANS_MAX + 1]; /* subject, then sans; owned */
     const char *endpoint; /* static; metrics label of a route-less path */
+
+    uint64_t reserved; /* bytes of the body budget this request holds */
+    conns_entry *conn; /* its connection's entry; NULL when untracked */
 } request;
 
 static double ms_since(const struct timespec *start)
@@ -293,6 +300,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
 
     if (r == NULL)
         return;
+    budget_release(srv->budget, r->reserved);
+    if (r->conn != NULL)
+        conns_end_request(r->conn);
     /* method, path, status, latency and key only: never content or PINs */
     log_info("%s %s %d %.1fms key=%s%s%s%s", r->method, r->path, r->status,
              ms_since(&r->start), r->key[0] ? r->key : "-",
@@ -408,6 +418,28 @@ static enum MHD_Result answer_metrics(request *r, struct MHD_Connection *conn)
     return queue(r, conn, &res);
 }
 
+/* A body is read only within the daemon's budget of body bytes in flight:
+ * its Content-Length, or a whole max_body_bytes when it comes chunked.
+ * Decided on the headers, after 413 and 415 and before any of it is read;
+ * on_completed gives it back, whichever way the request ends. */
+static int reserve_body(request *r, struct MHD_Connection *conn, api_error *err)
+{
+    uint64_t want = r->announced;
+
+    if (MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                    MHD_HTTP_HEADER_TRANSFER_ENCODING) != NULL)
+        want = r->srv->max_body;
+    if (budget_reserve(r->srv->budget, want) != 0) {
+        api_fail(err, 503, "server_busy",
+                 "no room for another request body of %llu bytes now",
+                 (unsigned long long)want);
+        err->retry_after = 1;
+        return -1;
+    }
+    r->reserved = want;
+    return 0;
+}
+
 /* The checks made from the headers alone, in the contract's order. */
 static int check_headers(request *r, struct MHD_Connection *conn,
                          const char *method, const char *url, api_error *err)
@@ -438,7 +470,9 @@ static int check_headers(request *r, struct MHD_Connection *conn,
     }
     ctype = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                         MHD_HTTP_HEADER_CONTENT_TYPE);
-    return api_route_check_media(r->route, ctype, &r->kind, err);
+    if (api_route_check_media(r->route, ctype, &r->kind, err) != 0)
+        return -1;
+    return reserve_body(r, conn, err);
 }
 
 static int append_body(request *r, const char *data, size_t size,
@@ -508,6 +542,46 @@ static int query_each(void *ctx, int (*fn)(void *arg, const char *name),
     return it.stopped;
 }
 
+static conns_entry *conn_entry(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+
+    return ci != NULL ? ci->socket_context : NULL;
+}
+
+/* libmicrohttpd's accept policy: after its own max_connections check. */
+static enum MHD_Result on_accept(void *cls, const struct sockaddr *addr,
+                                 socklen_t addrlen)
+{
+    http_server *srv = cls;
+
+    return conns_admit(srv->conns, addr, addrlen) ? MHD_YES : MHD_NO;
+}
+
+/* A connection started or closed; the entry is its socket_context. Both
+ * come from the thread that accepts, and CLOSED before libmicrohttpd
+ * closes the descriptor. */
+static void on_connection(void *cls, struct MHD_Connection *conn,
+                          void **socket_context,
+                          enum MHD_ConnectionNotificationCode code)
+{
+    http_server *srv = cls;
+    const union MHD_ConnectionInfo *addr, *fd;
+
+    if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
+        conns_close(srv->conns, *socket_context);
+        *socket_context = NULL;
+        return;
+    }
+    addr = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    fd = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (fd != NULL)
+        *socket_context =
+            conns_open(srv->conns, addr != NULL ? addr->client_addr : NULL,
+                       fd->connect_fd);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
                                   const char *url, const char *method,
                                   const char *version, const char *upload_data,
@@ -516,15 +590,22 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
     http_server *srv = cls;
     request *r = *req_cls;
     api_request areq = {0};
+    api_body body = {0};
     api_response res = {0};
     api_error err = {0};
     api_ref *ref;
     int rc;
 
     if (r == NULL) {
+        conns_entry *ce = conn_entry(conn);
+
+        /* the header is complete: its deadline no longer applies */
+        if (ce != NULL && conns_begin_request(ce) != 0)
+            return MHD_NO;
         r = request_new(srv, conn, method, url);
         if (r == NULL)
             return MHD_NO;
+        r->conn = ce;
         *req_cls = r;
         if (strcmp(url, "/metrics") == 0 &&
             (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0))
@@ -568,8 +649,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
         return answer_error(r, conn, &r->err);
     areq.route = r->route;
     areq.kind = r->kind;
-    areq.body = r->body;
-    areq.body_len = r->len;
+    /* api_handle takes the body, and frees it as soon as it can */
+    body.data = r->body;
+    body.len = r->len;
+    r->body = NULL;
+    areq.body = &body;
     areq.query = query_get;
     areq.query_each = query_each;
     areq.query_ctx = conn;
@@ -674,6 +758,8 @@ static void free_secret(char *text)
 
 static void server_free(http_server *srv)
 {
+    metrics_set_sources(NULL, NULL);
+    conns_free(srv->conns);
     pthread_cond_destroy(&srv->idle);
     pthread_mutex_destroy(&srv->lock);
     free(srv->tls_cert);
@@ -690,6 +776,7 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
     struct sockaddr_storage ss;
     socklen_t sslen;
     const union MHD_DaemonInfo *info;
+    conns_options conns_opts;
     struct MHD_OptionItem o[16];
     size_t n = 0;
     unsigned flags = MHD_USE_AUTO | MHD_USE_INTERNAL_POLLING_THREAD |
@@ -714,14 +801,23 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
     }
     srv->current->api = a;
     srv->max_body = opts->max_body_bytes;
+    srv->budget = opts->budget;
+    conns_opts.max_connections = opts->max_connections;
+    conns_opts.max_per_ip = opts->max_connections_per_ip;
+    conns_opts.header_timeout_s = opts->header_timeout_s;
+    srv->conns = conns_new(&conns_opts, errbuf, errlen);
+    if (srv->conns == NULL)
+        goto out;
+    metrics_set_sources(srv->budget, srv->conns);
 #define OPT(opt, value, ptr)                                                   \
     o[n++] = (struct MHD_OptionItem){(opt), (intptr_t)(value), (ptr)}
     OPT(MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL);
     OPT(MHD_OPTION_SOCK_ADDR, 0, &ss);
     OPT(MHD_OPTION_CONNECTION_LIMIT, opts->max_connections, NULL);
-    OPT(MHD_OPTION_PER_IP_CONNECTION_LIMIT, opts->max_connections_per_ip, NULL);
+    /* the per-address limit is conns_admit's, with the reserve */
     OPT(MHD_OPTION_CONNECTION_TIMEOUT, opts->timeout_s, NULL);
     OPT(MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv);
+    OPT(MHD_OPTION_NOTIFY_CONNECTION, on_connection, srv);
     if (opts->tls_certificate != NULL) {
         flags |= MHD_USE_TLS;
         srv->tls_cert = read_pem(opts->tls_certificate, errbuf, errlen);
@@ -746,7 +842,7 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
         snprintf(errbuf, errlen, "this libmicrohttpd has no TLS support");
         goto out;
     }
-    srv->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, srv,
+    srv->daemon = MHD_start_daemon(flags, 0, on_accept, srv, on_request, srv,
                                    MHD_OPTION_ARRAY, o, MHD_OPTION_END);
     if (srv->daemon == NULL) {
         snprintf(errbuf, errlen, "cannot listen on %s: %s%s", opts->listen,

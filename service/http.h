@@ -9,6 +9,7 @@
 #include <stddef.h>
 
 #include "api/api.h"
+#include "service/budget.h"
 
 typedef struct http_options {
     const char *listen; /* host:port; port 0 picks a free one */
@@ -16,6 +17,8 @@ typedef struct http_options {
     unsigned max_connections;
     unsigned max_connections_per_ip;
     unsigned timeout_s;
+    unsigned header_timeout_s; /* for a complete request header */
+    budget *budget; /* body bytes in flight; borrowed, outlives the server */
     /* TLS when tls_certificate is set: PEM files of the server certificate
      * and key, and of the CA that client certificates must verify against
      * (NULL: clients are not asked for one) */

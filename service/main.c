@@ -18,6 +18,7 @@
 #include "api/api.h"
 #include "cms/cms.h"
 #include "service/audit.h"
+#include "service/budget.h"
 #include "service/config.h"
 #include "service/harden.h"
 #include "service/http.h"
@@ -160,10 +161,11 @@ static int check_exposure(const config *cfg, const char *listen)
 }
 
 /* The audit trail follows the config; failing to open it is fatal at
- * start and keeps the old trail on reload. */
-static int open_audit(const config *cfg)
+ * start and keeps the old trail on reload. stage: open it aside, for
+ * audit_swap once the new configuration is accepted. */
+static int open_audit(const config *cfg, int stage)
 {
-    if (audit_open(cfg->audit_log) == 0)
+    if ((stage ? audit_stage(cfg->audit_log) : audit_open(cfg->audit_log)) == 0)
         return 0;
     log_error("cannot open the audit log %s: %s", cfg->audit_log,
               strerror(errno));
@@ -220,6 +222,7 @@ static void reload(running *run, http_server *srv)
     config *cfg = NULL;
     token_set *tokens = NULL;
     api *a = NULL, *old;
+    int new_audit;
     size_t i;
 
     cfg = config_load(run->config_path, &problems);
@@ -227,12 +230,11 @@ static void reload(running *run, http_server *srv)
         log_error("%s", problems.lines[i]);
     if (cfg == NULL || check_exposure(cfg, run->listen) != 0)
         goto fail;
-    if ((cfg->audit_log == NULL) != (run->cfg->audit_log == NULL) ||
-        (cfg->audit_log != NULL &&
-         strcmp(cfg->audit_log, run->cfg->audit_log) != 0)) {
-        if (open_audit(cfg) != 0)
-            goto fail;
-    }
+    new_audit = (cfg->audit_log == NULL) != (run->cfg->audit_log == NULL) ||
+                (cfg->audit_log != NULL &&
+                 strcmp(cfg->audit_log, run->cfg->audit_log) != 0);
+    if (new_audit && open_audit(cfg, 1) != 0)
+        goto fail;
     tokens = open_tokens(cfg);
     if (tokens == NULL || loses_token(run->tokens, tokens))
         goto fail;
@@ -244,12 +246,19 @@ static void reload(running *run, http_server *srv)
         cfg->max_connections != run->cfg->max_connections ||
         cfg->max_connections_per_ip != run->cfg->max_connections_per_ip ||
         cfg->request_timeout_s != run->cfg->request_timeout_s ||
+        cfg->header_timeout_s != run->cfg->header_timeout_s ||
+        cfg->max_inflight_body_bytes != run->cfg->max_inflight_body_bytes ||
         (cfg->tls_certificate != NULL) != (run->cfg->tls_certificate != NULL))
-        log_warn("listen, tls, max_body_bytes, max_connections, "
-                 "max_connections_per_ip and request_timeout_s take effect "
-                 "on restart only");
+        log_warn("listen, tls, max_body_bytes, max_inflight_body_bytes, "
+                 "max_connections, max_connections_per_ip, request_timeout_s "
+                 "and header_timeout_s take effect on restart only");
+    /* accepted: requests on the new configuration write the new trail */
+    if (new_audit)
+        audit_swap();
     switch (http_set_api(srv, a, SHUTDOWN_TIMEOUT_MS, &old)) {
     case -1:
+        if (new_audit)
+            audit_swap();
         goto fail;
     case 1:
         /* freeing tokens under a request stuck in a module would crash */
@@ -262,6 +271,7 @@ static void reload(running *run, http_server *srv)
         token_set_free(run->tokens);
         config_free(run->cfg);
     }
+    audit_discard();
     run->cfg = cfg;
     run->tokens = tokens;
     run->api = a;
@@ -271,6 +281,7 @@ static void reload(running *run, http_server *srv)
     config_problems_clear(&problems);
     return;
 fail:
+    audit_discard();
     log_error("keeping the running configuration");
     api_free(a);
     token_set_free(tokens);
@@ -367,6 +378,7 @@ int main(int argc, char **argv)
     config_problems problems = {0};
     running run = {0};
     http_server *srv = NULL;
+    budget *body_budget = NULL;
     http_options hopts;
     token_error terr = {0};
     sigset_t sigs;
@@ -434,7 +446,7 @@ int main(int argc, char **argv)
     /* a client hanging up mid-response must not kill the daemon */
     signal(SIGPIPE, SIG_IGN);
 
-    if (check_exposure(run.cfg, run.listen) != 0 || open_audit(run.cfg) != 0)
+    if (check_exposure(run.cfg, run.listen) != 0 || open_audit(run.cfg, 0) != 0)
         goto out;
     if (harden_raise_nofile(run.cfg->max_connections + 256) <
         run.cfg->max_connections + 16)
@@ -454,12 +466,21 @@ int main(int argc, char **argv)
         log_error("out of memory");
         goto out;
     }
+    /* made once, before any process could be forked to share it */
+    body_budget = budget_new(run.cfg->max_inflight_body_bytes);
+    if (body_budget == NULL) {
+        log_error("cannot map the budget of body bytes in flight: %s",
+                  strerror(errno));
+        goto out;
+    }
     memset(&hopts, 0, sizeof(hopts));
     hopts.listen = run.listen;
     hopts.max_body_bytes = run.cfg->max_body_bytes;
     hopts.max_connections = run.cfg->max_connections;
     hopts.max_connections_per_ip = run.cfg->max_connections_per_ip;
     hopts.timeout_s = run.cfg->request_timeout_s;
+    hopts.header_timeout_s = run.cfg->header_timeout_s;
+    hopts.budget = body_budget;
     hopts.tls_certificate = run.cfg->tls_certificate;
     hopts.tls_key = run.cfg->tls_key;
     hopts.tls_client_ca = run.cfg->tls_client_ca;
@@ -479,6 +500,7 @@ int main(int argc, char **argv)
     ret = serve(srv, &run, &sigs);
 out:
     token_recovery_stop();
+    budget_free(body_budget);
     api_free(run.api);
     token_set_free(run.tokens);
     config_free(run.cfg);

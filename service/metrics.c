@@ -42,6 +42,16 @@ static size_t nseries;
 static struct latency latencies[MAX_ENDPOINTS];
 static size_t nlatencies;
 static unsigned long in_flight;
+static const budget *body_budget;
+static conns *connections;
+
+void metrics_set_sources(const budget *b, conns *c)
+{
+    pthread_mutex_lock(&lock);
+    body_budget = b;
+    connections = c;
+    pthread_mutex_unlock(&lock);
+}
 
 void metrics_request_begin(void)
 {
@@ -200,6 +210,50 @@ static void render_requests(page *p)
         in_flight);
 }
 
+/* The body budget is one for the whole daemon, however many processes
+ * serve it; the connection counts are this process's. */
+static void render_limits(page *p, const budget *b, conns *c)
+{
+    conns_stats st;
+
+    if (b != NULL)
+        put(p,
+            "# HELP smimed_body_bytes_in_flight Request body bytes reserved "
+            "now (their Content-Length, or max_body_bytes when chunked).\n"
+            "# TYPE smimed_body_bytes_in_flight gauge\n"
+            "smimed_body_bytes_in_flight %llu\n"
+            "# HELP smimed_body_bytes_limit max_inflight_body_bytes.\n"
+            "# TYPE smimed_body_bytes_limit gauge\n"
+            "smimed_body_bytes_limit %llu\n"
+            "# HELP smimed_server_busy_total Requests refused with 503 "
+            "server_busy: their body did not fit the budget.\n"
+            "# TYPE smimed_server_busy_total counter\n"
+            "smimed_server_busy_total %llu\n",
+            (unsigned long long)budget_in_flight(b),
+            (unsigned long long)budget_limit(b),
+            (unsigned long long)budget_refusals(b));
+    if (c == NULL)
+        return;
+    conns_get_stats(c, &st);
+    put(p,
+        "# HELP smimed_connections HTTP connections open now.\n"
+        "# TYPE smimed_connections gauge\n"
+        "smimed_connections %u\n"
+        "# HELP smimed_header_timeouts_total Connections shut down without a "
+        "complete request header within header_timeout_s.\n"
+        "# TYPE smimed_header_timeouts_total counter\n"
+        "smimed_header_timeouts_total %llu\n"
+        "# HELP smimed_connections_refused_total Connections refused on "
+        "accept: per_ip (max_connections_per_ip), reserve (the last slots "
+        "are kept for addresses with few connections).\n"
+        "# TYPE smimed_connections_refused_total counter\n"
+        "smimed_connections_refused_total{reason=\"per_ip\"} %llu\n"
+        "smimed_connections_refused_total{reason=\"reserve\"} %llu\n",
+        st.open, (unsigned long long)st.header_timeouts,
+        (unsigned long long)st.refused_per_ip,
+        (unsigned long long)st.refused_reserve);
+}
+
 /* One line per token: "name{token="x"<extra>} value". */
 __attribute__((format(printf, 5, 6))) static void
 put_token(page *p, const char *name, const char *token, const char *extra,
@@ -317,6 +371,8 @@ static void render_tokens(page *p, token_set *tokens)
 int metrics_render(token_set *tokens, char **out, size_t *len)
 {
     page p = {0};
+    const budget *b;
+    conns *c;
 
     p.cap = 4096;
     p.buf = malloc(p.cap);
@@ -325,7 +381,10 @@ int metrics_render(token_set *tokens, char **out, size_t *len)
     p.buf[0] = '\0';
     pthread_mutex_lock(&lock);
     render_requests(&p);
+    b = body_budget;
+    c = connections;
     pthread_mutex_unlock(&lock);
+    render_limits(&p, b, c);
     render_tokens(&p, tokens);
     if (p.failed) {
         free(p.buf);

@@ -8,6 +8,8 @@
 
 #include <stddef.h>
 
+#include "service/budget.h"
+#include "service/conns.h"
 #include "token/token.h"
 
 /* A request began / ended. endpoint is a route path, or NULL for a path no
@@ -15,6 +17,10 @@
  * series at will). */
 void metrics_request_begin(void);
 void metrics_request_end(const char *endpoint, int status, double seconds);
+
+/* Where the page reads the body budget and the connection counts (both
+ * borrowed; NULL: not shown). */
+void metrics_set_sources(const budget *b, conns *c);
 
 /* The whole page, malloc'd, in *out (length *len); -1 without memory. */
 int metrics_render(token_set *tokens, char **out, size_t *len);

@@ -731,6 +731,13 @@ def expect_error(r, status, code):
     return j
 
 
+def expect_unsupported(r, oid):
+    """A 422 unsupported_algorithm whose message names oid (dotted)."""
+    j = expect_error(r, 422, "unsupported_algorithm")
+    check(oid in j["error"]["message"], "message %r does not name %s" % (j["error"]["message"], oid))
+    return j
+
+
 class Suite:
     def __init__(self, name):
         self.name = name

@@ -534,6 +534,103 @@ def oracle_oaep_gcm_ec():
     still_serving()
 
 
+# ------------------------------------------------------------------ allow-lists
+
+OID_AES192_WRAP = bytes.fromhex("0609608648016503040119")
+OID_AES192_WRAP_PAD = bytes.fromhex("060960864801650304011c")
+
+
+def replaced_oid(der, old, new):
+    eq(der.count(old), 1, "occurrences of %s" % old.hex())
+    return der.replace(old, new)
+
+
+def wrap_pad_envelope(tag):
+    """The issue's reproducer: an EC envelope whose key wrap is
+    id-aes192-wrap-pad, its wrapped key (made for id-aes192-wrap) not
+    unwrapping under it. OpenSSL 3.0.19 writes past its buffer on that."""
+    der = F.openssl_encrypt(plain(tag), [DEMO_EC], WORK, "-aes-192-cbc", outform="DER")
+    return replaced_oid(der, OID_AES192_WRAP, OID_AES192_WRAP_PAD)
+
+
+def refused_wrap_pad():
+    bad = wrap_pad_envelope("wrap-pad")
+    mime = (b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + F.b64_lines(bad))
+    for _ in range(3):
+        r = D.request("POST", "/v1/decrypt", body=mime, headers={"Content-Type": "message/rfc822"})
+        j = F.expect_unsupported(r, "2.16.840.1.101.3.4.1.28")
+        check("id-aes192-wrap-pad" in j["error"]["message"], "message %r" % j["error"]["message"])
+        check(D.running(), "the daemon died")
+    F.expect_unsupported(post_entity(mime), "2.16.840.1.101.3.4.1.28")
+    F.expect_unsupported(post_entity(mime, key="demo-ec"), "2.16.840.1.101.3.4.1.28")
+    still_serving()
+    r = D.sign(key="demo-ec", mime=plain("signed after the reproducer").decode())
+    eq(r.status, 200, "sign after the reproducer (%r)" % r.body[:200])
+    check(D.running(), "the daemon died")
+
+
+def refused_ecdh_des3():
+    env = F.openssl_encrypt(plain("ecdh des3"), [DEMO_EC], WORK, "-des3")
+    F.expect_unsupported(post_entity(env), "1.2.840.113549.1.9.16.3.6")
+    still_serving()
+
+
+def refused_rc2():
+    der = F.openssl_encrypt(plain("rc2"), [DEMO_RSA], WORK, "-des3", outform="DER")
+    # des-ede3-cbc (1.2.840.113549.3.7) becomes rc2-cbc (...3.2), same length
+    der = replaced_oid(der, bytes.fromhex("06082a864886f70d0307"), bytes.fromhex("06082a864886f70d0302"))
+    F.expect_unsupported(post_entity(F.pkcs7_mime(der)), "1.2.840.113549.3.2")
+    still_serving()
+
+
+def refused_oaep_md5():
+    env = F.openssl_encrypt(plain("oaep md5"), [DEMO_RSA], WORK, "-aes256",
+                            ["rsa_padding_mode:oaep", "rsa_oaep_md:md5"])
+    j = F.expect_unsupported(post_entity(env), "1.2.840.113549.2.5")
+    check("OAEP hash" in j["error"]["message"], "message %r" % j["error"]["message"])
+    still_serving()
+
+
+def refused_kdf():
+    der = F.openssl_encrypt(plain("mqv"), [DEMO_EC], WORK, "-aes128", outform="DER")
+    # dhSinglePass-stdDH-sha1kdf-scheme becomes mqvSinglePass-sha1kdf-scheme
+    der = replaced_oid(der, bytes.fromhex("06092b81051086483f0002"), bytes.fromhex("06092b81051086483f0010"))
+    F.expect_unsupported(post_entity(F.pkcs7_mime(der)), "1.3.133.16.840.63.0.16")
+    still_serving()
+
+
+def refused_gcm_in_enveloped():
+    der = F.openssl_encrypt(plain("gcm in enveloped"), [DEMO_RSA], WORK, "-aes128", outform="DER")
+    der = replaced_oid(der, bytes.fromhex("0609608648016503040102"), bytes.fromhex("0609608648016503040106"))
+    F.expect_unsupported(post_entity(F.pkcs7_mime(der)), "2.16.840.1.101.3.4.1.6")
+    still_serving()
+
+
+def signed_md5_inside():
+    """A decrypted entity signed with MD5: the plaintext comes back, signed,
+    with a negative verification; /v1/verify refuses the same entity."""
+    inner_msg = plain("md5 signed then encrypted")
+    signed = F.openssl_sign(inner_msg, FRSA.pem, FRSA.key, WORK, "md5")
+    env = F.openssl_encrypt(signed, [DEMO_EC], WORK, "-aes256", extra=["-binary"])
+    r = post_entity(env, verify=True, trust=[PKI.pem.read_text()])
+    eq(r.status, 200, "status (%r)" % r.body[:300])
+    j = r.json()
+    check(j.get("signed") is True, "signed %r, want true" % j.get("signed"))
+    F.same_entity(F.mime_of(j), signed, "decrypted signed entity")
+    v = j.get("verification")
+    check(isinstance(v, dict), "no verification object: %r" % j)
+    eq(v.get("valid"), False, "verification.valid")
+    eq(v.get("reason"), "unsupported_algorithm", "verification.reason")
+    check("1.2.840.113549.2.5" in (v.get("detail") or ""), "detail %r" % v.get("detail"))
+    eq(v.get("signers"), [], "verification.signers")
+    r = D.request("POST", "/v1/decrypt", body=env, headers={"Content-Type": "message/rfc822"})
+    eq(r.status, 200, "raw status (%r)" % r.body[:300])
+    eq((r.header("X-Smimed-Signed") or "").lower(), "true", "X-Smimed-Signed")
+    F.expect_unsupported(D.post_json("/v1/verify", {"mime": signed.decode()}), "1.2.840.113549.2.5")
+    still_serving()
+
+
 # ------------------------------------------------------------------ bad input
 
 def wrapped(der, **kw):
@@ -700,7 +797,9 @@ def main():
         for cipher in ("-aes256", "-aes-128-gcm"):
             M.run(S, "openssl", "->smimed-decrypt", "rsa-oaep-%s %s" % (md, cipher[1:]), openssl_to_demo,
                   "demo-rsa", cipher, ["rsa_padding_mode:oaep", "rsa_oaep_md:%s" % md])
-    for cipher in ("-aes128", "-aes256", "-aes-256-gcm", "-des3"):
+    # -des3 to an EC key makes openssl wrap with id-alg-CMS3DESwrap, which
+    # the allow-lists refuse (see refused_ecdh_des3)
+    for cipher in ("-aes128", "-aes256", "-aes-256-gcm"):
         M.run(S, "openssl", "->smimed-decrypt", "ecdh-p256 %s" % cipher[1:], openssl_to_demo,
               "demo-ec", cipher)
     M.run(S, "openssl", "->smimed-decrypt", "ecdh-p256-sha256kdf aes-128-gcm", openssl_to_demo,
@@ -752,6 +851,14 @@ def main():
     S.case("padding oracle: >=300 corrupted RSA PKCS#1 envelopes, one answer", oracle_rsa_pkcs1)
     S.case("corrupted OAEP, GCM and ECDH envelopes, same answer", oracle_oaep_gcm_ec)
 
+    S.case("the issue's reproducer (ECDH with id-aes192-wrap-pad): 422 unsupported_algorithm, "
+           "the daemon still decrypts and signs", refused_wrap_pad)
+    S.case("ecdh-p256 des3 (id-alg-CMS3DESwrap): 422 unsupported_algorithm", refused_ecdh_des3)
+    S.case("RC2-CBC content encryption: 422 unsupported_algorithm", refused_rc2)
+    S.case("RSA-OAEP with MD5: 422 unsupported_algorithm", refused_oaep_md5)
+    S.case("ECMQV key agreement: 422 unsupported_algorithm", refused_kdf)
+    S.case("AES-GCM inside EnvelopedData: 422 unsupported_algorithm", refused_gcm_in_enveloped)
+    S.case("MD5-signed inside, verify: plaintext, signed, unsupported_algorithm", signed_md5_inside)
     S.case("truncated CMS: 422 invalid_smime", bad_truncated)
     S.case("garbage base64 body: 422 invalid_smime", bad_garbage_base64)
     S.case("random bytes as DER: 422 invalid_smime", bad_random_der)

@@ -46,6 +46,19 @@ def json_escapes():
     eq(verify(j["mime"].encode()), inner.encode(), "signed content")
 
 
+def json_escapes_copied():
+    # the same characters through the writer's copying path: a decrypted
+    # entity is answered from a buffer the response does not take
+    controls = "".join(chr(c) for c in range(1, 32) if c not in (10, 13))
+    inner = ("Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+             "quote \" backslash \\ slash / del \x7f\r\ncontrols " + controls + "\r\n")
+    r = D.post_json("/v1/encrypt", {"mime": inner, "recipients": ["demo-ec"]})
+    eq(r.status, 200, "encrypt status (%r)" % r.body[:300])
+    r = D.post_json("/v1/decrypt", {"mime": r.json()["mime"]})
+    eq(r.status, 200, "decrypt status (%r)" % r.body[:300])
+    eq(json.loads(r.body.decode("utf-8"))["mime"], inner, "decrypted entity")
+
+
 def raw_body(name, inner_text, line_end, want_reencoded):
     """Signs a multi-MiB message in raw mode; openssl sees the submitted
     entity, canonical (and quoted-printable where it was 8-bit)."""
@@ -74,6 +87,7 @@ def main():
     if not S.case("daemon starts on the demo token", start):
         S.finish()
     S.case("JSON escapes in the signed entity round-trip", json_escapes)
+    S.case("JSON escapes in a decrypted entity round-trip", json_escapes_copied)
     S.case("3 MiB 7-bit CRLF body in raw mode verifies",
            raw_body, "crlf", LINE * 48000, "\r\n", "none")
     S.case("3 MiB 7-bit LF body in raw mode verifies",

@@ -275,6 +275,90 @@ def bounded_sessions():
     F.check_exit(d, rc)
 
 
+def code_of(r):
+    return None if r.status == 200 else r.error_code()
+
+
+def session_not_held_by_digest():
+    """The token session is held for the signature alone, not while a large
+    entity is digested: with one session and a short wait_ms, small signs
+    keep being served while large ones are in flight. (When the content was
+    digested under the session, each 60 MiB SHA-512 sign held it about
+    0.1 s, and small signs queued behind it got 503 token_busy.)"""
+    conf = WORK / "digest.conf"
+    F.write_config(conf, [F.token_config(DEMO, max_sessions=1, wait_ms=50)])
+    d = S.daemon(conf, "digest-daemon", env=F.softhsm_env(DEMO))
+    large = ("Subject: large\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+             + "a line of a large message, signed with SHA-512, 0123456789\r\n"
+             * (60 * 1024 * 1024 // 61)).encode()
+    lock = threading.Lock()
+    state = {"in_flight": 0, "overlapping": 0}
+    large_status, small_status, small_ms = [], [], []
+    stop = threading.Event()
+
+    def big(i):
+        for n in range(2):
+            with lock:
+                state["in_flight"] += 1
+            try:
+                r = d.request("POST", "/v1/sign?key=demo-ec&digest=sha512", body=large,
+                              headers={"Content-Type": "message/rfc822"}, timeout=300)
+            finally:
+                with lock:
+                    state["in_flight"] -= 1
+            with lock:
+                large_status.append((r.status, code_of(r)))
+            if i == 0 and n == 0 and r.status == 200:
+                content = F.openssl_verify(r.body, CA, F.workdir("digest-large"))
+                check(content == large[len("Subject: large\r\n"):],
+                      "the large signed content differs from the message")
+
+    def small():
+        k = 0
+        while not stop.is_set():
+            with lock:
+                overlapping = state["in_flight"] > 0
+            t0 = time.time()
+            r = d.sign(key="demo-ec", mime=msg("small %d" % k))
+            small_ms.append((time.time() - t0) * 1e3)
+            small_status.append((r.status, code_of(r)))
+            if overlapping:
+                with lock:
+                    state["overlapping"] += 1
+            if k == 0:
+                eq(r.status, 200, "first small sign (%r)" % r.body[:200])
+                F.openssl_verify(r.json()["mime"].encode(), CA, F.workdir("digest-small"))
+            k += 1
+
+    try:
+        bigs = [threading.Thread(target=big, args=(i,)) for i in range(3)]
+        s1 = threading.Thread(target=small)
+        for t in bigs:
+            t.start()
+        s1.start()
+        for t in bigs:
+            t.join(600)
+        stop.set()
+        s1.join(120)
+        busy = [s for s in small_status if s[1] == "token_busy"]
+        others = [s for s in small_status if s[0] != 200 and s[1] != "token_busy"]
+        print("#   small signs: %d (%d while a large one was in flight), %d token_busy, "
+              "slowest %.0f ms; large: %s"
+              % (len(small_status), state["overlapping"], len(busy),
+                 max(small_ms or [0]), large_status), flush=True)
+        check(state["overlapping"] >= 20,
+              "only %d small signs ran while large ones were in flight" % state["overlapping"])
+        check(not busy, "%d of %d small signs got 503 token_busy while large ones were "
+              "digested" % (len(busy), len(small_status)))
+        check(not others, "small signs failed otherwise: %s" % others[:3])
+        eq([s for s in large_status if s[0] != 200], [], "large signs that failed")
+        eq(len(large_status), 6, "large signs answered")
+    finally:
+        stop.set()
+        rc = d.stop(timeout=60)
+    F.check_exit(d, rc)
+
+
 def main():
     if not S.case("daemon starts on the demo token", start):
         S.finish()
@@ -286,6 +370,8 @@ def main():
     S.case("SIGINT: exit 0", sigint)
     S.case("SIGHUP reloads the config; a broken one is refused", sighup_reload)
     S.case("max_sessions=1: 200 or 503 token_busy with Retry-After", bounded_sessions)
+    S.case("max_sessions=1: small signs are not busy while large ones are digested",
+           session_not_held_by_digest)
     S.stop_running(pins=[PIN])
     # every daemon of this suite, stopped or not: no PIN in any log
     S.case("no daemon log contains the PIN",

@@ -381,6 +381,51 @@ def reload_revokes():
     F.check_exit(d, d.stop())
 
 
+def reload_refused_keeps_audit():
+    """A reload that changes or drops audit_log and is then refused (its
+    token would go down: a wrong PIN file) leaves the running trail as it
+    was; an accepted one moves the records to the new file."""
+    cfg = json.loads((SEC / "smimed.conf").read_text())
+    one, two = SEC / "audit-keep-1.log", SEC / "audit-keep-2.log"
+    for f in (one, two):
+        if f.exists():
+            f.unlink()
+    wrong = SEC / "wrong-pin"
+    wrong.write_text("wrong-pin-0000000000\n")
+    wrong.chmod(0o600)
+    cfg["audit_log"] = one.name
+    conf = SEC / "audit-keep.conf"
+    conf.write_text(json.dumps(cfg))
+    d = S.daemon(conf, "audit-keep-daemon", env=F.softhsm_env(SEC))
+    r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg("before")})
+    eq(r.status, 200, "sign before the reloads")
+    record_of(r, one)
+    for what, change in (("changed", lambda c: c.update(audit_log=two.name)),
+                         ("dropped", lambda c: c.pop("audit_log"))):
+        bad = json.loads(json.dumps(cfg))
+        change(bad)
+        bad["tokens"][0]["pin_file"] = str(wrong)
+        conf.write_text(json.dumps(bad))
+        refused = d.stderr_text().count("keeping the running configuration")
+        d.send_signal(signal.SIGHUP)
+        deadline = time.time() + 30
+        while d.stderr_text().count("keeping the running configuration") == refused:
+            check(time.time() < deadline, "reload with audit_log %s not refused: %s" % (what, d.tail(5)))
+            time.sleep(0.1)
+        check("would go down" in d.stderr_text(), "refused for another reason: %s" % d.tail(5))
+        r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg("refused " + what)})
+        eq(r.status, 200, "sign after the refused reload (audit_log %s)" % what)
+        record_of(r, one)
+        check(not two.exists() or not audit_records(two), "records in %s" % two.name)
+    conf.write_text(json.dumps(dict(cfg, audit_log=two.name)))
+    reload_and_wait(d)
+    r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg("accepted")})
+    eq(r.status, 200, "sign after the accepted reload")
+    record_of(r, two)
+    no_record(r, one)
+    F.check_exit(d, d.stop())
+
+
 # ------------------------------------------------------------ TLS
 
 def openssl(*args):
@@ -610,13 +655,19 @@ def modules_only_from_config():
 # ------------------------------------------------------------ limits
 
 def idle_connections():
-    """500 idle connections from one address (a webmail back end) are
-    accepted and do not keep a normal request from being served."""
+    """500 idle connections from one address (a webmail back end, with
+    max_connections_per_ip raised to 512) are accepted and do not keep a
+    normal request from being served."""
+    cfg = json.loads((SEC / "smimed.conf").read_text())
+    cfg.update(max_connections_per_ip=512)
+    conf = SEC / "webmail.conf"
+    conf.write_text(json.dumps(cfg))
+    d = S.daemon(conf, "webmail-daemon", env=F.softhsm_env(SEC))
     socks = []
     try:
         for _ in range(500):
-            socks.append(socket.create_connection(("127.0.0.1", D.port), timeout=30))
-        r = D.post_json("/v1/sign", {"key": "demo-ec", "mime": msg("past 500 idle")}, timeout=30)
+            socks.append(socket.create_connection(("127.0.0.1", d.port), timeout=30))
+        r = d.post_json("/v1/sign", {"key": "demo-ec", "mime": msg("past 500 idle")}, timeout=30)
         eq(r.status, 200, "sign with 500 idle connections open")
         # the last idle connection was accepted, not dropped at the limit
         socks[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -624,6 +675,36 @@ def idle_connections():
     finally:
         for s in socks:
             s.close()
+    F.check_exit(d, d.stop())
+
+
+def per_ip_default():
+    """By default one address holds at most 64 connections."""
+    socks = []
+    try:
+        for _ in range(64):
+            socks.append(socket.create_connection(("127.0.0.1", D.port), timeout=30))
+        socks[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        check(socks[-1].recv(64).startswith(b"HTTP/1.1 200"), "the 64th connection was not served")
+        refused = False
+        try:
+            r = D.request("GET", "/healthz", timeout=10)
+            refused = r.status != 200
+        except (OSError, http.client.HTTPException):
+            refused = True
+        check(refused, "a 65th connection from one address was served")
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.time() + 20
+    while True:
+        try:
+            if D.request("GET", "/healthz", timeout=5).status == 200:
+                break
+        except (OSError, http.client.HTTPException):
+            pass
+        check(time.time() < deadline, "not served again after the connections went")
+        time.sleep(0.1)
 
 
 def per_ip_limit_and_timeout():
@@ -789,6 +870,8 @@ def main():
     S.case("audit: a mixed run, one valid record per operation or refusal", audit_mixed_run)
     S.case("audit: SIGUSR1 reopens the audit log", audit_reopen)
     S.case("reload: a removed client gets 401, the audit log follows", reload_revokes)
+    S.case("reload: refused after a new audit_log, the running trail stays; accepted, it moves",
+           reload_refused_keeps_audit)
     S.case("audit: a failed write fails the operation", audit_write_failure)
     S.case("audit: an audit log that cannot be opened stops the start", audit_unopenable)
     if S.case("TLS: server and CAs", tls_setup):
@@ -802,6 +885,7 @@ def main():
     S.case("modules: OPENSSL_CONF ignored, only the configured PKCS#11 module", modules_only_from_config)
     S.case("500 idle connections from one address; a request is still served", idle_connections)
     S.case("per-IP connection limit and idle timeout", per_ip_limit_and_timeout)
+    S.case("per-IP connection limit: 64 by default", per_ip_default)
     S.case("non-loopback listen refused without clients; insecure override", non_loopback)
     S.case("--hash-token and the demo's tokens", hash_token)
     S.case("--check-config: client problems", config_problems)

@@ -356,6 +356,41 @@ def bad_input():
         still_serving()
 
 
+def sha1_still_verifies():
+    msg = plain("old mail, sha1")
+    for detached in (True, False):
+        raw = F.openssl_sign(msg, R["rsa"].pem, R["rsa"].key, WORK, "sha1", detached)
+        valid(raw, R["rsa"].pem, R["rsa"].email, "sha1", msg)
+
+
+def refused_algorithms():
+    """Digests and signatures outside the lists: 422 unsupported_algorithm
+    naming the OID, in both forms, and the daemon carries on."""
+    msg = plain("refused")
+    for detached in (True, False):
+        raw = F.openssl_sign(msg, R["rsa"].pem, R["rsa"].key, WORK, "md5", detached)
+        j = F.expect_unsupported(post_verify(raw), "1.2.840.113549.2.5")
+        check("digest" in j["error"]["message"], "message %r" % j["error"]["message"])
+        F.expect_unsupported(V.request("POST", "/v1/verify", body=raw,
+                                       headers={"Content-Type": "message/rfc822"}),
+                             "1.2.840.113549.2.5")
+    # RSASSA-PSS whose MGF1 hash is not the signature's
+    raw = F.openssl_sign(msg, R["rsa"].pem, R["rsa"].key, WORK, "sha256", True,
+                         extra=["-keyopt", "rsa_padding_mode:pss", "-keyopt", "rsa_mgf1_md:sha1"])
+    j = F.expect_unsupported(post_verify(raw), "1.2.840.113549.1.1.10")
+    check("MGF1" in j["error"]["message"], "message %r" % j["error"]["message"])
+    # an RSA signature whose SignerInfo says md5WithRSAEncryption (the last
+    # rsaEncryption OID: the certificates come before the SignerInfo)
+    der = F.openssl_sign(msg, R["rsa"].pem, R["rsa"].key, WORK, "sha256", False,
+                         extra=["-outform", "DER"])
+    i = der.rfind(F.OID_RSA_ENCRYPTION)
+    check(i > 0, "no rsaEncryption OID")
+    der = F.replace_at(der, i, bytes.fromhex("06092a864886f70d010104"))
+    F.expect_unsupported(post_verify(F.pkcs7_mime(der, smime_type="signed-data")),
+                         "1.2.840.113549.1.1.4")
+    still_serving()
+
+
 def bad_fields():
     raw = F.openssl_sign(plain("fields"), R["rsa"].pem, R["rsa"].key, WORK).decode()
     broken = "-----BEGIN CERTIFICATE-----\nMIIBbroken\n-----END CERTIFICATE-----\n"
@@ -458,6 +493,10 @@ def main():
     S.case("certificate-only signature: no_signers", no_signers)
     S.case("signer certificate not included", no_signer_cert)
     S.case("unparseable entities: 422 invalid_smime", bad_input)
+    S.case("SHA-1 signatures (old mail) still verify", sha1_still_verifies)
+    S.case("MD5, RSASSA-PSS with another MGF1 hash, md5WithRSAEncryption: 422 "
+           "unsupported_algorithm",
+           refused_algorithms)
     S.case("bad fields, bad trust/crl PEM: 400", bad_fields)
 
     S.case("demo-token config trusts the demo CA", demo_config_trust)

@@ -125,6 +125,16 @@ static void test_good_clients(void)
     config_problems_clear(&p);
 }
 
+/* min(1 GiB, a quarter of the physical memory), computed apart from the
+ * loader's own arithmetic. */
+static size_t expected_budget(void)
+{
+    unsigned long long mem = (unsigned long long)sysconf(_SC_PHYS_PAGES) *
+                             (unsigned long long)sysconf(_SC_PAGESIZE);
+
+    return mem / 4 < (1ULL << 30) ? (size_t)(mem / 4) : (size_t)1 << 30;
+}
+
 static void test_good(void)
 {
     config_problems p = {0};
@@ -170,14 +180,32 @@ static void test_good(void)
     tap_ok(cfg != NULL && cfg->max_body_bytes == (size_t)64 << 20 &&
                strcmp(cfg->listen, "127.0.0.1:8080") == 0,
            "defaults: 64 MiB body cap, 127.0.0.1:8080");
-    tap_ok(cfg != NULL && cfg->max_connections >= 500 &&
-               cfg->max_connections_per_ip >= 500 &&
-               cfg->max_connections_per_ip <= cfg->max_connections,
-           "defaults: at least 500 connections from one address");
+    tap_ok(cfg != NULL && cfg->max_connections == 1024 &&
+               cfg->max_connections_per_ip == 64 && cfg->header_timeout_s == 10,
+           "defaults: 1024 connections, 64 from one address, 10 s for a "
+           "request header");
+    tap_ok(cfg != NULL && cfg->max_inflight_body_bytes == expected_budget(),
+           "default body bytes in flight: a quarter of the memory, at most "
+           "1 GiB (%zu)",
+           cfg != NULL ? cfg->max_inflight_body_bytes : 0);
     tap_ok(cfg != NULL && cfg->nclients == 0 && cfg->audit_log == NULL &&
                cfg->tls_certificate == NULL &&
                !cfg->allow_insecure_unauthenticated_listen,
            "defaults: no clients, no audit log, no TLS");
+    config_free(cfg);
+    cfg = load("{\"max_body_bytes\": 4294967296, \"tokens\": [{" TOKEN_OK
+               ", \"discovery\": true}]}",
+               &p);
+    tap_ok(cfg != NULL && cfg->max_inflight_body_bytes == 4294967296ULL,
+           "the default budget is never below max_body_bytes");
+    config_free(cfg);
+    cfg = load("{\"max_body_bytes\": 4096, \"max_inflight_body_bytes\": "
+               "4096, \"header_timeout_s\": 3, \"tokens\": [{" TOKEN_OK
+               ", \"discovery\": true}]}",
+               &p);
+    tap_ok(cfg != NULL && cfg->max_inflight_body_bytes == 4096 &&
+               cfg->header_timeout_s == 3,
+           "max_inflight_body_bytes equal to max_body_bytes, header_timeout_s");
     config_free(cfg);
     test_good_clients();
     config_problems_clear(&p);
@@ -274,6 +302,14 @@ static void test_problems(void)
                    "{\"crls\": \"pin\", \"tokens\": [{" TOKEN_OK
                    ", \"discovery\": true}]}",
                    "crls", "holds no PEM CRL");
+    expect_problem("budget below one body",
+                   "{\"max_body_bytes\": 8192, \"max_inflight_body_bytes\": "
+                   "4096, \"tokens\": [{" TOKEN_OK ", \"discovery\": true}]}",
+                   "max_inflight_body_bytes", "below max_body_bytes");
+    expect_problem("header_timeout_s of 0",
+                   "{\"header_timeout_s\": 0, \"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true}]}",
+                   "smimed.conf", "between 1 and 3600");
     expect_problem("bad log level",
                    "{\"log_level\": \"loud\", \"tokens\": [{" TOKEN_OK
                    ", \"discovery\": true}]}",

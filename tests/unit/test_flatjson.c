@@ -2,7 +2,9 @@
  * api_flat_json_read, the quick reader for flat request objects, against
  * jansson: whatever it returns must be the object jansson builds
  * (json_equal), and whatever it declines must be left to jansson (it
- * returns NULL, never a different answer). Hand-picked bodies on both
+ * returns NULL, never a different answer). api_flat_json_read_inplace
+ * must decide the same, give the same "mime" (decoded in place), and
+ * leave a body it declines untouched. Hand-picked bodies on both
  * sides of each rule, then many random mutations of real request bodies.
  */
 #include <stdio.h>
@@ -12,8 +14,38 @@
 #include "api/internal.h"
 #include "tap.h"
 
+/* The in-place reader on a copy of body: the same decision as the copying
+ * one, and with "mime" put back (as a string of what it left in place)
+ * the same object; body unchanged when it declines. */
+static int inplace_agrees(const char *body, size_t len, const json_t *quick)
+{
+    unsigned char *buf = malloc(len + 1);
+    const unsigned char *mime = (const unsigned char *)"";
+    json_t *obj;
+    size_t mime_len = 7;
+    int r;
+
+    if (buf == NULL)
+        return 0;
+    memcpy(buf, body, len);
+    obj = api_flat_json_read_inplace(buf, len, "mime", &mime, &mime_len);
+    if (obj == NULL) {
+        r = quick == NULL && memcmp(buf, body, len) == 0;
+    } else {
+        if (mime != NULL)
+            json_object_set_new(obj, "mime",
+                                json_stringn((const char *)mime, mime_len));
+        r = quick != NULL && json_equal(obj, quick) &&
+            (mime == NULL) == (json_object_get(quick, "mime") == NULL ||
+                               !json_is_string(json_object_get(quick, "mime")));
+    }
+    json_decref(obj);
+    free(buf);
+    return r;
+}
+
 /* 1: taken and equal to jansson's; 0: declined; -1: taken but different,
- * or taken where jansson refuses. */
+ * or taken where jansson refuses, or the in-place reader disagrees. */
 static int compare(const char *body, size_t len)
 {
     json_error_t jerr;
@@ -26,6 +58,8 @@ static int compare(const char *body, size_t len)
         r = 0;
     else
         r = ref != NULL && json_equal(quick, ref) ? 1 : -1;
+    if (!inplace_agrees(body, len, quick))
+        r = -1;
     json_decref(quick);
     json_decref(ref);
     return r;
@@ -36,6 +70,14 @@ static const struct {
     const char *body;
     int want; /* 1 taken, 0 declined */
 } cases[] = {
+    {"mime with every short escape",
+     "{\"mime\":\"a\\\"\\\\\\/\\b\\f\\n\\r\\tz\",\"key\":\"k\"}", 1},
+    {"mime not a string", "{\"mime\":true}", 1},
+    {"mime twice", "{\"mime\":\"a\",\"mime\":\"b\"}", 0},
+    {"mime twice, the first not a string", "{\"mime\":null,\"mime\":\"b\"}", 0},
+    {"mime twice, the second not a string", "{\"mime\":\"a\",\"mime\":null}",
+     0},
+    {"mime with a \\u escape", "{\"mime\":\"\\u0041\"}", 0},
     {"a sign request",
      "{\"key\":\"demo-ec\",\"mime\":\"Content-Type: "
      "text/plain\\r\\n\\r\\nhi\\r\\n\"}",

@@ -13,10 +13,10 @@
 #include "cms/internal.h"
 #include "tap.h"
 
-static int same_buf(const cms_buf *a, const cms_buf *b)
+static int same_bytes(const unsigned char *a, size_t alen,
+                      const unsigned char *b, size_t blen)
 {
-    return a->len == b->len &&
-           (a->len == 0 || memcmp(a->data, b->data, a->len) == 0);
+    return alen == blen && (alen == 0 || memcmp(a, b, alen) == 0);
 }
 
 /* Parses s[0..len) both ways; 1 when the results are the same. */
@@ -38,8 +38,10 @@ static int same_both_ways(const unsigned char *s, size_t len, char *why,
                strcmp(ferr.message, werr.message) == 0;
         snprintf(why, whylen, "errors: \"%s\" / \"%s\"", ferr.message,
                  werr.message);
-    } else if (!same_buf(&fast.outer, &walk.outer) ||
-               !same_buf(&fast.content, &walk.content)) {
+    } else if (!same_bytes(fast.outer.data, fast.outer.len, walk.outer.data,
+                           walk.outer.len) ||
+               !same_bytes(fast.content.data, fast.content.len,
+                           walk.content.data, walk.content.len)) {
         snprintf(why, whylen, "different bytes");
     } else if (fast.n_reencoded != walk.n_reencoded) {
         snprintf(why, whylen, "%zu / %zu re-encoded parts", fast.n_reencoded,
@@ -236,11 +238,66 @@ static void test_random(void)
            runs, bad);
 }
 
+/* Where the inner entity of s lives: 1 inside s itself, at the octet
+ * where want starts, with exactly want's octets; 0 in a buffer of its
+ * own, with want's octets; -1 for wrong octets or a parse error. */
+static int content_place(const char *s, const char *want)
+{
+    cms_entity ent = {0};
+    cms_error err = {0};
+    const unsigned char *in = (const unsigned char *)s;
+    size_t len = strlen(s), n = strlen(want);
+    int r = -1;
+
+    if (cms_entity_parse(in, len, &ent, &err) != 0)
+        return -1;
+    if (ent.content.len == n && memcmp(ent.content.data, want, n) == 0) {
+        if (ent.content.data == in + len - n)
+            r = 1;
+        else if (ent.content.data < in || ent.content.data >= in + len)
+            r = 0;
+    }
+    cms_entity_release(&ent);
+    return r;
+}
+
+static void test_content_view(void)
+{
+    tap_ok(content_place("Subject: s\r\nMIME-Version: 1.0\r\n"
+                         "Content-Type: text/plain\r\n\r\nbody\r\n",
+                         "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
+                         "\r\nbody\r\n") == 1,
+           "Content-* fields ending the header block: the inner entity is "
+           "the input's own octets, not a copy");
+    tap_ok(content_place("Subject: s\r\n\r\nbody\r\n", "\r\nbody\r\n") == 1,
+           "no Content-* field: the blank line and the body, not a copy");
+    tap_ok(content_place("Content-Type: text/plain\r\nSubject: s\r\n\r\n"
+                         "body\r\n",
+                         "Content-Type: text/plain\r\n\r\nbody\r\n") == 0,
+           "an outer field after them: a copy");
+    tap_ok(content_place("Subject: s\nContent-Type: text/plain\n\nbody\n",
+                         "Content-Type: text/plain\r\n\r\nbody\r\n") == 0,
+           "LF line ends: the canonical copy");
+    tap_ok(content_place("Subject: s\r\nContent-Type: text/plain; "
+                         "charset=utf-8\r\n\r\ncaf\xc3\xa9\r\n",
+                         "Content-Type: text/plain; charset=utf-8\r\n"
+                         "Content-Transfer-Encoding: quoted-printable\r\n"
+                         "\r\ncaf=C3=A9\r\n") == 0,
+           "re-encoded: a copy");
+    tap_ok(content_place("Subject: s\r\nContent-Type: text/plain\r\n", "") ==
+                   -1 &&
+               content_place("Subject: s\r\nContent-Type: text/plain\r\n",
+                             "Content-Type: text/plain\r\n\r\n") == 0,
+           "a header block without a blank line: the blank line is added "
+           "(a copy)");
+}
+
 int main(void)
 {
     cms_init();
     test_cases();
     test_long_lines();
     test_random();
+    test_content_view();
     return tap_done();
 }
