@@ -19,9 +19,6 @@
 
 #include "cms/cms.h"
 
-int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size);
-int LLVMFuzzerInitialize(int *argc, char ***argv);
-
 /* An invariant of the code under test does not hold: abort, which
  * libFuzzer reports as a crash and keeps the input for. */
 #define FUZZ_CHECK(cond, ...)                                                  \

@@ -89,8 +89,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     copy_key_file("rsa.pem");
     put_file("pin", "fuzz-not-a-pin\n", 0600);
     put_file("pin-open", "fuzz-not-a-pin\n", 0644);
-    put_file("module.so", "not a module: config_load never loads one\n",
-             0644);
+    put_file("module.so", "not a module: config_load never loads one\n", 0644);
     snprintf(path, sizeof(path), "%s/trust.d", sandbox);
     if (mkdir(path, 0755) != 0)
         fuzz_die(path);
@@ -197,9 +196,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (f == NULL || fwrite(data, 1, size, f) != size || fclose(f) != 0)
         fuzz_die(config_path);
     cfg = config_load(config_path, &problems);
-    FUZZ_CHECK((cfg == NULL) == (problems.count > 0),
-               "config %s, %zu problems", cfg != NULL ? "loaded" : "refused",
-               problems.count);
+    FUZZ_CHECK((cfg == NULL) == (problems.count > 0), "config %s, %zu problems",
+               cfg != NULL ? "loaded" : "refused", problems.count);
     for (i = 0; i < problems.count; i++) {
         FUZZ_CHECK(strncmp(problems.lines[i], config_path, n) == 0 &&
                        strncmp(problems.lines[i] + n, ": ", 2) == 0,

@@ -40,10 +40,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 
 static void check_failure(const char *who, const cms_error *err)
 {
-    FUZZ_CHECK(fuzz_refusal(err->status), "%s: status %d: %s", who,
-               err->status, err->message);
-    FUZZ_CHECK(fuzz_text_valid(err->message), "%s: message is not UTF-8",
-               who);
+    FUZZ_CHECK(fuzz_refusal(err->status), "%s: status %d: %s", who, err->status,
+               err->message);
+    FUZZ_CHECK(fuzz_text_valid(err->message), "%s: message is not UTF-8", who);
     if (err->status != CMS_ERR_DECRYPT)
         return;
     if (decrypt_failed[0] == '\0')

@@ -55,9 +55,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         goto out;
     }
 
-    FUZZ_CHECK(cms_sign_prepared(prep, key, cert, NULL, mode, digest, &res,
-                                 &err) == 0,
-               "a prepared entity does not sign: %s", err.message);
+    FUZZ_CHECK(
+        cms_sign_prepared(prep, key, cert, NULL, mode, digest, &res, &err) == 0,
+        "a prepared entity does not sign: %s", err.message);
     signed_data = cms_result_data(res, &signed_len);
     FUZZ_CHECK(signed_len >= ent.outer.len &&
                    (ent.outer.len == 0 ||

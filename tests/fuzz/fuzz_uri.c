@@ -94,18 +94,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         sprintf(p, "%sslot-id=%lu", first ? "" : ";", uri.slot_id);
     FUZZ_CHECK(token_uri_parse(out, &again, &err) == 0,
                "its own rewrite \"%s\" is refused: %s", out, err.message);
-    FUZZ_CHECK(same_text(uri.token, again.token) &&
-                   same_text(uri.manufacturer, again.manufacturer) &&
-                   same_text(uri.serial, again.serial) &&
-                   same_text(uri.model, again.model) &&
-                   same_text(uri.object, again.object) &&
-                   uri.id_len == again.id_len &&
-                   (uri.id == NULL) == (again.id == NULL) &&
-                   (uri.id == NULL ||
-                    memcmp(uri.id, again.id, uri.id_len) == 0) &&
-                   uri.has_slot_id == again.has_slot_id &&
-                   uri.slot_id == again.slot_id,
-               "the rewrite \"%s\" parses to other attributes", out);
+    FUZZ_CHECK(
+        same_text(uri.token, again.token) &&
+            same_text(uri.manufacturer, again.manufacturer) &&
+            same_text(uri.serial, again.serial) &&
+            same_text(uri.model, again.model) &&
+            same_text(uri.object, again.object) && uri.id_len == again.id_len &&
+            (uri.id == NULL) == (again.id == NULL) &&
+            (uri.id == NULL || memcmp(uri.id, again.id, uri.id_len) == 0) &&
+            uri.has_slot_id == again.has_slot_id &&
+            uri.slot_id == again.slot_id,
+        "the rewrite \"%s\" parses to other attributes", out);
     token_uri_clear(&again);
     token_uri_clear(&uri);
     free(out);

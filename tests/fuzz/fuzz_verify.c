@@ -22,11 +22,16 @@ static STACK_OF(X509) *anchors;
 static STACK_OF(X509_CRL) *crls;
 
 static const char *const reasons[] = {
-    "bad_signature",         "content_modified",
-    "untrusted_signer",      "certificate_expired",
-    "certificate_not_yet_valid", "certificate_revoked",
-    "crl_missing",           "no_signers",
-    "signer_certificate_missing", "unfit_certificate",
+    "bad_signature",
+    "content_modified",
+    "untrusted_signer",
+    "certificate_expired",
+    "certificate_not_yet_valid",
+    "certificate_revoked",
+    "crl_missing",
+    "no_signers",
+    "signer_certificate_missing",
+    "unfit_certificate",
 };
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
@@ -104,10 +109,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     FUZZ_CHECK(cms_verification_count_signers(plain) ==
                    cms_verification_count_signers(checked),
                "the CRL changed the number of signers");
-    FUZZ_CHECK(!cms_verification_valid(checked) ||
-                   cms_verification_valid(plain),
-               "valid with the CRL, %s without",
-               cms_verification_reason(plain));
+    FUZZ_CHECK(
+        !cms_verification_valid(checked) || cms_verification_valid(plain),
+        "valid with the CRL, %s without", cms_verification_reason(plain));
     cms_verification_free(plain);
     cms_verification_free(checked);
     return 0;
