@@ -897,13 +897,12 @@ int cms_algs_check_enveloped(const unsigned char *der, size_t len,
                              cms_error *err)
 {
     walk w = {der, err};
-    ber top = {der, der + len, 0, 0};
+    /* no arithmetic on NULL, not even + 0 (an empty body) */
+    ber top = {der, der != NULL ? der + len : der, 0, 0};
     tlv ci, ex, env, t;
     oid type;
     int auth, r;
 
-    if (der == NULL)
-        top.end = top.p;
     if (read_content_info(&w, &top, &ci, &ex, &type))
         return -1;
     auth = strcmp(type.text, OID_AUTH_ENVELOPED_DATA) == 0;
@@ -956,13 +955,12 @@ static int check_signer(walk *w, tlv *si)
 int cms_algs_check_signed(const unsigned char *der, size_t len, cms_error *err)
 {
     walk w = {der, err};
-    ber top = {der, der + len, 0, 0};
+    /* no arithmetic on NULL, not even + 0 (an empty body) */
+    ber top = {der, der != NULL ? der + len : der, 0, 0};
     tlv ci, ex, sd, t, si;
     oid type;
     int r, k;
 
-    if (der == NULL)
-        top.end = top.p;
     if (read_content_info(&w, &top, &ci, &ex, &type))
         return -1;
     if (strcmp(type.text, OID_SIGNED_DATA) != 0)

@@ -378,16 +378,28 @@ static long check_header_line(const unsigned char *s, size_t pos, size_t n,
     return (long)k;
 }
 
+/* Counts the field line[0..n) when it is called name; 1 when one was
+ * counted before. */
+static int repeats(int *seen, const unsigned char *line, size_t n,
+                   const char *name)
+{
+    return name_is(line, n, name) && (*seen)++ > 0;
+}
+
 /*
  * Splits the header block of the canonical entity s[0..len): Content-* and
  * MIME-Version fields go to inner, the others to outer, each line CRLF
  * terminated. *body is where the body starts (len when there is none).
+ * Two Content-Type or Content-Transfer-Encoding fields are refused, as by
+ * cms_header_block_read, which reads the entity back after decryption and
+ * verification.
  */
 static int split_headers(const unsigned char *s, size_t len, cms_buf *outer,
                          cms_buf *inner, size_t *body, cms_error *err)
 {
     cms_buf *dst = NULL;
     size_t pos = 0, end, n, lineno = 0;
+    int types = 0, encodings = 0;
     long k;
 
     while (pos < len) {
@@ -400,6 +412,14 @@ static int split_headers(const unsigned char *s, size_t len, cms_buf *outer,
         k = check_header_line(s, pos, n, ++lineno, dst != NULL, err);
         if (k < 0)
             return -1;
+        if (k > 0 && (repeats(&types, s + pos, (size_t)k, "Content-Type") ||
+                      repeats(&encodings, s + pos, (size_t)k,
+                              "Content-Transfer-Encoding"))) {
+            cms_set_error(err, CMS_ERR_INPUT,
+                          "header line %zu repeats the %.*s field", lineno,
+                          (int)k, (const char *)s + pos);
+            return -1;
+        }
         if (k > 0)
             dst = is_content_field(s + pos, (size_t)k) ? inner : outer;
         if (cms_buf_add(dst, s + pos, n) || cms_buf_add(dst, "\r\n", 2)) {
@@ -607,6 +627,7 @@ struct recoder {
     size_t n_parts;
     size_t (*frozen)[2]; /* multipart/signed or encrypted, in out's terms */
     size_t n_frozen;
+    const char *bound; /* of the multipart being walked; NULL at the top */
     cms_error *err;
 };
 
@@ -843,42 +864,60 @@ static size_t object_start(const struct recoder *rc, GMimeObject *obj)
     return off >= 0 && (guint64)off < rc->text_len ? (size_t)off : 0;
 }
 
-/* Where the close delimiter of boundary that follows rc->text[from..)
- * ends; 0 when there is none. GMime
- * takes a multipart that the data ends inside as complete; it was cut
- * short (in transit, or built wrong), and a signature would vouch for a
- * fragment. */
-static size_t close_delimiter_end(const struct recoder *rc, size_t from,
-                                  const char *boundary)
+/* Where the first delimiter line of boundary in rc->text[from..to) starts
+ * (a close delimiter only, with close_only); to when there is none. */
+static size_t find_delimiter(const struct recoder *rc, size_t from, size_t to,
+                             const char *boundary, int close_only)
 {
     size_t blen = strlen(boundary), pos = from, end;
     const unsigned char *p;
     int close;
 
     if (blen == 0)
-        return 0;
-    while (pos < rc->text_len && (p = memmem(rc->text + pos, rc->text_len - pos,
-                                             boundary, blen)) != NULL) {
+        return to;
+    while (pos < to &&
+           (p = memmem(rc->text + pos, to - pos, boundary, blen)) != NULL) {
         pos = (size_t)(p - rc->text);
         if (pos >= 2 && (pos == 2 || rc->text[pos - 3] == '\n')) {
             end = line_end(rc->text, rc->text_len, pos - 2);
             if (cms_is_delimiter(rc->text, pos - 2,
                                  line_text_len(rc->text, pos - 2, end),
                                  boundary, blen, &close) &&
-                close)
-                return end;
+                (close || !close_only))
+                return pos - 2;
         }
         pos += blen;
     }
-    return 0;
+    return to;
+}
+
+/* Where the close delimiter of boundary that follows rc->text[from..)
+ * ends; 0 when there is none before a delimiter of the enclosing
+ * multipart (rc->bound), which is where GMime ends it. GMime takes a
+ * multipart that ends that way, or with the data, as complete; it was cut
+ * short (in transit, or built wrong), a signature would vouch for a
+ * fragment, and a close delimiter further on (in a later part's body,
+ * which re-encoding may hide) is not its own. */
+static size_t close_delimiter_end(const struct recoder *rc, size_t from,
+                                  const char *boundary)
+{
+    size_t at;
+
+    if (boundary[0] == '\0')
+        return 0;
+    at = find_delimiter(rc, from, rc->text_len, boundary, 1);
+    if (at == rc->text_len ||
+        (rc->bound != NULL && find_delimiter(rc, from, at, rc->bound, 0) < at))
+        return 0;
+    return line_end(rc->text, rc->text_len, at);
 }
 
 /*
  * Holds the header block of a multipart's part to the rules of the top
  * level: GMime ends a part's headers at the first line without a colon and
  * takes the rest as its body, so a broken field would be signed as text.
- * start is where its first field begins (object_start); 0 when GMime found
- * none, and then there is nothing to hold.
+ * start is where its header block begins (part_start); 0 when not known,
+ * and then there is nothing to hold.
  */
 static int check_part_headers(const struct recoder *rc, size_t start,
                               const char *num)
@@ -900,6 +939,42 @@ static int check_part_headers(const struct recoder *rc, size_t start,
         pos = end;
     }
     return 0;
+}
+
+/*
+ * Where the header block of part, a part of a multipart with boundary
+ * whose own header block starts at floor, starts: just after the delimiter
+ * line before it. GMime drops lines it cannot read as fields before the
+ * first one it keeps (and keeps none of a part with no good field), so its
+ * first field's offset (object_start) can be past lines that would be
+ * signed as headers. object_start when the delimiter is not found.
+ */
+static size_t part_start(const struct recoder *rc, GMimeObject *part,
+                         const char *boundary, size_t floor)
+{
+    GMimeDataWrapper *wrapper;
+    GMimeStream *stream;
+    size_t first = object_start(rc, part), pos = first, prev;
+    size_t blen = strlen(boundary);
+    gint64 body;
+    int close;
+
+    if (pos == 0 && GMIME_IS_PART(part) &&
+        (wrapper = g_mime_part_get_content(GMIME_PART(part))) != NULL &&
+        (stream = g_mime_data_wrapper_get_stream(wrapper)) != NULL &&
+        g_mime_stream_reset(stream) == 0 &&
+        (body = g_mime_stream_tell(stream)) >= 2 &&
+        (guint64)body <= rc->text_len)
+        pos = (size_t)body - 2; /* the blank line ending no fields */
+    while (pos > floor && rc->text[pos - 1] == '\n') {
+        for (prev = pos - 1; prev > floor && rc->text[prev - 1] != '\n'; prev--)
+            ;
+        if (cms_is_delimiter(rc->text, prev, line_text_len(rc->text, prev, pos),
+                             boundary, blen, &close))
+            return pos;
+        pos = prev;
+    }
+    return first;
 }
 
 /* Notes obj, a multipart/signed or multipart/encrypted, as a range of the
@@ -933,7 +1008,7 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
     GMimeMultipart *mp;
     GMimeMessage *msg;
     GMimeObject *body, *part;
-    const char *own = *num ? num : "1", *boundary;
+    const char *own = *num ? num : "1", *boundary, *outer_bound;
     char *sub, shown[80];
     int i, r;
 
@@ -962,19 +1037,23 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
                           *num ? "part " : "the entity", num, shown);
             return -1;
         }
+        outer_bound = rc->bound;
+        rc->bound = boundary;
         for (i = 0; i < g_mime_multipart_get_count(mp); i++) {
             if (asprintf(&sub, *num ? "%s.%d" : "%s%d", num, i + 1) < 0) {
                 cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
                 return -1;
             }
             part = g_mime_multipart_get_part(mp, i);
-            r = check_part_headers(rc, object_start(rc, part), sub);
+            r = check_part_headers(
+                rc, part_start(rc, part, boundary, object_start(rc, obj)), sub);
             if (r == 0)
                 r = recode_object(rc, part, sub, depth + 1);
             free(sub);
             if (r != 0)
                 return r;
         }
+        rc->bound = outer_bound;
         return 0;
     }
     if (GMIME_IS_MESSAGE_PART(obj)) {

@@ -117,7 +117,7 @@ void config_problems_clear(config_problems *p)
 __attribute__((format(printf, 3, 4))) static void
 problem(loader *ld, const char *where, const char *fmt, ...)
 {
-    char msg[512], *line = NULL, **grown;
+    char msg[512], *line = NULL, **grown, *p;
     va_list ap;
 
     va_start(ap, fmt);
@@ -131,6 +131,10 @@ problem(loader *ld, const char *where, const char *fmt, ...)
     if (asprintf(&line, "%s: %s%s%s", ld->file, where, *where ? ": " : "",
                  msg) < 0)
         return;
+    /* one line each, whatever the names in the file hold */
+    for (p = line; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
     grown[ld->problems->count++] = line;
 }
 
@@ -354,7 +358,8 @@ static void load_key(loader *ld, size_t ti, size_t ki, json_t *obj)
     ks->chain_file = get_path(ld, where, obj, "chain");
     check_uri(ld, where, ks->uri, 1);
     check_name(ld, where, "key", ks->name, TOKEN_KEY_NAME_MAX);
-    if (name_taken(ld->cfg, ti, ki, ks->name))
+    /* a missing name is a problem check_object reported already */
+    if (ks->name != NULL && name_taken(ld->cfg, ti, ki, ks->name))
         problem(ld, where, "key name \"%s\" is used twice", ks->name);
 }
 

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """The one test harness script/test calls.
 
-    python3 tests/run.py [BUILD_DIR] [--unit-only | --integration-only] [SUITE...]
+    python3 tests/run.py [BUILD_DIR] [--unit-only | --integration-only]
+                         [--fuzz-build=DIR]... [--fuzz-seconds=N] [SUITE...]
 
 Runs (1) every unit test binary BUILD_DIR/tests/test_* (TAP output, cwd =
 tests/) and (2) every integration suite tests/integration/test_*.py against
-BUILD_DIR/smimed. SUITE names filter either kind ("test_cms", "sign", ...).
-Each case is printed as "ok - suite: name" or "not ok - suite: name:
-reason"; failure details follow as "#" lines and are summed up again before
-the final line, which is exactly "N passed, M failed". The exit status is 1
-when any case failed.
+BUILD_DIR/smimed and (3) with --fuzz-build, every libFuzzer harness
+DIR/tests/fuzz/fuzz_* for N seconds (default 10) on its seed corpus, one
+case per harness and build (tests/fuzz/fuzzrun.py). SUITE names filter every
+kind ("test_cms", "sign", "fuzz_json", ...). Each case is printed as
+"ok - suite: name" or "not ok - suite: name: reason"; failure details follow
+as "#" lines and are summed up again before the final line, which is exactly
+"N passed, M failed". The exit status is 1 when any case failed.
 
 A skipped case (a TAP "# SKIP", a unit binary's exit status 77, an
 integration case printed with "# SKIP") counts as failed: script/bootstrap
@@ -219,9 +222,29 @@ def run_suite(script, build, it_dir, totals):
     print("# %s: %.1fs" % (suite, time.time() - t0), flush=True)
 
 
+def run_fuzz(builds, seconds, wanted, totals):
+    sys.path.insert(0, str(TESTS / "fuzz"))
+    import fuzzrun
+
+    t0 = time.time()
+    for build in builds:
+        if not fuzzrun.harnesses(build):
+            print("not ok - fuzz: no harnesses under %s/tests/fuzz" % build, flush=True)
+            totals.add("fail", "fuzz: %s" % build, "no harnesses built")
+    results = fuzzrun.run_builds(builds, seconds, wanted,
+                                 lambda line: print(line, flush=True))
+    for res in results:
+        totals.add("ok" if res.ok else "fail", res.case(),
+                   "\n".join([res.summary] + res.detail))
+    print("# fuzz: %.1fs" % (time.time() - t0), flush=True)
+
+
 def main(argv):
     args = [a for a in argv if not a.startswith("--")]
-    flags = {a for a in argv if a.startswith("--")}
+    flags = {a for a in argv if a.startswith("--") and "=" not in a}
+    fuzz_builds = [a.split("=", 1)[1] for a in argv if a.startswith("--fuzz-build=")]
+    fuzz_seconds = int(next((a.split("=", 1)[1] for a in argv
+                             if a.startswith("--fuzz-seconds=")), "10"))
     build = Path(args[0] if args else "build-test")
     if not build.is_absolute():
         build = (Path.cwd() / build).resolve()
@@ -266,6 +289,9 @@ def main(argv):
                 totals.add("ok", "integration: demo token created")
                 for script in suites:
                     run_suite(script, build, it_dir, totals)
+
+    if fuzz_builds:
+        run_fuzz(fuzz_builds, fuzz_seconds, wanted, totals)
 
     if totals.failures:
         print("#")

@@ -1182,6 +1182,30 @@ static void test_malformed(void)
                    "\nx\n--o--\n",
                    "part 1 is a multipart without its close delimiter"),
            "a nested multipart without its close delimiter");
+    /* found by tests/fuzz/fuzz_entity.c: a "--b--" in a later part's body
+     * (which re-encoding hides) passed for the close delimiter of part 1,
+     * which GMime ends at the next "--a" */
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=a\n\n"
+                   "--a\nContent-Type: multipart/alternative; boundary=b\n\n"
+                   "--b\n\nx\n"
+                   "--a\nContent-Type: application/octet-stream\n"
+                   "Content-Transfer-Encoding: 8bit\n\n\xff\n--b--\n"
+                   "--a--\n",
+                   "part 1 is a multipart without its close delimiter "
+                   "\"--b--\""),
+           "a nested multipart ended by its parent's delimiter");
+    /* found by tests/fuzz/fuzz_entity.c: readers would disagree on which
+     * field counts, and verifying such a signature did not put the mail
+     * headers back (the inner header block is read strictly there) */
+    tap_ok(refused("Subject: s\nContent-Type: text/plain\n"
+                   "Content-Type: text/html\n\nx\n",
+                   "header line 3 repeats the Content-Type field"),
+           "two Content-Type fields");
+    tap_ok(refused("Content-Transfer-Encoding: 7bit\n"
+                   "content-transfer-encoding : base64\n\neA==\n",
+                   "header line 2 repeats the content-transfer-encoding "
+                   "field"),
+           "two Content-Transfer-Encoding fields");
 }
 
 /* White space ending a line is stripped by gateways: in a body it makes
@@ -1255,6 +1279,18 @@ static void test_not_7bit_safe(void)
                    "part 1: header line 3 has no colon (missing blank line "
                    "between headers and body?)"),
            "a part without a blank line after its headers, 8-bit body");
+    /* A part's header block is checked from its delimiter on: GMime keeps
+     * no field of the second part below, and the check started at the
+     * first field it kept (found by tests/fuzz/fuzz_entity.c). */
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=m\n\n"
+                   "--m\nnot a field\nContent-Type: text/plain\n\n"
+                   "caf\xc3\xa9\n--m--\n",
+                   "part 1: header line 1 has no colon"),
+           "a part whose first header line is no field, 8-bit body");
+    tap_ok(refused("Content-Type: multipart/mixed; boundary=m\n\n"
+                   "--m\n\nx\n--m\nno field at all\n\ncaf\xc3\xa9\n--m--\n",
+                   "part 2: header line 1 has no colon"),
+           "a part with no field but a line that is none, 8-bit body");
     memset(&err, 0, sizeof(err));
     tap_ok(cms_prepare_entity((const unsigned char *)no_blank_line,
                               strlen(no_blank_line), &prep, &err) == -1 &&

@@ -225,6 +225,12 @@ static void test_problems(void)
                    "{\"tokns\": [], \"tokens\": [{" TOKEN_OK
                    ", \"discovery\": true}]}",
                    "smimed.conf", "unknown option \"tokns\"");
+    /* found by tests/fuzz/fuzz_config.c: a name from the file put a line
+     * break into its problem line */
+    expect_problem("a line break in an option name",
+                   "{\"a\\nb\\u001b[2J\": 1, \"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true}]}",
+                   "smimed.conf", "unknown option \"a?b?[2J\"");
     expect_problem("tokens missing", "{}", "smimed.conf",
                    "\"tokens\" is "
                    "required");
@@ -260,6 +266,13 @@ static void test_problems(void)
                    "{\"tokens\": [{" TOKEN_OK ", \"keys\": [{"
                    "\"uri\": \"pkcs11:object=k\"}]}]}",
                    "tokens[0].keys[0]", "\"name\" is required");
+    /* found by tests/fuzz/fuzz_config.c: the duplicate check compared
+     * the nameless key's NULL name */
+    expect_problem("a key without name after one with",
+                   "{\"tokens\": [{" TOKEN_OK ", \"keys\": [{\"name\": \"k\", "
+                   "\"uri\": \"pkcs11:object=a\"}, {\"name\": 7, "
+                   "\"uri\": \"pkcs11:object=b\"}]}]}",
+                   "tokens[0].keys[1]", "\"name\" must be a string");
     expect_problem("duplicate key names",
                    "{\"tokens\": [{" TOKEN_OK ", \"keys\": [{\"name\": \"k\", "
                    "\"uri\": \"pkcs11:object=a\"}]}, {" TOKEN_OK
