@@ -210,7 +210,7 @@ static int set_md(EVP_MD **slot, const OSSL_PARAM *p)
     EVP_MD *md;
 
     if (!OSSL_PARAM_get_utf8_string_ptr(p, &name) ||
-        (md = rkey_md_fetch(name, NULL)) == NULL)
+        (md = rkey_md_fetch(name)) == NULL)
         return 0;
     EVP_MD_free(*slot);
     *slot = md;

@@ -348,7 +348,7 @@ static int exch_set_params(void *vctx, const OSSL_PARAM params[])
     p = OSSL_PARAM_locate_const(params, OSSL_EXCHANGE_PARAM_KDF_DIGEST);
     if (p != NULL) {
         if (!OSSL_PARAM_get_utf8_string_ptr(p, &name) ||
-            (md = rkey_md_fetch(name, NULL)) == NULL)
+            (md = rkey_md_fetch(name)) == NULL)
             return 0;
         EVP_MD_free(c->kdf_md);
         c->kdf_md = md;

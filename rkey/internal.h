@@ -66,9 +66,10 @@ int rkey_call_derive(const rkey_key *key, const unsigned char *peer,
 void rkey_fail_answer(const char *fmt, ...)
     __attribute__((format(printf, 1, 2)));
 
-/* A digest of the default provider by name, for the ctx params
- * (name "" or NULL: none). NULL, with an error raised, when unknown. */
-EVP_MD *rkey_md_fetch(const char *name, const char *props);
+/* A digest of the default provider by name, for the ctx params; NULL,
+ * with an error raised, when unknown. Properties callers pass with a
+ * digest name are not used: every digest here is the default provider's. */
+EVP_MD *rkey_md_fetch(const char *name);
 
 /* OSSL_PARAM helpers shared by the operations: an int given as an integer
  * or, for the named values in names[] (NULL-terminated pairs of value and

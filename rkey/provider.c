@@ -102,6 +102,15 @@ static void set_error(rkey_error *err, rkey_status status, const char *fmt, ...)
     va_end(ap);
 }
 
+/* RKEY_INTERNAL: what failed, with OpenSSL's last reason. */
+static void set_ssl_error(rkey_error *err, const char *what)
+{
+    char ssl[160];
+
+    ERR_error_string_n(ERR_peek_last_error(), ssl, sizeof(ssl));
+    set_error(err, RKEY_INTERNAL, "%s: %s", what, ssl);
+}
+
 /* Keeps e (a failed backend call) for the thread and raises it. */
 static void keep(rkey_error *e)
 {
@@ -204,13 +213,10 @@ int rkey_call_derive(const rkey_key *key, const unsigned char *peer,
 
 /* ---- helpers for the operations ---------------------------------------- */
 
-EVP_MD *rkey_md_fetch(const char *name, const char *props)
+EVP_MD *rkey_md_fetch(const char *name)
 {
     EVP_MD *md;
 
-    /* The caller's properties are not used: every digest of the
-     * provider's is the default provider's. */
-    (void)props;
     if (name == NULL || name[0] == '\0') {
         rkey_raise(ERR_R_PASSED_INVALID_ARGUMENT, "no digest named");
         return NULL;
@@ -872,15 +878,12 @@ static int prov_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 static rkey_error init_error;
-static int initialised;
+static atomic_int initialised;
 static OSSL_PROVIDER *default_provider, *rkey_provider;
 
 static void init_failed(const char *what)
 {
-    char ssl[160];
-
-    ERR_error_string_n(ERR_peek_last_error(), ssl, sizeof(ssl));
-    set_error(&init_error, RKEY_INTERNAL, "%s: %s", what, ssl);
+    set_ssl_error(&init_error, what);
     ERR_clear_error();
 }
 
@@ -971,14 +974,13 @@ EVP_PKEY *rkey_pkey_new(const rkey_backend *be, void *handle, X509 *cert,
     extra[1] = OSSL_PARAM_construct_end();
     if (EVP_PKEY_todata(pub, EVP_PKEY_PUBLIC_KEY, &data) <= 0 ||
         (params = OSSL_PARAM_merge(data, extra)) == NULL) {
-        set_error(err, RKEY_INTERNAL,
-                  "cannot read the certificate's public key");
+        set_ssl_error(err, "cannot read the certificate's public key");
         goto out;
     }
     ctx = EVP_PKEY_CTX_new_from_name(NULL, kind_name(kind), PROPS);
     if (ctx == NULL || EVP_PKEY_fromdata_init(ctx) <= 0 ||
         EVP_PKEY_fromdata(ctx, &pkey, EVP_PKEY_KEYPAIR, params) <= 0) {
-        set_error(err, RKEY_INTERNAL, "cannot make the remote key");
+        set_ssl_error(err, "cannot make the remote key");
         pkey = NULL;
         goto out;
     }

@@ -114,10 +114,10 @@ typedef struct rkey_backend {
 int rkey_provider_init(rkey_error *err);
 
 /* An EVP_PKEY for the private key of cert (RSA, or EC on a named curve)
- * whose private operations go to be with handle. be must outlive every
- * EVP_PKEY made with it. NULL with err filled in when the certificate's key
- * is of another type or the provider is not initialised; the handle is
- * then still the caller's. */
+ * whose private operations call be's functions with handle. be must
+ * outlive every EVP_PKEY made with it. NULL with err filled in when the
+ * certificate's key is of another type or the provider is not initialised; the
+ * handle is then still the caller's. */
 EVP_PKEY *rkey_pkey_new(const rkey_backend *be, void *handle, X509 *cert,
                         rkey_error *err);
 

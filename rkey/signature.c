@@ -337,7 +337,7 @@ static int sig_sign(void *vctx, unsigned char *sig, size_t *sig_len,
 
 static int set_md(sig_ctx *c, EVP_MD **slot, const char *name)
 {
-    EVP_MD *md = rkey_md_fetch(name, NULL);
+    EVP_MD *md = rkey_md_fetch(name);
 
     if (md == NULL)
         return 0;
