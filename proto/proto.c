@@ -724,7 +724,7 @@ static int token_state_up(unsigned state)
     return state == PROTO_TOKEN_READY || state == PROTO_TOKEN_BUSY;
 }
 
-static void put_token(writer *w, const proto_token_entry *t, int full)
+static void put_token(writer *w, const proto_token_entry *t)
 {
     w_text(w, "token.name", t->name, TEXT_ANY, 1, PROTO_TOKEN_MAX);
     if (t->state >= PROTO_TOKEN_STATE_COUNT)
@@ -736,8 +736,6 @@ static void put_token(writer *w, const proto_token_entry *t, int full)
     if (!reason_fits(t->reason, !token_state_up(t->state)))
         w_refuse(w, "token.reason");
     w_text(w, "token.reason", t->reason, TEXT_ANY, 0, PROTO_REASON_MAX);
-    if (!full)
-        return;
     w_u64(w, t->since);
     w_u64(w, t->ops_sign);
     w_u64(w, t->ops_decrypt);
@@ -751,7 +749,7 @@ static void put_token(writer *w, const proto_token_entry *t, int full)
     w_u32(w, t->max_sessions);
 }
 
-static void get_token(reader *r, proto_token_entry *t, int full)
+static void get_token(reader *r, proto_token_entry *t)
 {
     r_text(r, "token.name", t->name, TEXT_ANY, 1, PROTO_TOKEN_MAX);
     t->state = (uint8_t)r_u8(r, "token.state");
@@ -763,8 +761,6 @@ static void get_token(reader *r, proto_token_entry *t, int full)
     r_text(r, "token.reason", t->reason, TEXT_ANY, 0, PROTO_REASON_MAX);
     if (!r->bad && !reason_fits(t->reason, !token_state_up(t->state)))
         r_refuse(r, "%s does not fit the state", "token.reason");
-    if (!full)
-        return;
     t->since = r_u64(r, "token.since");
     t->ops_sign = r_u64(r, "token.ops_sign");
     t->ops_decrypt = r_u64(r, "token.ops_decrypt");
@@ -864,10 +860,9 @@ static void *r_array(reader *r, size_t n, size_t size)
     return p;
 }
 
-/* The smallest encodings: a token entry of a KEYS reply (name of one
- * byte, two u8, empty reason) and of a STATE reply, and a key entry. */
-#define MIN_TOKEN_BRIEF (4 + 1 + 1 + 1 + 4)
-#define MIN_TOKEN_FULL (MIN_TOKEN_BRIEF + 8 * 8 + 3 * 4)
+/* The smallest encodings of a token entry (a name of one byte, two u8,
+ * an empty reason, the numbers) and of a key entry. */
+#define MIN_TOKEN (4 + 1 + 1 + 1 + 4 + 8 * 8 + 3 * 4)
 #define MIN_KEY (4 + 1 + 4 + 1 + 4 + 1 + 4 + 4 + 4 + 1)
 
 static void put_keys_payload(writer *w, const proto_reply *m)
@@ -878,11 +873,6 @@ static void put_keys_payload(writer *w, const proto_reply *m)
         w_refuse(w, "next");
     w_u32(w, m->u.keys.total);
     w_u32(w, m->u.keys.next);
-    if (m->u.keys.ntokens > PROTO_PAGE_TOKENS_MAX)
-        w_refuse(w, "tokens");
-    w_u16(w, (unsigned)m->u.keys.ntokens);
-    for (i = 0; !w->bad && i < m->u.keys.ntokens; i++)
-        put_token(w, &m->u.keys.tokens[i], 0);
     if (m->u.keys.nkeys > PROTO_PAGE_KEYS_MAX)
         w_refuse(w, "keys");
     w_u16(w, (unsigned)m->u.keys.nkeys);
@@ -898,11 +888,6 @@ static void get_keys_payload(reader *r, proto_reply *m)
     m->u.keys.next = r_u32(r, "next");
     if (!r->bad && m->u.keys.next > m->u.keys.total)
         r_refuse(r, "%s is past the total", "next");
-    m->u.keys.ntokens =
-        r_count(r, "tokens", PROTO_PAGE_TOKENS_MAX, MIN_TOKEN_BRIEF);
-    m->u.keys.tokens = r_array(r, m->u.keys.ntokens, sizeof(*m->u.keys.tokens));
-    for (i = 0; !r->bad && i < m->u.keys.ntokens; i++)
-        get_token(r, &m->u.keys.tokens[i], 0);
     m->u.keys.nkeys = r_count(r, "keys", PROTO_PAGE_KEYS_MAX, MIN_KEY);
     if (!r->bad && m->u.keys.nkeys > m->u.keys.total)
         r_refuse(r, "%s are more than the total", "keys");
@@ -924,7 +909,7 @@ static void put_state_payload(writer *w, const proto_reply *m)
         w_refuse(w, "tokens");
     w_u16(w, (unsigned)m->u.state.ntokens);
     for (i = 0; !w->bad && i < m->u.state.ntokens; i++)
-        put_token(w, &m->u.state.tokens[i], 1);
+        put_token(w, &m->u.state.tokens[i]);
 }
 
 static void get_state_payload(reader *r, proto_reply *m)
@@ -935,14 +920,13 @@ static void get_state_payload(reader *r, proto_reply *m)
     m->u.state.next = r_u32(r, "next");
     if (!r->bad && m->u.state.next > m->u.state.total)
         r_refuse(r, "%s is past the total", "next");
-    m->u.state.ntokens =
-        r_count(r, "tokens", PROTO_PAGE_TOKENS_MAX, MIN_TOKEN_FULL);
+    m->u.state.ntokens = r_count(r, "tokens", PROTO_PAGE_TOKENS_MAX, MIN_TOKEN);
     if (!r->bad && m->u.state.ntokens > m->u.state.total)
         r_refuse(r, "%s are more than the total", "tokens");
     m->u.state.tokens =
         r_array(r, m->u.state.ntokens, sizeof(*m->u.state.tokens));
     for (i = 0; !r->bad && i < m->u.state.ntokens; i++)
-        get_token(r, &m->u.state.tokens[i], 1);
+        get_token(r, &m->u.state.tokens[i]);
 }
 
 /* The most a result can hold, by the type of its request. */
@@ -1073,7 +1057,6 @@ void proto_reply_clear(proto_reply *rep)
 
     if (rep->type != PROTO_ERROR && rep->type != PROTO_NOTICE &&
         request == PROTO_KEYS) {
-        free(rep->u.keys.tokens);
         free(rep->u.keys.keys);
     } else if (rep->type != PROTO_ERROR && rep->type != PROTO_NOTICE &&
                request == PROTO_STATE) {
@@ -1096,14 +1079,9 @@ size_t proto_key_entry_size(const proto_key_entry *k)
     return n;
 }
 
-size_t proto_keys_token_size(const proto_token_entry *t)
+size_t proto_keys_reply_overhead(void)
 {
-    return 4 + strlen(t->name) + 1 + 1 + 4 + strlen(t->reason);
-}
-
-size_t proto_keys_reply_overhead(const char *message)
-{
-    /* header, status, retry_after, epoch, message, total, next, the two
-     * counts */
-    return PROTO_HEADER_LEN + 1 + 4 + 8 + 4 + strlen(message) + 4 + 4 + 2 + 2;
+    /* header, status, retry_after, epoch, an empty message, total, next,
+     * the count */
+    return PROTO_HEADER_LEN + 1 + 4 + 8 + 4 + 4 + 4 + 2;
 }

@@ -216,9 +216,8 @@ typedef struct proto_key_entry {
 #define PROTO_TOKEN_DISCOVERY 0x02u
 #define PROTO_TOKEN_FLAGS 0x03u
 
-/* One token. A KEYS reply carries name, state, flags and reason; a STATE
- * reply also the rest. reason is "" exactly when the state is ready or
- * busy. */
+/* One token, in a STATE reply. reason is "" exactly when the state is
+ * ready or busy. */
 typedef struct proto_token_entry {
     char name[PROTO_TOKEN_MAX + 1];
     uint8_t state; /* proto_token_state */
@@ -243,11 +242,10 @@ typedef struct proto_reply {
     uint64_t epoch;
     char message[PROTO_MESSAGE_MAX + 1];
     union {
+        /* a page of the directory: entries start (the request's) to
+         * next - 1 of total; next is total on the last page */
         struct {
-            uint32_t total; /* keys in the directory */
-            uint32_t next;  /* the start of the next page; total when done */
-            size_t ntokens; /* only on the page from 0 */
-            proto_token_entry *tokens;
+            uint32_t total, next;
             size_t nkeys;
             proto_key_entry *keys;
         } keys;
@@ -290,8 +288,7 @@ void proto_reply_clear(proto_reply *rep);
 /* Bytes a KEYS reply spends on one entry, and on everything but its
  * entries: how the key process fills a page. */
 size_t proto_key_entry_size(const proto_key_entry *key);
-size_t proto_keys_token_size(const proto_token_entry *token);
-size_t proto_keys_reply_overhead(const char *message);
+size_t proto_keys_reply_overhead(void);
 
 /* 1 when s (NUL-terminated) may travel as a name: UTF-8, no control
  * characters, 1 to max bytes. What the fields of a request are checked

@@ -53,6 +53,7 @@ static const opt top_opts[] = {
     {"tls", OPT_OBJECT, 0, 0, 0},
     {"audit_log", OPT_STRING, 0, 0, 0},
     {"allow_insecure_unauthenticated_listen", OPT_BOOL, 0, 0, 0},
+    {"workers", OPT_INT, 0, 1, 256},
     {NULL, 0, 0, 0, 0},
 };
 
@@ -629,6 +630,14 @@ static void load_body_budget(loader *ld, json_t *root)
                 cfg->max_inflight_body_bytes, cfg->max_body_bytes);
 }
 
+/* One request worker per core. */
+static json_int_t default_workers(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+    return n < 1 ? 1 : n > 256 ? 256 : n;
+}
+
 static void load_top(loader *ld, json_t *root)
 {
     config *cfg = ld->cfg;
@@ -649,6 +658,7 @@ static void load_top(loader *ld, json_t *root)
         (unsigned)get_int(root, "max_connections_per_ip", 64);
     cfg->request_timeout_s = (unsigned)get_int(root, "request_timeout_s", 60);
     cfg->header_timeout_s = (unsigned)get_int(root, "header_timeout_s", 10);
+    cfg->workers = (unsigned)get_int(root, "workers", default_workers());
     s = get_string(root, "log_level");
     cfg->log_level = LOG_LEVEL_INFO;
     if (s != NULL && config_log_level_from_name(s, &cfg->log_level) != 0)

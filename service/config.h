@@ -29,6 +29,7 @@ typedef struct config {
     unsigned max_connections_per_ip;
     unsigned request_timeout_s;
     unsigned header_timeout_s; /* deadline for a complete request header */
+    unsigned workers;          /* request worker processes */
     log_level log_level;
     char *log_file; /* NULL: stderr */
     /* verification: anchors from a PEM bundle or a hashed directory, and

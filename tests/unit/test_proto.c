@@ -249,8 +249,6 @@ static int sample_reply(int i, proto_reply *rep)
         rep->type = PROTO_REPLY | PROTO_KEYS;
         rep->u.keys.total = 5;
         rep->u.keys.next = 2;
-        rep->u.keys.ntokens = 2;
-        rep->u.keys.tokens = tokens;
         rep->u.keys.nkeys = 2;
         rep->u.keys.keys = keys;
         return 1;
@@ -358,9 +356,7 @@ static void test_reply_round_trips(void)
     sample_reply(0, &rep);
     proto_reply_encode(&rep, a, sizeof(a), &alen, &err);
     tap_ok(proto_reply_decode(a, alen, &back, &err) == 0 &&
-               back.u.keys.nkeys == 2 && back.u.keys.ntokens == 2 &&
-               strcmp(back.u.keys.tokens[1].reason, "no token matches") == 0 &&
-               back.u.keys.keys[0].nchain == 2 &&
+               back.u.keys.nkeys == 2 && back.u.keys.keys[0].nchain == 2 &&
                back.u.keys.keys[0].chain_len[1] == 100 &&
                strcmp(back.u.keys.keys[1].reason_decrypt,
                       "the token cannot derive") == 0 &&
@@ -369,17 +365,24 @@ static void test_reply_round_trips(void)
     proto_reply_clear(&back);
     /* the page arithmetic the key process fills pages with */
     rep.u.keys.nkeys = 0;
-    rep.u.keys.ntokens = 0;
     proto_reply_encode(&rep, a, sizeof(a), &alen, &err);
-    tap_ok(alen == proto_keys_reply_overhead(""),
+    tap_ok(alen == proto_keys_reply_overhead(),
            "proto_keys_reply_overhead is the size of an empty page");
     rep.u.keys.nkeys = 1;
-    rep.u.keys.ntokens = 1;
     proto_reply_encode(&rep, b, sizeof(b), &blen, &err);
-    tap_ok(blen == alen + proto_key_entry_size(&keys[0]) +
-                       proto_keys_token_size(&tokens[0]),
-           "proto_key_entry_size and proto_keys_token_size are what they "
-           "add");
+    tap_ok(blen == alen + proto_key_entry_size(&keys[0]),
+           "proto_key_entry_size is what an entry adds");
+    sample_reply(1, &rep);
+    proto_reply_encode(&rep, a, sizeof(a), &alen, &err);
+    tap_ok(proto_reply_decode(a, alen, &back, &err) == 0 &&
+               back.u.state.ntokens == 2 &&
+               strcmp(back.u.state.tokens[1].reason, "no token matches") ==
+                   0 &&
+               back.u.state.tokens[0].ops_sign == 12 &&
+               back.u.state.tokens[0].max_sessions == 16 &&
+               back.u.state.tokens[0].since == 1767225600,
+           "a decoded STATE reply holds the tokens");
+    proto_reply_clear(&back);
 }
 
 /* ---- hostile requests ---- */
@@ -840,7 +843,6 @@ static void test_hostile_replies(void)
     tb_str(&b, "");
     tb_uint(&b, 300, 4);
     tb_uint(&b, 300, 4);
-    tb_uint(&b, 0, 2);
     tb_uint(&b, 300, 2);
     tb_seal(&b);
     tap_ok(proto_reply_decode(b.buf, b.len, &back, &err) != 0,
@@ -852,7 +854,6 @@ static void test_hostile_replies(void)
     tb_str(&b, "");
     tb_uint(&b, 200, 4);
     tb_uint(&b, 200, 4);
-    tb_uint(&b, 0, 2);
     tb_uint(&b, 200, 2);
     tb_seal(&b);
     tap_ok(proto_reply_decode(b.buf, b.len, &back, &err) != 0,
