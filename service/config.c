@@ -102,6 +102,7 @@ typedef struct loader {
     char *dir;
     config *cfg;
     config_problems *problems;
+    int without_pins; /* a request worker's load: no PIN source is read */
 } loader;
 
 void config_problems_clear(config_problems *p)
@@ -378,7 +379,9 @@ static void load_token(loader *ld, size_t ti, json_t *obj)
     ts->name = get_string(obj, "name");
     ts->module = get_path(ld, where, obj, "module");
     ts->uri = get_string(obj, "uri");
-    ts->pin_file = get_path(ld, where, obj, "pin_file");
+    /* a worker does not touch the PIN file, not even to see it is there */
+    ts->pin_file =
+        ld->without_pins ? NULL : get_path(ld, where, obj, "pin_file");
     ts->pin_env = get_string(obj, "pin_env");
     ts->chain_file = get_path(ld, where, obj, "chain");
     ts->discovery = get_bool(obj, "discovery");
@@ -389,7 +392,8 @@ static void load_token(loader *ld, size_t ti, json_t *obj)
     if ((json_object_get(obj, "pin_file") != NULL) ==
         (json_object_get(obj, "pin_env") != NULL))
         problem(ld, where, "give exactly one of \"pin_file\" and \"pin_env\"");
-    if (ts->pin_env != NULL && !token_pin_env_available(ts->pin_env))
+    if (!ld->without_pins && ts->pin_env != NULL &&
+        !token_pin_env_available(ts->pin_env))
         problem(ld, where, "\"pin_env\": environment variable %s is not set",
                 ts->pin_env);
     if (ts->pin_file != NULL && token_pin_check_file(ts->pin_file, &terr) != 0)
@@ -692,9 +696,10 @@ static void load_top(loader *ld, json_t *root)
         load_token(ld, ti, json_array_get(tokens, ti));
 }
 
-config *config_load(const char *path, config_problems *problems)
+static config *load(const char *path, config_problems *problems,
+                    int without_pins)
 {
-    loader ld = {path, NULL, NULL, problems};
+    loader ld = {path, NULL, NULL, problems, without_pins};
     config *cfg = NULL, *ret = NULL;
     json_error_t jerr;
     const char *slash;
@@ -734,6 +739,16 @@ out:
     free(ld.dir);
     config_free(cfg);
     return ret;
+}
+
+config *config_load(const char *path, config_problems *problems)
+{
+    return load(path, problems, 0);
+}
+
+config *config_load_without_pins(const char *path, config_problems *problems)
+{
+    return load(path, problems, 1);
 }
 
 void config_free(config *cfg)

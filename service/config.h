@@ -64,6 +64,10 @@ void config_problems_clear(config_problems *p);
 /* Loads and checks path. NULL when any problem was found; problems holds
  * them all. Relative paths inside are resolved against the file's folder. */
 config *config_load(const char *path, config_problems *problems);
+/* config_load as a request worker needs it: the tokens' PIN sources are
+ * neither read nor checked, and pin_file is left NULL (a worker has no
+ * PIN and never opens the file; the key process checks them). */
+config *config_load_without_pins(const char *path, config_problems *problems);
 void config_free(config *cfg);
 
 int config_log_level_from_name(const char *name, log_level *level);

@@ -56,16 +56,17 @@ int worker_main(const char *config_path)
     rkey_client *client = NULL;
     config *cfg;
     proc_ctl m;
+    size_t i;
     int fd, r, ret = 1;
 
     prctl(PR_SET_NAME, PROC_NAME_WORKER, 0, 0, 0);
     signal(SIGPIPE, SIG_IGN);
-    cfg = config_load(config_path, &problems);
+    cfg = config_load_without_pins(config_path, &problems);
+    for (i = 0; i < problems.count; i++)
+        log_error("%s", problems.lines[i]);
     config_problems_clear(&problems);
-    if (cfg == NULL) {
-        log_error("worker %d: the configuration does not load", (int)getpid());
+    if (cfg == NULL)
         return 1;
-    }
     if (log_open(cfg->log_file, cfg->log_level) != 0)
         log_error("cannot open log file %s; logging to stderr", cfg->log_file);
     client = rkey_client_new(PROC_FD_KEY, call_timeout(cfg));

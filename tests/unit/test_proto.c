@@ -376,8 +376,7 @@ static void test_reply_round_trips(void)
     proto_reply_encode(&rep, a, sizeof(a), &alen, &err);
     tap_ok(proto_reply_decode(a, alen, &back, &err) == 0 &&
                back.u.state.ntokens == 2 &&
-               strcmp(back.u.state.tokens[1].reason, "no token matches") ==
-                   0 &&
+               strcmp(back.u.state.tokens[1].reason, "no token matches") == 0 &&
                back.u.state.tokens[0].ops_sign == 12 &&
                back.u.state.tokens[0].max_sessions == 16 &&
                back.u.state.tokens[0].since == 1767225600,
@@ -894,6 +893,60 @@ static void test_hostile_replies(void)
            "a failure that carries a result is refused");
 }
 
+/* The seeds of tests/fuzz/corpus/proto/, written by the test suite's own
+ * Python encoder (tests/integration/keyproto.py): what it writes, the C
+ * decoders take and encode back byte for byte; what it writes wrong on
+ * purpose, they refuse. */
+static void test_python_seeds(void)
+{
+    static const struct {
+        const char *file;
+        int reply, ok;
+    } seeds[] = {
+        {"keys.msg", 0, 1},          {"state.msg", 0, 1},
+        {"sign-pkcs1.msg", 0, 1},    {"sign-digestinfo.msg", 0, 1},
+        {"sign-pss.msg", 0, 1},      {"sign-ecdsa.msg", 0, 1},
+        {"decrypt-pkcs1.msg", 0, 1}, {"decrypt-oaep.msg", 0, 1},
+        {"derive.msg", 0, 1},        {"audit.msg", 0, 1},
+        {"finish.msg", 0, 1},        {"reply-keys.msg", 1, 1},
+        {"reply-state.msg", 1, 1},   {"reply-sign.msg", 1, 1},
+        {"reply-busy.msg", 1, 1},    {"reply-error.msg", 1, 1},
+        {"notice.msg", 1, 1},        {"bad-version.msg", 0, 0},
+        {"bad-length.msg", 0, 0},    {"bad-utf8.msg", 0, 0},
+    };
+    static unsigned char in[PROTO_MSG_MAX + 1], out[PROTO_MSG_MAX];
+    char path[256];
+    proto_request req;
+    proto_reply rep;
+    proto_error err = {{0}};
+    size_t i, n, len;
+    FILE *f;
+    int ok;
+
+    for (i = 0; i < sizeof(seeds) / sizeof(seeds[0]); i++) {
+        snprintf(path, sizeof(path), "fuzz/corpus/proto/%s", seeds[i].file);
+        f = fopen(path, "rb");
+        n = f != NULL ? fread(in, 1, sizeof(in), f) : 0;
+        if (f != NULL)
+            fclose(f);
+        if (seeds[i].reply) {
+            ok = proto_reply_decode(in, n, &rep, &err) == 0 &&
+                 proto_reply_encode(&rep, out, sizeof(out), &len, &err) == 0 &&
+                 len == n && memcmp(in, out, n) == 0;
+            if (ok)
+                proto_reply_clear(&rep);
+        } else {
+            ok =
+                proto_request_decode(in, n, &req, &err) == 0 &&
+                proto_request_encode(&req, out, sizeof(out), &len, &err) == 0 &&
+                len == n && memcmp(in, out, n) == 0;
+        }
+        tap_ok(n > 0 && ok == seeds[i].ok, "%s (Python's encoder) is %s%s%s",
+               seeds[i].file, seeds[i].ok ? "taken and re-encoded" : "refused",
+               ok ? "" : ": ", ok ? "" : err.message);
+    }
+}
+
 int main(void)
 {
     memset(point, 0, sizeof(point));
@@ -910,5 +963,6 @@ int main(void)
     test_rules();
     test_encoder_refuses();
     test_hostile_replies();
+    test_python_seeds();
     return tap_done();
 }
