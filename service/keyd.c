@@ -111,7 +111,7 @@ static pthread_cond_t kd_cond = PTHREAD_COND_INITIALIZER; /* sets, conns */
 static kd_set *kd_current;
 static unsigned kd_nsets;
 static kd_conn *kd_conns;
-static uint64_t kd_epoch = 1;
+static uint64_t kd_epoch; /* atomic */
 static int kd_events = -1;
 static int kd_want_reload;
 static int kd_control = PROC_FD_CONTROL;
@@ -1245,6 +1245,7 @@ int keyd_main(const char *config_path)
     config_problems problems = {0};
     kd_state st = {config_path, NULL};
     token_error terr = {0};
+    struct timespec now;
     token_set *tokens;
     kd_set *set;
     size_t i;
@@ -1252,6 +1253,9 @@ int keyd_main(const char *config_path)
 
     prctl(PR_SET_NAME, PROC_NAME_KEY, 0, 0, 0);
     signal(SIGPIPE, SIG_IGN);
+    /* a replaced key process never repeats its predecessor's epochs */
+    clock_gettime(CLOCK_REALTIME, &now);
+    kd_epoch = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
     /* before the configuration, whose pin_env variables must be there */
     if (receive_pins() != 0)
         return 1;

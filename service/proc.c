@@ -282,6 +282,16 @@ static int child_start(super *s, child *c, const int *fds, int nfds)
         argv[argc++] = s->listen;
     }
     argv[argc] = NULL;
+    /* from the environment of now: a reload's new pin_env variables are
+     * gone from it too */
+    free(s->envp);
+    s->envp = child_environment(s->cfg);
+    if (s->envp == NULL) {
+        log_error("out of memory");
+        close(ctl[0]);
+        close(ctl[1]);
+        return -1;
+    }
     pid = fork();
     if (pid < 0) {
         log_error("fork: %s", strerror(errno));
@@ -674,9 +684,8 @@ int proc_supervise(const char *config_path, const char *listen, config *cfg)
     s.key.control = -1;
     s.nworkers = cfg->workers;
     s.workers = calloc(s.nworkers, sizeof(*s.workers));
-    s.envp = child_environment(cfg);
     pfd = calloc(s.nworkers + 2, sizeof(*pfd));
-    if (s.workers == NULL || s.envp == NULL || pfd == NULL) {
+    if (s.workers == NULL || pfd == NULL) {
         log_error("out of memory");
         goto out;
     }
