@@ -179,8 +179,11 @@ typedef struct super {
     config *cfg;
     char **envp;
     child key;
+    /* the workers of the configuration in service, and those of an
+     * earlier one still draining (retiring) */
     child *workers;
-    unsigned nworkers;
+    unsigned nworkers, cap;
+    unsigned next_slot;
     unsigned long worker_restarts;
     int stopping;
     struct timespec key_started, stop_deadline;
@@ -481,10 +484,75 @@ static void reap(super *s)
             child_gone(s, &s->key, status);
             continue;
         }
-        for (i = 0; i < s->nworkers; i++)
-            if (s->workers[i].pid == pid)
-                child_gone(s, &s->workers[i], status);
+        for (i = 0; i < s->nworkers; i++) {
+            if (s->workers[i].pid != pid)
+                continue;
+            child_gone(s, &s->workers[i], status);
+            /* a worker of an earlier configuration is done */
+            if (s->workers[i].retiring && !s->stopping) {
+                memmove(&s->workers[i], &s->workers[i + 1],
+                        (s->nworkers - i - 1) * sizeof(*s->workers));
+                s->nworkers--;
+            }
+            break;
+        }
     }
+}
+
+/* n more workers, started by the next tick. */
+static int add_workers(super *s, unsigned n)
+{
+    child *grown;
+    unsigned i;
+
+    if (s->nworkers + n > s->cap) {
+        grown = realloc(s->workers, (s->nworkers + n) * sizeof(*grown));
+        if (grown == NULL)
+            return -1;
+        s->workers = grown;
+        s->cap = s->nworkers + n;
+    }
+    for (i = 0; i < n; i++) {
+        child *w = &s->workers[s->nworkers++];
+
+        memset(w, 0, sizeof(*w));
+        w->role = ROLE_WORKER;
+        w->slot = s->next_slot++;
+        w->control = -1;
+    }
+    return 0;
+}
+
+/* A reload the key process took: new workers start on the new
+ * configuration, the old ones finish what they have and go. A worker
+ * never loads its configuration again, so every request is served by one
+ * configuration from start to end. */
+static void replace_workers(super *s)
+{
+    unsigned i, old = s->nworkers;
+
+    for (i = 0; i < old; i++) {
+        if (s->workers[i].retiring)
+            continue;
+        s->workers[i].retiring = 1;
+        if (s->workers[i].pid > 0)
+            proc_ctl_send(s->workers[i].control, PROC_CTL_STOP, 0, NULL, 0, -1);
+    }
+    /* those waiting for a restart are simply dropped */
+    for (i = 0; i < s->nworkers;) {
+        if (s->workers[i].retiring && s->workers[i].pid == 0) {
+            memmove(&s->workers[i], &s->workers[i + 1],
+                    (s->nworkers - i - 1) * sizeof(*s->workers));
+            s->nworkers--;
+        } else {
+            i++;
+        }
+    }
+    if (add_workers(s, s->cfg->workers) != 0)
+        log_error("out of memory for the new workers");
+    else
+        log_info("replacing the workers: %u start on the new configuration",
+                 s->cfg->workers);
 }
 
 /* ---- signals and control messages ---- */
@@ -543,6 +611,7 @@ static void on_key_message(super *s, const proc_ctl *m)
         if (cfg != NULL) {
             config_free(s->cfg);
             s->cfg = cfg;
+            replace_workers(s);
         }
         break;
     case PROC_CTL_WANT_RELOAD:
@@ -671,7 +740,7 @@ static int all_gone(const super *s)
 
 int proc_supervise(const char *config_path, const char *listen, config *cfg)
 {
-    struct pollfd *pfd = NULL;
+    struct pollfd *pfd = NULL, *grown;
     super s = {0};
     sigset_t sigs;
     unsigned i, n;
@@ -682,17 +751,9 @@ int proc_supervise(const char *config_path, const char *listen, config *cfg)
     s.cfg = cfg;
     s.key.role = ROLE_KEY;
     s.key.control = -1;
-    s.nworkers = cfg->workers;
-    s.workers = calloc(s.nworkers, sizeof(*s.workers));
-    pfd = calloc(s.nworkers + 2, sizeof(*pfd));
-    if (s.workers == NULL || pfd == NULL) {
+    if (add_workers(&s, cfg->workers) != 0) {
         log_error("out of memory");
         goto out;
-    }
-    for (i = 0; i < s.nworkers; i++) {
-        s.workers[i].role = ROLE_WORKER;
-        s.workers[i].slot = i;
-        s.workers[i].control = -1;
     }
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGTERM);
@@ -713,6 +774,12 @@ int proc_supervise(const char *config_path, const char *listen, config *cfg)
         timeout = tick(&s);
         if (s.stopping && all_gone(&s))
             break;
+        grown = realloc(pfd, (s.nworkers + 2) * sizeof(*pfd));
+        if (grown == NULL) {
+            log_error("out of memory");
+            goto out;
+        }
+        pfd = grown;
         n = 0;
         pfd[n].fd = sigfd;
         pfd[n++].events = POLLIN;
@@ -722,17 +789,22 @@ int proc_supervise(const char *config_path, const char *listen, config *cfg)
             pfd[n].fd = s.workers[i].control;
             pfd[n++].events = POLLIN;
         }
-        if (poll(pfd, n, timeout) < 0 && errno != EINTR) {
+        if (poll(pfd, n, timeout) < 0) {
+            if (errno == EINTR)
+                continue;
             log_error("poll: %s", strerror(errno));
             goto out;
         }
-        if (pfd[0].revents & POLLIN)
-            on_signal(&s, sigfd);
-        if (s.key.control >= 0 && (pfd[1].revents & POLLIN))
-            on_control(&s, &s.key);
-        for (i = 0; i < s.nworkers; i++)
+        /* workers first: what the key process and the signals do may
+         * change the table (a reload replaces the workers, a reaped old
+         * one leaves it), and pfd follows the table as it was */
+        for (i = 0; i + 2 < n && i < s.nworkers; i++)
             if (s.workers[i].control >= 0 && (pfd[2 + i].revents & POLLIN))
                 on_control(&s, &s.workers[i]);
+        if (s.key.control >= 0 && (pfd[1].revents & POLLIN))
+            on_control(&s, &s.key);
+        if (pfd[0].revents & POLLIN)
+            on_signal(&s, sigfd);
     }
     log_info("stopped");
     ret = 0;

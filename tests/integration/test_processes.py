@@ -189,11 +189,29 @@ def key_process_killed():
 
 
 def reload_on_sighup():
+    """The key process reloads its tokens, then the workers are replaced:
+    new ones start on the new configuration, the old ones stop."""
+    key, old = T.wait_children(2)
     n = len(re.findall(r"configuration \S+ in service", T.text()))
+    ready = len(re.findall(r"worker \d+ \(pid \d+\) ready", T.text()))
     T.proc.send_signal(signal.SIGHUP)
     T.wait_log(r"configuration \S+ in service", n + 1)
-    key, workers = T.wait_children(2)
-    check(len(workers) == 2, "workers after the reload")
+    T.wait_log(r"replacing the workers: 2 start on the new configuration")
+    T.wait_log(r"worker \d+ \(pid \d+\) ready", ready + 2)
+    key2, new = T.wait_children(2, exclude=old)
+    eq(key2, key, "the key process stays")
+    check(not set(new) & set(old), "workers after the reload: %r, before %r" % (new, old))
+    for p in old:
+        T.wait_log(r"worker \d+ \(pid %d\) exited$" % p)
+    # a configuration with a problem: logged, nothing replaced
+    good = CONF.read_text()
+    CONF.write_text(good.replace('"workers": 2', '"workers": 0'))
+    try:
+        T.proc.send_signal(signal.SIGHUP)
+        T.wait_log(r"keeping the running configuration")
+    finally:
+        CONF.write_text(good)
+    eq(T.wait_children(2), (key, new), "processes after a refused reload")
 
 
 def alive(pid):
