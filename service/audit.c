@@ -185,14 +185,26 @@ int audit_write(const audit_record *r)
         goto out;
     }
     now_text(when, sizeof(when));
-    rec = json_pack("{s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:i,s:o,s:f}", "time", when,
+    rec = json_pack("{s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:f}", "time", when,
                     "request_id", text_or_null(r->request_id), "client",
                     text_or_null(r->client), "remote", text_or_null(r->remote),
                     "operation", text_or_null(r->operation), "key",
                     text_or_null(r->key), "content_sha256",
-                    text_or_null(r->content_sha256), "result", r->result,
+                    text_or_null(r->content_sha256), "result",
+                    r->result != 0 ? json_integer(r->result) : json_null(),
                     "error", text_or_null(r->error), "latency_ms",
                     (double)(long long)(r->latency_ms * 1000.0) / 1000.0);
+    if (rec != NULL &&
+        ((r->stage != NULL &&
+          json_object_set_new(rec, "stage", json_string(r->stage)) != 0) ||
+         (r->token != NULL &&
+          json_object_set_new(rec, "token", text_or_null(r->token)) != 0) ||
+         (r->asserted &&
+          json_object_set_new(rec, "asserted_by", json_string("worker")) !=
+              0))) {
+        json_decref(rec);
+        rec = NULL;
+    }
     if (rec == NULL)
         goto out;
     line = json_dumps(rec, JSON_COMPACT | JSON_PRESERVE_ORDER |

@@ -14,9 +14,19 @@ typedef struct audit_record {
     const char *operation;      /* "sign", "decrypt", or the refused path */
     const char *key;            /* NULL or "": none */
     const char *content_sha256; /* hex; NULL or "": content not read */
-    int result;                 /* HTTP status */
+    int result;                 /* HTTP status; 0: none yet (null) */
     const char *error;          /* error code; NULL on success */
     double latency_ms;
+    /* Records of the key process only (each key written when set): which
+     * record of a request this is, "key" (a private-key operation, written
+     * before its result leaves), "finish" (the request's final status) or
+     * "refusal" (a 401 or 403); the token of a key operation; and whether
+     * the request's identity (request_id, client, remote, content_sha256,
+     * and a finish's result, error and latency) is only what the worker
+     * said: "asserted_by": "worker". */
+    const char *stage;
+    const char *token;
+    int asserted;
 } audit_record;
 
 /* NULL path: no audit trail. -1 (errno set) when the file cannot be

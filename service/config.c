@@ -53,6 +53,7 @@ static const opt top_opts[] = {
     {"tls", OPT_OBJECT, 0, 0, 0},
     {"audit_log", OPT_STRING, 0, 0, 0},
     {"allow_insecure_unauthenticated_listen", OPT_BOOL, 0, 0, 0},
+    {"workers", OPT_INT, 0, 1, 256},
     {NULL, 0, 0, 0, 0},
 };
 
@@ -101,6 +102,7 @@ typedef struct loader {
     char *dir;
     config *cfg;
     config_problems *problems;
+    int without_pins; /* a request worker's load: no PIN source is read */
 } loader;
 
 void config_problems_clear(config_problems *p)
@@ -377,7 +379,9 @@ static void load_token(loader *ld, size_t ti, json_t *obj)
     ts->name = get_string(obj, "name");
     ts->module = get_path(ld, where, obj, "module");
     ts->uri = get_string(obj, "uri");
-    ts->pin_file = get_path(ld, where, obj, "pin_file");
+    /* a worker does not touch the PIN file, not even to see it is there */
+    ts->pin_file =
+        ld->without_pins ? NULL : get_path(ld, where, obj, "pin_file");
     ts->pin_env = get_string(obj, "pin_env");
     ts->chain_file = get_path(ld, where, obj, "chain");
     ts->discovery = get_bool(obj, "discovery");
@@ -388,7 +392,8 @@ static void load_token(loader *ld, size_t ti, json_t *obj)
     if ((json_object_get(obj, "pin_file") != NULL) ==
         (json_object_get(obj, "pin_env") != NULL))
         problem(ld, where, "give exactly one of \"pin_file\" and \"pin_env\"");
-    if (ts->pin_env != NULL && !token_pin_env_available(ts->pin_env))
+    if (!ld->without_pins && ts->pin_env != NULL &&
+        !token_pin_env_available(ts->pin_env))
         problem(ld, where, "\"pin_env\": environment variable %s is not set",
                 ts->pin_env);
     if (ts->pin_file != NULL && token_pin_check_file(ts->pin_file, &terr) != 0)
@@ -629,6 +634,14 @@ static void load_body_budget(loader *ld, json_t *root)
                 cfg->max_inflight_body_bytes, cfg->max_body_bytes);
 }
 
+/* One request worker per core. */
+static json_int_t default_workers(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+    return n < 1 ? 1 : n > 256 ? 256 : n;
+}
+
 static void load_top(loader *ld, json_t *root)
 {
     config *cfg = ld->cfg;
@@ -649,6 +662,7 @@ static void load_top(loader *ld, json_t *root)
         (unsigned)get_int(root, "max_connections_per_ip", 64);
     cfg->request_timeout_s = (unsigned)get_int(root, "request_timeout_s", 60);
     cfg->header_timeout_s = (unsigned)get_int(root, "header_timeout_s", 10);
+    cfg->workers = (unsigned)get_int(root, "workers", default_workers());
     s = get_string(root, "log_level");
     cfg->log_level = LOG_LEVEL_INFO;
     if (s != NULL && config_log_level_from_name(s, &cfg->log_level) != 0)
@@ -682,9 +696,10 @@ static void load_top(loader *ld, json_t *root)
         load_token(ld, ti, json_array_get(tokens, ti));
 }
 
-config *config_load(const char *path, config_problems *problems)
+static config *load(const char *path, config_problems *problems,
+                    int without_pins)
 {
-    loader ld = {path, NULL, NULL, problems};
+    loader ld = {path, NULL, NULL, problems, without_pins};
     config *cfg = NULL, *ret = NULL;
     json_error_t jerr;
     const char *slash;
@@ -724,6 +739,16 @@ out:
     free(ld.dir);
     config_free(cfg);
     return ret;
+}
+
+config *config_load(const char *path, config_problems *problems)
+{
+    return load(path, problems, 0);
+}
+
+config *config_load_without_pins(const char *path, config_problems *problems)
+{
+    return load(path, problems, 1);
 }
 
 void config_free(config *cfg)

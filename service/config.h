@@ -29,6 +29,7 @@ typedef struct config {
     unsigned max_connections_per_ip;
     unsigned request_timeout_s;
     unsigned header_timeout_s; /* deadline for a complete request header */
+    unsigned workers;          /* request worker processes */
     log_level log_level;
     char *log_file; /* NULL: stderr */
     /* verification: anchors from a PEM bundle or a hashed directory, and
@@ -63,6 +64,10 @@ void config_problems_clear(config_problems *p);
 /* Loads and checks path. NULL when any problem was found; problems holds
  * them all. Relative paths inside are resolved against the file's folder. */
 config *config_load(const char *path, config_problems *problems);
+/* config_load as a request worker needs it: the tokens' PIN sources are
+ * neither read nor checked, and pin_file is left NULL (a worker has no
+ * PIN and never opens the file; the key process checks them). */
+config *config_load_without_pins(const char *path, config_problems *problems);
 void config_free(config *cfg);
 
 int config_log_level_from_name(const char *name, log_level *level);

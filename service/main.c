@@ -22,7 +22,11 @@
 #include "service/config.h"
 #include "service/harden.h"
 #include "service/http.h"
+#include "service/keyset.h"
+#include "service/keyd.h"
 #include "service/log.h"
+#include "service/proc.h"
+#include "service/worker.h"
 #include "token/token.h"
 
 /* How long SIGTERM waits for requests in flight before giving up on them. */
@@ -52,62 +56,6 @@ static int print_problems(const config_problems *p)
     for (i = 0; i < p->count; i++)
         fprintf(stderr, "%s\n", p->lines[i]);
     return p->count > 0;
-}
-
-static void log_keys(token_set *tokens)
-{
-    size_t i;
-
-    for (i = 0; i < token_set_count_tokens(tokens); i++) {
-        const char *reason = NULL, *first = NULL;
-        size_t skipped;
-
-        if (token_set_token_ready(tokens, i, &reason))
-            log_info("token %s ready", token_set_token_name(tokens, i));
-        else
-            log_warn("token %s down: %s", token_set_token_name(tokens, i),
-                     reason != NULL ? reason : "unknown");
-        skipped = token_set_token_skipped(tokens, i, &first);
-        if (skipped > 0)
-            log_warn("token %s: %zu discovered key%s not served: a key name "
-                     "is 1 to %d bytes without control characters (label "
-                     "\"%s\")",
-                     token_set_token_name(tokens, i), skipped,
-                     skipped == 1 ? " is" : "s are", TOKEN_KEY_NAME_MAX, first);
-    }
-    for (i = 0; i < token_set_count_keys(tokens); i++) {
-        token_key *key = token_set_key_at(tokens, i);
-        const char *reason = NULL;
-
-        if (token_key_usable(key, TOKEN_USE_SIGN, &reason))
-            log_info("key %s (%s) on %s usable", token_key_name(key),
-                     token_key_algorithm(key), token_key_token_name(key));
-        else
-            log_warn("key %s on %s not usable: %s", token_key_name(key),
-                     token_key_token_name(key),
-                     reason != NULL ? reason : "unknown");
-    }
-}
-
-static token_set *open_tokens(const config *cfg)
-{
-    token_set *tokens = token_set_new();
-    token_error err = {0};
-    size_t i;
-
-    if (tokens == NULL) {
-        log_error("out of memory");
-        return NULL;
-    }
-    for (i = 0; i < cfg->ntokens; i++) {
-        if (token_set_add(tokens, &cfg->tokens[i], &err) != 0) {
-            log_error("tokens[%zu]: %s", i, err.message);
-            token_set_free(tokens);
-            return NULL;
-        }
-    }
-    log_keys(tokens);
-    return tokens;
 }
 
 /* A client token: random, at least this long (a guessable token is a
@@ -198,30 +146,6 @@ typedef struct running {
     api *api;
 } running;
 
-/* 1 when a token that serves now would be down after the swap: a reload
- * must not take away what works (a PIN typo, a token busy elsewhere). */
-static int loses_token(token_set *now, token_set *next)
-{
-    const char *reason = NULL;
-    size_t i, j;
-
-    for (i = 0; i < token_set_count_tokens(next); i++) {
-        if (token_set_token_ready(next, i, &reason))
-            continue;
-        for (j = 0; j < token_set_count_tokens(now); j++) {
-            if (strcmp(token_set_token_name(now, j),
-                       token_set_token_name(next, i)) == 0 &&
-                token_set_token_ready(now, j, NULL)) {
-                log_error("token %s would go down: %s",
-                          token_set_token_name(next, i),
-                          reason != NULL ? reason : "unknown reason");
-                return 1;
-            }
-        }
-    }
-    return 0;
-}
-
 /* Checks the new config completely and opens its tokens before swapping it
  * in; on any problem the running one stays (OpenDKIM's reload habit). */
 static void reload(running *run, http_server *srv)
@@ -243,8 +167,8 @@ static void reload(running *run, http_server *srv)
                  strcmp(cfg->audit_log, run->cfg->audit_log) != 0);
     if (new_audit && open_audit(cfg, 1) != 0)
         goto fail;
-    tokens = open_tokens(cfg);
-    if (tokens == NULL || loses_token(run->tokens, tokens))
+    tokens = keyset_open(cfg);
+    if (tokens == NULL || keyset_loses_token(run->tokens, tokens))
         goto fail;
     a = api_for(cfg, tokens);
     if (a == NULL)
@@ -295,17 +219,6 @@ fail:
     token_set_free(tokens);
     config_free(cfg);
     config_problems_clear(&problems);
-}
-
-/* The recovery loop's word on a token changing state: the operator's
- * record of when a token went down, why, and when it came back. */
-static void on_token_event(const char *token, const char *state,
-                           const char *reason)
-{
-    if (reason == NULL)
-        log_info("token %s %s", token, state);
-    else
-        log_warn("token %s %s: %s", token, state, reason);
 }
 
 /* A token that was absent at the last load answers now: a reload opens it
@@ -371,6 +284,40 @@ static void keep_large_buffers(void)
     mallopt(M_TRIM_THRESHOLD, 32 << 20);
 }
 
+/* The process tree of the process wall (service/proc.h): the supervisor
+ * (which checks the configuration as the daemon does, then starts the
+ * children), or one of its children. */
+static int run_role(const char *role, const char *config_path,
+                    const char *listen)
+{
+    config_problems problems = {0};
+    config *cfg;
+
+    if (strcmp(role, PROC_ROLE_KEY + strlen("--role=")) == 0)
+        return keyd_main(config_path);
+    if (strcmp(role, PROC_ROLE_WORKER + strlen("--role=")) == 0)
+        return worker_main(config_path);
+    if (strcmp(role, PROC_ROLE_SUPERVISOR + strlen("--role=")) != 0) {
+        usage(stderr);
+        return 2;
+    }
+    cfg = config_load(config_path, &problems);
+    if (print_problems(&problems) || cfg == NULL) {
+        config_problems_clear(&problems);
+        config_free(cfg);
+        return 1;
+    }
+    config_problems_clear(&problems);
+    if (log_open(cfg->log_file, cfg->log_level) != 0)
+        fprintf(stderr, "cannot open log file %s; logging to stderr\n",
+                cfg->log_file);
+    if (check_exposure(cfg, listen != NULL ? listen : cfg->listen) != 0) {
+        config_free(cfg);
+        return 1;
+    }
+    return proc_supervise(config_path, listen, cfg);
+}
+
 int main(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -380,9 +327,11 @@ int main(int argc, char **argv)
         {"hash-token", no_argument, NULL, 't'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
+        /* hidden: what the supervisor starts its children with */
+        {"role", required_argument, NULL, 'r'},
         {NULL, 0, NULL, 0},
     };
-    const char *config_path = NULL, *listen = NULL;
+    const char *config_path = NULL, *listen = NULL, *role = NULL;
     config_problems problems = {0};
     running run = {0};
     http_server *srv = NULL;
@@ -412,6 +361,9 @@ int main(int argc, char **argv)
         case 't':
             hash_only = 1;
             break;
+        case 'r':
+            role = optarg;
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -425,10 +377,13 @@ int main(int argc, char **argv)
     }
     if (hash_only && config_path == NULL && optind == argc)
         return hash_token();
-    if (config_path == NULL || optind != argc || hash_only) {
+    if (config_path == NULL || optind != argc || hash_only ||
+        (role != NULL && check_only)) {
         usage(stderr);
         return 2;
     }
+    if (role != NULL)
+        return run_role(role, config_path, listen);
     run.config_path = config_path;
     run.cfg = config_load(config_path, &problems);
     if (run.cfg != NULL)
@@ -462,10 +417,10 @@ int main(int argc, char **argv)
                  run.cfg->max_connections);
     keep_large_buffers();
     cms_init();
-    run.tokens = open_tokens(run.cfg);
+    run.tokens = keyset_open(run.cfg);
     if (run.tokens == NULL)
         goto out;
-    if (token_recovery_start(on_token_event, on_token_present, &terr) != 0) {
+    if (token_recovery_start(keyset_log_event, on_token_present, &terr) != 0) {
         log_error("%s", terr.message);
         goto out;
     }

@@ -181,14 +181,14 @@ static int env_page_get(token_error *err)
         return -1;
     }
     madvise(p, ENV_SLOTS * ENV_SLOT_SIZE, MADV_DONTDUMP);
+    /* a forked child (the supervisor's, before its exec) gets no copy */
+    madvise(p, ENV_SLOTS * ENV_SLOT_SIZE, MADV_DONTFORK);
     env_page = p;
     return 0;
 }
 
-/* Moves the variable's value into a slot and wipes it where it was: the
- * bytes of the original environment block are what /proc/PID/environ
- * shows, and unsetenv alone leaves them there. */
-static int env_capture(const char *name, char *value, token_error *err)
+/* Copies value into name's slot (a new one when name has none). */
+static int env_store(const char *name, const char *value, token_error *err)
 {
     size_t len = strlen(value);
     int i = env_find(name);
@@ -217,9 +217,36 @@ static int env_capture(const char *name, char *value, token_error *err)
     }
     OPENSSL_cleanse(env_page + i * ENV_SLOT_SIZE, ENV_SLOT_SIZE);
     memcpy(env_page + i * ENV_SLOT_SIZE, value, len);
-    OPENSSL_cleanse(value, len);
+    return i;
+}
+
+/* Moves the variable's value into a slot and wipes it where it was: the
+ * bytes of the original environment block are what /proc/PID/environ
+ * shows, and unsetenv alone leaves them there. */
+static int env_capture(const char *name, char *value, token_error *err)
+{
+    int i = env_store(name, value, err);
+
+    if (i < 0)
+        return -1;
+    OPENSSL_cleanse(value, strlen(value));
     unsetenv(name);
     return i;
+}
+
+int token_pin_put_env(const char *name, const char *pin, token_error *err)
+{
+    int i;
+
+    if (pin[0] == '\0') {
+        tk_error(err, TOKEN_ERR_CONFIG, "PIN environment variable %s is empty",
+                 name);
+        return -1;
+    }
+    pthread_mutex_lock(&env_lock);
+    i = env_store(name, pin, err);
+    pthread_mutex_unlock(&env_lock);
+    return i < 0 ? -1 : 0;
 }
 
 char *token_pin_read_env(const char *name, token_error *err)

@@ -55,6 +55,11 @@ char *token_pin_read_env(const char *name, token_error *err);
 /* -1 when the PIN file cannot be used (missing, or open to group or
  * others). */
 int token_pin_check_file(const char *path, token_error *err);
+/* Keeps pin as the value of the environment variable name, as if it had
+ * been read from there: for a process that gets its PINs from its parent
+ * (the key process, from the supervisor) rather than in its environment.
+ * The caller wipes its own copy. */
+int token_pin_put_env(const char *name, const char *pin, token_error *err);
 /* 1 when token_pin_read_env(name) has a value to return. */
 int token_pin_env_available(const char *name);
 void token_pin_free(char *pin);

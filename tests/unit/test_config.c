@@ -192,6 +192,32 @@ static void test_good(void)
                cfg->tls_certificate == NULL &&
                !cfg->allow_insecure_unauthenticated_listen,
            "defaults: no clients, no audit log, no TLS");
+    tap_ok(
+        cfg != NULL && cfg->workers == (unsigned)sysconf(_SC_NPROCESSORS_ONLN),
+        "default workers: one per core (%u)", cfg != NULL ? cfg->workers : 0);
+    config_free(cfg);
+    cfg = load("{\"workers\": 3, \"tokens\": [{" TOKEN_OK
+               ", \"discovery\": true}]}",
+               &p);
+    tap_ok(cfg != NULL && cfg->workers == 3, "workers is read");
+    config_free(cfg);
+    /* a worker reads the file without the PIN sources: a PIN file it
+     * cannot open and an unset pin_env are no problem to it */
+    write_file("w.conf", "{\"tokens\": [{\"module\": \"module.so\", "
+                         "\"uri\": \"pkcs11:token=t\", \"pin_file\": "
+                         "\"no-such-pin\", \"discovery\": true}, {\"module\": "
+                         "\"module.so\", \"uri\": \"pkcs11:token=u\", "
+                         "\"pin_env\": \"SMIMED_TEST_UNSET_PIN\", "
+                         "\"discovery\": true}]}");
+    snprintf(want, sizeof(want), "%s/w.conf", dir);
+    cfg = config_load(want, &p);
+    tap_ok(cfg == NULL && p.count == 2,
+           "config_load: a missing PIN file and an unset pin_env are problems");
+    config_free(cfg);
+    config_problems_clear(&p);
+    cfg = config_load_without_pins(want, &p);
+    tap_ok(cfg != NULL && p.count == 0 && cfg->ntokens == 2,
+           "config_load_without_pins: they are not");
     config_free(cfg);
     cfg = load("{\"max_body_bytes\": 4294967296, \"tokens\": [{" TOKEN_OK
                ", \"discovery\": true}]}",

@@ -1,0 +1,946 @@
+/*
+ * The worker's end of the key protocol. Locks, in the order they may be
+ * taken: dir_lock (one directory fetch at a time) → send_lock (the socket
+ * a datagram goes out on) → lock (waiters, the socket, its generation,
+ * the epoch seen, the directory). No lock is held across a wait for a
+ * reply; the reader thread takes only lock.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/obj_mac.h>
+
+#include "rkey/client.h"
+
+/* How often the reader looks at the waiters' deadlines, at most. */
+#define READER_TICK_MS 250
+/* Keys one directory may hold. */
+#define DIR_KEYS_MAX 100000
+#define DIR_ATTEMPTS 3
+#define REQUEST_MAX 4096
+
+typedef struct waiter {
+    struct waiter *next;
+    uint32_t id;
+    unsigned gen;
+    struct timespec deadline;
+    pthread_cond_t cond;
+    int finished;
+    unsigned char *reply; /* the datagram, the waiter's own */
+    size_t reply_len;
+    rkey_failure fail;
+} waiter;
+
+struct rkey_key {
+    char name[PROTO_NAME_MAX + 1];
+    char token[PROTO_TOKEN_MAX + 1];
+    char algorithm[PROTO_ALGORITHM_MAX + 1];
+    uint8_t flags;
+    char reason_sign[PROTO_REASON_MAX + 1];
+    char reason_decrypt[PROTO_REASON_MAX + 1];
+    X509 *cert;
+    STACK_OF(X509) *chain;
+};
+
+struct rkey_dir {
+    unsigned refs; /* atomic */
+    uint64_t epoch;
+    struct timespec fetched;
+    size_t nkeys;
+    rkey_key *keys;
+    size_t *by_name; /* indices into keys, sorted by name */
+    size_t ntokens;
+    proto_token_entry *tokens;
+};
+
+typedef struct reader_arg {
+    rkey_client *c;
+    int fd;
+    unsigned gen;
+} reader_arg;
+
+struct rkey_client {
+    pthread_mutex_t lock;
+    pthread_mutex_t send_lock;
+    pthread_mutex_t dir_lock;
+    int fd;
+    unsigned gen;
+    int dead;
+    int has_reader;
+    pthread_t reader;
+    uint32_t next_id;
+    waiter *waiters;
+    unsigned timeout_ms;
+    uint64_t epoch_seen;
+    rkey_dir *dir;
+    int dir_stale;
+};
+
+static __thread proto_claims tl_claims;
+static __thread int tl_has_claims;
+
+static void fail(rkey_failure *f, proto_status st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void fail(rkey_failure *f, proto_status st, const char *fmt, ...)
+{
+    va_list ap;
+
+    f->status = st;
+    f->retry_after = st == PROTO_UNAVAILABLE ? 5 : 0;
+    va_start(ap, fmt);
+    vsnprintf(f->message, sizeof(f->message), fmt, ap);
+    va_end(ap);
+}
+
+static void deadline_in(struct timespec *t, unsigned ms)
+{
+    clock_gettime(CLOCK_MONOTONIC, t);
+    t->tv_sec += ms / 1000;
+    t->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (t->tv_nsec >= 1000000000L) {
+        t->tv_sec++;
+        t->tv_nsec -= 1000000000L;
+    }
+}
+
+static long ms_until(const struct timespec *t)
+{
+    struct timespec now;
+    long ms;
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    ms = (long)(t->tv_sec - now.tv_sec) * 1000L +
+         (t->tv_nsec - now.tv_nsec) / 1000000L;
+    return ms < 0 ? 0 : ms;
+}
+
+void rkey_claims_set(const proto_claims *claims)
+{
+    tl_has_claims = claims != NULL;
+    if (claims != NULL)
+        tl_claims = *claims;
+}
+
+unsigned rkey_md_from_nid(int nid)
+{
+    switch (nid) {
+    case NID_undef:
+        return PROTO_MD_NONE;
+    case NID_sha1:
+        return PROTO_MD_SHA1;
+    case NID_sha224:
+        return PROTO_MD_SHA224;
+    case NID_sha256:
+        return PROTO_MD_SHA256;
+    case NID_sha384:
+        return PROTO_MD_SHA384;
+    case NID_sha512:
+        return PROTO_MD_SHA512;
+    default:
+        return PROTO_MD_COUNT;
+    }
+}
+
+/* ---- waiters (under c->lock) ---- */
+
+static void waiter_finish(waiter *w, proto_status st, const char *message)
+{
+    w->finished = 1;
+    fail(&w->fail, st, "%s", message);
+    pthread_cond_signal(&w->cond);
+}
+
+static waiter *waiter_take(rkey_client *c, uint32_t id, unsigned gen)
+{
+    waiter **pp, *w;
+
+    for (pp = &c->waiters; (w = *pp) != NULL; pp = &w->next) {
+        if (w->id == id && w->gen == gen) {
+            *pp = w->next;
+            return w;
+        }
+    }
+    return NULL;
+}
+
+/* Ends the waiters of generation gen (every one when all) whose deadline
+ * passed; *next_ms: until the soonest left. */
+static void waiters_expire(rkey_client *c, unsigned gen, int all,
+                           proto_status st, const char *message, long *next_ms)
+{
+    waiter **pp, *w;
+    long left;
+
+    for (pp = &c->waiters; (w = *pp) != NULL;) {
+        if (w->gen != gen) {
+            pp = &w->next;
+            continue;
+        }
+        left = ms_until(&w->deadline);
+        if (all || left == 0) {
+            *pp = w->next;
+            waiter_finish(w, st, message);
+            continue;
+        }
+        if (next_ms != NULL && left < *next_ms)
+            *next_ms = left;
+        pp = &w->next;
+    }
+}
+
+/* ---- the reader ---- */
+
+static void deliver(rkey_client *c, unsigned gen, const unsigned char *buf,
+                    size_t len)
+{
+    proto_reply rep;
+    proto_error err;
+    uint16_t type;
+    uint32_t id;
+    waiter *w;
+    int ok = proto_reply_decode(buf, len, &rep, &err) == 0;
+
+    if (ok)
+        proto_reply_clear(&rep);
+    else if (proto_peek(buf, len, &type, &id) != 0)
+        return;
+    pthread_mutex_lock(&c->lock);
+    if (ok && gen == c->gen)
+        c->epoch_seen = rep.epoch;
+    w = ok && rep.type == PROTO_NOTICE ? NULL
+                                       : waiter_take(c, ok ? rep.id : id, gen);
+    if (w != NULL && !ok) {
+        waiter_finish(w, PROTO_INTERNAL,
+                      "a malformed reply from the key "
+                      "process");
+    } else if (w != NULL) {
+        w->reply = malloc(len);
+        if (w->reply == NULL) {
+            waiter_finish(w, PROTO_INTERNAL, "out of memory");
+        } else {
+            memcpy(w->reply, buf, len);
+            w->reply_len = len;
+            w->finished = 1;
+            pthread_cond_signal(&w->cond);
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void *reader_main(void *arg)
+{
+    reader_arg a = *(reader_arg *)arg;
+    rkey_client *c = a.c;
+    unsigned char *buf = malloc(PROTO_MSG_MAX + 1);
+    struct pollfd pfd = {.fd = a.fd, .events = POLLIN};
+    char why[64];
+    long next_ms;
+    ssize_t n;
+
+    free(arg);
+    while (buf != NULL) {
+        next_ms = READER_TICK_MS;
+        pthread_mutex_lock(&c->lock);
+        snprintf(why, sizeof(why), "no answer from the key process in %u ms",
+                 c->timeout_ms);
+        waiters_expire(c, a.gen, 0, PROTO_UNAVAILABLE, why, &next_ms);
+        pthread_mutex_unlock(&c->lock);
+        if (poll(&pfd, 1, (int)next_ms + 1) <= 0)
+            continue;
+        n = recv(a.fd, buf, PROTO_MSG_MAX + 1, MSG_DONTWAIT);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n <= 0)
+            break;
+        if (n <= PROTO_MSG_MAX)
+            deliver(c, a.gen, buf, (size_t)n);
+    }
+    free(buf);
+    pthread_mutex_lock(&c->lock);
+    if (c->gen == a.gen)
+        c->dead = 1;
+    waiters_expire(c, a.gen, 1, PROTO_UNAVAILABLE,
+                   "the connection to the key process closed", NULL);
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+/* Under send_lock. */
+static int reader_start(rkey_client *c, int fd, unsigned gen)
+{
+    reader_arg *a = malloc(sizeof(*a));
+
+    if (a == NULL)
+        return -1;
+    a->c = c;
+    a->fd = fd;
+    a->gen = gen;
+    if (pthread_create(&c->reader, NULL, reader_main, a) != 0) {
+        free(a);
+        return -1;
+    }
+    c->has_reader = 1;
+    return 0;
+}
+
+/* ---- the client ---- */
+
+rkey_client *rkey_client_new(int fd, unsigned timeout_ms)
+{
+    rkey_client *c = calloc(1, sizeof(*c));
+
+    if (c == NULL) {
+        if (fd >= 0)
+            close(fd);
+        return NULL;
+    }
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_mutex_init(&c->send_lock, NULL);
+    pthread_mutex_init(&c->dir_lock, NULL);
+    c->fd = -1;
+    c->dead = 1;
+    c->timeout_ms = timeout_ms;
+    c->next_id = 1;
+    rkey_client_set_socket(c, fd);
+    return c;
+}
+
+void rkey_client_set_socket(rkey_client *c, int fd)
+{
+    int old_fd, had;
+    pthread_t old;
+    unsigned gen;
+
+    pthread_mutex_lock(&c->send_lock);
+    pthread_mutex_lock(&c->lock);
+    old_fd = c->fd;
+    old = c->reader;
+    had = c->has_reader;
+    waiters_expire(c, c->gen, 1, PROTO_UNAVAILABLE,
+                   "the key process was replaced", NULL);
+    gen = ++c->gen;
+    c->fd = fd;
+    c->dead = fd < 0;
+    c->has_reader = 0;
+    c->epoch_seen = 0;
+    c->dir_stale = 1;
+    pthread_mutex_unlock(&c->lock);
+    if (had) {
+        shutdown(old_fd, SHUT_RDWR);
+        pthread_join(old, NULL);
+    }
+    if (old_fd >= 0)
+        close(old_fd);
+    if (fd >= 0 && reader_start(c, fd, gen) != 0) {
+        pthread_mutex_lock(&c->lock);
+        c->dead = 1;
+        pthread_mutex_unlock(&c->lock);
+    }
+    pthread_mutex_unlock(&c->send_lock);
+}
+
+int rkey_client_connected(rkey_client *c)
+{
+    int up;
+
+    pthread_mutex_lock(&c->lock);
+    up = !c->dead;
+    pthread_mutex_unlock(&c->lock);
+    return up;
+}
+
+void rkey_client_free(rkey_client *c)
+{
+    if (c == NULL)
+        return;
+    rkey_client_set_socket(c, -1);
+    rkey_dir_free(c->dir);
+    pthread_mutex_destroy(&c->lock);
+    pthread_mutex_destroy(&c->send_lock);
+    pthread_mutex_destroy(&c->dir_lock);
+    free(c);
+}
+
+/* Sends req and waits for its reply: 0 with the datagram in *reply and
+ * *reply_len (the caller wipes and frees it) decoded into *rep
+ * (proto_reply_clear it), or -1 with *f, a reply that is not ok
+ * included. */
+static int call(rkey_client *c, proto_request *req, unsigned char **reply,
+                size_t *reply_len, proto_reply *rep, rkey_failure *f)
+{
+    unsigned char buf[REQUEST_MAX];
+    waiter w;
+    proto_error perr;
+    size_t len;
+    ssize_t n = -1;
+    int fd = -1;
+
+    *reply = NULL;
+    memset(&w, 0, sizeof(w));
+    pthread_mutex_lock(&c->lock);
+    if (c->dead) {
+        pthread_mutex_unlock(&c->lock);
+        fail(f, PROTO_UNAVAILABLE, "the key process cannot be reached");
+        return -1;
+    }
+    if (c->next_id == 0)
+        c->next_id = 1;
+    req->id = c->next_id++;
+    w.id = req->id;
+    w.gen = c->gen;
+    pthread_mutex_unlock(&c->lock);
+    if (proto_request_encode(req, buf, sizeof(buf), &len, &perr) != 0) {
+        fail(f, PROTO_BAD_REQUEST, "%s", perr.message);
+        return -1;
+    }
+    pthread_cond_init(&w.cond, NULL);
+    deadline_in(&w.deadline, c->timeout_ms);
+    pthread_mutex_lock(&c->send_lock);
+    pthread_mutex_lock(&c->lock);
+    if (!c->dead && c->gen == w.gen) {
+        w.next = c->waiters;
+        c->waiters = &w;
+        fd = c->fd;
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (fd >= 0) {
+        do
+            n = send(fd, buf, len, MSG_NOSIGNAL);
+        while (n < 0 && errno == EINTR);
+    }
+    pthread_mutex_unlock(&c->send_lock);
+    OPENSSL_cleanse(buf, len);
+    pthread_mutex_lock(&c->lock);
+    if (n != (ssize_t)len && waiter_take(c, w.id, w.gen) != NULL)
+        waiter_finish(&w, PROTO_UNAVAILABLE, "cannot send to the key process");
+    else if (fd < 0)
+        waiter_finish(&w, PROTO_UNAVAILABLE,
+                      "the key process cannot be reached");
+    while (!w.finished)
+        pthread_cond_wait(&w.cond, &c->lock);
+    pthread_mutex_unlock(&c->lock);
+    pthread_cond_destroy(&w.cond);
+    if (w.reply == NULL) {
+        *f = w.fail;
+        return -1;
+    }
+    if (proto_reply_decode(w.reply, w.reply_len, rep, &perr) != 0 ||
+        (rep->type != (PROTO_REPLY | req->type) && rep->type != PROTO_ERROR)) {
+        if (rep->type != 0)
+            proto_reply_clear(rep);
+        OPENSSL_clear_free(w.reply, w.reply_len);
+        fail(f, PROTO_INTERNAL,
+             "a reply of the wrong type from the key "
+             "process");
+        return -1;
+    }
+    if (rep->status != PROTO_OK) {
+        f->status = rep->status;
+        f->retry_after = rep->retry_after;
+        snprintf(f->message, sizeof(f->message), "%s", rep->message);
+        proto_reply_clear(rep);
+        OPENSSL_clear_free(w.reply, w.reply_len);
+        return -1;
+    }
+    *reply = w.reply;
+    *reply_len = w.reply_len;
+    return 0;
+}
+
+/* A call whose answer is a byte string (a signature, a plaintext, Z). */
+static int call_bytes(rkey_client *c, proto_request *req, unsigned char *out,
+                      size_t *out_len, rkey_failure *f)
+{
+    unsigned char *raw;
+    size_t raw_len;
+    proto_reply rep;
+    int r = -1;
+
+    if (call(c, req, &raw, &raw_len, &rep, f) != 0)
+        return -1;
+    if (rep.u.bytes.len > *out_len) {
+        fail(f, PROTO_INTERNAL, "the result does not fit (%zu bytes)",
+             rep.u.bytes.len);
+    } else {
+        memcpy(out, rep.u.bytes.data, rep.u.bytes.len);
+        *out_len = rep.u.bytes.len;
+        r = 0;
+    }
+    proto_reply_clear(&rep);
+    OPENSSL_clear_free(raw, raw_len);
+    return r;
+}
+
+static int take_claims(proto_claims *out, rkey_failure *f)
+{
+    if (!tl_has_claims) {
+        fail(f, PROTO_INTERNAL, "a key operation outside a request");
+        return -1;
+    }
+    *out = tl_claims;
+    return 0;
+}
+
+static int set_key(char *dst, const char *key, rkey_failure *f)
+{
+    if (!proto_name_is_valid(key, PROTO_NAME_MAX)) {
+        fail(f, PROTO_BAD_REQUEST, "a key name the protocol cannot carry");
+        return -1;
+    }
+    snprintf(dst, PROTO_NAME_MAX + 1, "%s", key);
+    return 0;
+}
+
+int rkey_sign(rkey_client *c, const char *key, const rkey_sign_args *a,
+              const unsigned char *tbs, size_t tbs_len, unsigned char *out,
+              size_t *out_len, rkey_failure *f)
+{
+    proto_request req;
+
+    memset(&req, 0, sizeof(req));
+    req.type = PROTO_SIGN;
+    if (set_key(req.u.sign.key, key, f) != 0 ||
+        take_claims(&req.u.sign.claims, f) != 0)
+        return -1;
+    req.u.sign.mech = (uint8_t)a->mech;
+    req.u.sign.md = (uint8_t)a->md;
+    req.u.sign.mgf1_md = (uint8_t)a->mgf1_md;
+    req.u.sign.salt_len = a->salt_len;
+    req.u.sign.digest = tbs;
+    req.u.sign.digest_len = tbs_len;
+    return call_bytes(c, &req, out, out_len, f);
+}
+
+int rkey_decrypt(rkey_client *c, const char *key, const rkey_decrypt_args *a,
+                 const unsigned char *in, size_t in_len, unsigned char *out,
+                 size_t *out_len, rkey_failure *f)
+{
+    proto_request req;
+
+    memset(&req, 0, sizeof(req));
+    req.type = PROTO_DECRYPT;
+    if (set_key(req.u.decrypt.key, key, f) != 0 ||
+        take_claims(&req.u.decrypt.claims, f) != 0)
+        return -1;
+    req.u.decrypt.padding = (uint8_t)a->padding;
+    req.u.decrypt.oaep_md = (uint8_t)a->oaep_md;
+    req.u.decrypt.mgf1_md = (uint8_t)a->mgf1_md;
+    req.u.decrypt.label = a->label;
+    req.u.decrypt.label_len = a->label_len;
+    req.u.decrypt.ciphertext = in;
+    req.u.decrypt.ciphertext_len = in_len;
+    return call_bytes(c, &req, out, out_len, f);
+}
+
+int rkey_derive(rkey_client *c, const char *key, const unsigned char *point,
+                size_t point_len, unsigned char *out, size_t *out_len,
+                rkey_failure *f)
+{
+    proto_request req;
+
+    memset(&req, 0, sizeof(req));
+    req.type = PROTO_DERIVE;
+    if (set_key(req.u.derive.key, key, f) != 0 ||
+        take_claims(&req.u.derive.claims, f) != 0)
+        return -1;
+    req.u.derive.point = point;
+    req.u.derive.point_len = point_len;
+    return call_bytes(c, &req, out, out_len, f);
+}
+
+/* A call whose ok reply says nothing more. */
+static int call_plain(rkey_client *c, proto_request *req, rkey_failure *f)
+{
+    unsigned char *raw;
+    size_t raw_len;
+    proto_reply rep;
+
+    if (call(c, req, &raw, &raw_len, &rep, f) != 0)
+        return -1;
+    proto_reply_clear(&rep);
+    free(raw);
+    return 0;
+}
+
+int rkey_audit(rkey_client *c, const proto_claims *claims,
+               const char *operation, const char *key, unsigned result,
+               const char *error, rkey_failure *f)
+{
+    proto_request req;
+
+    memset(&req, 0, sizeof(req));
+    req.type = PROTO_AUDIT;
+    req.u.audit.claims = *claims;
+    snprintf(req.u.audit.operation, sizeof(req.u.audit.operation), "%s",
+             operation);
+    snprintf(req.u.audit.key, sizeof(req.u.audit.key), "%s",
+             key != NULL ? key : "");
+    req.u.audit.result = (uint16_t)result;
+    snprintf(req.u.audit.error, sizeof(req.u.audit.error), "%s",
+             error != NULL ? error : "");
+    return call_plain(c, &req, f);
+}
+
+int rkey_finish(rkey_client *c, const char *request_id, unsigned result,
+                const char *error, uint32_t latency_us, rkey_failure *f)
+{
+    proto_request req;
+
+    memset(&req, 0, sizeof(req));
+    req.type = PROTO_FINISH;
+    snprintf(req.u.finish.request_id, sizeof(req.u.finish.request_id), "%s",
+             request_id);
+    req.u.finish.result = (uint16_t)result;
+    snprintf(req.u.finish.error, sizeof(req.u.finish.error), "%s",
+             error != NULL ? error : "");
+    req.u.finish.latency_us = latency_us;
+    return call_plain(c, &req, f);
+}
+
+/* Every page of STATE, all of one epoch (*epoch: 0 takes the first's). */
+static int fetch_tokens(rkey_client *c, uint64_t *epoch,
+                        proto_token_entry **out, size_t *count, rkey_failure *f)
+{
+    proto_token_entry *all = NULL, *grown;
+    proto_request req;
+    proto_reply rep;
+    unsigned char *raw;
+    uint32_t start = 0, total = 0;
+    size_t n = 0, raw_len;
+
+    do {
+        memset(&req, 0, sizeof(req));
+        req.type = PROTO_STATE;
+        req.u.page.start = start;
+        if (call(c, &req, &raw, &raw_len, &rep, f) != 0)
+            goto fail;
+        if (*epoch == 0)
+            *epoch = rep.epoch;
+        total = rep.u.state.total;
+        if (rep.epoch != *epoch || rep.u.state.next <= start ||
+            rep.u.state.total > PROTO_PAGE_TOKENS_MAX * 1024u) {
+            fail(f, rep.epoch != *epoch ? PROTO_BUSY : PROTO_INTERNAL,
+                 "the key process's token list changed or is malformed");
+            proto_reply_clear(&rep);
+            free(raw);
+            goto fail;
+        }
+        grown = realloc(all, (n + rep.u.state.ntokens + 1) * sizeof(*all));
+        if (grown == NULL) {
+            proto_reply_clear(&rep);
+            free(raw);
+            fail(f, PROTO_INTERNAL, "out of memory");
+            goto fail;
+        }
+        all = grown;
+        memcpy(all + n, rep.u.state.tokens, rep.u.state.ntokens * sizeof(*all));
+        n += rep.u.state.ntokens;
+        start = rep.u.state.next;
+        proto_reply_clear(&rep);
+        free(raw);
+    } while (start < total);
+    *out = all;
+    *count = n;
+    return 0;
+fail:
+    free(all);
+    return -1;
+}
+
+int rkey_state(rkey_client *c, proto_token_entry **tokens, size_t *count,
+               rkey_failure *f)
+{
+    uint64_t epoch = 0;
+    int tries;
+
+    for (tries = 0; tries < DIR_ATTEMPTS; tries++) {
+        if (fetch_tokens(c, &epoch, tokens, count, f) == 0)
+            return 0;
+        if (f->status != PROTO_BUSY)
+            return -1;
+        epoch = 0;
+    }
+    return -1;
+}
+
+/* ---- the directory ---- */
+
+static void key_clear(rkey_key *k)
+{
+    X509_free(k->cert);
+    sk_X509_pop_free(k->chain, X509_free);
+}
+
+static void dir_destroy(rkey_dir *d)
+{
+    size_t i;
+
+    for (i = 0; i < d->nkeys; i++)
+        key_clear(&d->keys[i]);
+    free(d->keys);
+    free(d->by_name);
+    free(d->tokens);
+    free(d);
+}
+
+void rkey_dir_free(rkey_dir *d)
+{
+    if (d != NULL && __atomic_sub_fetch(&d->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        dir_destroy(d);
+}
+
+static X509 *parse_cert(const unsigned char *der, size_t len)
+{
+    const unsigned char *p = der;
+    X509 *x = d2i_X509(NULL, &p, (long)len);
+
+    if (x != NULL && p != der + len) {
+        X509_free(x);
+        x = NULL;
+    }
+    ERR_clear_error();
+    return x;
+}
+
+/* Copies e into k; certificates that do not parse leave the key listed
+ * but not usable. */
+static void key_from_entry(rkey_key *k, const proto_key_entry *e)
+{
+    static const char unparsed[] = "the key process sent a certificate that "
+                                   "does not parse";
+    size_t i;
+    X509 *x;
+    int ok = 1;
+
+    memcpy(k->name, e->name, sizeof(k->name));
+    memcpy(k->token, e->token, sizeof(k->token));
+    memcpy(k->algorithm, e->algorithm, sizeof(k->algorithm));
+    memcpy(k->reason_sign, e->reason_sign, sizeof(k->reason_sign));
+    memcpy(k->reason_decrypt, e->reason_decrypt, sizeof(k->reason_decrypt));
+    k->flags = e->flags;
+    if (e->cert_len > 0 && (k->cert = parse_cert(e->cert, e->cert_len)) == NULL)
+        ok = 0;
+    k->chain = sk_X509_new_null();
+    for (i = 0; ok && i < e->nchain; i++) {
+        x = parse_cert(e->chain[i], e->chain_len[i]);
+        if (x == NULL || k->chain == NULL || !sk_X509_push(k->chain, x)) {
+            X509_free(x);
+            ok = 0;
+        }
+    }
+    if (ok && k->chain != NULL)
+        return;
+    k->flags &= ~(PROTO_KEY_SIGN_USABLE | PROTO_KEY_DECRYPT_USABLE);
+    snprintf(k->reason_sign, sizeof(k->reason_sign), "%s", unparsed);
+    snprintf(k->reason_decrypt, sizeof(k->reason_decrypt), "%s", unparsed);
+}
+
+static int by_name(const void *a, const void *b, void *keys)
+{
+    const rkey_key *k = keys;
+
+    return strcmp(k[*(const size_t *)a].name, k[*(const size_t *)b].name);
+}
+
+/* Every page of KEYS and of STATE, all of one epoch; a change in between
+ * is f->status PROTO_BUSY (read again). */
+static rkey_dir *fetch_dir(rkey_client *c, rkey_failure *f)
+{
+    rkey_dir *d = calloc(1, sizeof(*d));
+    proto_request req;
+    proto_reply rep;
+    unsigned char *raw;
+    rkey_key *grown;
+    uint32_t start = 0, total = 0;
+    size_t i, raw_len;
+
+    if (d == NULL) {
+        fail(f, PROTO_INTERNAL, "out of memory");
+        return NULL;
+    }
+    do {
+        memset(&req, 0, sizeof(req));
+        req.type = PROTO_KEYS;
+        req.u.page.start = start;
+        if (call(c, &req, &raw, &raw_len, &rep, f) != 0)
+            goto fail;
+        if (d->epoch == 0)
+            d->epoch = rep.epoch;
+        total = rep.u.keys.total;
+        if (rep.epoch != d->epoch || rep.u.keys.next <= start ||
+            total > DIR_KEYS_MAX) {
+            fail(f, rep.epoch != d->epoch ? PROTO_BUSY : PROTO_INTERNAL,
+                 "the key directory changed or is malformed");
+            proto_reply_clear(&rep);
+            free(raw);
+            goto fail;
+        }
+        grown = realloc(d->keys,
+                        (d->nkeys + rep.u.keys.nkeys + 1) * sizeof(*d->keys));
+        if (grown == NULL) {
+            proto_reply_clear(&rep);
+            free(raw);
+            fail(f, PROTO_INTERNAL, "out of memory");
+            goto fail;
+        }
+        d->keys = grown;
+        for (i = 0; i < rep.u.keys.nkeys; i++) {
+            memset(&d->keys[d->nkeys], 0, sizeof(d->keys[0]));
+            key_from_entry(&d->keys[d->nkeys++], &rep.u.keys.keys[i]);
+        }
+        start = rep.u.keys.next;
+        proto_reply_clear(&rep);
+        free(raw);
+    } while (start < total);
+    if (fetch_tokens(c, &d->epoch, &d->tokens, &d->ntokens, f) != 0)
+        goto fail;
+    d->by_name = calloc(d->nkeys + 1, sizeof(*d->by_name));
+    if (d->by_name == NULL) {
+        fail(f, PROTO_INTERNAL, "out of memory");
+        goto fail;
+    }
+    for (i = 0; i < d->nkeys; i++)
+        d->by_name[i] = i;
+    qsort_r(d->by_name, d->nkeys, sizeof(*d->by_name), by_name, d->keys);
+    clock_gettime(CLOCK_MONOTONIC, &d->fetched);
+    d->refs = 1;
+    return d;
+fail:
+    dir_destroy(d);
+    return NULL;
+}
+
+rkey_dir *rkey_dir_get1(rkey_client *c, rkey_failure *f)
+{
+    rkey_dir *d, *old = NULL;
+    struct timespec now;
+    int fresh, tries;
+
+    pthread_mutex_lock(&c->dir_lock);
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    pthread_mutex_lock(&c->lock);
+    d = c->dir;
+    fresh = d != NULL && !c->dir_stale && d->epoch == c->epoch_seen &&
+            now.tv_sec - d->fetched.tv_sec < RKEY_DIR_TTL_S;
+    if (fresh)
+        __atomic_add_fetch(&d->refs, 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_unlock(&c->lock);
+    if (fresh) {
+        pthread_mutex_unlock(&c->dir_lock);
+        return d;
+    }
+    d = NULL;
+    for (tries = 0; d == NULL && tries < DIR_ATTEMPTS; tries++) {
+        d = fetch_dir(c, f);
+        if (d == NULL && f->status != PROTO_BUSY)
+            break;
+    }
+    if (d != NULL) {
+        __atomic_add_fetch(&d->refs, 1, __ATOMIC_ACQ_REL);
+        pthread_mutex_lock(&c->lock);
+        old = c->dir;
+        c->dir = d;
+        c->dir_stale = 0;
+        pthread_mutex_unlock(&c->lock);
+    }
+    pthread_mutex_unlock(&c->dir_lock);
+    rkey_dir_free(old);
+    return d;
+}
+
+uint64_t rkey_dir_epoch(const rkey_dir *d)
+{
+    return d->epoch;
+}
+
+size_t rkey_dir_count_keys(const rkey_dir *d)
+{
+    return d->nkeys;
+}
+
+rkey_key *rkey_dir_key_at(rkey_dir *d, size_t i)
+{
+    return i < d->nkeys ? &d->keys[i] : NULL;
+}
+
+rkey_key *rkey_dir_find_key(rkey_dir *d, const char *name)
+{
+    size_t lo = 0, hi = d->nkeys, mid;
+    int cmp;
+
+    while (lo < hi) {
+        mid = lo + (hi - lo) / 2;
+        cmp = strcmp(name, d->keys[d->by_name[mid]].name);
+        if (cmp == 0)
+            return &d->keys[d->by_name[mid]];
+        if (cmp < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return NULL;
+}
+
+size_t rkey_dir_count_tokens(const rkey_dir *d)
+{
+    return d->ntokens;
+}
+
+const proto_token_entry *rkey_dir_token_at(const rkey_dir *d, size_t i)
+{
+    return i < d->ntokens ? &d->tokens[i] : NULL;
+}
+
+const char *rkey_key_name(const rkey_key *k)
+{
+    return k->name;
+}
+
+const char *rkey_key_token_name(const rkey_key *k)
+{
+    return k->token;
+}
+
+const char *rkey_key_algorithm(const rkey_key *k)
+{
+    return k->algorithm;
+}
+
+X509 *rkey_key_cert0(const rkey_key *k)
+{
+    return k->cert;
+}
+
+STACK_OF(X509) *rkey_key_chain0(const rkey_key *k)
+{
+    return k->chain;
+}
+
+int rkey_key_usable(const rkey_key *k, rkey_use use, const char **reason)
+{
+    int usable =
+        (k->flags & (use == RKEY_USE_SIGN ? PROTO_KEY_SIGN_USABLE
+                                          : PROTO_KEY_DECRYPT_USABLE)) != 0;
+
+    if (!usable && reason != NULL)
+        *reason = use == RKEY_USE_SIGN ? k->reason_sign : k->reason_decrypt;
+    return usable;
+}
+
+int rkey_key_supports(const rkey_key *k, rkey_use use)
+{
+    return (k->flags & (use == RKEY_USE_SIGN ? PROTO_KEY_SIGN_SUPPORTED
+                                             : PROTO_KEY_DECRYPT_SUPPORTED)) !=
+           0;
+}
