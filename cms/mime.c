@@ -924,16 +924,29 @@ static int check_part_headers(const struct recoder *rc, size_t start,
 {
     size_t pos = start, end, n, lineno;
     cms_error lerr = {0};
+    int types = 0, encodings = 0;
+    long k;
 
     for (lineno = 1; start > 0 && pos < rc->text_len; lineno++) {
         end = line_end(rc->text, rc->text_len, pos);
         n = line_text_len(rc->text, pos, end);
         if (n == 0)
             break;
-        if (check_header_line(rc->text, pos, n, lineno, lineno > 1, &lerr) <
-            0) {
+        k = check_header_line(rc->text, pos, n, lineno, lineno > 1, &lerr);
+        if (k < 0) {
             cms_set_error(rc->err, CMS_ERR_INPUT, "part %s: %s", num,
                           lerr.message);
+            return -1;
+        }
+        /* Readers differ on which of two fields counts: the part one
+         * recipient's client shows would not be another's. */
+        if (k > 0 &&
+            (repeats(&types, rc->text + pos, (size_t)k, "Content-Type") ||
+             repeats(&encodings, rc->text + pos, (size_t)k,
+                     "Content-Transfer-Encoding"))) {
+            cms_set_error(rc->err, CMS_ERR_INPUT,
+                          "part %s: header line %zu repeats the %.*s field",
+                          num, lineno, (int)k, (const char *)rc->text + pos);
             return -1;
         }
         pos = end;
