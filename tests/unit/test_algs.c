@@ -207,6 +207,33 @@ static void set_alg(X509_ALGOR *alg, const char *oid, const char *param)
 
 /* ---- making envelopes and signatures ------------------------------------ */
 
+/* Finishes cms (taken) over in (taken): DER, or with stream the BER that
+ * OpenSSL streams, with indefinite lengths. */
+static buf finish(CMS_ContentInfo *cms, BIO *in, int stream)
+{
+    BIO *out = NULL;
+    char *mem;
+    long n;
+    buf b;
+
+    if (stream) {
+        out = BIO_new(BIO_s_mem());
+        if (out == NULL ||
+            !i2d_CMS_bio_stream(out, cms, in, CMS_STREAM | CMS_BINARY))
+            die("i2d_CMS_bio_stream");
+        n = BIO_get_mem_data(out, &mem);
+        b = buf_of(mem, (size_t)n);
+    } else {
+        if (CMS_final(cms, in, NULL, CMS_BINARY) != 1)
+            die("CMS_final");
+        b = der_of(cms);
+    }
+    BIO_free(out);
+    BIO_free(in);
+    CMS_ContentInfo_free(cms);
+    return b;
+}
+
 /* What a test changes on the recipient before the envelope is finished. */
 typedef struct recipe {
     const EVP_MD *oaep_md, *mgf1_md; /* with oaep */
@@ -220,14 +247,11 @@ typedef struct recipe {
 static buf envelope(const EVP_CIPHER *cipher, X509 *rcpt, const recipe *rc,
                     int stream)
 {
-    BIO *in = BIO_new_mem_buf(plain, -1), *out = NULL;
+    BIO *in = BIO_new_mem_buf(plain, -1);
     CMS_ContentInfo *cms =
         CMS_encrypt(NULL, NULL, cipher, CMS_PARTIAL | CMS_BINARY);
     CMS_RecipientInfo *ri;
     EVP_PKEY_CTX *pctx;
-    char *mem;
-    long n;
-    buf b;
 
     if (in == NULL || cms == NULL)
         die("CMS_encrypt");
@@ -259,22 +283,7 @@ static buf envelope(const EVP_CIPHER *cipher, X509 *rcpt, const recipe *rc,
                                 NULL, NULL, NULL))
             die("key wrap");
     }
-    if (stream) {
-        out = BIO_new(BIO_s_mem());
-        if (out == NULL ||
-            !i2d_CMS_bio_stream(out, cms, in, CMS_STREAM | CMS_BINARY))
-            die("i2d_CMS_bio_stream");
-        n = BIO_get_mem_data(out, &mem);
-        b = buf_of(mem, (size_t)n);
-    } else {
-        if (CMS_final(cms, in, NULL, CMS_BINARY) != 1)
-            die("CMS_final");
-        b = der_of(cms);
-    }
-    BIO_free(out);
-    BIO_free(in);
-    CMS_ContentInfo_free(cms);
-    return b;
+    return finish(cms, in, stream);
 }
 
 /* An opaque SignedData over plain; pss: RSASSA-PSS with the salt length
@@ -282,14 +291,11 @@ static buf envelope(const EVP_CIPHER *cipher, X509 *rcpt, const recipe *rc,
 static buf signature(EVP_PKEY *key, X509 *cert, const EVP_MD *md, int pss,
                      int saltlen, const EVP_MD *mgf1, int stream)
 {
-    BIO *in = BIO_new_mem_buf(plain, -1), *out = NULL;
+    BIO *in = BIO_new_mem_buf(plain, -1);
     CMS_ContentInfo *cms =
         CMS_sign(NULL, NULL, NULL, NULL, CMS_PARTIAL | CMS_BINARY);
     CMS_SignerInfo *si;
     EVP_PKEY_CTX *pctx;
-    char *mem;
-    long n;
-    buf b;
 
     if (in == NULL || cms == NULL)
         die("CMS_sign");
@@ -305,22 +311,7 @@ static buf signature(EVP_PKEY *key, X509 *cert, const EVP_MD *md, int pss,
             (mgf1 != NULL && EVP_PKEY_CTX_set_rsa_mgf1_md(pctx, mgf1) <= 0))
             die("PSS settings");
     }
-    if (stream) {
-        out = BIO_new(BIO_s_mem());
-        if (out == NULL ||
-            !i2d_CMS_bio_stream(out, cms, in, CMS_STREAM | CMS_BINARY))
-            die("i2d_CMS_bio_stream");
-        n = BIO_get_mem_data(out, &mem);
-        b = buf_of(mem, (size_t)n);
-    } else {
-        if (CMS_final(cms, in, NULL, CMS_BINARY) != 1)
-            die("CMS_final");
-        b = der_of(cms);
-    }
-    BIO_free(out);
-    BIO_free(in);
-    CMS_ContentInfo_free(cms);
-    return b;
+    return finish(cms, in, stream);
 }
 
 /* ---- through the module ------------------------------------------------- */
