@@ -205,6 +205,58 @@ static void set_alg(X509_ALGOR *alg, const char *oid, const char *param)
     alg->parameter = t;
 }
 
+/* Where edit_alg puts an AlgorithmIdentifier: the first RecipientInfo's
+ * key transport or key agreement algorithm, or its originator key; the
+ * first SignerInfo's signature or digest algorithm. */
+typedef enum {
+    AT_KTRI,
+    AT_KARI,
+    AT_ORIGINATOR,
+    AT_SIGNATURE,
+    AT_DIGEST,
+} alg_site;
+
+/* d (taken) with the AlgorithmIdentifier at site set to oid and param (as
+ * for set_alg). */
+static buf edit_alg(buf d, alg_site at, const char *oid, const char *param)
+{
+    CMS_ContentInfo *cms = cms_of(&d);
+    CMS_RecipientInfo *ri = NULL;
+    CMS_SignerInfo *si = NULL;
+    X509_ALGOR *alg = NULL, *dig = NULL, *sig = NULL;
+    int ok = 1;
+    buf out;
+
+    if (at == AT_SIGNATURE || at == AT_DIGEST)
+        si = sk_CMS_SignerInfo_value(CMS_get0_SignerInfos(cms), 0);
+    else
+        ri = sk_CMS_RecipientInfo_value(CMS_get0_RecipientInfos(cms), 0);
+    switch (at) {
+    case AT_KTRI:
+        ok = CMS_RecipientInfo_ktri_get0_algs(ri, NULL, NULL, &alg);
+        break;
+    case AT_KARI:
+        ok = CMS_RecipientInfo_kari_get0_alg(ri, &alg, NULL);
+        break;
+    case AT_ORIGINATOR:
+        ok = CMS_RecipientInfo_kari_get0_orig_id(ri, &alg, NULL, NULL, NULL,
+                                                 NULL);
+        break;
+    case AT_SIGNATURE:
+    case AT_DIGEST:
+        CMS_SignerInfo_get0_algs(si, NULL, NULL, &dig, &sig);
+        alg = at == AT_DIGEST ? dig : sig;
+        break;
+    }
+    if (!ok || alg == NULL)
+        die("no AlgorithmIdentifier to edit there");
+    set_alg(alg, oid, param);
+    out = der_of(cms);
+    CMS_ContentInfo_free(cms);
+    buf_free(&d);
+    return out;
+}
+
 /* ---- making envelopes and signatures ------------------------------------ */
 
 /* Finishes cms (taken) over in (taken): DER, or with stream the BER that
@@ -571,21 +623,8 @@ static void test_ecdh_accepted(void)
  * these parameters. */
 static buf with_originator_params(const char *param)
 {
-    buf d = envelope(EVP_aes_128_cbc(), p256_cert, NULL, 0), out;
-    CMS_ContentInfo *cms = cms_of(&d);
-    CMS_RecipientInfo *ri =
-        sk_CMS_RecipientInfo_value(CMS_get0_RecipientInfos(cms), 0);
-    X509_ALGOR *pubalg = NULL;
-
-    if (!CMS_RecipientInfo_kari_get0_orig_id(ri, &pubalg, NULL, NULL, NULL,
-                                             NULL) ||
-        pubalg == NULL)
-        die("originator");
-    set_alg(pubalg, "1.2.840.10045.2.1", param);
-    out = der_of(cms);
-    CMS_ContentInfo_free(cms);
-    buf_free(&d);
-    return out;
+    return edit_alg(envelope(EVP_aes_128_cbc(), p256_cert, NULL, 0),
+                    AT_ORIGINATOR, "1.2.840.10045.2.1", param);
 }
 
 static void test_originator_accepted(void)
@@ -685,17 +724,8 @@ static void test_signatures_accepted(void)
 static buf with_signer_alg(EVP_PKEY *key, X509 *cert, const EVP_MD *md,
                            int digest, const char *oid, const char *param)
 {
-    buf d = signature(key, cert, md, 0, 0, NULL, 0), out;
-    CMS_ContentInfo *cms = cms_of(&d);
-    CMS_SignerInfo *si = sk_CMS_SignerInfo_value(CMS_get0_SignerInfos(cms), 0);
-    X509_ALGOR *dig = NULL, *sig = NULL;
-
-    CMS_SignerInfo_get0_algs(si, NULL, NULL, &dig, &sig);
-    set_alg(digest ? dig : sig, oid, param);
-    out = der_of(cms);
-    CMS_ContentInfo_free(cms);
-    buf_free(&d);
-    return out;
+    return edit_alg(signature(key, cert, md, 0, 0, NULL, 0),
+                    digest ? AT_DIGEST : AT_SIGNATURE, oid, param);
 }
 
 static void test_signature_forms_accepted(void)
@@ -801,24 +831,11 @@ static void test_content_refused(void)
 /* An envelope for RSA whose keyEncryptionAlgorithm becomes oid, param. */
 static buf with_ktri_alg(const char *oid, const char *param)
 {
-    buf d = envelope(EVP_aes_128_cbc(), rsa_cert, NULL, 0), out;
-    CMS_ContentInfo *cms = cms_of(&d);
-    CMS_RecipientInfo *ri =
-        sk_CMS_RecipientInfo_value(CMS_get0_RecipientInfos(cms), 0);
-    X509_ALGOR *alg = NULL;
-
-    if (!CMS_RecipientInfo_ktri_get0_algs(ri, NULL, NULL, &alg))
-        die("ktri");
-    set_alg(alg, oid, param);
-    out = der_of(cms);
-    CMS_ContentInfo_free(cms);
-    buf_free(&d);
-    return out;
+    return edit_alg(envelope(EVP_aes_128_cbc(), rsa_cert, NULL, 0), AT_KTRI,
+                    oid, param);
 }
 
 #define OAEP "1.2.840.113549.1.1.7"
-#define SHA256_ALG "300b0609608648016503040201"
-#define MGF1_SHA256 "301806092a864886f70d010108" SHA256_ALG
 
 static void test_transport_refused(void)
 {
@@ -858,21 +875,11 @@ static void test_transport_refused(void)
         /* RFC 8017's defaults with the parameters absent: on the list, but
          * OpenSSL 3.0 wants the SEQUENCE (docs/DESIGN.md) */
         recipe dflt = {0};
-        CMS_ContentInfo *cms;
-        X509_ALGOR *alg = NULL;
         cms_error err;
-        buf e;
 
         dflt.oaep = 1;
-        e = envelope(EVP_aes_128_cbc(), rsa_cert, &dflt, 0);
-        cms = cms_of(&e);
-        CMS_RecipientInfo_ktri_get0_algs(
-            sk_CMS_RecipientInfo_value(CMS_get0_RecipientInfos(cms), 0), NULL,
-            NULL, &alg);
-        set_alg(alg, OAEP, NULL);
-        d = der_of(cms);
-        CMS_ContentInfo_free(cms);
-        buf_free(&e);
+        d = edit_alg(envelope(EVP_aes_128_cbc(), rsa_cert, &dflt, 0), AT_KTRI,
+                     OAEP, NULL);
         tap_ok(cms_algs_check_enveloped(d.data, d.len, NULL) == 0 &&
                    !decrypts(&d, rsa_key, rsa_cert, &err) &&
                    err.status == CMS_ERR_DECRYPT,
@@ -919,19 +926,8 @@ static void test_transport_refused(void)
 /* An envelope for P-256 whose keyEncryptionAlgorithm becomes oid, param. */
 static buf with_kari_alg(const char *oid, const char *param)
 {
-    buf d = envelope(EVP_aes_128_cbc(), p256_cert, NULL, 0), out;
-    CMS_ContentInfo *cms = cms_of(&d);
-    CMS_RecipientInfo *ri =
-        sk_CMS_RecipientInfo_value(CMS_get0_RecipientInfos(cms), 0);
-    X509_ALGOR *alg = NULL;
-
-    if (!CMS_RecipientInfo_kari_get0_alg(ri, &alg, NULL) || alg == NULL)
-        die("kari");
-    set_alg(alg, oid, param);
-    out = der_of(cms);
-    CMS_ContentInfo_free(cms);
-    buf_free(&d);
-    return out;
+    return edit_alg(envelope(EVP_aes_128_cbc(), p256_cert, NULL, 0), AT_KARI,
+                    oid, param);
 }
 
 #define STD_SHA1KDF "1.3.133.16.840.63.0.2"
@@ -1013,24 +1009,12 @@ static void test_agreement_refused(void)
                 "originator key 1.2.840.10045.2.1 (id-ecPublicKey) is not "
                 "supported with these parameters: only a named curve",
                 "explicit curve parameters");
-    {
-        buf e = envelope(EVP_aes_128_cbc(), p256_cert, NULL, 0);
-        CMS_ContentInfo *cms = cms_of(&e);
-        CMS_RecipientInfo *ri =
-            sk_CMS_RecipientInfo_value(CMS_get0_RecipientInfos(cms), 0);
-        X509_ALGOR *pubalg = NULL;
-
-        CMS_RecipientInfo_kari_get0_orig_id(ri, &pubalg, NULL, NULL, NULL,
-                                            NULL);
-        set_alg(pubalg, "1.2.840.113549.1.1.1", "0500");
-        d = der_of(cms);
-        CMS_ContentInfo_free(cms);
-        buf_free(&e);
-        refuse_case(&d, 0, CMS_ERR_ALGORITHM,
-                    "originator key 1.2.840.113549.1.1.1 (rsaEncryption) is "
-                    "not supported (accepted: id-ecPublicKey)",
-                    "an RSA originator key");
-    }
+    d = edit_alg(envelope(EVP_aes_128_cbc(), p256_cert, NULL, 0), AT_ORIGINATOR,
+                 "1.2.840.113549.1.1.1", "0500");
+    refuse_case(&d, 0, CMS_ERR_ALGORITHM,
+                "originator key 1.2.840.113549.1.1.1 (rsaEncryption) is not "
+                "supported (accepted: id-ecPublicKey)",
+                "an RSA originator key");
     /* originator [0] { originatorKey [1] ... } becomes an
      * issuerAndSerialNumber: static-static agreement */
     d = envelope(EVP_aes_128_cbc(), p256_cert, NULL, 0);
