@@ -54,6 +54,11 @@ struct http_server {
  * before the body has ended, and a chunked one may never end. */
 #define DRAIN_LIMIT ((size_t)1 << 20)
 
+/* A stopping server waits for its idle connections this long once
+ * nothing is in flight, looking every DRAIN_POLL_MS. */
+#define DRAIN_IDLE_MS 1000
+#define DRAIN_POLL_MS 20
+
 /* Bound on a TLS certificate, key or CA bundle file. */
 #define HTTP_PEM_MAX ((size_t)1 << 20)
 
@@ -220,11 +225,11 @@ static struct MHD_Response *fixed_build(void)
     return resp;
 }
 
-/* Builds res, has the key process record a refusal, then queues it. A
- * response that cannot be built is answered 500, and that is what the
- * audit trail records. (The record of a key operation was written by the
- * key process before it answered, and its end goes with the FINISH of
- * on_completed.) */
+/* Builds res, has the key process record a refusal or the end of the
+ * request's key operations (FINISH: the key process wrote each
+ * operation's own record before it answered), then queues it. A response
+ * that cannot be built is answered 500, and that is what the audit trail
+ * records. */
 static enum MHD_Result respond(request *r, struct MHD_Connection *conn,
                                api_response *res)
 {
@@ -247,6 +252,10 @@ static enum MHD_Result respond(request *r, struct MHD_Connection *conn,
     /* a key name that is no key may come from the request */
     copy_printable(r->key, sizeof(r->key), res->key, strlen(res->key));
     r->error = res->error;
+    /* before the answer leaves, as the record of the key operation was:
+     * a client that has its answer finds the request's record complete */
+    if (r->key_ops > 0)
+        audit_finish(r);
     if (resp != NULL) {
         ret = MHD_queue_response(conn, (unsigned)r->status, resp);
         MHD_destroy_response(resp);
@@ -419,8 +428,6 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
             r->error = "libmicrohttpd";
         }
     }
-    if (r->key_ops > 0)
-        audit_finish(r);
     /* method, path, status, latency and key only: never content or PINs */
     log_info("%s %s %d %.1fms key=%s%s%s%s", r->method, r->path, r->status,
              ms_since(&r->start), r->key[0] ? r->key : "-",
@@ -1053,6 +1060,15 @@ out:
     return ret;
 }
 
+static int deadline_passed(const struct timespec *deadline)
+{
+    struct timespec now;
+
+    clock_gettime(CLOCK_REALTIME, &now);
+    return now.tv_sec > deadline->tv_sec ||
+           (now.tv_sec == deadline->tv_sec && now.tv_nsec >= deadline->tv_nsec);
+}
+
 static struct timespec deadline_after(unsigned ms)
 {
     struct timespec t;
@@ -1074,8 +1090,9 @@ unsigned http_port(const http_server *srv)
 
 unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
 {
-    struct timespec deadline;
-    unsigned left;
+    struct timespec deadline, tick = {0, DRAIN_POLL_MS * 1000000L};
+    conns_stats st;
+    unsigned left, quiet_ms = 0;
     MHD_socket fd;
 
     __atomic_store_n(&srv->closing, 1, __ATOMIC_RELAXED);
@@ -1083,12 +1100,28 @@ unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
     if (fd != MHD_INVALID_SOCKET)
         close(fd);
     deadline = deadline_after(timeout_ms);
-    pthread_mutex_lock(&srv->lock);
-    while (srv->in_flight > 0 &&
-           pthread_cond_timedwait(&srv->idle, &srv->lock, &deadline) == 0)
-        ;
-    left = srv->in_flight;
-    pthread_mutex_unlock(&srv->lock);
+    /* Requests in flight end, and then connections: one accepted just
+     * before the quiesce may not have sent its request yet (other workers
+     * go on serving, so its client is owed an answer, not a close). Every
+     * answer now says Connection: close; a connection that stays idle
+     * DRAIN_IDLE_MS with nothing in flight is a keep-alive one that had
+     * nothing more to ask. */
+    for (;;) {
+        pthread_mutex_lock(&srv->lock);
+        while (srv->in_flight > 0 &&
+               pthread_cond_timedwait(&srv->idle, &srv->lock, &deadline) == 0)
+            ;
+        left = srv->in_flight;
+        pthread_mutex_unlock(&srv->lock);
+        conns_get_stats(srv->conns, &st);
+        if (left > 0 || st.open == 0 || quiet_ms >= DRAIN_IDLE_MS ||
+            deadline_passed(&deadline))
+            break;
+        nanosleep(&tick, NULL);
+        pthread_mutex_lock(&srv->lock);
+        quiet_ms = srv->in_flight > 0 ? 0 : quiet_ms + DRAIN_POLL_MS;
+        pthread_mutex_unlock(&srv->lock);
+    }
     MHD_stop_daemon(srv->daemon);
     server_free(srv);
     return left;

@@ -1107,7 +1107,7 @@ static int reload(kd_state *st)
     st->cfg = cfg;
     if (log_open(cfg->log_file, cfg->log_level) != 0)
         log_error("cannot open log file %s", cfg->log_file);
-    log_info("configuration %s in service", st->config_path);
+    log_info("the key process serves the tokens of %s", st->config_path);
     return 1;
 fail:
     audit_discard();

@@ -3,6 +3,7 @@
  * (service/proc.c); the key process and the workers are the same binary
  * started again with a hidden role argument.
  */
+#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <string.h>
@@ -10,6 +11,7 @@
 
 #include <config.h> /* generated: version */
 #include "api/api.h"
+#include "service/audit.h"
 #include "service/config.h"
 #include "service/harden.h"
 #include "service/http.h"
@@ -138,6 +140,15 @@ static int supervise(const char *config_path, const char *listen,
         !http_listen_is_loopback(listen))
         log_warn("bearer tokens travel in clear on %s: configure \"tls\"",
                  listen);
+    /* the key process writes the trail; one it cannot open stops the
+     * start here, rather than in a key process started again and again */
+    if (audit_open(cfg->audit_log) != 0) {
+        log_error("cannot open the audit log %s: %s", cfg->audit_log,
+                  strerror(errno));
+        config_free(cfg);
+        return 1;
+    }
+    audit_close();
     /* before any worker exists: they all accept on this one */
     fd = http_listen_open(listen, errbuf, sizeof(errbuf));
     if (fd < 0) {

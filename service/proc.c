@@ -614,6 +614,9 @@ static void on_key_message(super *s, const proc_ctl *m)
             config_free(s->cfg);
             s->cfg = cfg;
             replace_workers(s);
+            /* the old workers accept no more: every connection from now
+             * on waits for, and is served by, a worker of the new one */
+            log_info("configuration %s in service", s->config_path);
         }
         break;
     case PROC_CTL_WANT_RELOAD:
