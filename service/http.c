@@ -41,7 +41,6 @@ struct http_server {
     size_t max_body;
     budget *budget; /* borrowed */
     conns *conns;
-    unsigned port;
     pthread_mutex_t lock;
     pthread_cond_t idle;
     unsigned in_flight;
@@ -973,7 +972,6 @@ http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
     http_server *srv = NULL, *ret = NULL;
     struct sockaddr_storage ss;
     socklen_t sslen = sizeof(ss);
-    const union MHD_DaemonInfo *info;
     conns_options conns_opts;
     struct MHD_OptionItem o[16];
     size_t n = 0;
@@ -1050,8 +1048,6 @@ http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
                      : "");
         goto out;
     }
-    info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);
-    srv->port = info != NULL ? info->port : 0;
     ret = srv;
     srv = NULL;
 out:
@@ -1081,11 +1077,6 @@ static struct timespec deadline_after(unsigned ms)
         t.tv_nsec -= 1000000000L;
     }
     return t;
-}
-
-unsigned http_port(const http_server *srv)
-{
-    return srv->port;
 }
 
 unsigned http_shutdown(http_server *srv, unsigned timeout_ms)

@@ -42,7 +42,6 @@ unsigned http_listen_port(int fd);
  * server. */
 http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
                         char *errbuf, size_t errlen);
-unsigned http_port(const http_server *srv);
 /* 1 when listen names a loopback address (127/8, ::1). */
 int http_listen_is_loopback(const char *listen);
 /* Stops accepting, waits up to timeout_ms for requests in flight, stops.
