@@ -4,7 +4,7 @@
  *
  * token/probe.c exists because libp11 0.4.12 waits forever when
  * C_OpenSession fails (with anything but CKR_SESSION_COUNT) on a slot it
- * has not used yet; see the top of token/token.c. And a token that breaks
+ * has not used yet; see the top of token/set.c. And a token that breaks
  * at run time must be noticed by token_key_check_fault. A healthy SoftHSM
  * token never fails, and a broken reader cannot be had in a unit test, so
  * this module loads the real one and hands out a copy of its function list
