@@ -619,13 +619,12 @@ int token_key_check_fault(token_key *key, token_error *err)
          * now, in this thread, so the operation can be retried. */
         pthread_mutex_lock(&tk_registry_lock);
         rebuilt = __atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) == gen;
-        if (rebuilt) {
-            pthread_mutex_lock(&t->lock);
-            if (t->state == TK_READY)
-                token_fault(t, why);
-            pthread_mutex_unlock(&t->lock);
+        /* Straight from ready to recovering (module_rebuild): a token
+         * marked down first, even for a moment, turned away the requests
+         * that looked at it then (api_check_key) with 503 instead of
+         * letting them wait for the rebuild. */
+        if (rebuilt)
             module_rebuild(m);
-        }
         pthread_mutex_unlock(&tk_registry_lock);
         pthread_mutex_lock(&t->lock);
         ready = t->state == TK_READY;
