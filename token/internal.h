@@ -21,6 +21,9 @@
 
 #include <libp11.h>
 #include <openssl/ui.h>
+/* The PKCS#11 names (CKR_, CKM_, CK_ types): libp11-dev ships no
+ * pkcs11.h, p11-kit's is the one Debian installs. */
+#include <p11-kit/pkcs11.h>
 
 #include "token/token.h"
 
@@ -82,8 +85,6 @@ void tk_probe_end_session(const tk_probe *probe, unsigned long session);
 int tk_probe_has_mechanism(const tk_probe *probe, unsigned long slot_id,
                            unsigned long mechanism);
 
-#define TK_CKM_ECDH1_DERIVE 0x1050UL
-
 /* "CKR_PIN_INCORRECT (0xa0)": the name when known, always the number. */
 void tk_ckr_describe(unsigned long rv, char *buf, size_t len);
 
@@ -101,13 +102,6 @@ void tk_ckr_describe(unsigned long rv, char *buf, size_t len);
  * this thread's OpenSSL error queue empty. */
 int tk_key_known_answer(EVP_PKEY *pkey, EVP_PKEY *pub, token_use use,
                         unsigned long *ckr);
-
-#define TK_CKR_PIN_INCORRECT 0xa0UL
-#define TK_CKR_PIN_INVALID 0xa1UL
-#define TK_CKR_PIN_LEN_RANGE 0xa2UL
-#define TK_CKR_PIN_EXPIRED 0xa3UL
-#define TK_CKR_PIN_LOCKED 0xa4UL
-#define TK_CKR_SESSION_COUNT 0xb1UL
 
 /*
  * The objects token/ is made of.

@@ -174,14 +174,14 @@ int tk_token_login(struct tk_token *t, char **pin, const tk_token_state *st,
         goto out;
     }
     tk_ckr_describe(rv, why, sizeof(why));
-    if (rv == TK_CKR_PIN_LOCKED) {
+    if (rv == CKR_PIN_LOCKED) {
         p->locked = 1;
         tk_token_down(t, TK_PIN_REFUSED, "login failed: PIN locked");
-    } else if (rv == TK_CKR_PIN_INCORRECT) {
+    } else if (rv == CKR_PIN_INCORRECT) {
         pin_refused(p, d);
         tk_token_down(t, TK_PIN_REFUSED, "login failed: incorrect PIN");
-    } else if (rv == TK_CKR_PIN_INVALID || rv == TK_CKR_PIN_LEN_RANGE ||
-               rv == TK_CKR_PIN_EXPIRED) {
+    } else if (rv == CKR_PIN_INVALID || rv == CKR_PIN_LEN_RANGE ||
+               rv == CKR_PIN_EXPIRED) {
         pin_refused(p, d);
         tk_token_down(t, TK_PIN_REFUSED, "login failed: PIN refused, %s", why);
     } else {

@@ -73,7 +73,7 @@ static enum tk_answer token_answers(const struct tk_token *t, char *why,
     pthread_rwlock_unlock(&t->module->calls);
     /* Every session in use is an answer too: the token works, and is
      * busy with our own operations. */
-    if (rv == TK_CKR_SESSION_COUNT)
+    if (rv == CKR_SESSION_COUNT)
         return TK_ANSWERS;
     if (rv != 0) {
         tk_ckr_describe(rv, ckr, sizeof(ckr));
@@ -502,14 +502,14 @@ void token_recovery_stop(void)
 static int ckr_stale(unsigned long rv)
 {
     switch (rv) {
-    case 0x32UL:  /* CKR_DEVICE_REMOVED: gone, and back by the probe */
-    case 0x60UL:  /* CKR_KEY_HANDLE_INVALID */
-    case 0x82UL:  /* CKR_OBJECT_HANDLE_INVALID */
-    case 0xb0UL:  /* CKR_SESSION_CLOSED */
-    case 0xb3UL:  /* CKR_SESSION_HANDLE_INVALID */
-    case 0xe0UL:  /* CKR_TOKEN_NOT_PRESENT: as CKR_DEVICE_REMOVED */
-    case 0x101UL: /* CKR_USER_NOT_LOGGED_IN */
-    case 0x190UL: /* CKR_CRYPTOKI_NOT_INITIALIZED */
+    case CKR_DEVICE_REMOVED: /* gone, and back by the probe */
+    case CKR_KEY_HANDLE_INVALID:
+    case CKR_OBJECT_HANDLE_INVALID:
+    case CKR_SESSION_CLOSED:
+    case CKR_SESSION_HANDLE_INVALID:
+    case CKR_TOKEN_NOT_PRESENT: /* as CKR_DEVICE_REMOVED */
+    case CKR_USER_NOT_LOGGED_IN:
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
         return 1;
     default:
         return 0;

@@ -729,7 +729,7 @@ static void check_ecdh(struct tk_build *b)
             continue;
         if (has == -2)
             has = tk_probe_has_mechanism(b->tok->module->probe, b->tok->slot_id,
-                                         TK_CKM_ECDH1_DERIVE);
+                                         CKM_ECDH1_DERIVE);
         if (has != 0)
             continue;
         k->cannot_decrypt = 1;
