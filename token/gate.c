@@ -38,8 +38,84 @@
 
 #include "token/internal.h"
 
-/* Told of every state change of a published token (token_recovery_start). */
+/* Told of every state change of a published token, and of a token absent
+ * at load that answers now (token_recovery_start). */
 token_event_fn tk_event_fn;
+token_present_fn tk_present_fn;
+
+/* What is to be told, oldest first. A state changes under its token's
+ * lock, often under the registry lock too, and the service's hooks may
+ * write or log: so a change is copied here where it happens and told by
+ * tk_events_flush once the thread holds no lock of token/. One thread
+ * tells at a time (telling), so the hooks hear the changes in order. Past
+ * TK_EVENTS_MAX untold, new ones are dropped: a hook that slow loses
+ * states, never blocks a token. */
+#define TK_EVENTS_MAX 64
+#define TK_EVENT_NAME 128
+
+static pthread_mutex_t events_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct tk_event {
+    int present; /* a token_present_fn call, else a token_event_fn one */
+    char token[TK_EVENT_NAME];
+    const char *state; /* a token_state_name: static */
+    char reason[TK_REASON_LEN];
+    int has_reason;
+} events[TK_EVENTS_MAX];
+static unsigned events_head, events_count;
+static int events_telling;
+
+static void event_queue(int present, const char *token, const char *state,
+                        const char *reason)
+{
+    struct tk_event *e;
+
+    pthread_mutex_lock(&events_lock);
+    if (events_count < TK_EVENTS_MAX) {
+        e = &events[(events_head + events_count++) % TK_EVENTS_MAX];
+        e->present = present;
+        snprintf(e->token, sizeof(e->token), "%s", token);
+        e->state = state;
+        e->has_reason = reason != NULL;
+        snprintf(e->reason, sizeof(e->reason), "%s", reason ? reason : "");
+    }
+    pthread_mutex_unlock(&events_lock);
+}
+
+void tk_event_present(const char *token)
+{
+    if (__atomic_load_n(&tk_present_fn, __ATOMIC_ACQUIRE) != NULL)
+        event_queue(1, token, NULL, NULL);
+}
+
+void tk_events_flush(void)
+{
+    token_present_fn present;
+    token_event_fn fn;
+    struct tk_event e;
+
+    pthread_mutex_lock(&events_lock);
+    /* the thread telling now tells ours too */
+    if (events_telling) {
+        pthread_mutex_unlock(&events_lock);
+        return;
+    }
+    events_telling = 1;
+    while (events_count > 0) {
+        e = events[events_head];
+        events_head = (events_head + 1) % TK_EVENTS_MAX;
+        events_count--;
+        pthread_mutex_unlock(&events_lock);
+        fn = __atomic_load_n(&tk_event_fn, __ATOMIC_ACQUIRE);
+        present = __atomic_load_n(&tk_present_fn, __ATOMIC_ACQUIRE);
+        if (e.present && present != NULL)
+            present(e.token);
+        else if (!e.present && fn != NULL)
+            fn(e.token, e.state, e.has_reason ? e.reason : NULL);
+        pthread_mutex_lock(&events_lock);
+    }
+    events_telling = 0;
+    pthread_mutex_unlock(&events_lock);
+}
 
 /* The state as the outside sees it. Under t->lock. */
 static token_state state_public(const struct tk_token *t)
@@ -85,19 +161,16 @@ void tk_wake_all(struct tk_token *t)
 }
 
 /* Under t->lock once published: the state, its time, and word to the
- * event hook. */
+ * event hook, told by the next tk_events_flush. */
 void tk_token_set_state(struct tk_token *t, enum tk_state state)
 {
-    token_event_fn fn;
-
     if (t->state == state)
         return;
     t->state = state;
     t->changed = time(NULL);
-    fn = __atomic_load_n(&tk_event_fn, __ATOMIC_ACQUIRE);
-    if (t->published && fn != NULL)
-        fn(t->name, token_state_name(state_public(t)),
-           state == TK_READY ? NULL : t->reason);
+    if (t->published && __atomic_load_n(&tk_event_fn, __ATOMIC_ACQUIRE) != NULL)
+        event_queue(0, t->name, token_state_name(state_public(t)),
+                    state == TK_READY ? NULL : t->reason);
 }
 
 /* Marks the token down with a reason: while token_set_add opens it, in

@@ -11,6 +11,27 @@
  *   probe.c     a libp11-free view of a module, through its function list
  *   check.c     a known-answer test of a key
  *   uri.c, pin.c  RFC 7512 URIs, PIN sources
+ *
+ * The lock order. A thread that holds one of these takes only those below
+ * it, never one above:
+ *
+ *   1. tk_registry_lock (module.c): the module list, every libp11 call
+ *      that is not a key operation, token_set_add and _free, a rebuild,
+ *      a pass of the recovery thread.
+ *   2. a module's calls (struct tk_module, a read-write lock): shared by
+ *      the probes of request threads (token_answers), exclusive from a
+ *      rebuild's C_Finalize to its last re-open.
+ *   3. a token's lock (struct tk_token): its state, counters and queue;
+ *      never held across a call into a module, nor across any call out
+ *      of token/.
+ *   4. events_lock (gate.c): the state changes not yet told.
+ *
+ * No hook of the service (token_event_fn, token_present_fn) runs under
+ * any of them: changes are queued under 3 and told by tk_events_flush
+ * once the thread holds none. Key operations hold no lock of token/: the
+ * gate admits them (gate.c) and lets go. What still holds lock 1 across
+ * a module's calls (a rebuild, opening a token, a recovery probe) is
+ * written in docs/DESIGN.md ("The lock order").
  */
 #ifndef SMIMED_TOKEN_INTERNAL_H
 #define SMIMED_TOKEN_INTERNAL_H
@@ -295,10 +316,18 @@ UI_METHOD *tk_login_ui_method(void);
  */
 
 extern token_event_fn tk_event_fn;
+extern token_present_fn tk_present_fn;
 extern __thread struct tk_token *tk_op_token;
 extern __thread const struct tk_token *tk_op_last;
 extern __thread unsigned long tk_op_generation;
 extern __thread token_use tk_op_use;
+
+/* Queues the word to tk_present_fn that token answers now. */
+void tk_event_present(const char *token);
+/* Tells the hooks what was queued. Called with no lock of token/ held:
+ * by every public function that may have changed a published token's
+ * state, before it returns, and by the recovery thread. */
+void tk_events_flush(void);
 
 void tk_wake_all(struct tk_token *t);
 void tk_token_set_state(struct tk_token *t, enum tk_state state);

@@ -39,9 +39,6 @@
 
 #include "token/internal.h"
 
-/* Told of a token absent at load that answers now (token_recovery_start). */
-static token_present_fn present_fn;
-
 /* Re-probing a token that went down at run time: first after 1 s, then
  * after twice the last wait, at most 30 s. */
 #define TK_BACKOFF_FIRST_S 1
@@ -253,7 +250,6 @@ static void token_reopen(struct tk_token *t)
  * in a rebuild. */
 static void token_look_again(struct tk_token *t)
 {
-    token_present_fn fn;
     tk_token_state st;
     int absent;
 
@@ -267,9 +263,7 @@ static void token_look_again(struct tk_token *t)
     if (tk_probe_session(t->module->probe, t->slot_id, &st) != 0)
         return;
     t->answers_now = 1;
-    fn = __atomic_load_n(&present_fn, __ATOMIC_ACQUIRE);
-    if (fn != NULL)
-        fn(t->name);
+    tk_event_present(t->name);
 }
 
 /* Rebuilds m's libp11 context: stops and drains every token of the module
@@ -443,6 +437,11 @@ static void *recovery_main(void *arg)
             if (module_wants_rebuild(m))
                 module_rebuild(m);
         }
+        /* The pass's state changes are told with no lock held; a
+         * stop asked for meanwhile is seen below, under the lock. */
+        pthread_mutex_unlock(&tk_registry_lock);
+        tk_events_flush();
+        pthread_mutex_lock(&tk_registry_lock);
         /* Back-offs are whole seconds; a quarter second is their grain. */
         clock_gettime(CLOCK_REALTIME, &wake);
         wake.tv_nsec += 250000000L;
@@ -461,7 +460,7 @@ int token_recovery_start(token_event_fn fn, token_present_fn present,
                          token_error *err)
 {
     __atomic_store_n(&tk_event_fn, fn, __ATOMIC_RELEASE);
-    __atomic_store_n(&present_fn, present, __ATOMIC_RELEASE);
+    __atomic_store_n(&tk_present_fn, present, __ATOMIC_RELEASE);
     pthread_mutex_lock(&tk_registry_lock);
     if (recovery_running) {
         pthread_mutex_unlock(&tk_registry_lock);
@@ -493,7 +492,7 @@ void token_recovery_stop(void)
     recovery_running = 0;
     pthread_mutex_unlock(&tk_registry_lock);
     __atomic_store_n(&tk_event_fn, NULL, __ATOMIC_RELEASE);
-    __atomic_store_n(&present_fn, NULL, __ATOMIC_RELEASE);
+    __atomic_store_n(&tk_present_fn, NULL, __ATOMIC_RELEASE);
 }
 
 /* CKR codes of a check operation that mean libp11's handles (its pooled
@@ -559,7 +558,8 @@ static enum tk_verdict key_answers(token_key *key, token_use use, char *why,
     return TK_KEY_FAILS;
 }
 
-int token_key_check_fault(token_key *key, token_error *err)
+/* token_key_check_fault, whose state changes are told once it returns. */
+static int check_fault(token_key *key, token_error *err)
 {
     struct tk_token *t = key->token;
     struct tk_module *m = t->module;
@@ -663,4 +663,12 @@ retry:
              "failed again",
              t->name);
     return 1;
+}
+
+int token_key_check_fault(token_key *key, token_error *err)
+{
+    int r = check_fault(key, err);
+
+    tk_events_flush();
+    return r;
 }
