@@ -47,6 +47,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
+#include "certs/certs.h"
 #include "token/internal.h"
 
 /* libp11 0.4.12's fixed per-slot session limit (see above). */
@@ -236,7 +237,6 @@ static void key_set_algorithm(token_key *k)
 static void key_check_cert(token_key *k)
 {
     EVP_PKEY *pub = X509_get0_pubkey(k->cert);
-    uint32_t flags;
 
     /* For RSA the private key's public half is read from the private key
      * object itself (CKA_MODULUS, CKA_PUBLIC_EXPONENT). For EC libp11 takes
@@ -249,31 +249,20 @@ static void key_check_cert(token_key *k)
                  "certificate does not match the private key");
         goto out;
     }
-    /* Computes the cached extension flags read below. */
-    X509_check_purpose(k->cert, -1, 0);
-    flags = X509_get_extension_flags(k->cert);
-    if (flags & EXFLAG_INVALID) {
+    if (!certs_extensions_valid(k->cert)) {
         snprintf(k->problem, sizeof(k->problem),
                  "certificate has invalid extensions");
         goto out;
     }
-    if ((flags & EXFLAG_KUSAGE) &&
-        !(X509_get_key_usage(k->cert) &
-          (KU_DIGITAL_SIGNATURE | KU_NON_REPUDIATION)))
+    if (!certs_key_usage_allows(k->cert, CERTS_USE_SIGN))
         snprintf(k->sign_problem, sizeof(k->sign_problem),
-                 "certificate key usage does not allow digitalSignature");
-    /* RSA decrypts a transported key, EC agrees on one (ECDH) */
-    if ((flags & EXFLAG_KUSAGE) && EVP_PKEY_get_base_id(pub) == EVP_PKEY_EC &&
-        !(X509_get_key_usage(k->cert) & KU_KEY_AGREEMENT))
+                 "certificate key usage does not allow %s",
+                 certs_key_usage_name(k->cert, CERTS_USE_SIGN));
+    if (!certs_key_usage_allows(k->cert, CERTS_USE_DECRYPT))
         snprintf(k->decrypt_problem, sizeof(k->decrypt_problem),
-                 "certificate key usage does not allow keyAgreement");
-    else if ((flags & EXFLAG_KUSAGE) &&
-             EVP_PKEY_get_base_id(pub) != EVP_PKEY_EC &&
-             !(X509_get_key_usage(k->cert) & KU_KEY_ENCIPHERMENT))
-        snprintf(k->decrypt_problem, sizeof(k->decrypt_problem),
-                 "certificate key usage does not allow keyEncipherment");
-    if ((flags & EXFLAG_XKUSAGE) &&
-        !(X509_get_extended_key_usage(k->cert) & (XKU_SMIME | XKU_ANYEKU))) {
+                 "certificate key usage does not allow %s",
+                 certs_key_usage_name(k->cert, CERTS_USE_DECRYPT));
+    if (!certs_email_allowed(k->cert)) {
         snprintf(k->problem, sizeof(k->problem),
                  "certificate extended key usage does not include "
                  "emailProtection");
