@@ -25,7 +25,9 @@
 #include "service/keyset.h"
 #include "service/keyd.h"
 #include "service/log.h"
+#include "service/metrics.h"
 #include "service/proc.h"
+#include "service/shared.h"
 #include "service/worker.h"
 #include "token/token.h"
 
@@ -336,6 +338,8 @@ int main(int argc, char **argv)
     running run = {0};
     http_server *srv = NULL;
     budget *body_budget = NULL;
+    shared *region = NULL, *self = NULL;
+    shared_options sopts;
     http_options hopts;
     token_error terr = {0};
     sigset_t sigs;
@@ -429,11 +433,23 @@ int main(int argc, char **argv)
         log_error("out of memory");
         goto out;
     }
-    /* made once, before any process could be forked to share it */
-    body_budget = budget_new(run.cfg->max_inflight_body_bytes);
+    /* one process: a region of its own, written as its only slot */
+    sopts.slots = 1;
+    sopts.max_connections = run.cfg->max_connections;
+    sopts.body_limit = run.cfg->max_inflight_body_bytes;
+    sopts.area_bytes = metrics_area_size();
+    region = shared_create(&sopts, errbuf, sizeof(errbuf));
+    if (region != NULL)
+        self =
+            shared_attach(shared_fd(region), (unsigned)shared_slot_take(region),
+                          errbuf, sizeof(errbuf));
+    if (self == NULL) {
+        log_error("%s", errbuf);
+        goto out;
+    }
+    body_budget = budget_new(self);
     if (body_budget == NULL) {
-        log_error("cannot map the budget of body bytes in flight: %s",
-                  strerror(errno));
+        log_error("out of memory");
         goto out;
     }
     memset(&hopts, 0, sizeof(hopts));
@@ -444,6 +460,7 @@ int main(int argc, char **argv)
     hopts.timeout_s = run.cfg->request_timeout_s;
     hopts.header_timeout_s = run.cfg->header_timeout_s;
     hopts.budget = body_budget;
+    hopts.region = self;
     hopts.tls_certificate = run.cfg->tls_certificate;
     hopts.tls_key = run.cfg->tls_key;
     hopts.tls_client_ca = run.cfg->tls_client_ca;
@@ -464,6 +481,8 @@ int main(int argc, char **argv)
 out:
     token_recovery_stop();
     budget_free(body_budget);
+    shared_free(self);
+    shared_free(region);
     api_free(run.api);
     token_set_free(run.tokens);
     config_free(run.cfg);
