@@ -18,6 +18,7 @@
 #include "service/config.h"
 #include "service/log.h"
 #include "service/proc.h"
+#include "service/shared.h"
 #include "service/worker.h"
 
 /* A call waits this long past the longest wait for a token session. */
@@ -50,10 +51,37 @@ static void log_directory(rkey_client *c)
     rkey_dir_free(d);
 }
 
+/* The shared region at PROC_FD_SHARED, as the slot the supervisor's
+ * first message names; the descriptor is closed either way (the mapping
+ * is all a worker needs). */
+static shared *attach_region(void)
+{
+    char errbuf[256];
+    shared *region = NULL;
+    proc_ctl m;
+    int fd, r;
+
+    do
+        r = proc_ctl_recv(PROC_FD_CONTROL, &m, &fd);
+    while (r < 0 && errno == EINTR);
+    if (fd >= 0)
+        close(fd);
+    if (r <= 0 || m.type != PROC_CTL_SHARED_SLOT)
+        snprintf(errbuf, sizeof(errbuf),
+                 "the supervisor did not name a slot of the shared region");
+    else
+        region = shared_attach(PROC_FD_SHARED, m.arg, errbuf, sizeof(errbuf));
+    close(PROC_FD_SHARED);
+    if (region == NULL)
+        log_error("worker %d: %s", (int)getpid(), errbuf);
+    return region;
+}
+
 int worker_main(const char *config_path)
 {
     config_problems problems = {0};
     rkey_client *client = NULL;
+    shared *region = NULL;
     config *cfg;
     proc_ctl m;
     size_t i;
@@ -69,6 +97,9 @@ int worker_main(const char *config_path)
         return 1;
     if (log_open(cfg->log_file, cfg->log_level) != 0)
         log_error("cannot open log file %s; logging to stderr", cfg->log_file);
+    region = attach_region();
+    if (region == NULL)
+        goto out;
     client = rkey_client_new(PROC_FD_KEY, call_timeout(cfg));
     if (client == NULL) {
         log_error("out of memory");
@@ -97,6 +128,7 @@ int worker_main(const char *config_path)
     ret = 0;
 out:
     rkey_client_free(client);
+    shared_free(region);
     config_free(cfg);
     return ret;
 }
