@@ -628,7 +628,14 @@ struct recoder {
     size_t (*frozen)[2]; /* multipart/signed or encrypted, in out's terms */
     size_t n_frozen;
     const char *bound; /* of the multipart being walked; NULL at the top */
+    struct enclosing *enclosing; /* every multipart around the walk */
     cms_error *err;
+};
+
+/* A multipart the walk is inside, linked to the one around it. */
+struct enclosing {
+    const char *boundary;
+    struct enclosing *up;
 };
 
 /*
@@ -1022,6 +1029,8 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
     GMimeMessage *msg;
     GMimeObject *body, *part;
     const char *own = *num ? num : "1", *boundary, *outer_bound;
+    const struct enclosing *up;
+    struct enclosing here;
     char *sub, shown[80];
     int i, r;
 
@@ -1042,6 +1051,21 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
                           *num ? "part " : "the entity", num);
             return -1;
         }
+        /* RFC 2046 5.1.1: a delimiter must not appear inside an
+         * encapsulated part. An inner multipart with the boundary of one
+         * around it ends where one reader thinks and not another (the
+         * fuzzer found two walks of one text that disagreed). */
+        for (up = rc->enclosing; up != NULL; up = up->up) {
+            if (strcmp(up->boundary, boundary) == 0) {
+                cms_text_escape(shown, sizeof(shown), boundary,
+                                strlen(boundary));
+                cms_set_error(rc->err, CMS_ERR_INPUT,
+                              "part %s reuses the boundary \"%s\" of a "
+                              "multipart around it",
+                              own, shown);
+                return -1;
+            }
+        }
         if (close_delimiter_end(rc, object_start(rc, obj), boundary) == 0) {
             cms_text_escape(shown, sizeof(shown), boundary, strlen(boundary));
             cms_set_error(rc->err, CMS_ERR_INPUT,
@@ -1050,12 +1074,17 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
                           *num ? "part " : "the entity", num, shown);
             return -1;
         }
+        here.boundary = boundary;
+        here.up = rc->enclosing;
+        rc->enclosing = &here;
         outer_bound = rc->bound;
         rc->bound = boundary;
-        for (i = 0; i < g_mime_multipart_get_count(mp); i++) {
+        r = 0;
+        for (i = 0; i < g_mime_multipart_get_count(mp) && r == 0; i++) {
             if (asprintf(&sub, *num ? "%s.%d" : "%s%d", num, i + 1) < 0) {
                 cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
-                return -1;
+                r = -1;
+                break;
             }
             part = g_mime_multipart_get_part(mp, i);
             r = check_part_headers(
@@ -1063,11 +1092,10 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
             if (r == 0)
                 r = recode_object(rc, part, sub, depth + 1);
             free(sub);
-            if (r != 0)
-                return r;
         }
         rc->bound = outer_bound;
-        return 0;
+        rc->enclosing = here.up;
+        return r;
     }
     if (GMIME_IS_MESSAGE_PART(obj)) {
         msg = g_mime_message_part_get_message(GMIME_MESSAGE_PART(obj));

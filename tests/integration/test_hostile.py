@@ -363,6 +363,27 @@ def nested_repeated_fields():
     eq(r.status, 200, "one field each (%r)" % r.body[:200])
 
 
+def reused_boundary():
+    """A multipart inside one with the same boundary is refused (RFC 2046
+    5.1.1: a delimiter must not appear inside an encapsulated part): where
+    it ends depends on the reader. The long fuzz run found two walks of one
+    such text that disagreed; a different inner boundary is signed."""
+    def nested(inner):
+        return ("Content-Type: multipart/mixed; boundary=m\r\n\r\n--m\r\n"
+                "Content-Type: multipart/mixed; boundary=%s\r\n\r\n--%s\r\n"
+                "Content-Type: text/plain\r\n\r\nx\r\n--%s--\r\n--m--\r\n"
+                % (inner, inner, inner)).encode()
+    r = D.request("POST", "/v1/sign?key=demo-ec", body=nested("m"), headers=RAW)
+    j = expect_error(r, 400, "invalid_mime")
+    check("reuses the boundary" in j["error"]["message"], "message %r" % j["error"]["message"])
+    r = D.request("POST", "/v1/sign?key=demo-ec", body=nested("n"), headers=RAW)
+    eq(r.status, 200, "another boundary inside (%r)" % r.body[:200])
+    F.openssl_verify(r.body, CA, WORK)
+    finding = (F.REPO / "tests/fuzz/corpus/entity/finding-reused-boundary").read_bytes()
+    r = D.request("POST", "/v1/sign?key=demo-ec", body=finding, headers=RAW)
+    expect_error(r, 400, "invalid_mime")
+
+
 def room_for_the_answer():
     """A header block that leaves too little of the connection's memory
     for the answer is refused at once with a JSON 431; one just small
@@ -835,6 +856,7 @@ def main():
     S.case("parts counted before GMime: 2,000 and one per KiB, then 400", part_count_bound)
     S.case("a nested part with two Content-Type or Content-Transfer-Encoding fields: 400",
            nested_repeated_fields)
+    S.case("a multipart inside one with the same boundary: 400", reused_boundary)
     S.case("keep-alive carries requests without a body; a GET with one is answered", keep_alive)
     S.case("a request sent a byte at a time is answered, its NUL seen", trickled)
     S.case("%d mutated requests: each answered (JSON errors) or closed at once when incomplete"
