@@ -2,7 +2,7 @@
  * metrics: what /metrics reports, in the Prometheus text format
  * (version 0.0.4). Request counts and latencies are gathered here, in this
  * process's area of the shared region, and the page sums every worker's;
- * token counters and states are read from token/ when the page is
+ * token counters and states are the key process's, read when the page is
  * rendered.
  */
 #ifndef SMIMED_METRICS_H
@@ -12,8 +12,8 @@
 
 #include "service/budget.h"
 #include "service/conns.h"
+#include "proto/proto.h"
 #include "service/shared.h"
-#include "token/token.h"
 
 /* Bytes of the area each worker slot needs (shared_options.area_bytes). */
 size_t metrics_area_size(void);
@@ -29,7 +29,10 @@ void metrics_request_end(const char *endpoint, int status, double seconds);
  * borrowed; NULL: not counted, not shown). */
 void metrics_set_sources(shared *region, const budget *b, conns *c);
 
-/* The whole page, malloc'd, in *out (length *len); -1 without memory. */
-int metrics_render(token_set *tokens, char **out, size_t *len);
+/* The whole page, malloc'd, in *out (length *len), with the token series
+ * of tokens (a STATE reply of the key process; none when NULL); -1
+ * without memory. */
+int metrics_render(const proto_token_entry *tokens, size_t ntokens, char **out,
+                   size_t *len);
 
 #endif

@@ -179,6 +179,7 @@ typedef struct child {
 typedef struct super {
     const char *config_path;
     const char *listen;
+    int listen_fd; /* -1 once the workers were told to stop */
     config *cfg;
     char **envp;
     child key;
@@ -407,7 +408,7 @@ static void worker_start(super *s, child *w)
         shared_slot_reclaim(s->region, (unsigned)slot);
         return;
     }
-    fds[1] = -1; /* the listening socket, once workers serve HTTP */
+    fds[1] = s->listen_fd;
     fds[2] = shared_fd(s->region);
     /* the slot is the first message the worker reads */
     if (child_start(s, w, fds, 3) == 0 &&
@@ -654,6 +655,9 @@ static void on_key_message(super *s, const proc_ctl *m)
             config_free(s->cfg);
             s->cfg = cfg;
             replace_workers(s);
+            /* the old workers accept no more: every connection from now
+             * on waits for, and is served by, a worker of the new one */
+            log_info("configuration %s in service", s->config_path);
         }
         break;
     case PROC_CTL_WANT_RELOAD:
@@ -689,6 +693,9 @@ static void begin_stop(super *s, int sig)
 
     log_info("signal %d: stopping the workers, then the key process", sig);
     s->stopping = 1;
+    /* the workers stop accepting; no new one will need it */
+    close(s->listen_fd);
+    s->listen_fd = -1;
     at_in(&s->stop_deadline, STOP_GRACE_S);
     for (i = 0; i < s->nworkers; i++)
         if (s->workers[i].pid > 0)
@@ -801,7 +808,8 @@ static shared *region_new(const config *cfg)
     return r;
 }
 
-int proc_supervise(const char *config_path, const char *listen, config *cfg)
+int proc_supervise(const char *config_path, const char *listen, int listen_fd,
+                   config *cfg)
 {
     struct pollfd *pfd = NULL, *grown;
     super s = {0};
@@ -811,6 +819,7 @@ int proc_supervise(const char *config_path, const char *listen, config *cfg)
 
     s.config_path = config_path;
     s.listen = listen;
+    s.listen_fd = listen_fd;
     s.cfg = cfg;
     s.key.role = ROLE_KEY;
     s.key.control = -1;
@@ -882,6 +891,8 @@ out:
     free(s.envp);
     free(s.workers);
     shared_free(s.region);
+    if (s.listen_fd >= 0)
+        close(s.listen_fd);
     config_free(s.cfg);
     return ret;
 }
