@@ -916,7 +916,7 @@ static void free_secret(char *text)
 
 static void server_free(http_server *srv)
 {
-    metrics_set_sources(NULL, NULL);
+    metrics_set_sources(NULL, NULL, NULL);
     conns_free(srv->conns);
     pthread_cond_destroy(&srv->idle);
     pthread_mutex_destroy(&srv->lock);
@@ -999,10 +999,10 @@ http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
     conns_opts.max_connections = opts->max_connections;
     conns_opts.max_per_ip = opts->max_connections_per_ip;
     conns_opts.header_timeout_s = opts->header_timeout_s;
-    srv->conns = conns_new(&conns_opts, errbuf, errlen);
+    srv->conns = conns_new(&conns_opts, opts->region, errbuf, errlen);
     if (srv->conns == NULL)
         goto out;
-    metrics_set_sources(srv->budget, srv->conns);
+    metrics_set_sources(opts->region, srv->budget, srv->conns);
 #define OPT(opt, value, ptr)                                                   \
     o[n++] = (struct MHD_OptionItem){(opt), (intptr_t)(value), (ptr)}
     OPT(MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL);

@@ -11,6 +11,7 @@
 
 #include "api/api.h"
 #include "service/budget.h"
+#include "service/shared.h"
 
 typedef struct http_options {
     const char *listen; /* host:port, for messages */
@@ -21,6 +22,9 @@ typedef struct http_options {
     unsigned timeout_s;
     unsigned header_timeout_s; /* for a complete request header */
     budget *budget; /* body bytes in flight; borrowed, outlives the server */
+    /* connection counts, the metrics area: this process's slot of the
+     * shared region; borrowed, outlives the server */
+    shared *region;
     /* TLS when tls_certificate is set: PEM files of the server certificate
      * and key, and of the CA that client certificates must verify against
      * (NULL: clients are not asked for one) */

@@ -25,6 +25,7 @@
 #include "service/http.h"
 #include "service/log.h"
 #include "service/proc.h"
+#include "service/shared.h"
 #include "service/worker.h"
 
 /* A call waits this long past the longest wait for a token session. */
@@ -60,6 +61,32 @@ static void log_directory(rkey_client *c)
     rkey_dir_free(d);
 }
 
+/* The shared region at PROC_FD_SHARED, as the slot the supervisor's
+ * first message names; the descriptor is closed either way (the mapping
+ * is all a worker needs). */
+static shared *attach_region(void)
+{
+    char errbuf[256];
+    shared *region = NULL;
+    proc_ctl m;
+    int fd, r;
+
+    do
+        r = proc_ctl_recv(PROC_FD_CONTROL, &m, &fd);
+    while (r < 0 && errno == EINTR);
+    if (fd >= 0)
+        close(fd);
+    if (r <= 0 || m.type != PROC_CTL_SHARED_SLOT)
+        snprintf(errbuf, sizeof(errbuf),
+                 "the supervisor did not name a slot of the shared region");
+    else
+        region = shared_attach(PROC_FD_SHARED, m.arg, errbuf, sizeof(errbuf));
+    close(PROC_FD_SHARED);
+    if (region == NULL)
+        log_error("worker %d: %s", (int)getpid(), errbuf);
+    return region;
+}
+
 /*
  * A large request (a 10 MiB message) allocates a few buffers its size.
  * glibc would map each afresh and unmap (or trim) it when freed, so the
@@ -77,7 +104,8 @@ static void keep_large_buffers(void)
 }
 
 static http_server *serve(const config *cfg, const char *listen, api *a,
-                          rkey_client *keys, budget *body_budget)
+                          rkey_client *keys, budget *body_budget,
+                          shared *region)
 {
     http_options hopts;
     http_server *srv;
@@ -92,6 +120,7 @@ static http_server *serve(const config *cfg, const char *listen, api *a,
     hopts.timeout_s = cfg->request_timeout_s;
     hopts.header_timeout_s = cfg->header_timeout_s;
     hopts.budget = body_budget;
+    hopts.region = region;
     hopts.tls_certificate = cfg->tls_certificate;
     hopts.tls_key = cfg->tls_key;
     hopts.tls_client_ca = cfg->tls_client_ca;
@@ -106,6 +135,7 @@ int worker_main(const char *config_path, const char *listen)
     config_problems problems = {0};
     rkey_client *client = NULL;
     budget *body_budget = NULL;
+    shared *region = NULL;
     http_server *srv = NULL;
     rkey_error rerr = {0};
     api *a = NULL;
@@ -126,6 +156,9 @@ int worker_main(const char *config_path, const char *listen)
         return 1;
     if (log_open(cfg->log_file, cfg->log_level) != 0)
         log_error("cannot open log file %s; logging to stderr", cfg->log_file);
+    region = attach_region();
+    if (region == NULL)
+        goto out;
     if (listen == NULL)
         listen = cfg->listen;
     if (harden_raise_nofile(cfg->max_connections + 256) <
@@ -147,15 +180,14 @@ int worker_main(const char *config_path, const char *listen)
         goto out;
     }
     api_set_clients(a, cfg->clients, cfg->nclients);
-    /* per worker until the counters are shared across them */
-    body_budget = budget_new(cfg->max_inflight_body_bytes);
+    /* the daemon's budget, in the shared region */
+    body_budget = budget_new(region);
     if (body_budget == NULL) {
-        log_error("cannot map the budget of body bytes in flight: %s",
-                  strerror(errno));
+        log_error("out of memory");
         goto out;
     }
     log_directory(client);
-    srv = serve(cfg, listen, a, client, body_budget);
+    srv = serve(cfg, listen, a, client, body_budget, region);
     if (srv == NULL)
         goto out;
     log_info("worker %d serving %s", (int)getpid(), listen);
@@ -190,6 +222,7 @@ out:
     budget_free(body_budget);
     api_free(a);
     rkey_client_free(client);
+    shared_free(region);
     config_free(cfg);
     log_close();
     return ret;
