@@ -16,6 +16,7 @@
 
 #include "rkey/client.h"
 #include "service/config.h"
+#include "service/confine.h"
 #include "service/log.h"
 #include "service/proc.h"
 #include "service/worker.h"
@@ -54,6 +55,8 @@ int worker_main(const char *config_path)
 {
     config_problems problems = {0};
     rkey_client *client = NULL;
+    confine_error cerr = {0};
+    char confinement[512];
     config *cfg;
     proc_ctl m;
     size_t i;
@@ -69,6 +72,13 @@ int worker_main(const char *config_path)
         return 1;
     if (log_open(cfg->log_file, cfg->log_level) != 0)
         log_error("cannot open log file %s; logging to stderr", cfg->log_file);
+    /* before the client's reader thread: Landlock holds only the threads
+     * started after it */
+    if (confine_process(cfg, confinement, sizeof(confinement), &cerr) != 0) {
+        log_error("worker %d: %s", (int)getpid(), cerr.message);
+        goto out;
+    }
+    log_info("worker %d confined: %s", (int)getpid(), confinement);
     client = rkey_client_new(PROC_FD_KEY, call_timeout(cfg));
     if (client == NULL) {
         log_error("out of memory");
