@@ -1,0 +1,729 @@
+/*
+ * Worker confinement, proved from inside: each case forks a child that
+ * loads a test configuration as a worker does, confines itself with
+ * confine_process and then tries something. What a worker does after
+ * start (threads, signing, verifying against the trust directory,
+ * encrypting, decrypting, Latin-1 text through iconv) works; opening a PIN
+ * file, a PKCS#11 module or the token store, writing anywhere, execve, a
+ * new socket, connect, bind, ptrace, fork and the other calls a
+ * compromised worker would want fail (the seccomp filter kills the child:
+ * SIGSYS). The parent checks from outside what /proc shows.
+ */
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <iconv.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <linux/bpf.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <netinet/in.h>
+#include <gmime/gmime.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+
+#include "cms/cms.h"
+#include "service/config.h"
+#include "service/confine.h"
+#include "tap.h"
+
+#define MODULE "/usr/lib/softhsm/libsofthsm2.so"
+#define TOKEN_STORE "/var/lib/softhsm/tokens"
+#define KEYS "fuzz/keys/"
+
+static char dir[] = "/tmp/smimed-confine-XXXXXX";
+static char conf[256], pin[256], open_pin[256], trust_file[512];
+static EVP_PKEY *rsa_key, *ec_key;
+static X509 *rsa_cert, *ec_cert, *ca_cert;
+
+/* A check made inside a child, sent to the parent to print. */
+typedef struct result {
+    int ok;
+    char text[240];
+} result;
+
+static int results_fd = -1;
+
+__attribute__((format(printf, 2, 3))) static int report(int ok, const char *fmt,
+                                                        ...)
+{
+    result r = {ok, ""};
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(r.text, sizeof(r.text), fmt, ap);
+    va_end(ap);
+    if (write(results_fd, &r, sizeof(r)) != (ssize_t)sizeof(r))
+        _exit(3);
+    return ok;
+}
+
+static void fatal(const char *what)
+{
+    perror(what);
+    exit(1);
+}
+
+static void write_file(const char *path, const char *text, mode_t mode)
+{
+    FILE *f = fopen(path, "w");
+
+    if (f == NULL || fputs(text, f) < 0 || fclose(f) != 0 ||
+        chmod(path, mode) != 0)
+        fatal(path);
+}
+
+static X509 *read_cert(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    X509 *x = f != NULL ? PEM_read_X509(f, NULL, NULL, NULL) : NULL;
+
+    if (x == NULL)
+        fatal(path);
+    fclose(f);
+    return x;
+}
+
+static EVP_PKEY *read_key(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    EVP_PKEY *k = f != NULL ? PEM_read_PrivateKey(f, NULL, NULL, NULL) : NULL;
+
+    if (k == NULL)
+        fatal(path);
+    fclose(f);
+    return k;
+}
+
+/* The test's files: a PIN file as the daemon wants it (0600) and one any
+ * user could read (so only Landlock keeps the worker out), a hashed trust
+ * directory with the test CA, and a configuration naming them and a real
+ * PKCS#11 module. The folder is open to all for the same reason. */
+static void make_files(void)
+{
+    char path[256], hashed[512], text[1024];
+    FILE *f;
+
+    if (mkdtemp(dir) == NULL || chmod(dir, 0755) != 0)
+        fatal("mkdtemp");
+    snprintf(pin, sizeof(pin), "%s/pin", dir);
+    write_file(pin, "1234567890123456\n", 0600);
+    snprintf(open_pin, sizeof(open_pin), "%s/open-pin", dir);
+    write_file(open_pin, "1234567890123456\n", 0644);
+    snprintf(path, sizeof(path), "%s/trust", dir);
+    if (mkdir(path, 0755) != 0)
+        fatal(path);
+    ca_cert = read_cert(KEYS "ca.pem");
+    snprintf(hashed, sizeof(hashed), "%s/%08lx.0", path,
+             X509_subject_name_hash(ca_cert));
+    f = fopen(hashed, "w");
+    if (f == NULL || !PEM_write_X509(f, ca_cert) || fclose(f) != 0)
+        fatal(hashed);
+    snprintf(trust_file, sizeof(trust_file), "%s", hashed);
+    snprintf(conf, sizeof(conf), "%s/smimed.conf", dir);
+    snprintf(text, sizeof(text),
+             "{\"user\": \"nobody\", \"trust\": \"trust\", \"tokens\": "
+             "[{\"module\": \"" MODULE "\", \"uri\": \"pkcs11:token=t\", "
+             "\"pin_file\": \"pin\", \"discovery\": true}]}");
+    /* readable by the user the not-root case starts as */
+    write_file(conf, text, 0644);
+    rsa_key = read_key(KEYS "rsa.key");
+    rsa_cert = read_cert(KEYS "rsa.pem");
+    ec_key = read_key(KEYS "ec.key");
+    ec_cert = read_cert(KEYS "ec.pem");
+}
+
+static void remove_files(void)
+{
+    char path[512];
+
+    unlink(trust_file);
+    snprintf(path, sizeof(path), "%s/trust", dir);
+    rmdir(path);
+    unlink(pin);
+    unlink(open_pin);
+    unlink(conf);
+    snprintf(path, sizeof(path), "%s/written", dir);
+    unlink(path);
+    rmdir(dir);
+}
+
+/* What a worker does before it confines itself: its configuration, loaded
+ * without the PIN sources. */
+static config *load_config(void)
+{
+    config_problems problems = {0};
+    config *cfg = config_load_without_pins(conf, &problems);
+    size_t i;
+
+    for (i = 0; i < problems.count; i++)
+        fprintf(stderr, "%s\n", problems.lines[i]);
+    config_problems_clear(&problems);
+    return cfg;
+}
+
+typedef void (*probe_fn)(void);
+
+/* Runs probe in a confined child. summary gets the confinement line
+ * (empty when confining failed), and before the probe runs the parent
+ * reads the child's /proc/PID/status into status (when not NULL). Returns
+ * the child's wait status; the child's reports are printed. */
+static int run_confined(probe_fn probe, char *summary, size_t slen,
+                        char *status, size_t stlen, int pre_drop)
+{
+    int res[2], go[2], ws = 0;
+    char path[64], c = 0;
+    result r;
+    ssize_t n;
+    pid_t pid;
+    FILE *f;
+
+    if (pipe(res) != 0 || pipe(go) != 0)
+        fatal("pipe");
+    fflush(stdout);
+    pid = fork();
+    if (pid < 0)
+        fatal("fork");
+    if (pid == 0) {
+        confine_error err = {{0}};
+        char line[512] = "";
+        config *cfg;
+
+        close(res[0]);
+        close(go[1]);
+        results_fd = res[1];
+        if (pre_drop && setresuid(65534, 65534, 65534) != 0)
+            _exit(4);
+        cfg = load_config();
+        if (cfg == NULL)
+            _exit(5);
+        if (confine_process(cfg, line, sizeof(line), &err) != 0)
+            snprintf(line, sizeof(line), "FAILED: %s", err.message);
+        if (write(res[1], line, sizeof(line)) != (ssize_t)sizeof(line))
+            _exit(3);
+        if (read(go[0], &c, 1) != 1)
+            _exit(3);
+        if (probe != NULL)
+            probe();
+        _exit(0);
+    }
+    close(res[1]);
+    close(go[0]);
+    memset(summary, 0, slen);
+    {
+        char line[512];
+
+        if (read(res[0], line, sizeof(line)) == (ssize_t)sizeof(line))
+            snprintf(summary, slen, "%s", line);
+    }
+    if (status != NULL) {
+        snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+        f = fopen(path, "r");
+        n = f != NULL ? (ssize_t)fread(status, 1, stlen - 1, f) : 0;
+        status[n > 0 ? n : 0] = '\0';
+        if (f != NULL)
+            fclose(f);
+    }
+    /* a child that failed before confining has gone already */
+    if (write(go[1], &c, 1) != 1)
+        tap_ok(0, "the child waits for its probe: %s", strerror(errno));
+    close(go[1]);
+    while ((n = read(res[0], &r, sizeof(r))) == (ssize_t)sizeof(r))
+        tap_ok(r.ok, "%s", r.text);
+    close(res[0]);
+    if (waitpid(pid, &ws, 0) != pid)
+        fatal("waitpid");
+    return ws;
+}
+
+static const char *describe(int ws)
+{
+    static char text[64];
+
+    if (WIFSIGNALED(ws))
+        snprintf(text, sizeof(text), "killed by %s", strsignal(WTERMSIG(ws)));
+    else
+        snprintf(text, sizeof(text), "exited %d", WEXITSTATUS(ws));
+    return text;
+}
+
+static int has_line(const char *status, const char *prefix, const char *value)
+{
+    const char *p = strstr(status, prefix);
+    char want[128];
+
+    snprintf(want, sizeof(want), "%s\t%s", prefix, value);
+    return p != NULL && strncmp(p, want, strlen(want)) == 0;
+}
+
+/* ------------------------------------------------------------ probes */
+
+static int opens(const char *path, int flags)
+{
+    int fd = open(path, flags | O_CLOEXEC, 0644);
+
+    if (fd < 0)
+        return -errno;
+    close(fd);
+    return 0;
+}
+
+static void probe_files(void)
+{
+    char written[512], buf[64];
+    void *handle;
+    int r, fd;
+    ssize_t n;
+
+    r = opens(pin, O_RDONLY);
+    report(r == -EACCES, "the PIN file (0600) cannot be opened (%s)",
+           strerror(-r));
+    r = opens(open_pin, O_RDONLY);
+    report(r == -EACCES,
+           "a PIN file any user may read cannot be opened either (%s)",
+           strerror(-r));
+    r = opens(conf, O_RDONLY);
+    report(r == -EACCES, "nor the configuration (%s)", strerror(-r));
+    r = opens(MODULE, O_RDONLY);
+    report(r == -EACCES, "the PKCS#11 module cannot be opened (%s)",
+           strerror(-r));
+    handle = dlopen(MODULE, RTLD_NOW);
+    report(handle == NULL, "nor loaded: %s",
+           handle == NULL ? dlerror() : "loaded");
+    r = opens(TOKEN_STORE, O_RDONLY | O_DIRECTORY);
+    report(r == -EACCES || r == -ENOENT,
+           "the SoftHSM token store cannot be opened (%s)", strerror(-r));
+    r = opens("/etc/passwd", O_RDONLY);
+    report(r == -EACCES, "nor /etc/passwd (%s)", strerror(-r));
+    snprintf(written, sizeof(written), "%s/written", dir);
+    r = opens(written, O_WRONLY | O_CREAT);
+    report(r == -EACCES, "no file can be made in the test folder (%s)",
+           strerror(-r));
+    r = opens("/tmp/smimed-confine-written", O_WRONLY | O_CREAT);
+    report(r == -EACCES, "nor in /tmp (%s)", strerror(-r));
+    r = opens(trust_file, O_WRONLY | O_APPEND);
+    report(r == -EACCES, "a readable file cannot be written (%s)",
+           strerror(-r));
+    fd = open(trust_file, O_RDONLY | O_CLOEXEC);
+    n = fd >= 0 ? read(fd, buf, sizeof(buf)) : -1;
+    report(n > 10 && memcmp(buf, "-----BEGIN", 10) == 0,
+           "the trust directory's CA file reads");
+    if (fd >= 0)
+        close(fd);
+    r = opens("/etc/localtime", O_RDONLY);
+    report(r == 0, "time zone data reads (%s)", strerror(-r));
+}
+
+static void *thread_main(void *arg)
+{
+    *(int *)arg = 42;
+    return arg;
+}
+
+/* Latin-1 through glibc's iconv modules (GMime's charset conversion). */
+static void probe_charsets(void)
+{
+    static const char *const charsets[] = {"ISO-8859-1", "ISO-8859-15",
+                                           "WINDOWS-1252", "KOI8-R"};
+    char in[] = "caf\xe9", out[16], *ip, *op;
+    size_t il, ol, i;
+    iconv_t cd;
+    char *decoded;
+
+    for (i = 0; i < sizeof(charsets) / sizeof(charsets[0]); i++) {
+        cd = iconv_open("UTF-8", charsets[i]);
+        ip = in;
+        op = out;
+        il = strlen(in);
+        ol = sizeof(out);
+        report(cd != (iconv_t)-1 && iconv(cd, &ip, &il, &op, &ol) == 0 &&
+                   il == 0,
+               "iconv from %s to UTF-8", charsets[i]);
+        if (cd != (iconv_t)-1)
+            iconv_close(cd);
+    }
+    decoded = g_mime_utils_header_decode_text(NULL, "=?iso-8859-1?q?caf=E9?=");
+    report(decoded != NULL && strcmp(decoded, "caf\xc3\xa9") == 0,
+           "GMime decodes a Latin-1 encoded word (%s)",
+           decoded != NULL ? decoded : "NULL");
+    g_free(decoded);
+}
+
+static const char latin1_mime[] = "Content-Type: text/plain; "
+                                  "charset=iso-8859-1\r\n"
+                                  "Content-Transfer-Encoding: 8bit\r\n"
+                                  "\r\n"
+                                  "Caf\xe9 cr\xe8me, na\xefve fa\xe7"
+                                  "ade.\r\n"
+                                  "From the start of a line\r\n";
+
+static void sign_and_verify(EVP_PKEY *key, X509 *cert, cms_mode mode,
+                            const char *what)
+{
+    cms_error err = {0};
+    cms_result *res = NULL;
+    cms_verification *v = NULL;
+    const unsigned char *data;
+    char trust[512];
+    size_t len = 0;
+    int ok;
+
+    ok = cms_sign_entity((const unsigned char *)latin1_mime,
+                         sizeof(latin1_mime) - 1, key, cert, NULL, mode,
+                         CMS_DIGEST_SHA256, &res, &err) == 0;
+    report(ok, "%s: signs an 8-bit Latin-1 entity %s", what, err.message);
+    if (!ok)
+        return;
+    data = cms_result_data(res, &len);
+    snprintf(trust, sizeof(trust), "%s/trust", dir);
+    ok = cms_verify_entity(data, len, NULL, trust, NULL, &v, &err) == 0 &&
+         cms_verification_valid(v);
+    report(ok, "%s: verifies against the trust directory %s%s", what,
+           err.message,
+           v != NULL && cms_verification_reason(v) != NULL
+               ? cms_verification_reason(v)
+               : "");
+    cms_verification_free(v);
+    cms_result_free(res);
+}
+
+static void encrypt_and_decrypt(cms_cipher cipher, cms_rsa_padding padding)
+{
+    STACK_OF(X509) *to = sk_X509_new_null();
+    cms_error err = {0};
+    cms_result *res = NULL, *plain = NULL;
+    cms_envelope *env = NULL;
+    const unsigned char *data;
+    size_t len = 0, i;
+    int ok, is_signed = 0;
+    EVP_PKEY *keys[2] = {rsa_key, ec_key};
+    X509 *certs[2] = {rsa_cert, ec_cert};
+
+    sk_X509_push(to, rsa_cert);
+    sk_X509_push(to, ec_cert);
+    ok = cms_encrypt_entity((const unsigned char *)latin1_mime,
+                            sizeof(latin1_mime) - 1, to, cipher, padding, &res,
+                            &err) == 0;
+    report(ok, "encrypts with %s (%s) to RSA and P-256 %s",
+           cms_cipher_name(cipher), padding == CMS_RSA_OAEP ? "oaep" : "pkcs1",
+           err.message);
+    sk_X509_free(to);
+    if (!ok)
+        return;
+    data = cms_result_data(res, &len);
+    for (i = 0; i < 2; i++) {
+        ok = cms_envelope_parse(data, len, &env, &err) == 0 &&
+             cms_envelope_decrypt(env, keys[i], certs[i], &plain, &is_signed,
+                                  &err) == 0;
+        report(ok, "and the %s key decrypts it %s", i == 0 ? "RSA" : "P-256",
+               err.message);
+        cms_envelope_free(env);
+        env = NULL;
+        cms_result_free(plain);
+        plain = NULL;
+    }
+    cms_result_free(res);
+}
+
+static void probe_work(void)
+{
+    unsigned char rnd[32];
+    pthread_t t;
+    int v = 0;
+    void *ret = NULL;
+
+    report(pthread_create(&t, NULL, thread_main, &v) == 0 &&
+               pthread_join(t, &ret) == 0 && v == 42,
+           "a thread starts and is joined");
+    report(RAND_bytes(rnd, sizeof(rnd)) == 1, "OpenSSL's random generator");
+    probe_charsets();
+    sign_and_verify(rsa_key, rsa_cert, CMS_MODE_DETACHED, "RSA, detached");
+    sign_and_verify(ec_key, ec_cert, CMS_MODE_OPAQUE, "P-256, opaque");
+    encrypt_and_decrypt(CMS_CIPHER_AES256_CBC, CMS_RSA_PKCS1);
+    encrypt_and_decrypt(CMS_CIPHER_AES128_GCM, CMS_RSA_OAEP);
+}
+
+/* Each forbidden call is made in a child of its own: the filter kills. */
+static int spare_fd = -1;
+
+static void try_execve(void)
+{
+    char *argv[] = {"true", NULL}, *envp[] = {NULL};
+
+    execve("/bin/true", argv, envp);
+}
+
+static void try_socket_inet(void)
+{
+    socket(AF_INET, SOCK_STREAM, 0);
+}
+
+static void try_socket_unix(void)
+{
+    socket(AF_UNIX, SOCK_STREAM, 0);
+}
+
+static void try_connect(void)
+{
+    struct sockaddr_in sa = {0};
+
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(9);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connect(spare_fd, (struct sockaddr *)&sa, sizeof(sa));
+}
+
+static void try_bind(void)
+{
+    struct sockaddr_in sa = {0};
+
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(spare_fd, (struct sockaddr *)&sa, sizeof(sa));
+}
+
+static void try_ptrace(void)
+{
+    ptrace(PTRACE_ATTACH, getppid(), NULL, NULL);
+}
+
+static void try_fork(void)
+{
+    syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
+}
+
+static void try_mount(void)
+{
+    mount("none", "/tmp", "tmpfs", 0, NULL);
+}
+
+static void try_bpf(void)
+{
+    union bpf_attr attr;
+
+    memset(&attr, 0, sizeof(attr));
+    syscall(SYS_bpf, BPF_MAP_CREATE, &attr, sizeof(attr));
+}
+
+static void try_keyctl(void)
+{
+    syscall(SYS_keyctl, 0 /* KEYCTL_GET_KEYRING_ID */, -3, 0);
+}
+
+static void try_process_vm_readv(void)
+{
+    char buf[8];
+    struct iovec local = {buf, sizeof(buf)}, remote = {(void *)0x1000, 8};
+
+    syscall(SYS_process_vm_readv, getppid(), &local, 1, &remote, 1, 0);
+}
+
+static void try_perf_event_open(void)
+{
+    char attr[128] = {0};
+
+    syscall(SYS_perf_event_open, attr, 0, -1, -1, 0);
+}
+
+static void try_setuid(void)
+{
+    syscall(SYS_setuid, 0);
+}
+
+static void try_unshare(void)
+{
+    unshare(CLONE_NEWUSER);
+}
+
+static void try_wx_mmap(void)
+{
+    mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC,
+         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+}
+
+static void try_mkdir(void)
+{
+    mkdir("/tmp/smimed-confine-dir", 0700);
+}
+
+static void try_kill_parent(void)
+{
+    kill(getppid(), 0);
+}
+
+static void try_setrlimit(void)
+{
+    struct rlimit rl = {0, 0};
+
+    setrlimit(RLIMIT_NOFILE, &rl);
+}
+
+static void try_prctl_dumpable(void)
+{
+    prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
+}
+
+static const struct {
+    const char *name;
+    probe_fn fn;
+} forbidden[] = {
+    {"execve", try_execve},
+    {"socket(AF_INET)", try_socket_inet},
+    {"socket(AF_UNIX)", try_socket_unix},
+    {"connect", try_connect},
+    {"bind", try_bind},
+    {"ptrace", try_ptrace},
+    {"fork (clone without CLONE_THREAD)", try_fork},
+    {"mount", try_mount},
+    {"bpf", try_bpf},
+    {"keyctl", try_keyctl},
+    {"process_vm_readv", try_process_vm_readv},
+    {"perf_event_open", try_perf_event_open},
+    {"setuid", try_setuid},
+    {"unshare", try_unshare},
+    {"mmap writable and executable", try_wx_mmap},
+    {"kill", try_kill_parent},
+    {"mkdir", try_mkdir},
+    {"setrlimit (prlimit64 with a new limit)", try_setrlimit},
+    {"prctl(PR_SET_DUMPABLE)", try_prctl_dumpable},
+};
+
+/* ------------------------------------------------------------- cases */
+
+static void test_summary(void)
+{
+    char summary[512], status[4096];
+    int ws, root = geteuid() == 0;
+
+    ws =
+        run_confined(NULL, summary, sizeof(summary), status, sizeof(status), 0);
+    tap_ok(WIFEXITED(ws) && WEXITSTATUS(ws) == 0, "a confined child exits: %s",
+           describe(ws));
+    tap_ok(strstr(summary, root ? "user nobody" : "not started as root") !=
+                   NULL &&
+               strstr(summary, ", no_new_privs, landlock abi ") != NULL &&
+               strstr(summary, ", seccomp (") != NULL,
+           "the summary names every confinement: %s", summary);
+    if (root)
+        tap_ok(has_line(status, "Uid:", "65534\t65534\t65534\t65534") &&
+                   has_line(status, "Gid:", "65534\t65534\t65534\t65534") &&
+                   has_line(status, "Groups:", ""),
+               "from outside: uid and gid nobody, no supplementary groups");
+    tap_ok(has_line(status, "NoNewPrivs:", "1"), "from outside: NoNewPrivs 1");
+    tap_ok(has_line(status, "Seccomp:", "2"),
+           "from outside: Seccomp 2 (filter)");
+    tap_ok(has_line(status, "CapEff:", "0000000000000000") &&
+               has_line(status, "CapPrm:", "0000000000000000"),
+           "from outside: no capabilities left");
+}
+
+static void test_not_root(void)
+{
+    char summary[512];
+    int ws;
+
+    if (geteuid() != 0)
+        return;
+    ws = run_confined(NULL, summary, sizeof(summary), NULL, 0, 1);
+    tap_ok(WIFEXITED(ws) && WEXITSTATUS(ws) == 0 &&
+               strstr(summary, "user 65534 (not started as root: stays)") !=
+                   NULL &&
+               strstr(summary, "landlock abi") != NULL,
+           "started as another user: stays, says so, confines the rest: %s",
+           summary);
+}
+
+static void *idle_thread(void *arg)
+{
+    pause();
+    return arg;
+}
+
+static void test_threads_refused(void)
+{
+    int res[2], ws = 0;
+    char line[512] = "";
+    pid_t pid;
+
+    if (pipe(res) != 0)
+        fatal("pipe");
+    fflush(stdout);
+    pid = fork();
+    if (pid == 0) {
+        confine_error err = {{0}};
+        config *cfg = load_config();
+        pthread_t t;
+        int r;
+
+        if (cfg == NULL || pthread_create(&t, NULL, idle_thread, NULL) != 0)
+            _exit(5);
+        r = confine_process(cfg, line, sizeof(line), &err);
+        snprintf(line, sizeof(line), "%d %s", r, err.message);
+        if (write(res[1], line, sizeof(line)) != (ssize_t)sizeof(line))
+            _exit(3);
+        _exit(0);
+    }
+    close(res[1]);
+    if (read(res[0], line, sizeof(line)) != (ssize_t)sizeof(line))
+        line[0] = '\0';
+    close(res[0]);
+    waitpid(pid, &ws, 0);
+    tap_ok(strncmp(line, "-1 ", 3) == 0 && strstr(line, "2 threads") != NULL,
+           "a process with a second thread is refused: %s", line);
+}
+
+static void test_forbidden(void)
+{
+    char summary[512];
+    size_t i;
+    int ws;
+
+    spare_fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (spare_fd < 0)
+        fatal("socket");
+    for (i = 0; i < sizeof(forbidden) / sizeof(forbidden[0]); i++) {
+        ws =
+            run_confined(forbidden[i].fn, summary, sizeof(summary), NULL, 0, 0);
+        tap_ok(WIFSIGNALED(ws) && WTERMSIG(ws) == SIGSYS,
+               "%s: the filter kills the worker (%s)", forbidden[i].name,
+               describe(ws));
+    }
+    close(spare_fd);
+}
+
+int main(void)
+{
+    char summary[512];
+    int ws;
+
+    signal(SIGPIPE, SIG_IGN);
+    cms_init();
+    make_files();
+    test_summary();
+    test_not_root();
+    test_threads_refused();
+    ws = run_confined(probe_files, summary, sizeof(summary), NULL, 0, 0);
+    tap_ok(WIFEXITED(ws) && WEXITSTATUS(ws) == 0, "file checks ran: %s",
+           describe(ws));
+    ws = run_confined(probe_work, summary, sizeof(summary), NULL, 0, 0);
+    tap_ok(WIFEXITED(ws) && WEXITSTATUS(ws) == 0,
+           "a worker's work ran confined: %s", describe(ws));
+    test_forbidden();
+    remove_files();
+    return tap_done();
+}
