@@ -1,7 +1,8 @@
 /*
- * Worker confinement, proved from inside: each case forks a child that
- * loads a test configuration as a worker does, confines itself with
- * confine_process and then tries something. What a worker does after
+ * Worker confinement, proved from inside: each case starts this program
+ * again (fork and exec, a fresh process as a worker is: no library state
+ * from the parent) to load a test configuration as a worker does, confine
+ * itself with confine_process and then try something. What a worker does after
  * start (threads, signing, verifying against the trust directory,
  * encrypting, decrypting, Latin-1 text through iconv) works; opening a PIN
  * file, a PKCS#11 module or the token store, writing anywhere, execve, a
@@ -46,10 +47,15 @@
 #define TOKEN_STORE "/var/lib/softhsm/tokens"
 #define KEYS "fuzz/keys/"
 
-static char dir[] = "/tmp/smimed-confine-XXXXXX";
+static char dir[64] = "/tmp/smimed-confine-XXXXXX";
 static char conf[256], pin[256], open_pin[256], trust_file[512];
+static char trust_dir[256];
+
+/* The descriptors a probe child finds its pipes at. */
+#define FD_RESULTS 3
+#define FD_GO 4
 static EVP_PKEY *rsa_key, *ec_key;
-static X509 *rsa_cert, *ec_cert, *ca_cert;
+static X509 *rsa_cert, *ec_cert;
 
 /* A check made inside a child, sent to the parent to print. */
 typedef struct result {
@@ -110,38 +116,54 @@ static EVP_PKEY *read_key(const char *path)
     return k;
 }
 
+/* The files under dir; the trust file is named by the test CA's hash. */
+static void set_paths(void)
+{
+    X509 *ca = read_cert(KEYS "ca.pem");
+
+    snprintf(pin, sizeof(pin), "%s/pin", dir);
+    snprintf(open_pin, sizeof(open_pin), "%s/open-pin", dir);
+    snprintf(trust_dir, sizeof(trust_dir), "%s/trust", dir);
+    snprintf(trust_file, sizeof(trust_file), "%s/%08lx.0", trust_dir,
+             X509_subject_name_hash(ca));
+    snprintf(conf, sizeof(conf), "%s/smimed.conf", dir);
+    X509_free(ca);
+}
+
 /* The test's files: a PIN file as the daemon wants it (0600) and one any
  * user could read (so only Landlock keeps the worker out), a hashed trust
  * directory with the test CA, and a configuration naming them and a real
  * PKCS#11 module. The folder is open to all for the same reason. */
 static void make_files(void)
 {
-    char path[256], hashed[512], text[1024];
+    char text[1024];
+    X509 *ca;
     FILE *f;
 
     if (mkdtemp(dir) == NULL || chmod(dir, 0755) != 0)
         fatal("mkdtemp");
-    snprintf(pin, sizeof(pin), "%s/pin", dir);
+    set_paths();
     write_file(pin, "1234567890123456\n", 0600);
-    snprintf(open_pin, sizeof(open_pin), "%s/open-pin", dir);
     write_file(open_pin, "1234567890123456\n", 0644);
-    snprintf(path, sizeof(path), "%s/trust", dir);
-    if (mkdir(path, 0755) != 0)
-        fatal(path);
-    ca_cert = read_cert(KEYS "ca.pem");
-    snprintf(hashed, sizeof(hashed), "%s/%08lx.0", path,
-             X509_subject_name_hash(ca_cert));
-    f = fopen(hashed, "w");
-    if (f == NULL || !PEM_write_X509(f, ca_cert) || fclose(f) != 0)
-        fatal(hashed);
-    snprintf(trust_file, sizeof(trust_file), "%s", hashed);
-    snprintf(conf, sizeof(conf), "%s/smimed.conf", dir);
+    if (mkdir(trust_dir, 0755) != 0)
+        fatal(trust_dir);
+    ca = read_cert(KEYS "ca.pem");
+    f = fopen(trust_file, "w");
+    if (f == NULL || !PEM_write_X509(f, ca) || fclose(f) != 0)
+        fatal(trust_file);
+    X509_free(ca);
     snprintf(text, sizeof(text),
              "{\"user\": \"nobody\", \"trust\": \"trust\", \"tokens\": "
              "[{\"module\": \"" MODULE "\", \"uri\": \"pkcs11:token=t\", "
              "\"pin_file\": \"pin\", \"discovery\": true}]}");
     /* readable by the user the not-root case starts as */
     write_file(conf, text, 0644);
+}
+
+/* What a probe child holds before it confines itself, as a worker holds
+ * its keys' certificates: keys and certificates read from files. */
+static void read_keys(void)
+{
     rsa_key = read_key(KEYS "rsa.key");
     rsa_cert = read_cert(KEYS "rsa.pem");
     ec_key = read_key(KEYS "ec.key");
@@ -153,8 +175,7 @@ static void remove_files(void)
     char path[512];
 
     unlink(trust_file);
-    snprintf(path, sizeof(path), "%s/trust", dir);
-    rmdir(path);
+    rmdir(trust_dir);
     unlink(pin);
     unlink(open_pin);
     unlink(conf);
@@ -179,15 +200,16 @@ static config *load_config(void)
 
 typedef void (*probe_fn)(void);
 
-/* Runs probe in a confined child. summary gets the confinement line
- * (empty when confining failed), and before the probe runs the parent
- * reads the child's /proc/PID/status into status (when not NULL). Returns
+/* Starts probe NAME in a fresh confined child. summary gets the
+ * confinement line ("FAILED: why" when confining failed), and before the
+ * probe runs the parent reads the child's /proc/PID/status into status
+ * (when not NULL) and checks that it can read the child's memory. Returns
  * the child's wait status; the child's reports are printed. */
-static int run_confined(probe_fn probe, char *summary, size_t slen,
+static int run_confined(const char *name, char *summary, size_t slen,
                         char *status, size_t stlen, int pre_drop)
 {
     int res[2], go[2], ws = 0;
-    char path[64], c = 0;
+    char path[64], line[512], c = 0;
     result r;
     ssize_t n;
     pid_t pid;
@@ -200,37 +222,19 @@ static int run_confined(probe_fn probe, char *summary, size_t slen,
     if (pid < 0)
         fatal("fork");
     if (pid == 0) {
-        confine_error err = {{0}};
-        char line[512] = "";
-        config *cfg;
+        char *argv[] = {"test_confine",       "--probe", (char *)name, dir,
+                        pre_drop ? "1" : "0", NULL};
 
-        close(res[0]);
-        close(go[1]);
-        results_fd = res[1];
-        if (pre_drop && setresuid(65534, 65534, 65534) != 0)
-            _exit(4);
-        cfg = load_config();
-        if (cfg == NULL)
-            _exit(5);
-        if (confine_process(cfg, line, sizeof(line), &err) != 0)
-            snprintf(line, sizeof(line), "FAILED: %s", err.message);
-        if (write(res[1], line, sizeof(line)) != (ssize_t)sizeof(line))
+        if (dup2(res[1], FD_RESULTS) < 0 || dup2(go[0], FD_GO) < 0)
             _exit(3);
-        if (read(go[0], &c, 1) != 1)
-            _exit(3);
-        if (probe != NULL)
-            probe();
-        _exit(0);
+        execv("/proc/self/exe", argv);
+        _exit(3);
     }
     close(res[1]);
     close(go[0]);
     memset(summary, 0, slen);
-    {
-        char line[512];
-
-        if (read(res[0], line, sizeof(line)) == (ssize_t)sizeof(line))
-            snprintf(summary, slen, "%s", line);
-    }
+    if (read(res[0], line, sizeof(line)) == (ssize_t)sizeof(line))
+        snprintf(summary, slen, "%s", line);
     if (status != NULL) {
         snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
         f = fopen(path, "r");
@@ -578,30 +582,84 @@ static void try_prctl_dumpable(void)
     prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
 }
 
+static void *idle_thread(void *arg)
+{
+    pause();
+    return arg;
+}
+
+/* Every probe a child can run: "-" none, the allowed work, and the
+ * forbidden calls (whose children the filter kills). */
 static const struct {
     const char *name;
     probe_fn fn;
-} forbidden[] = {
-    {"execve", try_execve},
-    {"socket(AF_INET)", try_socket_inet},
-    {"socket(AF_UNIX)", try_socket_unix},
-    {"connect", try_connect},
-    {"bind", try_bind},
-    {"ptrace", try_ptrace},
-    {"fork (clone without CLONE_THREAD)", try_fork},
-    {"mount", try_mount},
-    {"bpf", try_bpf},
-    {"keyctl", try_keyctl},
-    {"process_vm_readv", try_process_vm_readv},
-    {"perf_event_open", try_perf_event_open},
-    {"setuid", try_setuid},
-    {"unshare", try_unshare},
-    {"mmap writable and executable", try_wx_mmap},
-    {"kill", try_kill_parent},
-    {"mkdir", try_mkdir},
-    {"setrlimit (prlimit64 with a new limit)", try_setrlimit},
-    {"prctl(PR_SET_DUMPABLE)", try_prctl_dumpable},
+    int forbidden;
+} probes[] = {
+    {"-", NULL, 0},
+    {"files", probe_files, 0},
+    {"work", probe_work, 0},
+    {"execve", try_execve, 1},
+    {"socket(AF_INET)", try_socket_inet, 1},
+    {"socket(AF_UNIX)", try_socket_unix, 1},
+    {"connect", try_connect, 1},
+    {"bind", try_bind, 1},
+    {"ptrace", try_ptrace, 1},
+    {"fork (clone without CLONE_THREAD)", try_fork, 1},
+    {"mount", try_mount, 1},
+    {"bpf", try_bpf, 1},
+    {"keyctl", try_keyctl, 1},
+    {"process_vm_readv", try_process_vm_readv, 1},
+    {"perf_event_open", try_perf_event_open, 1},
+    {"setuid", try_setuid, 1},
+    {"unshare", try_unshare, 1},
+    {"mmap writable and executable", try_wx_mmap, 1},
+    {"kill", try_kill_parent, 1},
+    {"mkdir", try_mkdir, 1},
+    {"setrlimit (prlimit64 with a new limit)", try_setrlimit, 1},
+    {"prctl(PR_SET_DUMPABLE)", try_prctl_dumpable, 1},
 };
+
+#define NPROBES (sizeof(probes) / sizeof(probes[0]))
+
+/* The child: test_confine --probe NAME DIR PRE_DROP, its pipes at
+ * FD_RESULTS and FD_GO. Does what a worker does before confining (its
+ * certificates and keys, GMime, its configuration), confines itself,
+ * sends the summary, waits for the parent to look at it, runs the probe.
+ * "threads" starts a second thread first, which must be refused. */
+static int probe_main(char **argv)
+{
+    confine_error err = {{0}};
+    char line[512] = "", c;
+    const char *name = argv[2];
+    config *cfg;
+    pthread_t t;
+    size_t i;
+
+    results_fd = FD_RESULTS;
+    snprintf(dir, sizeof(dir), "%s", argv[3]);
+    set_paths();
+    if (strcmp(argv[4], "1") == 0 && setresuid(65534, 65534, 65534) != 0)
+        return 4;
+    read_keys();
+    cms_init();
+    spare_fd = socket(AF_INET, SOCK_STREAM, 0);
+    cfg = load_config();
+    if (cfg == NULL || spare_fd < 0)
+        return 5;
+    if (strcmp(name, "threads") == 0 &&
+        pthread_create(&t, NULL, idle_thread, NULL) != 0)
+        return 5;
+    if (confine_process(cfg, line, sizeof(line), &err) != 0)
+        snprintf(line, sizeof(line), "FAILED: %s", err.message);
+    if (write(FD_RESULTS, line, sizeof(line)) != (ssize_t)sizeof(line) ||
+        read(FD_GO, &c, 1) != 1)
+        _exit(3);
+    for (i = 0; i < NPROBES; i++)
+        if (strcmp(probes[i].name, name) == 0 && probes[i].fn != NULL)
+            probes[i].fn();
+    /* no exit handlers: the child owes the parent nothing but its status */
+    _exit(0);
+}
 
 /* ------------------------------------------------------------- cases */
 
@@ -610,8 +668,7 @@ static void test_summary(void)
     char summary[512], status[4096];
     int ws, root = geteuid() == 0;
 
-    ws =
-        run_confined(NULL, summary, sizeof(summary), status, sizeof(status), 0);
+    ws = run_confined("-", summary, sizeof(summary), status, sizeof(status), 0);
     tap_ok(WIFEXITED(ws) && WEXITSTATUS(ws) == 0, "a confined child exits: %s",
            describe(ws));
     tap_ok(strstr(summary, root ? "user nobody" : "not started as root") !=
@@ -639,7 +696,7 @@ static void test_not_root(void)
 
     if (geteuid() != 0)
         return;
-    ws = run_confined(NULL, summary, sizeof(summary), NULL, 0, 1);
+    ws = run_confined("-", summary, sizeof(summary), NULL, 0, 1);
     tap_ok(WIFEXITED(ws) && WEXITSTATUS(ws) == 0 &&
                strstr(summary, "user 65534 (not started as root: stays)") !=
                    NULL &&
@@ -648,82 +705,40 @@ static void test_not_root(void)
            summary);
 }
 
-static void *idle_thread(void *arg)
-{
-    pause();
-    return arg;
-}
-
 static void test_threads_refused(void)
 {
-    int res[2], ws = 0;
-    char line[512] = "";
-    pid_t pid;
+    char summary[512];
 
-    if (pipe(res) != 0)
-        fatal("pipe");
-    fflush(stdout);
-    pid = fork();
-    if (pid == 0) {
-        confine_error err = {{0}};
-        config *cfg = load_config();
-        pthread_t t;
-        int r;
-
-        if (cfg == NULL || pthread_create(&t, NULL, idle_thread, NULL) != 0)
-            _exit(5);
-        r = confine_process(cfg, line, sizeof(line), &err);
-        snprintf(line, sizeof(line), "%d %s", r, err.message);
-        if (write(res[1], line, sizeof(line)) != (ssize_t)sizeof(line))
-            _exit(3);
-        _exit(0);
-    }
-    close(res[1]);
-    if (read(res[0], line, sizeof(line)) != (ssize_t)sizeof(line))
-        line[0] = '\0';
-    close(res[0]);
-    waitpid(pid, &ws, 0);
-    tap_ok(strncmp(line, "-1 ", 3) == 0 && strstr(line, "2 threads") != NULL,
-           "a process with a second thread is refused: %s", line);
+    run_confined("threads", summary, sizeof(summary), NULL, 0, 0);
+    tap_ok(strncmp(summary, "FAILED: ", 8) == 0 &&
+               strstr(summary, "2 threads") != NULL,
+           "a process with a second thread is refused: %s", summary);
 }
 
-static void test_forbidden(void)
+int main(int argc, char **argv)
 {
     char summary[512];
     size_t i;
     int ws;
 
-    spare_fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (spare_fd < 0)
-        fatal("socket");
-    for (i = 0; i < sizeof(forbidden) / sizeof(forbidden[0]); i++) {
-        ws =
-            run_confined(forbidden[i].fn, summary, sizeof(summary), NULL, 0, 0);
-        tap_ok(WIFSIGNALED(ws) && WTERMSIG(ws) == SIGSYS,
-               "%s: the filter kills the worker (%s)", forbidden[i].name,
-               describe(ws));
-    }
-    close(spare_fd);
-}
-
-int main(void)
-{
-    char summary[512];
-    int ws;
-
+    if (argc == 5 && strcmp(argv[1], "--probe") == 0)
+        return probe_main(argv);
     signal(SIGPIPE, SIG_IGN);
-    cms_init();
     make_files();
     test_summary();
     test_not_root();
     test_threads_refused();
-    ws = run_confined(probe_files, summary, sizeof(summary), NULL, 0, 0);
-    tap_ok(WIFEXITED(ws) && WEXITSTATUS(ws) == 0, "file checks ran: %s",
-           describe(ws));
-    ws = run_confined(probe_work, summary, sizeof(summary), NULL, 0, 0);
-    tap_ok(WIFEXITED(ws) && WEXITSTATUS(ws) == 0,
-           "a worker's work ran confined: %s", describe(ws));
-    test_forbidden();
+    for (i = 1; i < NPROBES; i++) {
+        ws = run_confined(probes[i].name, summary, sizeof(summary), NULL, 0, 0);
+        if (probes[i].forbidden)
+            tap_ok(WIFSIGNALED(ws) && WTERMSIG(ws) == SIGSYS,
+                   "%s: the filter kills the worker (%s)", probes[i].name,
+                   describe(ws));
+        else
+            tap_ok(WIFEXITED(ws) && WEXITSTATUS(ws) == 0,
+                   "the %s probe ran to its end confined: %s", probes[i].name,
+                   describe(ws));
+    }
     remove_files();
     return tap_done();
 }
