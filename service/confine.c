@@ -166,18 +166,12 @@ static const char *const system_reads[] = {
     NULL,
 };
 
-static long ll_abi(void)
-{
-    return syscall(SYS_landlock_create_ruleset, NULL, 0,
-                   LANDLOCK_CREATE_RULESET_VERSION);
-}
-
 /* 1 when a rule was added, 0 when path does not exist, -1 on error. */
 static int ll_allow_read(int ruleset, const char *path)
 {
     struct landlock_path_beneath_attr pb = {0};
     struct stat st;
-    int fd = open(path, O_PATH | O_CLOEXEC), ret = -1;
+    int fd = open(path, O_PATH | O_CLOEXEC), ret = -1, saved;
 
     if (fd < 0)
         return errno == ENOENT || errno == ENOTDIR ? 0 : -1;
@@ -192,78 +186,62 @@ static int ll_allow_read(int ruleset, const char *path)
         goto out;
     ret = 1;
 out:
+    saved = errno;
     close(fd);
+    errno = saved;
     return ret;
 }
 
-/* Builds the ruleset; -1 with errno and what failed in *what. */
-static int ll_build(const config *cfg, long abi, const char **what)
+/* Adds the rule for path; one that cannot be added leaves the path
+ * unreadable (the domain is still made: a path too few is safer than no
+ * domain) and is named in the summary. */
+static int ll_rule(int ruleset, const char *path, line *l)
+{
+    if (ll_allow_read(ruleset, path) >= 0)
+        return 0;
+    add(l, ", landlock: %s unreadable (%s)", path, strerror(errno));
+    return 1;
+}
+
+/* The ruleset, built while the process still has the rights it started
+ * with (a trust directory under a folder only root may search is opened
+ * as root). -1 with errno when Landlock is missing; *missed counts the
+ * rules that could not be added, named in notes. */
+static int ll_prepare(const config *cfg, long *abi, line *notes, int *missed)
 {
     ll_ruleset_attr attr = {0};
     size_t size = sizeof(attr.handled_access_fs), i;
-    int fd, r, saved;
+    int fd;
 
+    *abi = syscall(SYS_landlock_create_ruleset, NULL, 0,
+                   LANDLOCK_CREATE_RULESET_VERSION);
+    if (*abi < 1)
+        return -1;
     attr.handled_access_fs = (LANDLOCK_ACCESS_FS_MAKE_SYM << 1) - 1;
-    if (abi >= 2)
+    if (*abi >= 2)
         attr.handled_access_fs |= LANDLOCK_ACCESS_FS_REFER;
-    if (abi >= 3)
+    if (*abi >= 3)
         attr.handled_access_fs |= LL_FS_TRUNCATE;
-    if (abi >= 5)
+    if (*abi >= 5)
         attr.handled_access_fs |= LL_FS_IOCTL_DEV;
-    if (abi >= 4) {
+    if (*abi >= 4) {
         /* no rule: no TCP bind or connect at all */
         attr.handled_access_net = LL_NET_BIND_TCP | LL_NET_CONNECT_TCP;
         size = offsetof(ll_ruleset_attr, scoped);
     }
-    if (abi >= 6) {
+    if (*abi >= 6) {
         /* no signal to, and no abstract socket of, a process outside */
         attr.scoped = LL_SCOPE_ABSTRACT_UNIX | LL_SCOPE_SIGNAL;
         size = sizeof(attr);
     }
     fd = (int)syscall(SYS_landlock_create_ruleset, &attr, size, 0);
-    if (fd < 0) {
-        *what = "create_ruleset";
+    if (fd < 0)
         return -1;
-    }
-    if (cfg->trust_dir != NULL && ll_allow_read(fd, cfg->trust_dir) < 0) {
-        *what = cfg->trust_dir;
-        goto fail;
-    }
-    for (i = 0; system_reads[i] != NULL; i++) {
-        r = ll_allow_read(fd, system_reads[i]);
-        if (r < 0) {
-            *what = system_reads[i];
-            goto fail;
-        }
-    }
+    if (cfg->trust_dir != NULL)
+        *missed += ll_rule(fd, cfg->trust_dir, notes);
+    for (i = 0; system_reads[i] != NULL; i++)
+        *missed += ll_rule(fd, system_reads[i], notes);
     return fd;
-fail:
-    saved = errno;
-    close(fd);
-    errno = saved;
-    return -1;
-}
-
-static void confine_landlock(const config *cfg, line *l)
-{
-    const char *what = "";
-    long abi = ll_abi();
-    int fd;
-
-    if (abi < 1) {
-        add(l, ", no landlock (%s)", strerror(errno));
-        return;
-    }
-    fd = ll_build(cfg, abi, &what);
-    if (fd < 0) {
-        add(l, ", no landlock (%s: %s)", what, strerror(errno));
-        return;
-    }
-    if (syscall(SYS_landlock_restrict_self, fd, 0) != 0)
-        add(l, ", no landlock (restrict_self: %s)", strerror(errno));
-    else
-        add(l, ", landlock abi %ld", abi);
-    close(fd);
 }
 
 /* ---------------------------------------------------------- seccomp */
@@ -418,7 +396,8 @@ static int add_conditional(scmp_filter_ctx ctx)
     return r[0] < 0 ? -1 : n + r[0];
 }
 
-static void confine_seccomp(line *l)
+/* 0 when the filter is loaded, 1 (said in the summary) when not. */
+static int confine_seccomp(line *l)
 {
     scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_KILL_PROCESS);
     int n = 0, r = -ENOMEM, nr;
@@ -453,6 +432,7 @@ out:
     else
         add(l, ", no seccomp (%s)", strerror(r < 0 ? -r : ENOMEM));
     seccomp_release(ctx);
+    return r != 0;
 }
 
 /* ------------------------------------------------------------- all */
@@ -460,8 +440,11 @@ out:
 int confine_process(const config *cfg, char *summary, size_t summary_len,
                     confine_error *err)
 {
+    char notes_buf[512] = "";
     line l = {summary, summary_len, 0};
-    int threads = count_threads();
+    line notes = {notes_buf, sizeof(notes_buf), 0};
+    int threads = count_threads(), ruleset, missed = 0, ret = -1;
+    long abi = 0;
 
     summary[0] = '\0';
     if (threads != 1) {
@@ -471,15 +454,37 @@ int confine_process(const config *cfg, char *summary, size_t summary_len,
              threads);
         return -1;
     }
+    ruleset = ll_prepare(cfg, &abi, &notes, &missed);
+    if (ruleset < 0)
+        add(&notes, ", no landlock (%s)", strerror(errno));
     if (drop_user(cfg, &l, err) != 0)
-        return -1;
+        goto out;
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) {
         fail(err, "cannot set no_new_privs: %s", strerror(errno));
-        return -1;
+        goto out;
     }
     add(&l, ", no_new_privs");
-    confine_landlock(cfg, &l);
+    /* Landlock allows it, but the user must be able to read it too, or
+     * every verification against it fails as untrusted */
+    if (cfg->trust_dir != NULL && access(cfg->trust_dir, R_OK | X_OK) != 0) {
+        add(&notes, ", trust directory %s unreadable by this user (%s)",
+            cfg->trust_dir, strerror(errno));
+        missed++;
+    }
+    if (ruleset < 0) {
+        add(&l, "%s", notes_buf);
+        missed++;
+    } else if (syscall(SYS_landlock_restrict_self, ruleset, 0) != 0) {
+        add(&l, ", no landlock (restrict_self: %s)", strerror(errno));
+        missed++;
+    } else {
+        add(&l, ", landlock abi %ld%s", abi, notes_buf);
+    }
     confined = 1;
-    confine_seccomp(&l);
-    return 0;
+    missed += confine_seccomp(&l);
+    ret = missed > 0;
+out:
+    if (ruleset >= 0)
+        close(ruleset);
+    return ret;
 }

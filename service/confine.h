@@ -27,12 +27,13 @@ typedef struct confine_error {
 } confine_error;
 
 /*
- * Confines the calling process as cfg says. 0 when every step that must
- * hold did (dropping root; running single-threaded), with summary set to
- * the line the worker logs: what took effect and, for each part that did
- * not (a kernel without Landlock, a seccomp the service manager forbids),
- * why. -1 with err set otherwise; the process must then exit, having
- * possibly changed some of its credentials already.
+ * Confines the calling process as cfg says, with summary set to the line
+ * the worker logs: what took effect and, for each part that did not (a
+ * kernel without Landlock, a seccomp the service manager forbids, a path
+ * that could not be allowed), why. 0 when everything took effect; 1 when
+ * some part did not but every step that must hold did (dropping root, no
+ * new privileges); -1 with err set otherwise: the process must then exit,
+ * having possibly changed some of its credentials already.
  */
 int confine_process(const config *cfg, char *summary, size_t summary_len,
                     confine_error *err);

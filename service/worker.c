@@ -74,11 +74,15 @@ int worker_main(const char *config_path)
         log_error("cannot open log file %s; logging to stderr", cfg->log_file);
     /* before the client's reader thread: Landlock holds only the threads
      * started after it */
-    if (confine_process(cfg, confinement, sizeof(confinement), &cerr) != 0) {
+    r = confine_process(cfg, confinement, sizeof(confinement), &cerr);
+    if (r < 0) {
         log_error("worker %d: %s", (int)getpid(), cerr.message);
         goto out;
     }
-    log_info("worker %d confined: %s", (int)getpid(), confinement);
+    if (r > 0)
+        log_warn("worker %d confined: %s", (int)getpid(), confinement);
+    else
+        log_info("worker %d confined: %s", (int)getpid(), confinement);
     client = rkey_client_new(PROC_FD_KEY, call_timeout(cfg));
     if (client == NULL) {
         log_error("out of memory");

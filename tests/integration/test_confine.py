@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Worker confinement, checked from outside (service/confine.c): the
+process tree started as root (smimed --role=supervisor), each worker's
+/proc/PID/status (the configured user, NoNewPrivs 1, Seccomp 2, no
+capabilities) and its start line naming what took effect; the key process
+and the supervisor unconfined (the key process opens the token store); a
+replaced worker and the workers a reload starts confined the same way;
+root still reads a worker's memory (the PIN scan), and the PIN is not in
+it; clean exits; `user` checked at load.
+
+What a confined worker can and cannot open or call is proved from inside
+by the unit test tests/unit/test_confine.c."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixture as F  # noqa: E402
+from fixture import check, eq  # noqa: E402
+
+S = F.Suite("confine")
+DEMO = F.ensure_demo()
+WORK = F.workdir("confine")
+WORK.chmod(0o755)  # the workers' user reads the trust directory
+PIN = F.read_pin(DEMO)
+PIN_VAR = "SMIMED_CONFINE_PIN"
+ROOT = os.geteuid() == 0
+NOBODY = 65534
+CONFINED = re.compile(r"worker (\d+) confined: (.*)$", re.M)
+COMPLETE = re.compile(r"(user \S+|user \d+ \(not started as root: stays\)), no_new_privs, "
+                      r"landlock abi (\d+), seccomp \((\d+) rules\)")
+
+
+def config(path, **top):
+    tok = F.token_config(DEMO)
+    del tok["pin_file"]
+    tok["pin_env"] = PIN_VAR
+    trust = WORK / "trust"
+    trust.mkdir(exist_ok=True)
+    h = F.run(["openssl", "x509", "-noout", "-subject_hash", "-in",
+               str(DEMO / "ca.pem")]).stdout.decode().strip()
+    (trust / ("%s.0" % h)).write_bytes((DEMO / "ca.pem").read_bytes())
+    top.setdefault("workers", 2)
+    return F.write_config(path, [tok], trust=str(trust), **top)
+
+
+CONF = config(WORK / "confine.conf", user="nobody")
+
+
+class Tree:
+    def __init__(self, conf, name):
+        self.log_path = WORK / ("%s.stderr" % name)
+        env = dict(os.environ, **F.softhsm_env(DEMO), **F.sanitizer_env())
+        env[PIN_VAR] = PIN
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(F.BINARY), "--role=supervisor", "--config",
+                                      str(conf)], stdin=subprocess.DEVNULL,
+                                     stdout=self.log, stderr=self.log, env=env)
+
+    def text(self):
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, n=15):
+        return "\n".join(self.text().splitlines()[-n:])
+
+    def confined(self):
+        """{pid: match} of every worker start line so far."""
+        return {int(m.group(1)): m for m in CONFINED.finditer(self.text())}
+
+    def children(self):
+        out = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                stat = Path("/proc/%s/stat" % d).read_text()
+                comm = Path("/proc/%s/comm" % d).read_text().strip()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                out[int(d)] = comm
+        return out
+
+    def wait_workers(self, n=2, exclude=(), timeout=30):
+        """The key process and n workers, each of which logged its line."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            check(self.proc.poll() is None, "the supervisor exited: %s" % self.tail())
+            kids = self.children()
+            keys = [p for p, c in kids.items() if c == "smimed-key"]
+            ws = sorted(p for p, c in kids.items() if c == "smimed-worker" and p not in exclude)
+            lines = self.confined()
+            if len(keys) == 1 and len(ws) == n and all(w in lines for w in ws):
+                return keys[0], ws
+            time.sleep(0.05)
+        raise AssertionError("workers not confined in %ds: %r; %s" % (
+            timeout, self.children(), self.tail()))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def status(pid):
+    fields = {}
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        k, _, v = line.partition(":")
+        fields[k] = v.split()
+    return fields
+
+
+T = None
+
+
+def tree_starts():
+    global T
+    T = Tree(CONF, "tree")
+    key, workers = T.wait_workers()
+    lines = T.confined()
+    for w in workers:
+        m = COMPLETE.fullmatch(lines[w].group(2))
+        check(m, "worker %d's line names not every confinement: %s" % (w, lines[w].group(0)))
+        eq(m.group(1), "user nobody" if ROOT else "user %d (not started as root: stays)"
+           % os.geteuid(), "worker %d's user" % w)
+        check(int(m.group(2)) >= 1, "landlock abi %s" % m.group(2))
+        check(int(m.group(3)) > 50, "seccomp rules %s" % m.group(3))
+    check(" warn worker_main: " not in T.text(),
+          "a part of the confinement did not take effect: %s" % T.tail())
+
+
+def workers_status():
+    key, workers = T.wait_workers()
+    uid = NOBODY if ROOT else os.geteuid()
+    for w in workers:
+        st = status(w)
+        eq(st["Uid"], [str(uid)] * 4, "worker %d's Uid" % w)
+        if ROOT:
+            eq(st["Gid"], [str(NOBODY)] * 4, "worker %d's Gid" % w)
+            eq(st.get("Groups", []), [], "worker %d's supplementary groups" % w)
+        eq(st["NoNewPrivs"], ["1"], "worker %d's NoNewPrivs" % w)
+        eq(st["Seccomp"], ["2"], "worker %d's Seccomp" % w)
+        eq(st["CapEff"], ["0000000000000000"], "worker %d's effective capabilities" % w)
+        eq(st["CapPrm"], ["0000000000000000"], "worker %d's permitted capabilities" % w)
+
+
+def others_unconfined():
+    key, workers = T.wait_workers()
+    for pid, what in ((key, "the key process"), (T.proc.pid, "the supervisor")):
+        st = status(pid)
+        eq(st["Seccomp"], ["0"], "%s's Seccomp" % what)
+        eq(st["Uid"][0], str(os.geteuid()), "%s's Uid" % what)
+    check(T.proc.pid not in T.confined() and key not in T.confined(),
+          "only workers log a confinement")
+
+
+def readable_regions(pid):
+    for line in Path("/proc/%d/maps" % pid).read_text().splitlines():
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        path = parts[5] if len(parts) > 5 else ""
+        if "r" in parts[1] and not path.startswith("[v") and hi - lo < (1 << 30):
+            yield lo, hi
+
+
+def memory_scan():
+    """root reads /proc/PID/mem of a confined, non-dumpable worker (the PIN
+    scan of the process wall needs it), and the PIN is not there."""
+    key, workers = T.wait_workers()
+    for w in workers:
+        total = 0
+        with open("/proc/%d/mem" % w, "rb", buffering=0) as mem:
+            for lo, hi in readable_regions(w):
+                try:
+                    mem.seek(lo)
+                    chunk = mem.read(hi - lo)
+                except OSError:
+                    continue
+                total += len(chunk)
+                check(PIN.encode() not in chunk, "the PIN is in worker %d's memory" % w)
+        check(total > 1 << 20, "read only %d bytes of worker %d's memory" % (total, w))
+
+
+def replaced_worker_confined():
+    key, workers = T.wait_workers()
+    os.kill(workers[0], signal.SIGKILL)
+    key, now = T.wait_workers(exclude=(workers[0],))
+    fresh = [w for w in now if w not in workers]
+    eq(len(fresh), 1, "replacement workers")
+    eq(status(fresh[0])["Seccomp"], ["2"], "the replacement's Seccomp")
+
+
+def reload_workers_confined():
+    key, workers = T.wait_workers()
+    T.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        kids = T.children()
+        ws = [p for p, c in kids.items() if c == "smimed-worker"]
+        if ws and not set(ws) & set(workers) and len(ws) == 2 and \
+                all(w in T.confined() for w in ws):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the reload's workers: %r; %s" % (T.children(), T.tail()))
+    for w in ws:
+        eq(status(w)["Seccomp"], ["2"], "worker %d's Seccomp after the reload" % w)
+
+
+def clean_stop():
+    rc = T.stop()
+    findings = [l for l in T.text().splitlines()
+                if any(m in l for m in F.SANITIZER_MARKERS)]
+    check(not findings, "sanitizer report: %s" % "; ".join(findings[:3]))
+    eq(rc, 0, "the supervisor's exit status")
+    after = T.text().split("begin_stop:", 1)[-1]
+    check(not re.search(r"worker \d+ \(pid \d+\) (killed|exited with status)", after),
+          "a worker died at stop: %s" % T.tail())
+    eq(len(re.findall(r"worker \d+ \(pid \d+\) exited$", after, re.M)), 2,
+       "workers that exited 0 at stop")
+    check(PIN not in T.text(), "the PIN is in the log")
+
+
+def user_option():
+    env = dict(F.softhsm_env(DEMO), **{PIN_VAR: PIN})
+    for value, good, say in (("nobody", True, None), ("daemon", True, None),
+                             ("smimed-no-such-user", False, "no user"),
+                             ("root", False, "root's privileges"), (7, False, "user")):
+        conf = config(WORK / "u.conf", user=value)
+        p = F.run([F.BINARY, "--config", conf, "--check-config"], check=False, env=env)
+        eq(p.returncode == 0, good, "--check-config with user %r (%s)" % (
+            value, p.stderr.decode().strip()[-200:]))
+        if say:
+            check(say.encode() in p.stderr, "the problem does not say %r: %s" % (
+                say, p.stderr.decode()[-200:]))
+
+
+def main():
+    S.case("the tree starts; each worker logs user, no_new_privs, landlock, seccomp",
+           tree_starts)
+    if T is not None and T.proc.poll() is None:
+        S.case("from outside: each worker's Uid/Gid, NoNewPrivs 1, Seccomp 2, "
+               "no capabilities", workers_status)
+        S.case("the key process and the supervisor are not confined", others_unconfined)
+        S.case("root reads a confined worker's memory; the PIN is not in it",
+               memory_scan)
+        S.case("a worker killed and replaced: the new one is confined", replaced_worker_confined)
+        S.case("SIGHUP: the new workers are confined", reload_workers_confined)
+        S.case("SIGTERM: exit 0, confined workers exit cleanly, no sanitizer report",
+               clean_stop)
+    S.case("user: unknown and root are refused at load", user_option)
+    if T is not None and T.proc.poll() is None:
+        T.proc.kill()
+    S.finish()
+
+
+main()
