@@ -247,6 +247,53 @@ def user_option():
                 say, p.stderr.decode()[-200:]))
 
 
+def syscall_groups():
+    """{"@group": [members]} as this systemd knows them."""
+    out = F.run(["systemd-analyze", "syscall-filter"]).stdout.decode()
+    groups, cur = {}, None
+    for line in out.splitlines():
+        if line.startswith("@"):
+            cur = groups.setdefault(line.strip(), [])
+        elif cur is not None and line.strip() and not line.strip().startswith("#"):
+            cur.append(line.strip())
+    return groups
+
+
+def expand(names, groups, seen=None):
+    seen = set() if seen is None else seen
+    out = set()
+    for n in names:
+        if n.startswith("@"):
+            if n not in seen:
+                seen.add(n)
+                out |= expand(groups.get(n, []), groups, seen)
+        else:
+            out.add(n)
+    return out
+
+
+def systemd_lets_confinement_through():
+    """SystemCallFilter= lines in order (systemd.exec(5)): the first list
+    allows, a later ~list takes away, a later list gives back."""
+    groups = syscall_groups()
+    unit = (F.REPO / "systemd" / "smimed.service").read_text()
+    allowed = set()
+    for line in unit.splitlines():
+        if not line.startswith("SystemCallFilter="):
+            continue
+        value = line.split("=", 1)[1].strip()
+        if value.startswith("~"):
+            allowed -= expand(value[1:].split(), groups)
+        else:
+            allowed |= expand(value.split(), groups)
+    need = ["landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self",
+            "seccomp", "prctl"]
+    check(not set(need[:4]) & expand(["@system-service"], groups),
+          "@system-service now has the confinement calls; the unit's line is redundant")
+    missing = [n for n in need if n not in allowed]
+    check(not missing, "the unit's SystemCallFilter refuses %s" % missing)
+
+
 def main():
     S.case("the tree starts; each worker logs user, no_new_privs, landlock, seccomp",
            tree_starts)
@@ -261,6 +308,8 @@ def main():
         S.case("SIGTERM: exit 0, confined workers exit cleanly, no sanitizer report",
                clean_stop)
     S.case("user: unknown and root are refused at load", user_option)
+    S.case("systemd unit: SystemCallFilter lets landlock_* and seccomp through",
+           systemd_lets_confinement_through)
     if T is not None and T.proc.poll() is None:
         T.proc.kill()
     S.finish()
