@@ -51,6 +51,7 @@
 typedef struct walk {
     const unsigned char *base; /* the input, for offsets in messages */
     cms_error *err;
+    unsigned long icv; /* the GCMParameters' ICV length, once read */
 } walk;
 
 /* A position inside the content of a constructed element (or the input). */
@@ -682,12 +683,14 @@ static int check_gcm(walk *w, const algid *a, const alg_list *list)
                              "the nonce must be an OCTET STRING of 12 octets");
     if (ber_done(w, &seq.in, &f))
         return -1;
+    w->icv = 12;
     r = ber_next(w, &seq.in, &f);
     if (r <= 0)
         return r;
     if (small_int(&f, &icv) || icv < 12 || icv > 16)
         return refuse_params(w, list, &a->alg,
                              "the ICV length must be 12 to 16 octets");
+    w->icv = icv;
     if (ber_done(w, &seq.in, &f))
         return -1;
     r = ber_next(w, &seq.in, &f);
@@ -893,10 +896,44 @@ static int check_recipients(walk *w, tlv *set)
     return r;
 }
 
+/* AuthEnvelopedData's mac must be as long as the ICV its GCMParameters
+ * name: OpenSSL 3.0 sets whatever length it finds as the GCM tag length and
+ * checks only that many octets, so a MAC cut to one octet would let a
+ * changed ciphertext through once in 256 tries. t is the
+ * EncryptedContentInfo; authAttrs [1] may sit between it and the mac. */
+static int check_mac(walk *w, tlv *env, tlv *t)
+{
+    tlv m;
+    size_t len;
+    int r;
+
+    if (ber_done(w, &env->in, t))
+        return -1;
+    r = ber_next(w, &env->in, &m);
+    if (r > 0 && is(&m, CONTEXT, 1, 1)) {
+        if (ber_done(w, &env->in, &m))
+            return -1;
+        r = ber_next(w, &env->in, &m);
+    }
+    if (r < 0)
+        return -1;
+    if (r == 0 || !is(&m, UNIVERSAL, m.cons, TAG_OCTET_STRING))
+        return unreadable(w, r == 0 ? env->in.p : m.at, "a MAC expected");
+    if (string_len(w, &m, &len))
+        return -1;
+    if (len != w->icv) {
+        cms_set_error(w->err, CMS_ERR_INPUT,
+                      "the MAC is %zu octets, and its GCMParameters say %lu",
+                      len, w->icv);
+        return -1;
+    }
+    return 0;
+}
+
 int cms_algs_check_enveloped(const unsigned char *der, size_t len,
                              cms_error *err)
 {
-    walk w = {der, err};
+    walk w = {der, err, 0};
     /* no arithmetic on NULL, not even + 0 (an empty body) */
     ber top = {der, der != NULL ? der + len : der, 0, 0};
     tlv ci, ex, env, t;
@@ -925,9 +962,11 @@ int cms_algs_check_enveloped(const unsigned char *der, size_t len,
                "an EncryptedContentInfo") ||
         read_oid(&w, &t.in, &type, "a content type"))
         return -1;
-    /* The rest (the content, attributes, the MAC) names no algorithm. */
-    return read_check(&w, &t.in, auth ? &gcm_list : &cbc_list,
-                      "a content encryption AlgorithmIdentifier");
+    /* The rest (the content, attributes) names no algorithm. */
+    if (read_check(&w, &t.in, auth ? &gcm_list : &cbc_list,
+                   "a content encryption AlgorithmIdentifier"))
+        return -1;
+    return auth ? check_mac(&w, &env, &t) : 0;
 }
 
 /* SignerInfo: version, sid, digestAlgorithm, [0] signedAttrs OPTIONAL,
@@ -952,13 +991,39 @@ static int check_signer(walk *w, tlv *si)
                       "a signature AlgorithmIdentifier");
 }
 
+/* OpenSSL builds every element of a SignedData's sets before verify can
+ * refuse them: 40,000 copies of a certificate (28 MB) took 5.4 s and far
+ * more memory than the body. So they are counted first. */
+static int too_many(walk *w, int max, const char *what)
+{
+    cms_set_error(w->err, CMS_ERR_INPUT, "the signed data has more than %d %s",
+                  max, what);
+    return -1;
+}
+
+/* Refuses the constructed t past max elements; t's cursor is used up. */
+static int count_max(walk *w, tlv *t, int max, const char *what)
+{
+    tlv e;
+    int n, r;
+
+    for (n = 0; (r = ber_next(w, &t->in, &e)) > 0; n++) {
+        if (n == max)
+            return too_many(w, max, what);
+        if (ber_done(w, &t->in, &e))
+            return -1;
+    }
+    return r < 0 ? -1 : 0;
+}
+
 int cms_algs_check_signed(const unsigned char *der, size_t len, cms_error *err)
 {
-    walk w = {der, err};
+    walk w = {der, err, 0};
     /* no arithmetic on NULL, not even + 0 (an empty body) */
     ber top = {der, der != NULL ? der + len : der, 0, 0};
     tlv ci, ex, sd, t, si;
     oid type;
+    size_t n;
     int r, k;
 
     if (read_content_info(&w, &top, &ci, &ex, &type))
@@ -970,9 +1035,11 @@ int cms_algs_check_signed(const unsigned char *der, size_t len, cms_error *err)
         ber_done(&w, &sd.in, &t) ||
         expect(&w, &sd.in, &t, UNIVERSAL, 1, TAG_SET, "DigestAlgorithms"))
         return -1;
-    while ((r = ber_next(&w, &t.in, &si)) > 0) {
+    for (n = 0; (r = ber_next(&w, &t.in, &si)) > 0; n++) {
         algid a;
 
+        if (n == CMS_MAX_SIGNERS)
+            return too_many(&w, CMS_MAX_SIGNERS, "digest algorithms");
         if (!is(&si, UNIVERSAL, 1, TAG_SEQUENCE))
             return unreadable(&w, si.at, "an AlgorithmIdentifier expected");
         if (algid_parse(&w, &si, &a) ||
@@ -984,15 +1051,20 @@ int cms_algs_check_signed(const unsigned char *der, size_t len, cms_error *err)
                "an EncapsulatedContentInfo") ||
         ber_done(&w, &sd.in, &t))
         return -1;
-    /* certificates [0] and crls [1]: OpenSSL's X.509 code parses them */
+    /* certificates [0] and crls [1]: OpenSSL's X.509 code parses them,
+     * only counted here */
     for (k = 0; k < 2; k++) {
         r = peek(&w, &sd.in, &t, CONTEXT, 1, (unsigned long)k);
-        if (r < 0 || (r > 0 && ber_done(&w, &sd.in, &t)))
+        if (r < 0 || (r > 0 && (count_max(&w, &t, CMS_MAX_CERTS,
+                                          k == 0 ? "certificates" : "CRLs") ||
+                                ber_done(&w, &sd.in, &t))))
             return -1;
     }
     if (expect(&w, &sd.in, &t, UNIVERSAL, 1, TAG_SET, "SignerInfos"))
         return -1;
-    while ((r = ber_next(&w, &t.in, &si)) > 0) {
+    for (n = 0; (r = ber_next(&w, &t.in, &si)) > 0; n++) {
+        if (n == CMS_MAX_SIGNERS)
+            return too_many(&w, CMS_MAX_SIGNERS, "signers");
         if (!is(&si, UNIVERSAL, 1, TAG_SEQUENCE))
             return unreadable(&w, si.at, "a SignerInfo expected");
         if (check_signer(&w, &si) || ber_done(&w, &t.in, &si))

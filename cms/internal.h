@@ -13,6 +13,14 @@
 
 #include "cms/cms.h"
 
+/* Bounds on the work one signed entity can ask for (every signer costs a
+ * signature check, a path and a pass over the certificates; every
+ * certificate a place in each path search); mail has one signer, rarely
+ * two, and a chain or two of a few certificates. cms_algs_check_signed
+ * counts them before OpenSSL parses the SignedData. */
+#define CMS_MAX_SIGNERS 16
+#define CMS_MAX_CERTS 256
+
 typedef struct cms_buf {
     unsigned char *data;
     size_t len;

@@ -628,7 +628,14 @@ struct recoder {
     size_t (*frozen)[2]; /* multipart/signed or encrypted, in out's terms */
     size_t n_frozen;
     const char *bound; /* of the multipart being walked; NULL at the top */
+    struct enclosing *enclosing; /* every multipart around the walk */
     cms_error *err;
+};
+
+/* A multipart the walk is inside, linked to the one around it. */
+struct enclosing {
+    const char *boundary;
+    struct enclosing *up;
 };
 
 /*
@@ -924,16 +931,29 @@ static int check_part_headers(const struct recoder *rc, size_t start,
 {
     size_t pos = start, end, n, lineno;
     cms_error lerr = {0};
+    int types = 0, encodings = 0;
+    long k;
 
     for (lineno = 1; start > 0 && pos < rc->text_len; lineno++) {
         end = line_end(rc->text, rc->text_len, pos);
         n = line_text_len(rc->text, pos, end);
         if (n == 0)
             break;
-        if (check_header_line(rc->text, pos, n, lineno, lineno > 1, &lerr) <
-            0) {
+        k = check_header_line(rc->text, pos, n, lineno, lineno > 1, &lerr);
+        if (k < 0) {
             cms_set_error(rc->err, CMS_ERR_INPUT, "part %s: %s", num,
                           lerr.message);
+            return -1;
+        }
+        /* Readers differ on which of two fields counts: the part one
+         * recipient's client shows would not be another's. */
+        if (k > 0 &&
+            (repeats(&types, rc->text + pos, (size_t)k, "Content-Type") ||
+             repeats(&encodings, rc->text + pos, (size_t)k,
+                     "Content-Transfer-Encoding"))) {
+            cms_set_error(rc->err, CMS_ERR_INPUT,
+                          "part %s: header line %zu repeats the %.*s field",
+                          num, lineno, (int)k, (const char *)rc->text + pos);
             return -1;
         }
         pos = end;
@@ -1009,6 +1029,8 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
     GMimeMessage *msg;
     GMimeObject *body, *part;
     const char *own = *num ? num : "1", *boundary, *outer_bound;
+    const struct enclosing *up;
+    struct enclosing here;
     char *sub, shown[80];
     int i, r;
 
@@ -1029,6 +1051,21 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
                           *num ? "part " : "the entity", num);
             return -1;
         }
+        /* RFC 2046 5.1.1: a delimiter must not appear inside an
+         * encapsulated part. An inner multipart with the boundary of one
+         * around it ends where one reader thinks and not another (the
+         * fuzzer found two walks of one text that disagreed). */
+        for (up = rc->enclosing; up != NULL; up = up->up) {
+            if (strcmp(up->boundary, boundary) == 0) {
+                cms_text_escape(shown, sizeof(shown), boundary,
+                                strlen(boundary));
+                cms_set_error(rc->err, CMS_ERR_INPUT,
+                              "part %s reuses the boundary \"%s\" of a "
+                              "multipart around it",
+                              own, shown);
+                return -1;
+            }
+        }
         if (close_delimiter_end(rc, object_start(rc, obj), boundary) == 0) {
             cms_text_escape(shown, sizeof(shown), boundary, strlen(boundary));
             cms_set_error(rc->err, CMS_ERR_INPUT,
@@ -1037,12 +1074,17 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
                           *num ? "part " : "the entity", num, shown);
             return -1;
         }
+        here.boundary = boundary;
+        here.up = rc->enclosing;
+        rc->enclosing = &here;
         outer_bound = rc->bound;
         rc->bound = boundary;
-        for (i = 0; i < g_mime_multipart_get_count(mp); i++) {
+        r = 0;
+        for (i = 0; i < g_mime_multipart_get_count(mp) && r == 0; i++) {
             if (asprintf(&sub, *num ? "%s.%d" : "%s%d", num, i + 1) < 0) {
                 cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
-                return -1;
+                r = -1;
+                break;
             }
             part = g_mime_multipart_get_part(mp, i);
             r = check_part_headers(
@@ -1050,11 +1092,10 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
             if (r == 0)
                 r = recode_object(rc, part, sub, depth + 1);
             free(sub);
-            if (r != 0)
-                return r;
         }
         rc->bound = outer_bound;
-        return 0;
+        rc->enclosing = here.up;
+        return r;
     }
     if (GMIME_IS_MESSAGE_PART(obj)) {
         msg = g_mime_message_part_get_message(GMIME_MESSAGE_PART(obj));
@@ -1078,6 +1119,35 @@ static int recode_object(struct recoder *rc, GMimeObject *obj, const char *num,
     return 0;
 }
 
+/* GMime keeps about 2 KiB per part it parses: 100,000 empty parts in a
+ * 3.8 MB body took 218 MB. A part needs a line that starts with "--" (its
+ * delimiter), so counting those lines before GMime sees the text bounds
+ * what it builds to about twice the body, whatever the boundaries are
+ * (a boundary may be dashes only, so no such line is left out). */
+#define MAX_PARTS_BASE 2000
+#define PART_PER_BYTES 1024
+
+static int too_many_parts(struct recoder *rc)
+{
+    const unsigned char *p = rc->text, *end = rc->text + rc->text_len;
+    size_t lines = 0, max = MAX_PARTS_BASE + rc->text_len / PART_PER_BYTES;
+
+    while (p < end) {
+        if (end - p >= 2 && p[0] == '-' && p[1] == '-' && ++lines > max) {
+            cms_set_error(rc->err, CMS_ERR_INPUT,
+                          "the entity has more than %zu lines that start with "
+                          "\"--\" (%d, and one per KiB; each part needs one)",
+                          max, MAX_PARTS_BASE);
+            return 1;
+        }
+        p = memchr(p, '\n', (size_t)(end - p));
+        if (p == NULL)
+            break;
+        p++;
+    }
+    return 0;
+}
+
 /* Rewrites the parts of rc->text that are not 7-bit safe into rc->out. */
 static int recode(struct recoder *rc)
 {
@@ -1091,6 +1161,8 @@ static int recode(struct recoder *rc)
         cms_set_error(rc->err, CMS_ERR_INPUT, "the entity is too large");
         return -1;
     }
+    if (too_many_parts(rc))
+        return -1;
     stream =
         g_mime_stream_mem_new_with_buffer((const char *)rc->text, rc->text_len);
     parser = g_mime_parser_new_with_stream(stream);

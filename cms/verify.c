@@ -32,11 +32,6 @@
 
 #include "cms/internal.h"
 
-/* Bounds on the work one entity can ask for (see check); mail has one
- * signer, rarely two, and a chain or two of a few certificates. */
-#define MAX_SIGNERS 16
-#define MAX_CERTS 256
-
 struct cms_verification {
     int valid;
     const char *reason;
@@ -522,22 +517,10 @@ static int check(cms_verification *v, cms_signed *sd, STACK_OF(X509) *anchors,
             goto out;
         }
     }
+    /* cms_algs_check_signed held signers and certificates to
+     * CMS_MAX_SIGNERS and CMS_MAX_CERTS before OpenSSL parsed them. */
     n = sinfos != NULL ? (size_t)sk_CMS_SignerInfo_num(sinfos) : 0;
-    /* Every signer costs a signature check, a path and a pass over the
-     * certificates; every certificate a place in each path search. */
-    if (n > MAX_SIGNERS) {
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "the signed data has more than %d signers (%zu)",
-                      MAX_SIGNERS, n);
-        goto out;
-    }
     untrusted = CMS_get1_certs(sd->cms);
-    if (sk_X509_num(untrusted) > MAX_CERTS) {
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "the signed data has more than %d certificates (%d)",
-                      MAX_CERTS, sk_X509_num(untrusted));
-        goto out;
-    }
     if (n == 0) {
         v->reason = "no_signers";
         cms_format_text(v->detail, sizeof(v->detail),

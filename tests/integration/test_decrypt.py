@@ -607,6 +607,59 @@ def refused_gcm_in_enveloped():
     still_serving()
 
 
+def der_length(n):
+    if n < 0x80:
+        return bytes([n])
+    b = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(b)]) + b
+
+
+def with_mac(der, mac):
+    """The AuthEnvelopedData DER (definite lengths, the MAC last, as openssl
+    writes it) with its MAC replaced, the enclosing lengths fixed."""
+    tag, ci_hl, ci_len = F.der_header(der, 0)
+    _, oid_hl, oid_len = F.der_header(der, ci_hl)
+    ex_at = ci_hl + oid_hl + oid_len
+    _, ex_hl, _ = F.der_header(der, ex_at)
+    env_at = ex_at + ex_hl
+    _, env_hl, env_len = F.der_header(der, env_at)
+    body = der[env_at + env_hl:env_at + env_hl + env_len]
+    _, mac_hl, mac_len = F.der_header(der, len(der) - 18)
+    check(der[-18:-16] == b"\x04\x10", "the GCM envelope does not end with a 16-octet MAC")
+    body = body[:-18] + b"\x04" + der_length(len(mac)) + mac
+    env = b"\x30" + der_length(len(body)) + body
+    ex = b"\xa0" + der_length(len(env)) + env
+    ci = der[ci_hl:ci_hl + oid_hl + oid_len] + ex
+    return b"\x30" + der_length(len(ci)) + ci
+
+
+def gcm_mac_of_icv_length():
+    """AuthEnvelopedData's MAC must be as long as its ICV: OpenSSL takes a
+    MAC cut to one octet as a one-octet tag (a changed ciphertext would pass
+    once in 256 tries). Cut, grown, or unlike the ICV the parameters name:
+    422 invalid_smime; the envelope as written still decrypts."""
+    msg = plain("gcm mac length")
+    der = F.openssl_encrypt(msg, [DEMO_RSA], WORK, "-aes-256-gcm", outform="DER")
+    mac = der[-16:]
+    decrypt_ok(F.pkcs7_mime(with_mac(der, mac)), "demo-rsa", msg)
+    for what, m in (("one octet", mac[:1]), ("four octets", mac[:4]),
+                    ("twelve octets", mac[:12]), ("seventeen octets", mac + b"\0")):
+        r = post_entity(F.pkcs7_mime(with_mac(der, m)))
+        try:
+            j = F.expect_error(r, 422, "invalid_smime")
+        except AssertionError as e:
+            raise AssertionError("a MAC of %s: %s" % (what, e))
+        check("MAC is %d octets" % len(m) in j["error"]["message"], "message %r" % j["error"]["message"])
+    # the ICV named as 12 (INTEGER 16 -> 12, same length) with the 16-octet MAC
+    i = F.find_after(der, bytes.fromhex("060960864801650304012e"), "aes-256-gcm OID")
+    tag, hl, ln = F.der_header(der, i)
+    icv = i + hl + ln - 3
+    eq(der[icv:icv + 3], b"\x02\x01\x10", "the ICV length field")
+    r = post_entity(F.pkcs7_mime(F.replace_at(der, icv, b"\x02\x01\x0c")))
+    F.expect_error(r, 422, "invalid_smime")
+    still_serving()
+
+
 def signed_md5_inside():
     """A decrypted entity signed with MD5: the plaintext comes back, signed,
     with a negative verification; /v1/verify refuses the same entity."""
@@ -858,6 +911,7 @@ def main():
     S.case("RSA-OAEP with MD5: 422 unsupported_algorithm", refused_oaep_md5)
     S.case("ECMQV key agreement: 422 unsupported_algorithm", refused_kdf)
     S.case("AES-GCM inside EnvelopedData: 422 unsupported_algorithm", refused_gcm_in_enveloped)
+    S.case("AuthEnvelopedData: a MAC shorter or longer than its ICV is 422", gcm_mac_of_icv_length)
     S.case("MD5-signed inside, verify: plaintext, signed, unsupported_algorithm", signed_md5_inside)
     S.case("truncated CMS: 422 invalid_smime", bad_truncated)
     S.case("garbage base64 body: 422 invalid_smime", bad_garbage_base64)

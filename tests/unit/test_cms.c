@@ -1668,10 +1668,10 @@ static void test_deep_nesting(void)
     verified_free(&v);
 
     r = NULL;
-    tap_ok(sign_nested(3000, &r, &err, &v) == -1 &&
+    tap_ok(sign_nested(900, &r, &err, &v) == -1 &&
                err.status == CMS_ERR_INPUT &&
                strstr(err.message, "nested deeper") != NULL && r == NULL,
-           "3000 levels are refused (%s)", err.message);
+           "900 levels are refused (%s)", err.message);
 }
 
 static void *sign_loop(void *arg)
