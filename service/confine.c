@@ -37,7 +37,12 @@ int confine_is_active(void)
     return confined;
 }
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CONFINE_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(CONFINE_ASAN)
 /* LeakSanitizer's check at exit stops the world with ptrace from a cloned
  * thread and reads /proc/self/task: neither is left to a confined
  * process, and a failed check would turn every worker's exit into an
@@ -359,11 +364,11 @@ static int add_conditional(scmp_filter_ctx ctx)
     const struct scmp_arg_cmp no_write[] = {
         SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_WRITE, 0)};
     const struct scmp_arg_cmp self[] = {
-        SCMP_A0(SCMP_CMP_EQ, (scmp_datum_t)getpid())};
-    const struct scmp_arg_cmp get_limit[] = {SCMP_A2(SCMP_CMP_EQ, 0)};
-    const struct scmp_arg_cmp prctls[] = {SCMP_A0(SCMP_CMP_EQ, PR_SET_NAME),
-                                          SCMP_A0(SCMP_CMP_EQ, PR_GET_NAME)};
-    const struct scmp_arg_cmp tty[] = {SCMP_A1(SCMP_CMP_EQ, TCGETS)};
+        SCMP_A0(SCMP_CMP_EQ, (scmp_datum_t)getpid(), 0)};
+    const struct scmp_arg_cmp get_limit[] = {SCMP_A2(SCMP_CMP_EQ, 0, 0)};
+    const struct scmp_arg_cmp prctls[] = {SCMP_A0(SCMP_CMP_EQ, PR_SET_NAME, 0),
+                                          SCMP_A0(SCMP_CMP_EQ, PR_GET_NAME, 0)};
+    const struct scmp_arg_cmp tty[] = {SCMP_A1(SCMP_CMP_EQ, TCGETS, 0)};
     int r[10], n = 0;
     size_t i;
 
