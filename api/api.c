@@ -54,16 +54,29 @@ int api_fail(api_error *err, int status, const char *code, const char *fmt, ...)
     return -1;
 }
 
-int api_fail_token(api_error *err, const token_error *terr)
+int api_fail_rkey(api_error *err, const rkey_error *e)
 {
-    if (terr->status == TOKEN_ERR_BUSY) {
-        api_fail(err, 503, "token_busy", "%s", terr->message);
-        err->retry_after = 1;
-    } else {
-        api_fail(err, 503, "token_unavailable", "%s", terr->message);
-        err->retry_after = 5;
+    switch (e->status) {
+    case RKEY_BUSY:
+        api_fail(err, 503, "token_busy", "%s", e->message);
+        err->retry_after = e->retry_after > 0 ? (int)e->retry_after : 1;
+        return -1;
+    case RKEY_NOT_FOUND:
+        return api_fail(err, 404, "unknown_key", "%s", e->message);
+    case RKEY_UNSUPPORTED:
+        return api_fail(err, 422, "operation_unsupported", "%s", e->message);
+    case RKEY_AUDIT_FAILED:
+        return api_fail(err, 500, "audit_failed",
+                        "the audit record could not be written; the result "
+                        "is withheld");
+    case RKEY_BAD_REQUEST:
+    case RKEY_INTERNAL:
+        return api_fail(err, 500, "internal_error", "%s", e->message);
+    default:
+        api_fail(err, 503, "token_unavailable", "%s", e->message);
+        err->retry_after = e->retry_after > 0 ? (int)e->retry_after : 5;
+        return -1;
     }
-    return -1;
 }
 
 int api_fail_cms(api_error *err, const cms_error *cerr)
@@ -161,14 +174,14 @@ int api_route_check_media(const api_route *route, const char *content_type,
                     content_type != NULL ? content_type : "none");
 }
 
-api *api_new(token_set *tokens, STACK_OF(X509) *trust, const char *trust_dir,
+api *api_new(rkey_client *keys, STACK_OF(X509) *trust, const char *trust_dir,
              STACK_OF(X509_CRL) *crls)
 {
     api *a = calloc(1, sizeof(*a));
 
     if (a == NULL)
         return NULL;
-    a->tokens = tokens;
+    a->keys = keys;
     a->trust = trust;
     a->trust_dir = trust_dir;
     a->crls = crls;
@@ -178,11 +191,6 @@ api *api_new(token_set *tokens, STACK_OF(X509) *trust, const char *trust_dir,
 void api_free(api *a)
 {
     free(a);
-}
-
-token_set *api_tokens0(const api *a)
-{
-    return a->tokens;
 }
 
 void api_response_clear(api_response *res)
@@ -736,10 +744,10 @@ int api_input_key(api_input *in, const char *name, const char **out,
 {
     if (api_input_string(in, name, out, err) != 0)
         return -1;
-    if (*out != NULL && strlen(*out) > TOKEN_KEY_NAME_MAX)
+    if (*out != NULL && strlen(*out) > PROTO_NAME_MAX)
         return api_fail(err, 400, "invalid_field",
                         "%s: key names are at most %d bytes", name,
-                        TOKEN_KEY_NAME_MAX);
+                        PROTO_NAME_MAX);
     return 0;
 }
 

@@ -9,7 +9,7 @@
 
 #include <stddef.h>
 
-#include "token/token.h"
+#include "rkey/client.h"
 
 typedef struct api_error {
     int status;       /* HTTP status */
@@ -65,8 +65,8 @@ typedef struct api_response {
     size_t body_len;
     api_header headers[API_MAX_HEADERS];
     size_t nheaders;
-    char key[TOKEN_KEY_NAME_MAX + 1]; /* key used; may be empty */
-    const char *error; /* error code of an error response, static */
+    char key[PROTO_NAME_MAX + 1]; /* key used; may be empty */
+    const char *error;            /* error code of an error response, static */
     /* for the audit trail: operation is set (static: "sign", "decrypt")
      * once a private-key request passed its syntax checks; key_op once the
      * key is about to be used, when the record must be written before the
@@ -103,6 +103,10 @@ typedef struct api_body {
 } api_body;
 
 typedef struct api_request {
+    /* what the key process records of the request (proto_claims): its id
+     * and the peer's address */
+    const char *request_id;
+    const char *remote;
     const char *authorization; /* the Authorization header; may be NULL */
     size_t authorization_len;  /* its length, a NUL inside it counted */
     const api_peer *peer;      /* NULL without a client certificate */
@@ -118,14 +122,16 @@ typedef struct api_request {
 
 typedef struct api api;
 
-/* tokens, trust and crls are borrowed and must outlive the api; trust,
- * trust_dir and crls (trust anchors and revocation lists for verification)
- * may be NULL. */
-api *api_new(token_set *tokens, STACK_OF(X509) *trust, const char *trust_dir,
+/* keys (the key process: its directory, its private-key operations,
+ * its token states), trust and crls are borrowed and must outlive the
+ * api; trust, trust_dir and crls (trust anchors and revocation lists for
+ * verification) may be NULL. The calling threads' key-protocol claims are
+ * set for each private-key operation (rkey_claims_set) and left set: the
+ * caller reads rkey_claims_ops to know whether the request ends with
+ * rkey_finish. */
+api *api_new(rkey_client *keys, STACK_OF(X509) *trust, const char *trust_dir,
              STACK_OF(X509_CRL) *crls);
 void api_free(api *a);
-/* The token set the api serves, borrowed (for /metrics). */
-token_set *api_tokens0(const api *a);
 
 /* Private-key operations a client may be allowed, as bits. */
 typedef enum {

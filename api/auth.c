@@ -196,6 +196,22 @@ void api_digest_finish(api_input *in)
     in->digest_res = NULL;
 }
 
+void api_claims_set(const api_request *req, api_response *res, api_input *in)
+{
+    proto_claims c;
+
+    memset(&c, 0, sizeof(c));
+    api_digest_finish(in);
+    snprintf(c.request_id, sizeof(c.request_id), "%s",
+             req->request_id != NULL ? req->request_id : "");
+    snprintf(c.client, sizeof(c.client), "%s", res->client);
+    snprintf(c.remote, sizeof(c.remote), "%s",
+             req->remote != NULL ? req->remote : "");
+    snprintf(c.content_sha256, sizeof(c.content_sha256), "%s",
+             res->content_sha256);
+    rkey_claims_set(&c);
+}
+
 int api_authorize(const api_request *req, api_response *res, api_input *in,
                   const char *key, api_op op, api_error *err)
 {

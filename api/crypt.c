@@ -101,38 +101,58 @@ int api_recipients_read(api_input *in, const char *field, int required,
     return 0;
 }
 
-int api_recipients_resolve(api *a, api_recipients *r, api_error *err)
+/* The certificates of the recipients named by key: only names need the
+ * key process's directory, PEM recipients do not. */
+static int resolve_names(api *a, api_recipients *r, api_error *err)
 {
-    token_key *key;
-    cms_error cerr = {0};
+    rkey_dir *dir = NULL;
+    rkey_key *key;
     char missing[160];
     size_t i;
+    int ret = -1;
 
-    if (r->names.count == 0)
-        return 0;
     for (i = 0; i < r->names.count; i++) {
         if (r->slots[i] != NULL)
             continue;
-        key = token_set_find_key(a->tokens, r->names.items[i]);
+        if (dir == NULL && (dir = api_dir_get1(a, err)) == NULL)
+            goto out;
+        key = rkey_dir_find_key(dir, r->names.items[i]);
         if (key == NULL) {
             /* a discovery token that is down may hold it (a reload that
              * met the token absent serves none of its keys) */
             snprintf(missing, sizeof(missing),
                      "%s[%zu]: no key named \"%.60s\" is available", r->field,
                      i, r->names.items[i]);
-            if (api_fail_if_discovery_down(a, missing, err) == 0)
+            if (api_fail_if_discovery_down(dir, missing, err) == 0)
                 api_fail(err, 404, "unknown_key",
                          "%s[%zu]: no key named \"%s\"", r->field, i,
                          r->names.items[i]);
-            return -1;
+            goto out;
         }
-        if (token_key_cert0(key) == NULL)
-            return api_fail(err, 422, "unfit_recipient",
-                            "%s[%zu]: key \"%s\" has no certificate", r->field,
-                            i, r->names.items[i]);
-        r->slots[i] = token_key_cert0(key);
+        if (rkey_key_cert0(key) == NULL) {
+            api_fail(err, 422, "unfit_recipient",
+                     "%s[%zu]: key \"%s\" has no certificate", r->field, i,
+                     r->names.items[i]);
+            goto out;
+        }
+        r->slots[i] = rkey_key_cert0(key);
         X509_up_ref(r->slots[i]);
     }
+    ret = 0;
+out:
+    rkey_dir_free(dir);
+    return ret;
+}
+
+int api_recipients_resolve(api *a, api_recipients *r, api_error *err)
+{
+    cms_error cerr = {0};
+    size_t i;
+
+    if (r->names.count == 0)
+        return 0;
+    if (resolve_names(a, r, err) != 0)
+        return -1;
     for (i = 0; !r->allow_unfit && i < r->names.count; i++) {
         if (cms_recipient_check(r->slots[i], &cerr) != 0)
             return api_fail(err, 422, "unfit_recipient", "%s[%zu]: %s",
@@ -205,25 +225,26 @@ out:
  * served key whose certificate a RecipientInfo names, that the client may
  * use and that may decrypt now. *denied is a named key the client may not
  * use, when that is all there is. */
-static token_key *choose_key(api *a, const api_request *req,
-                             const cms_envelope *env, token_key **denied,
-                             api_error *err)
+static rkey_key *choose_key(rkey_dir *d, const api_request *req,
+                            const cms_envelope *env, rkey_key **denied,
+                            api_error *err)
 {
-    token_key *key, *named = NULL;
+    rkey_key *key, *named = NULL;
     size_t i;
 
     *denied = NULL;
-    for (i = 0; i < token_set_count_keys(a->tokens); i++) {
-        key = token_set_key_at(a->tokens, i);
-        if (token_key_cert0(key) == NULL ||
-            !cms_envelope_names(env, token_key_cert0(key)))
+    for (i = 0; i < rkey_dir_count_keys(d); i++) {
+        key = rkey_dir_key_at(d, i);
+        if (rkey_key_cert0(key) == NULL ||
+            !cms_envelope_names(env, rkey_key_cert0(key)))
             continue;
-        if (!api_client_may(req, token_key_name(key), API_OP_DECRYPT)) {
+        if (!api_client_may(req, rkey_key_name(key), API_OP_DECRYPT)) {
             if (*denied == NULL)
                 *denied = key;
             continue;
         }
-        if (token_key_usable(key, TOKEN_USE_DECRYPT, NULL))
+        if (rkey_key_usable(key, RKEY_USE_DECRYPT, NULL) &&
+            rkey_key_pkey0(key) != NULL)
             return key;
         if (named == NULL)
             named = key;
@@ -231,12 +252,12 @@ static token_key *choose_key(api *a, const api_request *req,
     /* named but not usable: say why rather than "no recipient" */
     if (named != NULL) {
         *denied = NULL;
-        api_check_key(a, named, TOKEN_USE_DECRYPT, err);
+        api_check_key(d, named, RKEY_USE_DECRYPT, err);
         return NULL;
     }
     if (*denied != NULL)
         return NULL;
-    if (api_fail_if_discovery_down(a, "no served key is a recipient", err) == 0)
+    if (api_fail_if_discovery_down(d, "no served key is a recipient", err) == 0)
         api_fail(err, 422, "no_matching_recipient",
                  "none of the served keys is a recipient of this message");
     return NULL;
@@ -244,47 +265,40 @@ static token_key *choose_key(api *a, const api_request *req,
 
 /* The forced key, once the envelope is known: it must be a recipient
  * (422) and usable (503). */
-static int check_forced(api *a, token_key *key, const cms_envelope *env,
-                        api_error *err)
+static int check_forced(const rkey_dir *d, const rkey_key *key,
+                        const cms_envelope *env, api_error *err)
 {
-    if (!cms_envelope_names(env, token_key_cert0(key)))
+    if (!cms_envelope_names(env, rkey_key_cert0(key)))
         return api_fail(err, 422, "no_matching_recipient",
                         "key \"%s\" is not among the message's recipients",
-                        token_key_name(key));
-    return api_check_key(a, key, TOKEN_USE_DECRYPT, err);
+                        rkey_key_name(key));
+    return api_check_key(d, key, RKEY_USE_DECRYPT, err);
 }
 
-/* Decrypts with the key's token operation slot held. A failure is
- * 422 decryption_failed unless the token is to blame: OpenSSL's CMS hides
- * the token's error (it goes on with a random key, so that bad padding
- * looks like a wrong key), so token_key_check_fault finds out from the
- * token alone, with a probe and an operation of its own on input the
- * client has no part in: whether this is a 503 depends on the token, never
- * on the ciphertext. Dead sessions are re-opened and the decryption is
- * tried once more, as for a signature; failing again on the re-opened
- * context is a 503 too. */
-static int decrypt_on_token(token_key *key, cms_envelope *env, cms_result **out,
-                            int *is_signed, api_error *err)
+/* Decrypts with the key in the key process. A failure is 422
+ * decryption_failed unless the key process says the token is to blame:
+ * OpenSSL's CMS hides the operation's error (it goes on with a random key,
+ * so that bad padding looks like a wrong key), and the key process
+ * answers every failure of the decryption itself alike ("failed"), telling
+ * a token fault apart on its own (token_key_check_fault, with a retry on a
+ * rebuilt context), so whether this is a 503 depends on the token, never
+ * on the ciphertext. */
+static int decrypt_remote(const api_request *req, api_response *res,
+                          api_input *in, const rkey_key *key, cms_envelope *env,
+                          cms_result **out, int *is_signed, api_error *err)
 {
-    token_error terr = {0};
+    const rkey_error *e;
     cms_error cerr = {0};
-    EVP_PKEY *pkey;
-    int rc, tries = 0, fault;
 
-    do {
-        if (token_key_acquire(key, TOKEN_USE_DECRYPT, &pkey, &terr) != 0)
-            return api_fail_token(err, &terr);
-        rc = cms_envelope_decrypt(env, pkey, token_key_cert0(key), out,
-                                  is_signed, &cerr);
-        token_key_release(key);
-        if (rc == 0)
-            return 0;
-        fault = cerr.status == CMS_ERR_DECRYPT
-                    ? token_key_check_fault(key, &terr)
-                    : 0;
-    } while (fault > 0 && tries++ == 0);
-    if (fault != 0)
-        return api_fail_token(err, &terr);
+    api_claims_set(req, res, in);
+    rkey_error_clear();
+    if (cms_envelope_decrypt(env, rkey_key_pkey0(key), rkey_key_cert0(key), out,
+                             is_signed, &cerr) == 0)
+        return 0;
+    e = rkey_last_error();
+    if (e->status != RKEY_OK && e->status != RKEY_FAILED &&
+        (cerr.status == CMS_ERR_DECRYPT || cerr.status == CMS_ERR_KEY))
+        return api_fail_rkey(err, e);
     return api_fail_cms(err, &cerr);
 }
 
@@ -328,7 +342,8 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
     cms_envelope *env = NULL;
     cms_result *plain = NULL;
     cms_error cerr = {0};
-    token_key *key = NULL, *denied = NULL;
+    rkey_dir *dir = NULL;
+    rkey_key *key = NULL, *denied = NULL;
     json_t *fields_out = NULL, *verification = NULL;
     const unsigned char *data;
     size_t len;
@@ -346,8 +361,8 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
     if (forced != NULL) {
         if (api_authorize(req, res, &in, forced, API_OP_DECRYPT, err) != 0)
             goto out;
-        key = api_lookup_key(a, forced, err);
-        if (key == NULL)
+        if ((dir = api_dir_get1(a, err)) == NULL ||
+            (key = api_lookup_key(dir, forced, err)) == NULL)
             goto out;
     }
     if (cms_envelope_parse(in.mime, in.mime_len, &env, &cerr) != 0) {
@@ -358,25 +373,27 @@ int api_handle_decrypt(api *a, const api_request *req, api_response *res,
         goto out;
     }
     if (key != NULL) {
-        if (check_forced(a, key, env, err) != 0)
+        if (check_forced(dir, key, env, err) != 0)
             goto out;
     } else {
-        key = choose_key(a, req, env, &denied, err);
+        if ((dir = api_dir_get1(a, err)) == NULL)
+            goto out;
+        key = choose_key(dir, req, env, &denied, err);
         /* only keys the client may not use open it: 403, and audited */
         if (key == NULL && denied != NULL)
-            api_authorize(req, res, &in, token_key_name(denied), API_OP_DECRYPT,
+            api_authorize(req, res, &in, rkey_key_name(denied), API_OP_DECRYPT,
                           err);
-        if (key == NULL || api_authorize(req, res, &in, token_key_name(key),
+        if (key == NULL || api_authorize(req, res, &in, rkey_key_name(key),
                                          API_OP_DECRYPT, err) != 0)
             goto out;
     }
     res->key_op = 1;
-    if (decrypt_on_token(key, env, &plain, &is_signed, err) != 0)
+    if (decrypt_remote(req, res, &in, key, env, &plain, &is_signed, err) != 0)
         goto out;
     if (verify && decrypt_verification(a, &trust, plain, is_signed,
                                        &verification, err) != 0)
         goto out;
-    fields_out = json_pack("{s:s,s:b,s:o*}", "key", token_key_name(key),
+    fields_out = json_pack("{s:s,s:b,s:o*}", "key", rkey_key_name(key),
                            "signed", is_signed, "verification", verification);
     verification = NULL;
     data = cms_result_data(plain, &len);
@@ -389,6 +406,7 @@ out:
     json_decref(verification);
     cms_result_free(plain);
     cms_envelope_free(env);
+    rkey_dir_free(dir);
     api_trust_clear(&trust);
     api_input_close(&in);
     return ret;

@@ -10,10 +10,11 @@
 #include "api/api.h"
 #include "api/query.h"
 #include "cms/cms.h"
+#include "rkey/rkey.h"
 
 /* Everything is borrowed from the service's configuration. */
 struct api {
-    token_set *tokens;
+    rkey_client *keys;
     STACK_OF(X509) *trust;
     const char *trust_dir;
     STACK_OF(X509_CRL) *crls;
@@ -23,8 +24,13 @@ struct api {
 
 /* ---- errors and responses (api.c) ---- */
 
-/* 503 from a token failure, with Retry-After. */
-int api_fail_token(api_error *err, const token_error *terr);
+/* The answer to a private-key operation that failed in the key process
+ * (rkey_last_error): 503 token_busy / token_unavailable with Retry-After
+ * (a signature that failed on the token, too), 404 unknown_key (the key
+ * went between the directory and the operation), 422
+ * operation_unsupported, 500 audit_failed or internal_error. A decryption
+ * that failed is the caller's 422. */
+int api_fail_rkey(api_error *err, const rkey_error *e);
 /* The status and code of a cms/ failure. */
 int api_fail_cms(api_error *err, const cms_error *cerr);
 
@@ -112,15 +118,20 @@ void api_strings_clear(api_strings *s);
 
 /* ---- keys (keys.c) ---- */
 
+/* The key directory, a reference the caller drops with rkey_dir_free;
+ * NULL with 503 token_unavailable when the key process cannot be reached. */
+rkey_dir *api_dir_get1(api *a, api_error *err);
 /* 503 token_unavailable (-1) when a discovery token is down: it may hold
  * what the request asks for (missing says what), and "unknown" would send
  * the caller looking in the wrong place. 0 otherwise. */
-int api_fail_if_discovery_down(api *a, const char *missing, api_error *err);
+int api_fail_if_discovery_down(const rkey_dir *d, const char *missing,
+                               api_error *err);
 /* 404 unknown_key (503 when a discovery token that may hold it is down). */
-token_key *api_lookup_key(api *a, const char *name, api_error *err);
+rkey_key *api_lookup_key(rkey_dir *d, const char *name, api_error *err);
 /* 503 key_unavailable when key cannot be used for use now. Checked after
  * everything about the request itself (422 comes before 503). */
-int api_check_key(api *a, token_key *key, token_use use, api_error *err);
+int api_check_key(const rkey_dir *d, const rkey_key *key, rkey_use use,
+                  api_error *err);
 
 /* ---- authorisation (auth.c) ---- */
 
@@ -135,6 +146,10 @@ int api_authorize(const api_request *req, api_response *res, api_input *in,
 void api_digest_finish(api_input *in);
 /* 1 when the request's client may use key for op (no error). */
 int api_client_may(const api_request *req, const char *key, api_op op);
+/* The calling thread's key-protocol claims for the private-key operation
+ * about to run: the request's id, client and remote, and the entity's
+ * digest (waited for, when api_authorize left it running). */
+void api_claims_set(const api_request *req, api_response *res, api_input *in);
 
 /* ---- encryption (crypt.c) ---- */
 

@@ -68,30 +68,23 @@ static json_t *sign_fields_json(const sign_params *p, const cms_result *r,
     return fields;
 }
 
-/* The one private-key operation of a signing, with the key's token
- * operation slot held for it alone: the entity was prepared and digested,
- * and the SignedData built, before (cms_signing_new). */
-static int sign_on_token(token_key *key, cms_signing *s, api_error *err)
+/* The one private-key operation of a signing, in the key process: the
+ * entity was prepared and digested, and the SignedData built, before
+ * (cms_signing_new). The key process retries once on a rebuilt token
+ * itself; what comes back here is its final word. */
+static int sign_remote(const api_request *req, api_response *res, api_input *in,
+                       const rkey_key *key, cms_signing *s, api_error *err)
 {
-    token_error terr = {0};
+    const rkey_error *e;
     cms_error cerr = {0};
-    EVP_PKEY *pkey;
-    int rc, tries = 0, fault;
 
-    do {
-        if (token_key_acquire(key, TOKEN_USE_SIGN, &pkey, &terr) != 0)
-            return api_fail_token(err, &terr);
-        rc = cms_signing_sign(s, pkey, &cerr);
-        token_key_release(key);
-        if (rc == 0)
-            return 0;
-        /* a token that stopped answering is a 503, whatever OpenSSL said;
-         * one whose sessions died is re-opened and asked once more */
-        fault =
-            cerr.status == CMS_ERR_KEY ? token_key_check_fault(key, &terr) : 0;
-    } while (fault > 0 && tries++ == 0);
-    if (fault < 0)
-        return api_fail_token(err, &terr);
+    api_claims_set(req, res, in);
+    rkey_error_clear();
+    if (cms_signing_sign(s, rkey_key_pkey0(key), &cerr) == 0)
+        return 0;
+    e = rkey_last_error();
+    if (cerr.status == CMS_ERR_KEY && e->status != RKEY_OK)
+        return api_fail_rkey(err, e);
     return api_fail_cms(err, &cerr);
 }
 
@@ -101,7 +94,8 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
     api_input in;
     sign_params p = {0};
     api_recipients rcpt = {0};
-    token_key *key;
+    rkey_dir *dir = NULL;
+    rkey_key *key;
     cms_error cerr = {0};
     cms_prepared *prep = NULL;
     cms_signing *signing = NULL;
@@ -123,18 +117,21 @@ int api_handle_sign(api *a, const api_request *req, api_response *res,
     }
     if (api_authorize(req, res, &in, p.key, API_OP_SIGN, err) != 0)
         goto out;
-    key = api_lookup_key(a, p.key, err);
+    dir = api_dir_get1(a, err);
+    if (dir == NULL)
+        goto out;
+    key = api_lookup_key(dir, p.key, err);
     if (key == NULL || api_recipients_resolve(a, &rcpt, err) != 0)
         goto out;
-    if (api_check_key(a, key, TOKEN_USE_SIGN, err) != 0)
+    if (api_check_key(dir, key, RKEY_USE_SIGN, err) != 0)
         goto out;
     res->key_op = 1;
-    if (cms_signing_new(prep, token_key_cert0(key), token_key_chain0(key),
-                        p.mode, p.digest, &signing, &cerr) != 0) {
+    if (cms_signing_new(prep, rkey_key_cert0(key), rkey_key_chain0(key), p.mode,
+                        p.digest, &signing, &cerr) != 0) {
         api_fail_cms(err, &cerr);
         goto out;
     }
-    if (sign_on_token(key, signing, err) != 0)
+    if (sign_remote(req, res, &in, key, signing, err) != 0)
         goto out;
     if (cms_signing_finish(signing, &signed_res, &cerr) != 0) {
         api_fail_cms(err, &cerr);
@@ -170,6 +167,7 @@ out:
     cms_signing_free(signing);
     cms_prepared_free(prep);
     api_recipients_clear(&rcpt);
+    rkey_dir_free(dir);
     api_input_close(&in);
     return ret;
 }

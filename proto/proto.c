@@ -117,6 +117,15 @@ const char *proto_status_name(proto_status status)
     return (unsigned)status < PROTO_STATUS_COUNT ? names[status] : "unknown";
 }
 
+const char *proto_token_state_name(unsigned state)
+{
+    static const char *const names[PROTO_TOKEN_STATE_COUNT] = {
+        "ready", "down", "busy", "pin_rejected", "recovering",
+    };
+
+    return state < PROTO_TOKEN_STATE_COUNT ? names[state] : "down";
+}
+
 size_t proto_md_size(unsigned md)
 {
     static const size_t sizes[PROTO_MD_COUNT] = {0, 20, 28, 32, 48, 64};

@@ -112,6 +112,10 @@ typedef enum {
     PROTO_TOKEN_STATE_COUNT
 } proto_token_state;
 
+/* "ready", "down", ... as token_state_name; "down" for a number out of
+ * range. */
+const char *proto_token_state_name(unsigned state);
+
 /* What a worker says about the request a key operation serves; the key
  * process records it as asserted by the worker. Strings are
  * NUL-terminated; "" is absent (client, remote, content_sha256). */

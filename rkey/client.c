@@ -16,11 +16,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/bn.h>
 #include <openssl/crypto.h>
+#include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/obj_mac.h>
 
 #include "rkey/client.h"
+#include "rkey/rkey.h"
 
 /* How often the reader looks at the waiters' deadlines, at most. */
 #define READER_TICK_MS 250
@@ -50,6 +53,7 @@ struct rkey_key {
     char reason_decrypt[PROTO_REASON_MAX + 1];
     X509 *cert;
     STACK_OF(X509) *chain;
+    EVP_PKEY *pkey; /* private operations go to the key process */
 };
 
 struct rkey_dir {
@@ -88,6 +92,8 @@ struct rkey_client {
 
 static __thread proto_claims tl_claims;
 static __thread int tl_has_claims;
+/* key operations sent with tl_claims since they were set */
+static __thread unsigned tl_ops;
 
 static void fail(rkey_failure *f, proto_status st, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -128,8 +134,14 @@ static long ms_until(const struct timespec *t)
 void rkey_claims_set(const proto_claims *claims)
 {
     tl_has_claims = claims != NULL;
+    tl_ops = 0;
     if (claims != NULL)
         tl_claims = *claims;
+}
+
+unsigned rkey_claims_ops(void)
+{
+    return tl_ops;
 }
 
 unsigned rkey_md_from_nid(int nid)
@@ -489,6 +501,7 @@ static int take_claims(proto_claims *out, rkey_failure *f)
         return -1;
     }
     *out = tl_claims;
+    tl_ops++;
     return 0;
 }
 
@@ -674,10 +687,186 @@ int rkey_state(rkey_client *c, proto_token_entry **tokens, size_t *count,
     return -1;
 }
 
+/* ---- the provider's backend: a directory key's private operations ---- */
+
+/* An EVP_PKEY's handle: which key, through which client. The client
+ * outlives every EVP_PKEY (it is the worker's for its whole life). */
+typedef struct remote_key {
+    rkey_client *c;
+    size_t half; /* ECDSA: the group order's length, the half of r || s */
+    char name[PROTO_NAME_MAX + 1];
+} remote_key;
+
+static rkey_status status_from_proto(proto_status st)
+{
+    switch (st) {
+    case PROTO_OK:
+        return RKEY_OK;
+    case PROTO_BUSY:
+        return RKEY_BUSY;
+    case PROTO_UNAVAILABLE:
+        return RKEY_UNAVAILABLE;
+    case PROTO_NOT_FOUND:
+        return RKEY_NOT_FOUND;
+    case PROTO_UNSUPPORTED:
+        return RKEY_UNSUPPORTED;
+    case PROTO_FAILED:
+        return RKEY_FAILED;
+    case PROTO_AUDIT_FAILED:
+        return RKEY_AUDIT_FAILED;
+    case PROTO_BAD_REQUEST:
+        return RKEY_BAD_REQUEST;
+    default:
+        return RKEY_INTERNAL;
+    }
+}
+
+static int remote_fail(const rkey_failure *f, rkey_error *err)
+{
+    err->status = status_from_proto(f->status);
+    err->retry_after = f->retry_after;
+    snprintf(err->message, sizeof(err->message), "%.255s", f->message);
+    return -1;
+}
+
+static int remote_sign(void *handle, const rkey_sign_params *p,
+                       const unsigned char *tbs, size_t tbs_len,
+                       unsigned char *sig, size_t *sig_len, rkey_error *err)
+{
+    const remote_key *rk = handle;
+    rkey_sign_args a = {0};
+    rkey_failure f = {0};
+    unsigned char der[2 * PROTO_SECRET_MAX + 16];
+    const unsigned char *q = der;
+    size_t der_len = sizeof(der);
+    ECDSA_SIG *es;
+    const BIGNUM *r, *s;
+    int ok;
+
+    switch (p->mech) {
+    case RKEY_SIGN_RSA_PKCS1:
+        /* tbs is the DigestInfo, which the key process checks itself */
+        a.mech = PROTO_SIGN_RSA_PKCS1;
+        a.md = PROTO_MD_NONE;
+        break;
+    case RKEY_SIGN_RSA_PSS:
+        a.mech = PROTO_SIGN_RSA_PSS;
+        a.md = rkey_md_from_nid(p->md_nid);
+        a.mgf1_md = rkey_md_from_nid(p->mgf1_nid);
+        a.salt_len = p->salt_len < 0 ? 0 : (uint32_t)p->salt_len;
+        break;
+    default:
+        a.mech = PROTO_SIGN_ECDSA;
+        a.md = rkey_md_from_nid(p->md_nid);
+    }
+    if (a.md == PROTO_MD_COUNT || a.mgf1_md == PROTO_MD_COUNT) {
+        err->status = RKEY_UNSUPPORTED;
+        snprintf(err->message, sizeof(err->message),
+                 "a digest the key protocol does not carry");
+        return -1;
+    }
+    if (a.mech != PROTO_SIGN_ECDSA)
+        return rkey_sign(rk->c, rk->name, &a, tbs, tbs_len, sig, sig_len, &f) ==
+                       0
+                   ? 0
+                   : remote_fail(&f, err);
+    /* the key process answers what EVP_PKEY_sign makes, DER; the provider
+     * takes r || s as PKCS#11 gives it */
+    if (rkey_sign(rk->c, rk->name, &a, tbs, tbs_len, der, &der_len, &f) != 0)
+        return remote_fail(&f, err);
+    es = d2i_ECDSA_SIG(NULL, &q, (long)der_len);
+    ECDSA_SIG_get0(es, &r, &s);
+    ok = es != NULL && q == der + der_len && *sig_len >= 2 * rk->half &&
+         BN_bn2binpad(r, sig, (int)rk->half) == (int)rk->half &&
+         BN_bn2binpad(s, sig + rk->half, (int)rk->half) == (int)rk->half;
+    ECDSA_SIG_free(es);
+    ERR_clear_error();
+    if (!ok) {
+        err->status = RKEY_INTERNAL;
+        snprintf(err->message, sizeof(err->message),
+                 "the key process sent an ECDSA signature that does not "
+                 "parse");
+        return -1;
+    }
+    *sig_len = 2 * rk->half;
+    return 0;
+}
+
+static int remote_decrypt(void *handle, const rkey_rsa_params *p,
+                          const unsigned char *in, size_t in_len,
+                          unsigned char *out, size_t *out_len, rkey_error *err)
+{
+    const remote_key *rk = handle;
+    rkey_decrypt_args a = {0};
+    rkey_failure f = {0};
+
+    a.padding = p->padding == RKEY_RSA_OAEP ? PROTO_PAD_OAEP : PROTO_PAD_PKCS1;
+    if (a.padding == PROTO_PAD_OAEP) {
+        a.oaep_md = rkey_md_from_nid(p->md_nid);
+        a.mgf1_md = rkey_md_from_nid(p->mgf1_nid);
+        a.label = p->label;
+        a.label_len = p->label_len;
+        if (a.oaep_md == PROTO_MD_COUNT || a.oaep_md == PROTO_MD_NONE ||
+            a.mgf1_md == PROTO_MD_COUNT || a.mgf1_md == PROTO_MD_NONE) {
+            err->status = RKEY_UNSUPPORTED;
+            snprintf(err->message, sizeof(err->message),
+                     "an OAEP digest the key protocol does not carry");
+            return -1;
+        }
+    }
+    return rkey_decrypt(rk->c, rk->name, &a, in, in_len, out, out_len, &f) == 0
+               ? 0
+               : remote_fail(&f, err);
+}
+
+static int remote_derive(void *handle, const unsigned char *peer,
+                         size_t peer_len, unsigned char *z, size_t *z_len,
+                         rkey_error *err)
+{
+    const remote_key *rk = handle;
+    rkey_failure f = {0};
+
+    return rkey_derive(rk->c, rk->name, peer, peer_len, z, z_len, &f) == 0
+               ? 0
+               : remote_fail(&f, err);
+}
+
+static const rkey_backend remote_backend = {
+    remote_sign,
+    remote_decrypt,
+    remote_derive,
+    free,
+};
+
+/* The EVP_PKEY of a directory key; NULL when it has no certificate, its
+ * key is of a type rkey does not carry or the provider is not loaded
+ * (a process that reads the directory without signing: rkeytool). */
+static EVP_PKEY *remote_pkey_new(rkey_client *c, const rkey_key *k)
+{
+    remote_key *rk;
+    EVP_PKEY *pk, *pub;
+    rkey_error err = {0};
+
+    if (k->cert == NULL || (pub = X509_get0_pubkey(k->cert)) == NULL)
+        return NULL;
+    rk = calloc(1, sizeof(*rk));
+    if (rk == NULL)
+        return NULL;
+    rk->c = c;
+    rk->half = ((size_t)EVP_PKEY_get_bits(pub) + 7) / 8;
+    memcpy(rk->name, k->name, sizeof(rk->name));
+    pk = rkey_pkey_new(&remote_backend, rk, k->cert, &err);
+    if (pk == NULL)
+        free(rk);
+    ERR_clear_error();
+    return pk;
+}
+
 /* ---- the directory ---- */
 
 static void key_clear(rkey_key *k)
 {
+    EVP_PKEY_free(k->pkey);
     X509_free(k->cert);
     sk_X509_pop_free(k->chain, X509_free);
 }
@@ -797,7 +986,9 @@ static rkey_dir *fetch_dir(rkey_client *c, rkey_failure *f)
         d->keys = grown;
         for (i = 0; i < rep.u.keys.nkeys; i++) {
             memset(&d->keys[d->nkeys], 0, sizeof(d->keys[0]));
-            key_from_entry(&d->keys[d->nkeys++], &rep.u.keys.keys[i]);
+            key_from_entry(&d->keys[d->nkeys], &rep.u.keys.keys[i]);
+            d->keys[d->nkeys].pkey = remote_pkey_new(c, &d->keys[d->nkeys]);
+            d->nkeys++;
         }
         start = rep.u.keys.next;
         proto_reply_clear(&rep);
@@ -925,6 +1116,11 @@ X509 *rkey_key_cert0(const rkey_key *k)
 STACK_OF(X509) *rkey_key_chain0(const rkey_key *k)
 {
     return k->chain;
+}
+
+EVP_PKEY *rkey_key_pkey0(const rkey_key *k)
+{
+    return k->pkey;
 }
 
 int rkey_key_usable(const rkey_key *k, rkey_use use, const char **reason)

@@ -58,6 +58,9 @@ int rkey_client_connected(rkey_client *c);
 /* The claims the calling thread's key operations carry (copied; NULL
  * clears them). A key operation without claims is refused here. */
 void rkey_claims_set(const proto_claims *claims);
+/* Key operations the calling thread sent with its claims since they were
+ * last set: a request that sent any ends with rkey_finish. */
+unsigned rkey_claims_ops(void);
 
 /* proto's number for an OpenSSL digest NID; PROTO_MD_NONE for NID_undef
  * and PROTO_MD_COUNT for one the protocol does not carry. */
@@ -133,6 +136,13 @@ const char *rkey_key_token_name(const rkey_key *k);
 const char *rkey_key_algorithm(const rkey_key *k);
 X509 *rkey_key_cert0(const rkey_key *k);
 STACK_OF(X509) *rkey_key_chain0(const rkey_key *k);
+/* The key as an EVP_PKEY of the rkey provider (rkey/rkey.h): public parts
+ * from the certificate, private operations sent to the key process with
+ * the calling thread's claims. NULL without a certificate, for a key type
+ * rkey does not carry, or when rkey_provider_init was not called. A new
+ * epoch's directory has new ones; EVP_PKEY_up_ref keeps one past its
+ * directory (its handle goes with its last reference). */
+EVP_PKEY *rkey_key_pkey0(const rkey_key *k);
 /* As token_key_usable and token_key_supports, when the directory was
  * read. */
 int rkey_key_usable(const rkey_key *k, rkey_use use, const char **reason);

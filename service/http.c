@@ -6,8 +6,8 @@
  * media type, the header block itself) is answered on the first call,
  * before any body is read, and so is every request without a body.
  * Every answer goes through respond(): the whole response is built before
- * the audit record is written, and one that cannot be built becomes a
- * JSON 500, so no request is recorded as answered that was not.
+ * a refusal is recorded, and one that cannot be built becomes a JSON 500,
+ * so no request is recorded as answered that was not.
  */
 #include <errno.h>
 #include <netdb.h>
@@ -27,7 +27,6 @@
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
 
-#include "service/audit.h"
 #include "service/budget.h"
 #include "service/conns.h"
 #include "service/http.h"
@@ -35,20 +34,13 @@
 #include "service/metrics.h"
 #include "service/wire.h"
 
-/* An api generation and the requests using it, so a reload can wait for
- * them before the old one is freed. */
-typedef struct api_ref {
-    api *api;
-    unsigned users;
-} api_ref;
-
 struct http_server {
     struct MHD_Daemon *daemon;
-    api_ref *current;
+    api *api;          /* borrowed */
+    rkey_client *keys; /* borrowed */
     size_t max_body;
     budget *budget; /* borrowed */
     conns *conns;
-    unsigned port;
     pthread_mutex_t lock;
     pthread_cond_t idle;
     unsigned in_flight;
@@ -60,6 +52,11 @@ struct http_server {
  * client can still get its answer: libmicrohttpd 0.9.75 takes none
  * before the body has ended, and a chunked one may never end. */
 #define DRAIN_LIMIT ((size_t)1 << 20)
+
+/* A stopping server waits for its idle connections this long once
+ * nothing is in flight, looking every DRAIN_POLL_MS. */
+#define DRAIN_IDLE_MS 1000
+#define DRAIN_POLL_MS 20
 
 /* Bound on a TLS certificate, key or CA bundle file. */
 #define HTTP_PEM_MAX ((size_t)1 << 20)
@@ -73,7 +70,7 @@ struct http_server {
 typedef struct request {
     http_server *srv;
     struct timespec start;
-    int started; /* the access handler has been called */
+    int started;            /* the access handler has been called */
     const api_route *route; /* NULL for /metrics */
     api_body_kind kind;
     unsigned char *body;
@@ -87,7 +84,7 @@ typedef struct request {
     int status;
     char method[16];
     char path[128];
-    char key[TOKEN_KEY_NAME_MAX + 1];
+    char key[PROTO_NAME_MAX + 1];
     const char *error; /* static */
     char id[17];       /* request id: X-Request-Id and the audit trail */
     char remote[INET6_ADDRSTRLEN];
@@ -97,10 +94,11 @@ typedef struct request {
     const char *endpoint; /* static; metrics label of a route-less path */
     char *query;          /* the raw query string; NULL without '?' */
     size_t query_len;
-    int target_nul; /* the request target held a NUL byte */
-    wire_scan scan; /* the header block, read at the first call */
+    int target_nul;    /* the request target held a NUL byte */
+    wire_scan scan;    /* the header block, read at the first call */
     uint64_t reserved; /* bytes of the body budget this request holds */
     conns_entry *conn; /* its connection's entry; NULL when untracked */
+    unsigned key_ops;  /* sent to the key process: it awaits a FINISH */
 } request;
 
 static double ms_since(const struct timespec *start)
@@ -140,7 +138,8 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap)
     log_warn("libmicrohttpd: %s", msg);
 }
 
-static int audit(request *r, api_response *res);
+static void audit_refusal(request *r, const api_response *res);
+static void audit_finish(request *r);
 
 /* The whole response for res, every header added; NULL when it cannot be
  * built (no memory, a value libmicrohttpd refuses) or its head would be
@@ -225,10 +224,11 @@ static struct MHD_Response *fixed_build(void)
     return resp;
 }
 
-/* Builds res, writes its audit record, then queues it. A response that
- * cannot be built is answered 500, and that is what the audit trail
- * records; a record of a key operation that cannot be written withholds
- * the result (audit_failed). */
+/* Builds res, has the key process record a refusal or the end of the
+ * request's key operations (FINISH: the key process wrote each
+ * operation's own record before it answered), then queues it. A response
+ * that cannot be built is answered 500, and that is what the audit trail
+ * records. */
 static enum MHD_Result respond(request *r, struct MHD_Connection *conn,
                                api_response *res)
 {
@@ -243,18 +243,18 @@ static enum MHD_Result respond(request *r, struct MHD_Connection *conn,
                  "the response could not be built");
         resp = error_build(r, res, &err);
     }
-    if (audit(r, res) != 0) {
-        if (resp != NULL)
-            MHD_destroy_response(resp);
-        resp = error_build(r, res, &r->err);
-    }
     if (resp == NULL)
         resp = fixed_build();
     r->status = resp != NULL ? res->status : 500;
+    audit_refusal(r, res);
     r->answered = 1;
     /* a key name that is no key may come from the request */
     copy_printable(r->key, sizeof(r->key), res->key, strlen(res->key));
     r->error = res->error;
+    /* before the answer leaves, as the record of the key operation was:
+     * a client that has its answer finds the request's record complete */
+    if (r->key_ops > 0)
+        audit_finish(r);
     if (resp != NULL) {
         ret = MHD_queue_response(conn, (unsigned)r->status, resp);
         MHD_destroy_response(resp);
@@ -448,25 +448,6 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     pthread_mutex_unlock(&srv->lock);
 }
 
-static api_ref *ref_get(http_server *srv)
-{
-    api_ref *ref;
-
-    pthread_mutex_lock(&srv->lock);
-    ref = srv->current;
-    ref->users++;
-    pthread_mutex_unlock(&srv->lock);
-    return ref;
-}
-
-static void ref_put(http_server *srv, api_ref *ref)
-{
-    pthread_mutex_lock(&srv->lock);
-    if (--ref->users == 0)
-        pthread_cond_broadcast(&srv->idle);
-    pthread_mutex_unlock(&srv->lock);
-}
-
 /* Fills the request's credentials: the Authorization header as sent (a
  * NUL in it is the api's to refuse) and the TLS client certificate. */
 static void credentials(request *r, api_request *areq)
@@ -483,42 +464,49 @@ static int authenticate(request *r, api_error *err)
 {
     api_request areq = {0};
     const api_client *client;
-    api_ref *ref = ref_get(r->srv);
-    int rc;
 
     credentials(r, &areq);
-    rc = api_authenticate(ref->api, &areq, &client, err);
-    ref_put(r->srv, ref);
-    return rc;
+    return api_authenticate(r->srv->api, &areq, &client, err);
 }
 
-/* Writes the audit record of a private-key operation or a refusal. A
- * record of a key operation that cannot be written turns the answer into an
- * error: no signature or plaintext leaves unaudited. */
-static int audit(request *r, api_response *res)
+/* A 401 or 403 is recorded by the key process (the worker never opens
+ * the audit trail). A record that cannot be written is logged: the
+ * answer is a refusal either way. */
+static void audit_refusal(request *r, const api_response *res)
 {
-    audit_record rec = {0};
+    proto_claims claims;
+    rkey_failure f = {0};
+    char key[PROTO_NAME_MAX + 1];
 
-    if (!res->key_op && res->status != 401 && res->status != 403)
-        return 0;
-    rec.request_id = r->id;
-    rec.client = res->client;
-    rec.remote = r->remote;
-    rec.operation = res->operation != NULL ? res->operation : r->path;
-    rec.key = res->key;
-    rec.content_sha256 = res->content_sha256;
-    rec.result = res->status;
-    rec.error = res->error;
-    rec.latency_ms = ms_since(&r->start);
-    if (audit_write(&rec) == 0)
-        return 0;
-    log_error("cannot write the audit record of request %s: %s", r->id,
-              strerror(errno));
-    if (!res->key_op)
-        return 0;
-    return api_fail(&r->err, 500, "audit_failed",
-                    "the audit record could not be written; the result is "
-                    "withheld");
+    if (r->status != 401 && r->status != 403)
+        return;
+    memset(&claims, 0, sizeof(claims));
+    snprintf(claims.request_id, sizeof(claims.request_id), "%s", r->id);
+    snprintf(claims.client, sizeof(claims.client), "%s", res->client);
+    snprintf(claims.remote, sizeof(claims.remote), "%s", r->remote);
+    snprintf(claims.content_sha256, sizeof(claims.content_sha256), "%s",
+             res->content_sha256);
+    /* the key name may be the client's text */
+    copy_printable(key, sizeof(key), res->key, strlen(res->key));
+    if (rkey_audit(r->srv->keys, &claims,
+                   res->operation != NULL ? res->operation : r->path, key,
+                   (unsigned)r->status, res->error, &f) != 0)
+        log_error("cannot have the refusal of request %s recorded: %s (%s)",
+                  r->id, f.message, proto_status_name(f.status));
+}
+
+/* The end of a request whose key operations the key process recorded:
+ * the status sent, for the record's second stage. */
+static void audit_finish(request *r)
+{
+    rkey_failure f = {0};
+    double us = ms_since(&r->start) * 1e3;
+
+    if (rkey_finish(r->srv->keys, r->id, (unsigned)r->status, r->error,
+                    us > 4e9 ? 4000000000u : (uint32_t)us, &f) != 0 &&
+        f.status != PROTO_NOT_FOUND)
+        log_error("cannot have the end of request %s recorded: %s (%s)", r->id,
+                  f.message, proto_status_name(f.status));
 }
 
 /* GET /metrics: served here rather than by api/, which knows nothing of
@@ -533,14 +521,18 @@ static enum MHD_Result answer_metrics(request *r, struct MHD_Connection *conn)
 {
     api_response res = {0};
     api_error err;
-    api_ref *ref;
+    proto_token_entry *tokens = NULL;
+    rkey_failure f = {0};
+    size_t ntokens = 0;
     char *page = NULL;
     int rc;
 
     r->endpoint = "/metrics";
-    ref = ref_get(r->srv);
-    rc = metrics_render(api_tokens0(ref->api), &page, &res.body_len);
-    ref_put(r->srv, ref);
+    /* without the key process the page still has the request series */
+    if (rkey_state(r->srv->keys, &tokens, &ntokens, &f) != 0)
+        log_warn("/metrics without token series: %s", f.message);
+    rc = metrics_render(tokens, ntokens, &page, &res.body_len);
+    free(tokens);
     if (rc != 0) {
         api_fail(&err, 500, "internal_error", "out of memory");
         return answer_error(r, conn, &err);
@@ -669,9 +661,10 @@ static enum MHD_Result handle(request *r, struct MHD_Connection *conn)
     api_request areq = {0};
     api_body body = {0};
     api_response res = {0};
-    api_ref *ref;
     int rc;
 
+    areq.request_id = r->id;
+    areq.remote = r->remote;
     areq.route = r->route;
     areq.kind = r->kind;
     /* api_handle takes the body, and frees it as soon as it can */
@@ -682,9 +675,10 @@ static enum MHD_Result handle(request *r, struct MHD_Connection *conn)
     areq.query = r->query;
     areq.query_len = r->query_len;
     credentials(r, &areq);
-    ref = ref_get(r->srv);
-    rc = api_handle(ref->api, &areq, &res);
-    ref_put(r->srv, ref);
+    rc = api_handle(r->srv->api, &areq, &res);
+    /* the claims api set are this request's alone */
+    r->key_ops = rkey_claims_ops();
+    rkey_claims_set(NULL);
     if (rc != 0) {
         res.status = 500;
         res.error = "internal_error";
@@ -920,6 +914,28 @@ static void free_secret(char *text)
         OPENSSL_clear_free(text, strlen(text));
 }
 
+void http_tls_clear(http_tls *tls)
+{
+    free(tls->certificate);
+    free_secret(tls->key);
+    free(tls->client_ca);
+    memset(tls, 0, sizeof(*tls));
+}
+
+int http_tls_read(http_tls *tls, const char *certificate, const char *key,
+                  const char *client_ca, char *errbuf, size_t errlen)
+{
+    memset(tls, 0, sizeof(*tls));
+    if ((tls->certificate = read_pem(certificate, errbuf, errlen)) == NULL ||
+        (tls->key = read_pem(key, errbuf, errlen)) == NULL ||
+        (client_ca != NULL &&
+         (tls->client_ca = read_pem(client_ca, errbuf, errlen)) == NULL)) {
+        http_tls_clear(tls);
+        return -1;
+    }
+    return 0;
+}
+
 static void server_free(http_server *srv)
 {
     metrics_set_sources(NULL, NULL);
@@ -929,17 +945,55 @@ static void server_free(http_server *srv)
     free(srv->tls_cert);
     free_secret(srv->tls_key);
     free(srv->tls_ca);
-    free(srv->current);
     free(srv);
 }
 
-http_server *http_start(const http_options *opts, api *a, char *errbuf,
-                        size_t errlen)
+int http_listen_open(const char *addr, char *errbuf, size_t errlen)
+{
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    int fd, one = 1;
+
+    if (parse_listen(addr, &ss, &sslen, errbuf, errlen) != 0)
+        return -1;
+    /* non-blocking: every worker polls it, and those that lose the race
+     * for a connection must not sit in accept() */
+    fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+        (ss.ss_family == AF_INET6 &&
+         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0) ||
+        bind(fd, (struct sockaddr *)&ss, sslen) != 0 ||
+        listen(fd, SOMAXCONN) != 0) {
+        snprintf(errbuf, errlen, "cannot listen on %s: %s", addr,
+                 strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+unsigned http_listen_port(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0)
+        return 0;
+    if (ss.ss_family == AF_INET)
+        return ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    if (ss.ss_family == AF_INET6)
+        return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    return 0;
+}
+
+http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
+                        char *errbuf, size_t errlen)
 {
     http_server *srv = NULL, *ret = NULL;
     struct sockaddr_storage ss;
-    socklen_t sslen;
-    const union MHD_DaemonInfo *info;
+    socklen_t sslen = sizeof(ss);
     conns_options conns_opts;
     struct MHD_OptionItem o[16];
     size_t n = 0;
@@ -947,8 +1001,10 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
                      MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ITC |
                      MHD_USE_ERROR_LOG;
 
-    if (parse_listen(opts->listen, &ss, &sslen, errbuf, errlen) != 0)
+    if (getsockname(opts->listen_fd, (struct sockaddr *)&ss, &sslen) != 0) {
+        snprintf(errbuf, errlen, "the listening socket: %s", strerror(errno));
         goto out;
+    }
     if (ss.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     srv = calloc(1, sizeof(*srv));
@@ -958,12 +1014,8 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
     }
     pthread_mutex_init(&srv->lock, NULL);
     pthread_cond_init(&srv->idle, NULL);
-    srv->current = calloc(1, sizeof(*srv->current));
-    if (srv->current == NULL) {
-        snprintf(errbuf, errlen, "out of memory");
-        goto out;
-    }
-    srv->current->api = a;
+    srv->api = a;
+    srv->keys = keys;
     srv->max_body = opts->max_body_bytes;
     srv->budget = opts->budget;
     conns_opts.max_connections = opts->max_connections;
@@ -976,7 +1028,7 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
 #define OPT(opt, value, ptr)                                                   \
     o[n++] = (struct MHD_OptionItem){(opt), (intptr_t)(value), (ptr)}
     OPT(MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL);
-    OPT(MHD_OPTION_SOCK_ADDR, 0, &ss);
+    OPT(MHD_OPTION_LISTEN_SOCKET, opts->listen_fd, NULL);
     OPT(MHD_OPTION_CONNECTION_LIMIT, opts->max_connections, NULL);
     /* the per-address limit is conns_admit's, with the reserve */
     OPT(MHD_OPTION_CONNECTION_TIMEOUT, opts->timeout_s, NULL);
@@ -984,26 +1036,30 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
     OPT(MHD_OPTION_URI_LOG_CALLBACK, on_uri, srv);
     OPT(MHD_OPTION_CONNECTION_MEMORY_LIMIT, WIRE_POOL_SIZE, NULL);
     OPT(MHD_OPTION_NOTIFY_CONNECTION, on_connection, srv);
-    if (opts->tls_certificate != NULL) {
+    if (opts->tls != NULL) {
         flags |= MHD_USE_TLS;
-        srv->tls_cert = read_pem(opts->tls_certificate, errbuf, errlen);
-        srv->tls_key = read_pem(opts->tls_key, errbuf, errlen);
-        if (srv->tls_cert == NULL || srv->tls_key == NULL)
+        srv->tls_cert = strdup(opts->tls->certificate);
+        srv->tls_key = strdup(opts->tls->key);
+        if (srv->tls_cert == NULL || srv->tls_key == NULL) {
+            snprintf(errbuf, errlen, "out of memory");
             goto out;
+        }
         /* GnuTLS's NORMAL still offers TLS 1.0 and 1.1 */
         OPT(MHD_OPTION_HTTPS_PRIORITIES, 0, HTTP_TLS_PRIORITIES);
         OPT(MHD_OPTION_HTTPS_MEM_CERT, 0, srv->tls_cert);
         OPT(MHD_OPTION_HTTPS_MEM_KEY, 0, srv->tls_key);
-        if (opts->tls_client_ca != NULL) {
-            srv->tls_ca = read_pem(opts->tls_client_ca, errbuf, errlen);
-            if (srv->tls_ca == NULL)
+        if (opts->tls->client_ca != NULL) {
+            srv->tls_ca = strdup(opts->tls->client_ca);
+            if (srv->tls_ca == NULL) {
+                snprintf(errbuf, errlen, "out of memory");
                 goto out;
+            }
             OPT(MHD_OPTION_HTTPS_MEM_TRUST, 0, srv->tls_ca);
         }
     }
     OPT(MHD_OPTION_END, 0, NULL);
 #undef OPT
-    if (opts->tls_certificate != NULL &&
+    if (opts->tls != NULL &&
         MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
         snprintf(errbuf, errlen, "this libmicrohttpd has no TLS support");
         goto out;
@@ -1013,19 +1069,26 @@ http_server *http_start(const http_options *opts, api *a, char *errbuf,
     if (srv->daemon == NULL) {
         snprintf(errbuf, errlen, "cannot listen on %s: %s%s", opts->listen,
                  strerror(errno),
-                 opts->tls_certificate != NULL
+                 opts->tls != NULL
                      ? " (or the TLS certificate and key do not load)"
                      : "");
         goto out;
     }
-    info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);
-    srv->port = info != NULL ? info->port : 0;
     ret = srv;
     srv = NULL;
 out:
     if (srv != NULL)
         server_free(srv);
     return ret;
+}
+
+static int deadline_passed(const struct timespec *deadline)
+{
+    struct timespec now;
+
+    clock_gettime(CLOCK_REALTIME, &now);
+    return now.tv_sec > deadline->tv_sec ||
+           (now.tv_sec == deadline->tv_sec && now.tv_nsec >= deadline->tv_nsec);
 }
 
 static struct timespec deadline_after(unsigned ms)
@@ -1042,40 +1105,11 @@ static struct timespec deadline_after(unsigned ms)
     return t;
 }
 
-int http_set_api(http_server *srv, api *a, unsigned timeout_ms, api **old)
-{
-    api_ref *fresh = calloc(1, sizeof(*fresh)), *prev;
-    struct timespec deadline = deadline_after(timeout_ms);
-    int busy;
-
-    if (fresh == NULL)
-        return -1;
-    fresh->api = a;
-    pthread_mutex_lock(&srv->lock);
-    prev = srv->current;
-    srv->current = fresh;
-    while (prev->users > 0 &&
-           pthread_cond_timedwait(&srv->idle, &srv->lock, &deadline) == 0)
-        ;
-    busy = prev->users > 0;
-    pthread_mutex_unlock(&srv->lock);
-    /* a request stuck in a token module still holds prev: it must stay */
-    if (busy)
-        return 1;
-    *old = prev->api;
-    free(prev);
-    return 0;
-}
-
-unsigned http_port(const http_server *srv)
-{
-    return srv->port;
-}
-
 unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
 {
-    struct timespec deadline;
-    unsigned left;
+    struct timespec deadline, tick = {0, DRAIN_POLL_MS * 1000000L};
+    conns_stats st;
+    unsigned left, quiet_ms = 0;
     MHD_socket fd;
 
     __atomic_store_n(&srv->closing, 1, __ATOMIC_RELAXED);
@@ -1083,12 +1117,28 @@ unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
     if (fd != MHD_INVALID_SOCKET)
         close(fd);
     deadline = deadline_after(timeout_ms);
-    pthread_mutex_lock(&srv->lock);
-    while (srv->in_flight > 0 &&
-           pthread_cond_timedwait(&srv->idle, &srv->lock, &deadline) == 0)
-        ;
-    left = srv->in_flight;
-    pthread_mutex_unlock(&srv->lock);
+    /* Requests in flight end, and then connections: one accepted just
+     * before the quiesce may not have sent its request yet (other workers
+     * go on serving, so its client is owed an answer, not a close). Every
+     * answer now says Connection: close; a connection that stays idle
+     * DRAIN_IDLE_MS with nothing in flight is a keep-alive one that had
+     * nothing more to ask. */
+    for (;;) {
+        pthread_mutex_lock(&srv->lock);
+        while (srv->in_flight > 0 &&
+               pthread_cond_timedwait(&srv->idle, &srv->lock, &deadline) == 0)
+            ;
+        left = srv->in_flight;
+        pthread_mutex_unlock(&srv->lock);
+        conns_get_stats(srv->conns, &st);
+        if (left > 0 || st.open == 0 || quiet_ms >= DRAIN_IDLE_MS ||
+            deadline_passed(&deadline))
+            break;
+        nanosleep(&tick, NULL);
+        pthread_mutex_lock(&srv->lock);
+        quiet_ms = srv->in_flight > 0 ? 0 : quiet_ms + DRAIN_POLL_MS;
+        pthread_mutex_unlock(&srv->lock);
+    }
     MHD_stop_daemon(srv->daemon);
     server_free(srv);
     return left;

@@ -561,8 +561,18 @@ static void reply(kd_conn *c, unsigned type, uint32_t id, proto_status st,
     rep.u.bytes.len = len;
     if (proto_reply_encode(&rep, buf, sizeof(buf), &n, &err) != 0) {
         log_error("worker %u: cannot encode a reply: %s", c->slot, err.message);
-        OPENSSL_cleanse(buf, sizeof(buf));
-        return;
+        /* the worker waits for an answer: it gets one without the data */
+        rep.status = PROTO_INTERNAL;
+        rep.retry_after = 0;
+        snprintf(rep.message, sizeof(rep.message),
+                 "the reply could not be "
+                 "encoded");
+        rep.u.bytes.data = NULL;
+        rep.u.bytes.len = 0;
+        if (proto_reply_encode(&rep, buf, sizeof(buf), &n, &err) != 0) {
+            OPENSSL_cleanse(buf, sizeof(buf));
+            return;
+        }
     }
     conn_send(c, buf, n, 1);
     OPENSSL_cleanse(buf, sizeof(buf));
@@ -683,6 +693,14 @@ static void job_run(kd_job *job)
                                     : "decryption failed");
     }
 done:
+    /* the protocol carries no empty result: an RSA plaintext of nothing
+     * (bad padding can decrypt to that) is one more failed decryption */
+    if (st == PROTO_OK && outlen == 0) {
+        st = PROTO_FAILED;
+        snprintf(message, sizeof(message), "%s",
+                 type == PROTO_SIGN ? "the token refused the signature"
+                                    : "decryption failed");
+    }
     if (job_record(job, st) != 0) {
         log_error("cannot write the audit record of request %s: the "
                   "result of key %s is withheld",
@@ -1089,7 +1107,7 @@ static int reload(kd_state *st)
     st->cfg = cfg;
     if (log_open(cfg->log_file, cfg->log_level) != 0)
         log_error("cannot open log file %s", cfg->log_file);
-    log_info("configuration %s in service", st->config_path);
+    log_info("the key process serves the tokens of %s", st->config_path);
     return 1;
 fail:
     audit_discard();

@@ -1,36 +1,24 @@
 /*
- * smimed: process life. Signals are blocked in every thread and taken
- * synchronously here with sigwait, so no handler ever runs inside a token
- * module or the allocator.
+ * smimed: the command line. The process started is the supervisor
+ * (service/proc.c); the key process and the workers are the same binary
+ * started again with a hidden role argument.
  */
 #include <errno.h>
 #include <getopt.h>
-#include <malloc.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 #include <openssl/crypto.h>
 
 #include <config.h> /* generated: version */
 #include "api/api.h"
-#include "cms/cms.h"
 #include "service/audit.h"
-#include "service/budget.h"
 #include "service/config.h"
 #include "service/harden.h"
 #include "service/http.h"
-#include "service/keyset.h"
 #include "service/keyd.h"
 #include "service/log.h"
 #include "service/proc.h"
 #include "service/worker.h"
-#include "token/token.h"
-
-/* How long SIGTERM waits for requests in flight before giving up on them. */
-#define SHUTDOWN_TIMEOUT_MS 30000
 
 static void usage(FILE *f)
 {
@@ -116,191 +104,17 @@ static int check_exposure(const config *cfg, const char *listen)
     return -1;
 }
 
-/* The audit trail follows the config; failing to open it is fatal at
- * start and keeps the old trail on reload. stage: open it aside, for
- * audit_swap once the new configuration is accepted. */
-static int open_audit(const config *cfg, int stage)
-{
-    if ((stage ? audit_stage(cfg->audit_log) : audit_open(cfg->audit_log)) == 0)
-        return 0;
-    log_error("cannot open the audit log %s: %s", cfg->audit_log,
-              strerror(errno));
-    return -1;
-}
-
-static api *api_for(const config *cfg, token_set *tokens)
-{
-    api *a = api_new(tokens, cfg->trust, cfg->trust_dir, cfg->crls);
-
-    if (a != NULL)
-        api_set_clients(a, cfg->clients, cfg->nclients);
-    return a;
-}
-
-/* What a reload replaces; the listening socket and its limits stay. */
-typedef struct running {
-    const char *listen;
-    const char *config_path;
-    config *cfg;
-    token_set *tokens;
-    api *api;
-} running;
-
-/* Checks the new config completely and opens its tokens before swapping it
- * in; on any problem the running one stays (OpenDKIM's reload habit). */
-static void reload(running *run, http_server *srv)
+/* The supervisor: checks the configuration, opens the listening socket
+ * the workers share, then starts and keeps the process tree
+ * (service/proc.h). */
+static int supervise(const char *config_path, const char *listen,
+                     int check_only)
 {
     config_problems problems = {0};
-    config *cfg = NULL;
-    token_set *tokens = NULL;
-    api *a = NULL, *old;
-    int new_audit;
-    size_t i;
-
-    cfg = config_load(run->config_path, &problems);
-    for (i = 0; i < problems.count; i++)
-        log_error("%s", problems.lines[i]);
-    if (cfg == NULL || check_exposure(cfg, run->listen) != 0)
-        goto fail;
-    new_audit = (cfg->audit_log == NULL) != (run->cfg->audit_log == NULL) ||
-                (cfg->audit_log != NULL &&
-                 strcmp(cfg->audit_log, run->cfg->audit_log) != 0);
-    if (new_audit && open_audit(cfg, 1) != 0)
-        goto fail;
-    tokens = keyset_open(cfg);
-    if (tokens == NULL || keyset_loses_token(run->tokens, tokens))
-        goto fail;
-    a = api_for(cfg, tokens);
-    if (a == NULL)
-        goto fail;
-    if (strcmp(cfg->listen, run->cfg->listen) != 0 ||
-        cfg->max_body_bytes != run->cfg->max_body_bytes ||
-        cfg->max_connections != run->cfg->max_connections ||
-        cfg->max_connections_per_ip != run->cfg->max_connections_per_ip ||
-        cfg->request_timeout_s != run->cfg->request_timeout_s ||
-        cfg->header_timeout_s != run->cfg->header_timeout_s ||
-        cfg->max_inflight_body_bytes != run->cfg->max_inflight_body_bytes ||
-        (cfg->tls_certificate != NULL) != (run->cfg->tls_certificate != NULL))
-        log_warn("listen, tls, max_body_bytes, max_inflight_body_bytes, "
-                 "max_connections, max_connections_per_ip, request_timeout_s "
-                 "and header_timeout_s take effect on restart only");
-    /* accepted: requests on the new configuration write the new trail */
-    if (new_audit)
-        audit_swap();
-    switch (http_set_api(srv, a, SHUTDOWN_TIMEOUT_MS, &old)) {
-    case -1:
-        if (new_audit)
-            audit_swap();
-        goto fail;
-    case 1:
-        /* freeing tokens under a request stuck in a module would crash */
-        log_error("requests still use the previous configuration after %d "
-                  "ms; it stays allocated",
-                  SHUTDOWN_TIMEOUT_MS);
-        break;
-    default:
-        api_free(old);
-        token_set_free(run->tokens);
-        config_free(run->cfg);
-    }
-    audit_discard();
-    run->cfg = cfg;
-    run->tokens = tokens;
-    run->api = a;
-    if (log_open(cfg->log_file, cfg->log_level) != 0)
-        log_error("cannot open log file %s", cfg->log_file);
-    log_info("configuration %s in service", run->config_path);
-    config_problems_clear(&problems);
-    return;
-fail:
-    audit_discard();
-    log_error("keeping the running configuration");
-    api_free(a);
-    token_set_free(tokens);
-    config_free(cfg);
-    config_problems_clear(&problems);
-}
-
-/* A token that was absent at the last load answers now: a reload opens it
- * with its keys. SIGHUP reaches the thread in sigwait, which reloads as
- * for an operator's signal. */
-static void on_token_present(const char *token)
-{
-    log_info("token %s answers now: reloading the configuration to open it",
-             token);
-    kill(getpid(), SIGHUP);
-}
-
-/* Serves until SIGTERM or SIGINT; returns the exit status. */
-static int serve(http_server *srv, running *run, const sigset_t *sigs)
-{
-    unsigned left;
-    int sig;
-
-    for (;;) {
-        if (sigwait(sigs, &sig) != 0)
-            continue;
-        if (sig == SIGUSR1) {
-            if (log_reopen() != 0)
-                log_error("cannot reopen the log file");
-            else
-                log_info("log file reopened");
-            if (audit_reopen() != 0)
-                log_error("cannot reopen the audit log: %s; still writing "
-                          "the old file",
-                          strerror(errno));
-            continue;
-        }
-        if (sig == SIGHUP) {
-            reload(run, srv);
-            continue;
-        }
-        break;
-    }
-    log_info("signal %d: finishing requests in flight", sig);
-    left = http_shutdown(srv, SHUTDOWN_TIMEOUT_MS);
-    if (left > 0) {
-        log_error("%u requests still running after %d ms", left,
-                  SHUTDOWN_TIMEOUT_MS);
-        return 1;
-    }
-    log_info("stopped");
-    return 0;
-}
-
-/*
- * A large request (a 10 MiB message) allocates a few buffers its size.
- * glibc would map each afresh and unmap (or trim) it when freed, so the
- * next such request page-faults all of it again: that was more than half
- * of a 10 MiB signature's CPU (script/bench). Buffers up to 32 MiB (the
- * most glibc allows) come from the heap instead, and up to 32 MiB of freed
- * memory stays with each malloc arena for the next request: resident
- * memory after large requests stays near their peak rather than dropping
- * back to idle.
- */
-static void keep_large_buffers(void)
-{
-    mallopt(M_MMAP_THRESHOLD, 32 << 20);
-    mallopt(M_TRIM_THRESHOLD, 32 << 20);
-}
-
-/* The process tree of the process wall (service/proc.h): the supervisor
- * (which checks the configuration as the daemon does, then starts the
- * children), or one of its children. */
-static int run_role(const char *role, const char *config_path,
-                    const char *listen)
-{
-    config_problems problems = {0};
+    char errbuf[256];
     config *cfg;
+    int fd;
 
-    if (strcmp(role, PROC_ROLE_KEY + strlen("--role=")) == 0)
-        return keyd_main(config_path);
-    if (strcmp(role, PROC_ROLE_WORKER + strlen("--role=")) == 0)
-        return worker_main(config_path);
-    if (strcmp(role, PROC_ROLE_SUPERVISOR + strlen("--role=")) != 0) {
-        usage(stderr);
-        return 2;
-    }
     cfg = config_load(config_path, &problems);
     if (print_problems(&problems) || cfg == NULL) {
         config_problems_clear(&problems);
@@ -308,14 +122,57 @@ static int run_role(const char *role, const char *config_path,
         return 1;
     }
     config_problems_clear(&problems);
+    if (check_only) {
+        printf("%s: OK\n", config_path);
+        config_free(cfg);
+        return 0;
+    }
+    if (listen == NULL)
+        listen = cfg->listen;
     if (log_open(cfg->log_file, cfg->log_level) != 0)
         fprintf(stderr, "cannot open log file %s; logging to stderr\n",
                 cfg->log_file);
-    if (check_exposure(cfg, listen != NULL ? listen : cfg->listen) != 0) {
+    if (check_exposure(cfg, listen) != 0) {
         config_free(cfg);
         return 1;
     }
-    return proc_supervise(config_path, listen, cfg);
+    if (cfg->nclients > 0 && cfg->tls_certificate == NULL &&
+        !http_listen_is_loopback(listen))
+        log_warn("bearer tokens travel in clear on %s: configure \"tls\"",
+                 listen);
+    /* the key process writes the trail; one it cannot open stops the
+     * start here, rather than in a key process started again and again */
+    if (audit_open(cfg->audit_log) != 0) {
+        log_error("cannot open the audit log %s: %s", cfg->audit_log,
+                  strerror(errno));
+        config_free(cfg);
+        return 1;
+    }
+    audit_close();
+    /* before any worker exists: they all accept on this one */
+    fd = http_listen_open(listen, errbuf, sizeof(errbuf));
+    if (fd < 0) {
+        log_error("%s", errbuf);
+        config_free(cfg);
+        return 1;
+    }
+    log_info("%s %s listening on %s (port %u)%s%s", SMIMED_NAME, SMIMED_VERSION,
+             listen, http_listen_port(fd),
+             cfg->tls_certificate != NULL ? " with TLS" : "",
+             cfg->nclients > 0 ? ", client authentication on" : "");
+    return proc_supervise(config_path, listen, fd, cfg);
+}
+
+/* A child of the supervisor, by its hidden role argument. */
+static int run_role(const char *role, const char *config_path,
+                    const char *listen)
+{
+    if (strcmp(role, PROC_ROLE_KEY + strlen("--role=")) == 0)
+        return keyd_main(config_path);
+    if (strcmp(role, PROC_ROLE_WORKER + strlen("--role=")) == 0)
+        return worker_main(config_path, listen);
+    usage(stderr);
+    return 2;
 }
 
 int main(int argc, char **argv)
@@ -332,15 +189,8 @@ int main(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *config_path = NULL, *listen = NULL, *role = NULL;
-    config_problems problems = {0};
-    running run = {0};
-    http_server *srv = NULL;
-    budget *body_budget = NULL;
-    http_options hopts;
-    token_error terr = {0};
-    sigset_t sigs;
     char errbuf[256];
-    int opt, check_only = 0, hash_only = 0, ret = 1;
+    int opt, check_only = 0, hash_only = 0;
 
     if (harden_process(errbuf, sizeof(errbuf)) != 0) {
         fprintf(stderr, "smimed: %s\n", errbuf);
@@ -384,91 +234,5 @@ int main(int argc, char **argv)
     }
     if (role != NULL)
         return run_role(role, config_path, listen);
-    run.config_path = config_path;
-    run.cfg = config_load(config_path, &problems);
-    if (run.cfg != NULL)
-        run.listen = listen != NULL ? listen : run.cfg->listen;
-    if (print_problems(&problems) || run.cfg == NULL)
-        goto out;
-    if (check_only) {
-        printf("%s: OK\n", config_path);
-        ret = 0;
-        goto out;
-    }
-    if (log_open(run.cfg->log_file, run.cfg->log_level) != 0)
-        fprintf(stderr, "cannot open log file %s; logging to stderr\n",
-                run.cfg->log_file);
-
-    /* before any thread exists, so every thread inherits the mask */
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGTERM);
-    sigaddset(&sigs, SIGINT);
-    sigaddset(&sigs, SIGHUP);
-    sigaddset(&sigs, SIGUSR1);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
-    /* a client hanging up mid-response must not kill the daemon */
-    signal(SIGPIPE, SIG_IGN);
-
-    if (check_exposure(run.cfg, run.listen) != 0 || open_audit(run.cfg, 0) != 0)
-        goto out;
-    if (harden_raise_nofile(run.cfg->max_connections + 256) <
-        run.cfg->max_connections + 16)
-        log_warn("the open-file limit is below max_connections (%u)",
-                 run.cfg->max_connections);
-    keep_large_buffers();
-    cms_init();
-    run.tokens = keyset_open(run.cfg);
-    if (run.tokens == NULL)
-        goto out;
-    if (token_recovery_start(keyset_log_event, on_token_present, &terr) != 0) {
-        log_error("%s", terr.message);
-        goto out;
-    }
-    run.api = api_for(run.cfg, run.tokens);
-    if (run.api == NULL) {
-        log_error("out of memory");
-        goto out;
-    }
-    /* made once, before any process could be forked to share it */
-    body_budget = budget_new(run.cfg->max_inflight_body_bytes);
-    if (body_budget == NULL) {
-        log_error("cannot map the budget of body bytes in flight: %s",
-                  strerror(errno));
-        goto out;
-    }
-    memset(&hopts, 0, sizeof(hopts));
-    hopts.listen = run.listen;
-    hopts.max_body_bytes = run.cfg->max_body_bytes;
-    hopts.max_connections = run.cfg->max_connections;
-    hopts.max_connections_per_ip = run.cfg->max_connections_per_ip;
-    hopts.timeout_s = run.cfg->request_timeout_s;
-    hopts.header_timeout_s = run.cfg->header_timeout_s;
-    hopts.budget = body_budget;
-    hopts.tls_certificate = run.cfg->tls_certificate;
-    hopts.tls_key = run.cfg->tls_key;
-    hopts.tls_client_ca = run.cfg->tls_client_ca;
-    if (run.cfg->nclients > 0 && run.cfg->tls_certificate == NULL &&
-        !http_listen_is_loopback(run.listen))
-        log_warn("bearer tokens travel in clear on %s: configure \"tls\"",
-                 run.listen);
-    srv = http_start(&hopts, run.api, errbuf, sizeof(errbuf));
-    if (srv == NULL) {
-        log_error("%s", errbuf);
-        goto out;
-    }
-    log_info("%s %s listening on %s (port %u)%s%s", SMIMED_NAME, SMIMED_VERSION,
-             hopts.listen, http_port(srv),
-             hopts.tls_certificate != NULL ? " with TLS" : "",
-             run.cfg->nclients > 0 ? ", client authentication on" : "");
-    ret = serve(srv, &run, &sigs);
-out:
-    token_recovery_stop();
-    budget_free(body_budget);
-    api_free(run.api);
-    token_set_free(run.tokens);
-    config_free(run.cfg);
-    config_problems_clear(&problems);
-    audit_close();
-    log_close();
-    return ret;
+    return supervise(config_path, listen, check_only);
 }

@@ -271,10 +271,12 @@ put_token(page *p, const char *name, const char *token, const char *extra,
 }
 
 #define STAT_GETTER(field)                                                     \
-    static unsigned long stat_##field(const token_stats *st)                   \
+    static unsigned long long stat_##field(const proto_token_entry *t)         \
     {                                                                          \
-        return st->field;                                                      \
+        return t->field;                                                       \
     }
+STAT_GETTER(ops_sign)
+STAT_GETTER(ops_decrypt)
 STAT_GETTER(busy)
 STAT_GETTER(unavailable)
 STAT_GETTER(faults)
@@ -284,26 +286,16 @@ STAT_GETTER(in_flight)
 STAT_GETTER(waiting)
 STAT_GETTER(max_sessions)
 
-static unsigned long stat_signs(const token_stats *st)
-{
-    return st->operations[TOKEN_USE_SIGN];
-}
-
-static unsigned long stat_decrypts(const token_stats *st)
-{
-    return st->operations[TOKEN_USE_DECRYPT];
-}
-
-/* The numbers of token_stats as series, one line per token each; help
+/* The numbers of a STATE entry as series, one line per token each; help
  * (and type) only on the first series of a name. */
 static const struct token_series {
     const char *name, *extra, *type, *help;
-    unsigned long (*get)(const token_stats *);
+    unsigned long long (*get)(const proto_token_entry *);
 } token_series[] = {
     {"smimed_token_operations_total", ",kind=\"sign\"", "counter",
-     "Private-key operations started, by token and kind.", stat_signs},
+     "Private-key operations started, by token and kind.", stat_ops_sign},
     {"smimed_token_operations_total", ",kind=\"decrypt\"", NULL, NULL,
-     stat_decrypts},
+     stat_ops_decrypt},
     {"smimed_token_failures_total", ",kind=\"busy\"", "counter",
      "Operations refused or failed for the token's sake: busy (no session in "
      "time), unavailable (token or key not usable), fault (the token stopped "
@@ -325,36 +317,23 @@ static const struct token_series {
      "Operations a token admits at once (max_sessions).", stat_max_sessions},
 };
 
-static void render_tokens(page *p, token_set *tokens)
+/* The key process's counters: one STATE snapshot, so the series of a
+ * scrape agree. */
+static void render_tokens(page *p, const proto_token_entry *tokens, size_t n)
 {
-    static const token_state states[] = {
-        TOKEN_STATE_READY, TOKEN_STATE_DOWN, TOKEN_STATE_BUSY,
-        TOKEN_STATE_PIN_REJECTED, TOKEN_STATE_RECOVERING};
-    size_t n = token_set_count_tokens(tokens), i, j;
-    token_stats *stats;
+    size_t i, j;
     char extra[64];
 
     put(p, "# HELP smimed_token_state 1 for the state each token is in.\n"
            "# TYPE smimed_token_state gauge\n");
     for (i = 0; i < n; i++) {
-        const char *name = token_set_token_name(tokens, i);
-        token_state now = token_set_token_state(tokens, i, NULL, NULL);
-
-        for (j = 0; j < sizeof(states) / sizeof(states[0]); j++) {
+        for (j = 0; j < PROTO_TOKEN_STATE_COUNT; j++) {
             snprintf(extra, sizeof(extra), ",state=\"%s\"",
-                     token_state_name(states[j]));
-            put_token(p, "smimed_token_state", name, extra, "%d",
-                      now == states[j]);
+                     proto_token_state_name((unsigned)j));
+            put_token(p, "smimed_token_state", tokens[i].name, extra, "%d",
+                      tokens[i].state == j);
         }
     }
-    /* one snapshot per token, so the series of a scrape agree */
-    stats = calloc(n > 0 ? n : 1, sizeof(*stats));
-    if (stats == NULL) {
-        p->failed = 1;
-        return;
-    }
-    for (i = 0; i < n; i++)
-        token_set_token_stats(tokens, i, &stats[i]);
     for (j = 0; j < sizeof(token_series) / sizeof(token_series[0]); j++) {
         const struct token_series *ts = &token_series[j];
 
@@ -362,13 +341,13 @@ static void render_tokens(page *p, token_set *tokens)
             put(p, "# HELP %s %s\n# TYPE %s %s\n", ts->name, ts->help, ts->name,
                 ts->type);
         for (i = 0; i < n; i++)
-            put_token(p, ts->name, token_set_token_name(tokens, i), ts->extra,
-                      "%lu", ts->get(&stats[i]));
+            put_token(p, ts->name, tokens[i].name, ts->extra, "%llu",
+                      ts->get(&tokens[i]));
     }
-    free(stats);
 }
 
-int metrics_render(token_set *tokens, char **out, size_t *len)
+int metrics_render(const proto_token_entry *tokens, size_t ntokens, char **out,
+                   size_t *len)
 {
     page p = {0};
     const budget *b;
@@ -385,7 +364,7 @@ int metrics_render(token_set *tokens, char **out, size_t *len)
     c = connections;
     pthread_mutex_unlock(&lock);
     render_limits(&p, b, c);
-    render_tokens(&p, tokens);
+    render_tokens(&p, tokens, ntokens);
     if (p.failed) {
         free(p.buf);
         return -1;

@@ -1,7 +1,8 @@
 /*
  * metrics: what /metrics reports, in the Prometheus text format
  * (version 0.0.4). Request counts and latencies are gathered here; token
- * counters and states are read from token/ when the page is rendered.
+ * counters and states are the key process's, read when the page is
+ * rendered.
  */
 #ifndef SMIMED_METRICS_H
 #define SMIMED_METRICS_H
@@ -10,7 +11,7 @@
 
 #include "service/budget.h"
 #include "service/conns.h"
-#include "token/token.h"
+#include "proto/proto.h"
 
 /* A request began / ended. endpoint is a route path, or NULL for a path no
  * route knows (counted as "other": clients must not be able to create
@@ -22,7 +23,10 @@ void metrics_request_end(const char *endpoint, int status, double seconds);
  * borrowed; NULL: not shown). */
 void metrics_set_sources(const budget *b, conns *c);
 
-/* The whole page, malloc'd, in *out (length *len); -1 without memory. */
-int metrics_render(token_set *tokens, char **out, size_t *len);
+/* The whole page, malloc'd, in *out (length *len), with the token series
+ * of tokens (a STATE reply of the key process; none when NULL); -1
+ * without memory. */
+int metrics_render(const proto_token_entry *tokens, size_t ntokens, char **out,
+                   size_t *len);
 
 #endif

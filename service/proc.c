@@ -176,6 +176,7 @@ typedef struct child {
 typedef struct super {
     const char *config_path;
     const char *listen;
+    int listen_fd; /* -1 once the workers were told to stop */
     config *cfg;
     char **envp;
     child key;
@@ -391,13 +392,14 @@ static int key_pair(super *s, const child *w, int *worker_end)
 static void worker_start(super *s, child *w)
 {
     char name[64];
-    int key_end;
+    int fds[2];
 
-    if (key_pair(s, w, &key_end) != 0)
+    if (key_pair(s, w, &fds[0]) != 0)
         return;
-    if (child_start(s, w, &key_end, 1) == 0)
+    fds[1] = s->listen_fd;
+    if (child_start(s, w, fds, 2) == 0)
         log_info("%s started", child_name(w, name, sizeof(name)));
-    close(key_end);
+    close(fds[0]);
 }
 
 static void key_start(super *s)
@@ -612,6 +614,9 @@ static void on_key_message(super *s, const proc_ctl *m)
             config_free(s->cfg);
             s->cfg = cfg;
             replace_workers(s);
+            /* the old workers accept no more: every connection from now
+             * on waits for, and is served by, a worker of the new one */
+            log_info("configuration %s in service", s->config_path);
         }
         break;
     case PROC_CTL_WANT_RELOAD:
@@ -647,6 +652,9 @@ static void begin_stop(super *s, int sig)
 
     log_info("signal %d: stopping the workers, then the key process", sig);
     s->stopping = 1;
+    /* the workers stop accepting; no new one will need it */
+    close(s->listen_fd);
+    s->listen_fd = -1;
     at_in(&s->stop_deadline, STOP_GRACE_S);
     for (i = 0; i < s->nworkers; i++)
         if (s->workers[i].pid > 0)
@@ -738,7 +746,8 @@ static int all_gone(const super *s)
     return s->key.pid == 0;
 }
 
-int proc_supervise(const char *config_path, const char *listen, config *cfg)
+int proc_supervise(const char *config_path, const char *listen, int listen_fd,
+                   config *cfg)
 {
     struct pollfd *pfd = NULL, *grown;
     super s = {0};
@@ -748,6 +757,7 @@ int proc_supervise(const char *config_path, const char *listen, config *cfg)
 
     s.config_path = config_path;
     s.listen = listen;
+    s.listen_fd = listen_fd;
     s.cfg = cfg;
     s.key.role = ROLE_KEY;
     s.key.control = -1;
@@ -814,6 +824,8 @@ out:
     free(pfd);
     free(s.envp);
     free(s.workers);
+    if (s.listen_fd >= 0)
+        close(s.listen_fd);
     config_free(s.cfg);
     return ret;
 }

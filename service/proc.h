@@ -25,7 +25,6 @@
 /* The hidden role arguments, and the process names (/proc/PID/comm). */
 #define PROC_ROLE_KEY "--role=key"
 #define PROC_ROLE_WORKER "--role=worker"
-#define PROC_ROLE_SUPERVISOR "--role=supervisor"
 #define PROC_NAME_KEY "smimed-key"
 #define PROC_NAME_WORKER "smimed-worker"
 
@@ -83,8 +82,11 @@ int proc_ctl_recv(int fd, proc_ctl *msg, int *got_fd);
 
 /* The supervisor: starts the key process and the workers, restarts them,
  * relays signals, and returns the exit status once they are all gone.
- * Takes cfg, the configuration at config_path already checked; listen
- * (NULL: the configuration's) is handed to the workers. */
-int proc_supervise(const char *config_path, const char *listen, config *cfg);
+ * Takes cfg, the configuration at config_path already checked, and
+ * listen_fd, the listening socket every worker gets (closed once the
+ * workers are told to stop); listen is its address, handed to the
+ * workers. */
+int proc_supervise(const char *config_path, const char *listen, int listen_fd,
+                   config *cfg);
 
 #endif

@@ -11,6 +11,12 @@
  *                                       none; prints the signature in hex
  *   rkeytool FD decrypt KEY PAD HEX     PAD pkcs1|oaep (SHA-256 both)
  *   rkeytool FD derive KEY HEXPOINT
+ *   rkeytool FD pkey-sign KEY MECH HEX  the directory key's EVP_PKEY (the
+ *                                       rkey provider over this client):
+ *                                       EVP_PKEY_sign of a SHA-256 digest,
+ *                                       MECH pkcs1|pss (salt: the digest's
+ *                                       length)|ecdsa
+ *   rkeytool FD pkey-decrypt KEY HEX    EVP_PKEY_decrypt, OAEP SHA-256
  *   rkeytool FD finish RID STATUS
  *   rkeytool FD parallel KEY N THREADS  N ECDSA signatures (each with its
  *                                       FINISH) on THREADS threads;
@@ -29,9 +35,11 @@
 #include <time.h>
 
 #include <openssl/evp.h>
+#include <openssl/rsa.h>
 #include <openssl/x509.h>
 
 #include "rkey/client.h"
+#include "rkey/rkey.h"
 
 static rkey_client *client;
 
@@ -185,6 +193,105 @@ static int cmd_derive(char **argv)
     return 0;
 }
 
+/* The EVP_PKEY of key in the directory, up-referenced, and a context on
+ * it; NULL with the failure printed. */
+static EVP_PKEY_CTX *pkey_ctx(const char *key, rkey_dir **dir)
+{
+    rkey_failure f = {0};
+    rkey_key *k;
+    EVP_PKEY_CTX *ctx;
+
+    *dir = rkey_dir_get1(client, &f);
+    if (*dir == NULL) {
+        failed(&f);
+        return NULL;
+    }
+    k = rkey_dir_find_key(*dir, key);
+    if (k == NULL || rkey_key_pkey0(k) == NULL) {
+        fprintf(stderr, "no EVP_PKEY for %s\n", key);
+        return NULL;
+    }
+    ctx = EVP_PKEY_CTX_new_from_pkey(NULL, rkey_key_pkey0(k), NULL);
+    if (ctx == NULL)
+        fprintf(stderr, "EVP_PKEY_CTX_new_from_pkey failed\n");
+    return ctx;
+}
+
+static int pkey_failed(const char *what)
+{
+    const rkey_error *e = rkey_last_error();
+
+    fprintf(stderr, "%s: %s: %s\n", what, rkey_status_name(e->status),
+            e->message);
+    return 1;
+}
+
+static int cmd_pkey_sign(char **argv)
+{
+    unsigned char tbs[64], sig[1024];
+    size_t tbs_len, sig_len = sizeof(sig);
+    rkey_dir *dir = NULL;
+    EVP_PKEY_CTX *ctx;
+    int r = 1, pss = strcmp(argv[1], "pss") == 0;
+
+    ctx = pkey_ctx(argv[0], &dir);
+    if (ctx == NULL || hex_decode(argv[2], tbs, sizeof(tbs), &tbs_len) != 0)
+        goto out;
+    claims("rkeytool-pkey-sign");
+    if (EVP_PKEY_sign_init(ctx) <= 0 ||
+        EVP_PKEY_CTX_set_signature_md(ctx, EVP_sha256()) <= 0 ||
+        (strcmp(argv[1], "ecdsa") != 0 &&
+         EVP_PKEY_CTX_set_rsa_padding(ctx, pss ? RSA_PKCS1_PSS_PADDING
+                                               : RSA_PKCS1_PADDING) <= 0) ||
+        (pss &&
+         (EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx, RSA_PSS_SALTLEN_DIGEST) <= 0 ||
+          EVP_PKEY_CTX_set_rsa_mgf1_md(ctx, EVP_sha256()) <= 0))) {
+        fprintf(stderr, "cannot set the signature up\n");
+        goto out;
+    }
+    if (EVP_PKEY_sign(ctx, sig, &sig_len, tbs, tbs_len) <= 0) {
+        pkey_failed("EVP_PKEY_sign");
+        goto out;
+    }
+    hex_print(sig, sig_len);
+    r = 0;
+out:
+    EVP_PKEY_CTX_free(ctx);
+    rkey_dir_free(dir);
+    return r;
+}
+
+static int cmd_pkey_decrypt(char **argv)
+{
+    unsigned char in[1024], out[1024];
+    size_t in_len, out_len = sizeof(out);
+    rkey_dir *dir = NULL;
+    EVP_PKEY_CTX *ctx;
+    int r = 1;
+
+    ctx = pkey_ctx(argv[0], &dir);
+    if (ctx == NULL || hex_decode(argv[1], in, sizeof(in), &in_len) != 0)
+        goto out;
+    claims("rkeytool-pkey-decrypt");
+    if (EVP_PKEY_decrypt_init(ctx) <= 0 ||
+        EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_OAEP_PADDING) <= 0 ||
+        EVP_PKEY_CTX_set_rsa_oaep_md(ctx, EVP_sha256()) <= 0 ||
+        EVP_PKEY_CTX_set_rsa_mgf1_md(ctx, EVP_sha256()) <= 0) {
+        fprintf(stderr, "cannot set the decryption up\n");
+        goto out;
+    }
+    if (EVP_PKEY_decrypt(ctx, out, &out_len, in, in_len) <= 0) {
+        pkey_failed("EVP_PKEY_decrypt");
+        goto out;
+    }
+    hex_print(out, out_len);
+    r = 0;
+out:
+    EVP_PKEY_CTX_free(ctx);
+    rkey_dir_free(dir);
+    return r;
+}
+
 static int cmd_finish(char **argv)
 {
     rkey_failure f = {0};
@@ -268,8 +375,16 @@ int main(int argc, char **argv)
 {
     int r = 2;
 
+    rkey_error err = {0};
+
     if (argc < 3)
         return 2;
+    /* the EVP_PKEYs of the directory need the provider, loaded before any
+     * other thread (the client's reader) starts */
+    if (strncmp(argv[2], "pkey-", 5) == 0 && rkey_provider_init(&err) != 0) {
+        fprintf(stderr, "rkey_provider_init: %s\n", err.message);
+        return 1;
+    }
     client = rkey_client_new(atoi(argv[1]), 10000);
     if (client == NULL)
         return 1;
@@ -283,6 +398,10 @@ int main(int argc, char **argv)
         r = cmd_decrypt(argv + 3);
     else if (strcmp(argv[2], "derive") == 0 && argc == 5)
         r = cmd_derive(argv + 3);
+    else if (strcmp(argv[2], "pkey-sign") == 0 && argc == 6)
+        r = cmd_pkey_sign(argv + 3);
+    else if (strcmp(argv[2], "pkey-decrypt") == 0 && argc == 5)
+        r = cmd_pkey_decrypt(argv + 3);
     else if (strcmp(argv[2], "finish") == 0 && argc == 5)
         r = cmd_finish(argv + 3);
     else if (strcmp(argv[2], "parallel") == 0 && argc == 6)

@@ -77,13 +77,31 @@ def free_port():
     return port
 
 
+def tree(pid):
+    """pid and its children: the daemon is the supervisor, its key process
+    and its workers."""
+    out = [pid]
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def proc_status(pid):
-    """VmRSS and VmHWM of pid in KiB."""
-    out = {}
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1])
+    """VmRSS and VmHWM of the daemon (pid and its children, summed) in KiB:
+    a request changes one worker's and the key process's, the others' stay
+    as they were."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for p in tree(pid):
+        try:
+            with open("/proc/%d/status" % p) as f:
+                for line in f:
+                    if line.startswith(("VmRSS:", "VmHWM:")):
+                        out[line.split(":")[0]] += int(line.split()[1])
+        except OSError:
+            pass
     return out
 
 
@@ -143,10 +161,17 @@ class Daemon:
 
 
 def cpu_seconds(pid):
-    """User plus system CPU time of pid so far."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time of the daemon (pid and its children) so
+    far."""
+    ticks = 0
+    for p in tree(pid):
+        try:
+            with open("/proc/%d/stat" % p) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # "Authorization: Bearer ..." of the demo's all-rights client, when the demo

@@ -308,7 +308,8 @@ def default_bearer(config):
 
 
 class Daemon:
-    """One smimed process on a free loopback port. Requests carry
+    """One smimed daemon (its supervisor, which starts the key process and
+    the workers) on a free loopback port. Requests carry
     `Authorization: Bearer <bearer>` unless auth=False or the test gives its
     own Authorization header."""
 
@@ -360,6 +361,20 @@ class Daemon:
 
     def running(self):
         return self.proc is not None and self.proc.poll() is None
+
+    def children(self, comm=None):
+        """The pids of the supervisor's direct children (the key process,
+        smimed-key, and the workers, smimed-worker), of one comm if given."""
+        pid = self.proc.pid
+        out = []
+        for child in Path("/proc/%d/task/%d/children" % (pid, pid)).read_text().split():
+            try:
+                name = Path("/proc/%s/comm" % child).read_text().strip()
+            except OSError:
+                continue
+            if comm is None or name == comm:
+                out.append(int(child))
+        return sorted(out)
 
     def auth_headers(self, headers=None, auth=True):
         h = dict(headers or {})

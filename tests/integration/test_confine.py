@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Worker confinement, checked from outside (service/confine.c): the
-process tree started as root (smimed --role=supervisor), each worker's
+process tree started as root (smimed --config), each worker's
 /proc/PID/status (the configured user, NoNewPrivs 1, Seccomp 2, no
 capabilities) and its start line naming what took effect; the key process
 and the supervisor unconfined (the key process opens the token store); a
@@ -11,11 +11,11 @@ it; clean exits; `user` checked at load.
 What a confined worker can and cannot open or call is proved from inside
 by the unit test tests/unit/test_confine.c."""
 
+import base64
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,65 +53,31 @@ def config(path, **top):
 CONF = config(WORK / "confine.conf", user="nobody")
 
 
-class Tree:
-    def __init__(self, conf, name):
-        self.log_path = WORK / ("%s.stderr" % name)
-        env = dict(os.environ, **F.softhsm_env(DEMO), **F.sanitizer_env())
-        env[PIN_VAR] = PIN
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(F.BINARY), "--role=supervisor", "--config",
-                                      str(conf)], stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=self.log, env=env)
+D = None  # the daemon: its supervisor, key process and workers
 
-    def text(self):
-        return self.log_path.read_text(errors="replace")
 
-    def tail(self, n=15):
-        return "\n".join(self.text().splitlines()[-n:])
+def log_text():
+    return D.stderr_text()
 
-    def confined(self):
-        """{pid: match} of every worker start line so far."""
-        return {int(m.group(1)): m for m in CONFINED.finditer(self.text())}
 
-    def children(self):
-        out = {}
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                stat = Path("/proc/%s/stat" % d).read_text()
-                comm = Path("/proc/%s/comm" % d).read_text().strip()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                out[int(d)] = comm
-        return out
+def confined():
+    """{pid: match} of every worker start line so far."""
+    return {int(m.group(1)): m for m in CONFINED.finditer(log_text())}
 
-    def wait_workers(self, n=2, exclude=(), timeout=30):
-        """The key process and n workers, each of which logged its line."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            check(self.proc.poll() is None, "the supervisor exited: %s" % self.tail())
-            kids = self.children()
-            keys = [p for p, c in kids.items() if c == "smimed-key"]
-            ws = sorted(p for p, c in kids.items() if c == "smimed-worker" and p not in exclude)
-            lines = self.confined()
-            if len(keys) == 1 and len(ws) == n and all(w in lines for w in ws):
-                return keys[0], ws
-            time.sleep(0.05)
-        raise AssertionError("workers not confined in %ds: %r; %s" % (
-            timeout, self.children(), self.tail()))
 
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+def wait_workers(n=2, exclude=(), timeout=30):
+    """The key process and n workers, each of which logged its line."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        check(D.running(), "the supervisor exited: %s" % D.tail(15))
+        keys = D.children("smimed-key")
+        ws = [p for p in D.children("smimed-worker") if p not in exclude]
+        lines = confined()
+        if len(keys) == 1 and len(ws) == n and all(w in lines for w in ws):
+            return keys[0], ws
+        time.sleep(0.05)
+    raise AssertionError("workers not confined in %ds: %r; %s" % (
+        timeout, D.children(), D.tail(15)))
 
 
 def status(pid):
@@ -122,14 +88,11 @@ def status(pid):
     return fields
 
 
-T = None
-
-
 def tree_starts():
-    global T
-    T = Tree(CONF, "tree")
-    key, workers = T.wait_workers()
-    lines = T.confined()
+    global D
+    D = S.daemon(CONF, "confine-tree", env=dict(F.softhsm_env(DEMO), **{PIN_VAR: PIN}))
+    key, workers = wait_workers()
+    lines = confined()
     for w in workers:
         m = COMPLETE.fullmatch(lines[w].group(2))
         check(m, "worker %d's line names not every confinement: %s" % (w, lines[w].group(0)))
@@ -137,12 +100,12 @@ def tree_starts():
            % os.geteuid(), "worker %d's user" % w)
         check(int(m.group(2)) >= 1, "landlock abi %s" % m.group(2))
         check(int(m.group(3)) > 50, "seccomp rules %s" % m.group(3))
-    check(" warn worker_main: " not in T.text(),
-          "a part of the confinement did not take effect: %s" % T.tail())
+    check(" warn worker_main: " not in log_text(),
+          "a part of the confinement did not take effect: %s" % D.tail(15))
 
 
 def workers_status():
-    key, workers = T.wait_workers()
+    key, workers = wait_workers()
     uid = NOBODY if ROOT else os.geteuid()
     for w in workers:
         st = status(w)
@@ -157,13 +120,47 @@ def workers_status():
 
 
 def others_unconfined():
-    key, workers = T.wait_workers()
-    for pid, what in ((key, "the key process"), (T.proc.pid, "the supervisor")):
+    key, workers = wait_workers()
+    for pid, what in ((key, "the key process"), (D.proc.pid, "the supervisor")):
         st = status(pid)
         eq(st["Seccomp"], ["0"], "%s's Seccomp" % what)
         eq(st["Uid"][0], str(os.geteuid()), "%s's Uid" % what)
-    check(T.proc.pid not in T.confined() and key not in T.confined(),
+    check(D.proc.pid not in confined() and key not in confined(),
           "only workers log a confinement")
+
+
+LATIN1 = (b"Content-Type: text/plain; charset=iso-8859-1\r\n"
+          b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+          b"Caf\xe9 cr\xe8me, na\xefve fa\xe7ade.\r\nFrom the start of a line\r\n")
+
+
+def workers_serve():
+    """Every kind of request, answered by confined workers: what a worker
+    needs after it confined itself (the trust directory, iconv, the key
+    process over its socket) is there."""
+    wait_workers()
+    eq(D.request("GET", "/readyz").status, 200, "/readyz")
+    r = D.request("GET", "/v1/keys")
+    eq(r.status, 200, "/v1/keys")
+    eq(sorted(k["name"] for k in r.json()["keys"]), ["demo-ec", "demo-rsa"], "keys")
+    for key in ("demo-rsa", "demo-ec"):
+        r = D.request("POST", "/v1/sign?key=%s&mode=opaque" % key, body=LATIN1,
+                      headers={"Content-Type": "message/rfc822"})
+        eq(r.status, 200, "raw 8-bit Latin-1 sign with %s: %s" % (key, r.body[:200]))
+        content = F.openssl_verify(r.body, DEMO / "ca.pem", WORK)
+        check(b"=E9" in content or b"\xe9" in content, "the signed content lost its text")
+        r = D.post_json("/v1/verify", {"mime_base64": base64.b64encode(r.body).decode()})
+        eq(r.status, 200, "verify")
+        check(r.json()["valid"], "not valid against the trust directory: %r" % r.json())
+    r = D.post_json("/v1/encrypt", {"mime": "Content-Type: text/plain\r\n\r\nsecret\r\n",
+                                    "recipients": ["demo-rsa", "demo-ec"]})
+    eq(r.status, 200, "encrypt")
+    sealed = F.mime_of(r.json())
+    for key in ("demo-rsa", "demo-ec"):
+        r = D.post_json("/v1/decrypt", {"mime": sealed.decode(), "key": key})
+        eq(r.status, 200, "decrypt with %s: %s" % (key, r.body[:200]))
+        check(b"secret" in F.mime_of(r.json()), "decrypt with %s: the plaintext" % key)
+    check("Bad system call" not in log_text(), "a worker was killed by the filter")
 
 
 def readable_regions(pid):
@@ -178,7 +175,7 @@ def readable_regions(pid):
 def memory_scan():
     """root reads /proc/PID/mem of a confined, non-dumpable worker (the PIN
     scan of the process wall needs it), and the PIN is not there."""
-    key, workers = T.wait_workers()
+    key, workers = wait_workers()
     for w in workers:
         total = 0
         with open("/proc/%d/mem" % w, "rb", buffering=0) as mem:
@@ -194,43 +191,43 @@ def memory_scan():
 
 
 def replaced_worker_confined():
-    key, workers = T.wait_workers()
+    key, workers = wait_workers()
     os.kill(workers[0], signal.SIGKILL)
-    key, now = T.wait_workers(exclude=(workers[0],))
+    key, now = wait_workers(exclude=(workers[0],))
     fresh = [w for w in now if w not in workers]
     eq(len(fresh), 1, "replacement workers")
     eq(status(fresh[0])["Seccomp"], ["2"], "the replacement's Seccomp")
 
 
 def reload_workers_confined():
-    key, workers = T.wait_workers()
-    T.proc.send_signal(signal.SIGHUP)
+    key, workers = wait_workers()
+    D.send_signal(signal.SIGHUP)
     deadline = time.time() + 30
     while time.time() < deadline:
-        kids = T.children()
-        ws = [p for p, c in kids.items() if c == "smimed-worker"]
+        ws = D.children("smimed-worker")
         if ws and not set(ws) & set(workers) and len(ws) == 2 and \
-                all(w in T.confined() for w in ws):
+                all(w in confined() for w in ws):
             break
         time.sleep(0.05)
     else:
-        raise AssertionError("the reload's workers: %r; %s" % (T.children(), T.tail()))
+        raise AssertionError("the reload's workers: %r; %s" % (D.children(), D.tail(15)))
     for w in ws:
         eq(status(w)["Seccomp"], ["2"], "worker %d's Seccomp after the reload" % w)
 
 
 def clean_stop():
-    rc = T.stop()
-    findings = [l for l in T.text().splitlines()
-                if any(m in l for m in F.SANITIZER_MARKERS)]
+    rc = D.stop()
+    text = log_text()
+    findings = D.sanitizer_findings()
     check(not findings, "sanitizer report: %s" % "; ".join(findings[:3]))
     eq(rc, 0, "the supervisor's exit status")
-    after = T.text().split("begin_stop:", 1)[-1]
+    after = text.split("begin_stop:", 1)[-1]
     check(not re.search(r"worker \d+ \(pid \d+\) (killed|exited with status)", after),
-          "a worker died at stop: %s" % T.tail())
+          "a worker died at stop: %s" % D.tail(15))
     eq(len(re.findall(r"worker \d+ \(pid \d+\) exited$", after, re.M)), 2,
        "workers that exited 0 at stop")
-    check(PIN not in T.text(), "the PIN is in the log")
+    check(PIN not in text, "the PIN is in the log")
+    check("Bad system call" not in text, "a worker was killed by the filter: %s" % D.tail(15))
 
 
 def user_option():
@@ -297,12 +294,14 @@ def systemd_lets_confinement_through():
 def main():
     S.case("the tree starts; each worker logs user, no_new_privs, landlock, seccomp",
            tree_starts)
-    if T is not None and T.proc.poll() is None:
+    if D is not None and D.running():
         S.case("from outside: each worker's Uid/Gid, NoNewPrivs 1, Seccomp 2, "
                "no capabilities", workers_status)
         S.case("the key process and the supervisor are not confined", others_unconfined)
-        S.case("root reads a confined worker's memory; the PIN is not in it",
-               memory_scan)
+        S.case("confined workers serve: /readyz, keys, raw Latin-1 sign (RSA, EC), verify "
+               "against the trust directory, encrypt, decrypt", workers_serve)
+        S.case("root reads a confined worker's memory after those requests; the PIN is "
+               "not in it", memory_scan)
         S.case("a worker killed and replaced: the new one is confined", replaced_worker_confined)
         S.case("SIGHUP: the new workers are confined", reload_workers_confined)
         S.case("SIGTERM: exit 0, confined workers exit cleanly, no sanitizer report",
@@ -310,8 +309,6 @@ def main():
     S.case("user: unknown and root are refused at load", user_option)
     S.case("systemd unit: SystemCallFilter lets landlock_* and seccomp through",
            systemd_lets_confinement_through)
-    if T is not None and T.proc.poll() is None:
-        T.proc.kill()
     S.finish()
 
 

@@ -439,6 +439,23 @@ def c_client(pub):
     want = F.run(["openssl", "pkeyutl", "-derive", "-inkey", eph, "-peerkey", peer]).stdout
     eq(bytes.fromhex(tool("derive", "demo-ec", ec_point(pub).hex()).strip()), want,
        "Z from rkeytool")
+    # the same through the directory's EVP_PKEYs (rkey provider -> the
+    # client's backend), as cms/ in a worker uses them
+    sig = bytes.fromhex(tool("pkey-sign", "demo-rsa", "pkcs1", d.hex()).strip())
+    check(openssl_verify(RSA_PEM, d, sig, ["digest:sha256"]), "PKCS#1 v1.5 from an EVP_PKEY")
+    sig = bytes.fromhex(tool("pkey-sign", "demo-rsa", "pss", d.hex()).strip())
+    check(openssl_verify(RSA_PEM, d, sig, ["digest:sha256", "rsa_padding_mode:pss",
+                                           "rsa_pss_saltlen:32", "rsa_mgf1_md:sha256"]),
+          "PSS from an EVP_PKEY")
+    sig = bytes.fromhex(tool("pkey-sign", "demo-ec", "ecdsa", d.hex()).strip())
+    check(openssl_verify(EC_PEM, d, sig, ["digest:sha256"]), "ECDSA from an EVP_PKEY")
+    eq(bytes.fromhex(tool("pkey-decrypt", "demo-rsa", ct.hex()).strip()), secret,
+       "OAEP plaintext from an EVP_PKEY")
+    conn = KP.connect(32)
+    p = rkeytool(conn.sock, "pkey-decrypt", "demo-rsa", "00" * 256)
+    conn.close()
+    check(p.returncode == 1 and b"EVP_PKEY_decrypt: failed:" in p.stderr,
+          "a ciphertext that does not decrypt: %r" % p.stderr)
     check(re.search(r"^demo 0 - ops_sign=\d+$", tool("state"), re.M), "state from rkeytool")
     conn = KP.connect(31)
     p = rkeytool(conn.sock, "sign", "demo-rsa", "pkcs1", "sha256", "00" * 31)
@@ -562,7 +579,8 @@ def main():
     S.case("an audit write that fails withholds the result (audit_failed)",
            audit_write_fails)
     if pub:
-        S.case("rkeytool (the worker's client): keys, sign, decrypt, derive, state",
+        S.case("rkeytool (the worker's client): keys, sign, decrypt, derive, state, the "
+               "directory's EVP_PKEYs",
                c_client, pub[0])
     S.case("rkeytool: 400 signatures on 16 threads over one connection",
            c_client_parallel)

@@ -38,6 +38,12 @@ D = None
 
 RECORD_FIELDS = ["time", "request_id", "client", "remote", "operation", "key",
                  "content_sha256", "result", "error", "latency_ms"]
+# The key process writes them: a key operation's record ("key", before its
+# result goes back) and its answer's ("finish"), each with the token; a
+# refusal's ("refusal"). What the worker said is marked as such.
+STAGE_FIELDS = {"key": RECORD_FIELDS + ["stage", "token", "asserted_by"],
+                "finish": RECORD_FIELDS + ["stage", "token", "asserted_by"],
+                "refusal": RECORD_FIELDS + ["stage", "asserted_by"]}
 TIME_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
@@ -62,12 +68,19 @@ def audit_records(path=AUDIT):
 
 
 def record_of(r, path=AUDIT):
-    """The one audit record of response r (by X-Request-Id)."""
+    """The one audit record of response r's answer (by X-Request-Id): its
+    finish or refusal; a finish follows the record of its key operation."""
     rid = r.header("X-Request-Id")
     check(rid, "no X-Request-Id on the response")
     found = [x for x in audit_records(path) if x.get("request_id") == rid]
-    eq(len(found), 1, "audit records of request %s" % rid)
-    return found[0]
+    answers = [x for x in found if x.get("stage") in ("finish", "refusal")]
+    eq(len(answers), 1, "audit records of the answer to request %s" % rid)
+    if answers[0]["stage"] == "finish":
+        eq([x.get("stage") for x in found], ["key", "finish"],
+           "audit records of request %s" % rid)
+    else:
+        eq(len(found), 1, "audit records of request %s" % rid)
+    return answers[0]
 
 
 def no_record(r, path=AUDIT):
@@ -79,7 +92,13 @@ def no_record(r, path=AUDIT):
 
 def start():
     global D
-    D = S.daemon(SEC / "smimed.conf", "security-daemon", env=F.softhsm_env(SEC))
+    # one worker: the per-IP limit is each worker's own until the counters
+    # are shared across workers (per_ip_default counts on this daemon)
+    cfg = json.loads((SEC / "smimed.conf").read_text())
+    cfg["workers"] = 1
+    conf = SEC / "security.conf"
+    conf.write_text(json.dumps(cfg))
+    D = S.daemon(conf, "security-daemon", env=F.softhsm_env(SEC))
     eq(D.bearer, TOKEN, "the fixture's default token")
 
 
@@ -311,10 +330,17 @@ def audit_mixed_run():
              D.post_json("/v1/sign", {"key": "demo-rsa"}),
              D.request("GET", "/v1/keys")]
     recs = audit_records()[start_n:]
-    eq(len(recs), len(expected), "audit records written (one per key operation or refusal)")
+    eq(len(recs), sum(2 if r.status == 200 else 1 for r, *_ in expected),
+       "audit records written (two per key operation, one per refusal)")
+    for rec in recs:
+        eq(list(rec.keys()), STAGE_FIELDS.get(rec.get("stage"), RECORD_FIELDS),
+           "fields of a %s record" % rec.get("stage"))
+        eq(rec["asserted_by"], "worker", "asserted_by")
     for r, client, op, key, digest in expected:
         rec = record_of(r)
-        eq(list(rec.keys()), RECORD_FIELDS, "record fields")
+        eq(rec["stage"], "finish" if r.status == 200 else "refusal", "stage")
+        if r.status == 200:
+            eq(rec["token"], "demo", "token")
         check(TIME_MS.match(rec["time"]), "time %r" % rec["time"])
         t = time.mktime(time.strptime(rec["time"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
         check(abs(t - time.time()) < 600, "time %s is not now (UTC)" % rec["time"])
@@ -681,7 +707,8 @@ def pin_env():
 
 def modules_only_from_config():
     """OPENSSL_CONF is ignored (it would make SHA-256 unavailable here), and
-    the only PKCS#11 module mapped is the configured one."""
+    the only PKCS#11 module mapped (by the key process, the one process that
+    maps any) is the configured one."""
     bad = WORK / "openssl.cnf"
     bad.write_text("openssl_conf = init\n[init]\nalg_section = algs\n[algs]\ndefault_properties = fips=yes\n")
     env = F.softhsm_env(SEC)
@@ -689,7 +716,9 @@ def modules_only_from_config():
     d = S.daemon(SEC / "smimed.conf", "openssl-conf-daemon", env=env)
     r = d.post_json("/v1/sign", {"key": "demo-rsa", "mime": msg()})
     eq(r.status, 200, "sign with a hostile OPENSSL_CONF")
-    maps = Path("/proc/%d/maps" % d.proc.pid).read_text()
+    keys = d.children("smimed-key")
+    eq(len(keys), 1, "key processes")
+    maps = Path("/proc/%d/maps" % keys[0]).read_text()
     libs = set(l.split()[-1] for l in maps.splitlines() if ".so" in l.split()[-1])
     module = F.softhsm_module()
     check(module in libs, "the configured module is not mapped")
@@ -759,7 +788,7 @@ def per_ip_default():
 
 def per_ip_limit_and_timeout():
     cfg = json.loads((SEC / "smimed.conf").read_text())
-    cfg.update(max_connections_per_ip=4, request_timeout_s=2)
+    cfg.update(max_connections_per_ip=4, request_timeout_s=2, workers=1)
     conf = SEC / "limits.conf"
     conf.write_text(json.dumps(cfg))
     d = S.daemon(conf, "limits-daemon", env=F.softhsm_env(SEC))
