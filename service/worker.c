@@ -187,8 +187,10 @@ int worker_main(const char *config_path, const char *listen)
             continue;
         if (r <= 0 || m.type == PROC_CTL_STOP)
             break;
-        if (m.type == PROC_CTL_REOPEN && log_reopen() != 0)
-            log_error("cannot reopen the log file");
+        if (m.type == PROC_CTL_REOPEN && fd >= 0) {
+            log_take_fd(fd);
+            fd = -1;
+        }
         if (m.type == PROC_CTL_KEY_SOCKET && fd >= 0) {
             rkey_client_set_socket(client, fd);
             fd = -1;

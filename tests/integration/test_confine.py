@@ -230,6 +230,46 @@ def clean_stop():
     check("Bad system call" not in text, "a worker was killed by the filter: %s" % D.tail(15))
 
 
+def log_rotation():
+    """A confined worker cannot open the log file again (another user, no
+    write under Landlock): at SIGUSR1 the supervisor reopens it and hands
+    each worker the new file."""
+    log = WORK / "smimed.log"
+    conf = config(WORK / "log.conf", user="nobody", log_file=str(log))
+    d = S.daemon(conf, "confine-log", env=dict(F.softhsm_env(DEMO), **{PIN_VAR: PIN}))
+    try:
+        r = d.sign(key="demo-ec", mime="Content-Type: text/plain\r\n\r\nbefore\r\n")
+        eq(r.status, 200, "sign before the rotation")
+        deadline = time.time() + 10
+        while "POST /v1/sign 200" not in log.read_text(errors="replace"):
+            check(time.time() < deadline, "no access line in %s" % log)
+            time.sleep(0.05)
+        check("confined: user nobody" in log.read_text(), "the workers' lines are not in the file")
+        old = WORK / "smimed.log.1"
+        log.rename(old)
+        d.send_signal(signal.SIGUSR1)
+        deadline = time.time() + 10
+        while not log.exists():
+            check(time.time() < deadline, "SIGUSR1 made no new log file")
+            time.sleep(0.05)
+        time.sleep(0.5)  # the workers take the file after the supervisor made it
+        before = old.read_text(errors="replace").count("POST /v1/sign 200")
+        for _ in range(4):
+            eq(d.sign(key="demo-rsa", mime="Content-Type: text/plain\r\n\r\nafter\r\n").status,
+               200, "sign after the rotation")
+        deadline = time.time() + 10
+        while log.read_text(errors="replace").count("POST /v1/sign 200") < 4:
+            check(time.time() < deadline, "the workers do not log to the new file: %s" %
+                  log.read_text(errors="replace")[-600:])
+            time.sleep(0.05)
+        eq(old.read_text(errors="replace").count("POST /v1/sign 200"), before,
+           "access lines written to the rotated file")
+        check("cannot reopen" not in log.read_text(errors="replace"), "a reopen failed")
+    finally:
+        rc = d.stop()
+    eq(rc, 0, "exit status")
+
+
 def user_option():
     env = dict(F.softhsm_env(DEMO), **{PIN_VAR: PIN})
     for value, good, say in (("nobody", True, None), ("daemon", True, None),
@@ -306,6 +346,8 @@ def main():
         S.case("SIGHUP: the new workers are confined", reload_workers_confined)
         S.case("SIGTERM: exit 0, confined workers exit cleanly, no sanitizer report",
                clean_stop)
+    S.case("log_file: after rotation and SIGUSR1 the confined workers write the new file",
+           log_rotation)
     S.case("user: unknown and root are refused at load", user_option)
     S.case("systemd unit: SystemCallFilter lets landlock_* and seccomp through",
            systemd_lets_confinement_through)
