@@ -29,6 +29,7 @@
 #include <openssl/rsa.h>
 #include <openssl/x509v3.h>
 
+#include "certs/certs.h"
 #include "cms/internal.h"
 
 /* NIST SP 800-131A: RSA under 2048 bits no longer protects anything, and
@@ -68,9 +69,7 @@ static int curve_nid(EVP_PKEY *pub)
 int cms_recipient_check(X509 *cert, cms_error *err)
 {
     char who[128], when[32];
-    const char *usage;
     EVP_PKEY *pub;
-    uint32_t need;
     int nid, r = -1;
 
     if (cert == NULL) {
@@ -78,7 +77,7 @@ int cms_recipient_check(X509 *cert, cms_error *err)
         goto out;
     }
     cms_cert_label(cert, who, sizeof(who));
-    if (X509_get_extension_flags(cert) & EXFLAG_INVALID) {
+    if (!certs_extensions_valid(cert)) {
         cms_set_error(err, CMS_ERR_RECIPIENT,
                       "certificate for %s has malformed extensions", who);
         goto out;
@@ -120,8 +119,6 @@ int cms_recipient_check(X509 *cert, cms_error *err)
                           who, EVP_PKEY_get_bits(pub), MIN_RSA_BITS);
             goto out;
         }
-        need = KU_KEY_ENCIPHERMENT;
-        usage = "keyEncipherment";
         break;
     case EVP_PKEY_EC:
         nid = curve_nid(pub);
@@ -134,8 +131,6 @@ int cms_recipient_check(X509 *cert, cms_error *err)
                           nid != NID_undef ? OBJ_nid2sn(nid) : "(unnamed)");
             goto out;
         }
-        need = KU_KEY_AGREEMENT;
-        usage = "keyAgreement";
         break;
     default:
         cms_set_error(err, CMS_ERR_RECIPIENT,
@@ -147,14 +142,13 @@ int cms_recipient_check(X509 *cert, cms_error *err)
                           : "unknown");
         goto out;
     }
-    /* Both return every bit when the extension is absent. */
-    if ((X509_get_key_usage(cert) & need) == 0) {
+    if (!certs_key_usage_allows(cert, CERTS_USE_DECRYPT)) {
         cms_set_error(err, CMS_ERR_RECIPIENT,
                       "certificate for %s: its key usage does not allow %s",
-                      who, usage);
+                      who, certs_key_usage_name(cert, CERTS_USE_DECRYPT));
         goto out;
     }
-    if ((X509_get_extended_key_usage(cert) & (XKU_SMIME | XKU_ANYEKU)) == 0) {
+    if (!certs_email_allowed(cert)) {
         cms_set_error(err, CMS_ERR_RECIPIENT,
                       "certificate for %s: its extended key usage does not "
                       "include emailProtection",

@@ -1,11 +1,13 @@
 /*
- * Private to cms/: what the MIME side (mime.c: entities in and out) and the
- * CMS side (sign.c, encrypt.c, decrypt.c, verify.c) share.
+ * Private to cms/: what the MIME side (mime.c, header.c, encoding.c:
+ * entities in and out) and the CMS side (sign.c, encrypt.c, decrypt.c,
+ * verify.c) share.
  */
 #ifndef SMIMED_CMS_INTERNAL_H
 #define SMIMED_CMS_INTERNAL_H
 
 #include <stddef.h>
+#include <string.h>
 
 #include <openssl/cms.h>
 
@@ -36,6 +38,71 @@ int cms_buf_reserve(cms_buf *buf, size_t len);
 /* Appends in[0..len) with every bare CR and bare LF turned into CRLF. */
 int cms_buf_add_canonical(cms_buf *buf, const unsigned char *in, size_t len);
 void cms_buf_release(cms_buf *buf);
+/* Appends in[0..len) encoded as quoted-printable or base64, with CRLF line
+ * ends (encoding.c has what quoted-printable also armours). */
+int cms_buf_add_encoded(cms_buf *out, const unsigned char *in, size_t len,
+                        GMimeContentEncoding encoding);
+/* Whether s[0..len) has CRLF line ends only, no bare CR or LF: what
+ * cms_buf_add_canonical would copy unchanged. */
+int cms_is_canonical(const unsigned char *s, size_t len);
+
+/* Lines and header fields, for the MIME files; inline because the 7-bit
+ * checks call them once an octet or a line. */
+static inline int cms_is_blank(unsigned char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* RFC 5322 ftext: printable US-ASCII except the colon. */
+static inline int cms_is_ftext(unsigned char c)
+{
+    return c > ' ' && c < 127 && c != ':';
+}
+
+/* End of the line starting at pos: just past its LF, or len. */
+static inline size_t cms_line_end(const unsigned char *s, size_t len,
+                                  size_t pos)
+{
+    const unsigned char *lf = memchr(s + pos, '\n', len - pos);
+
+    return lf ? (size_t)(lf - s) + 1 : len;
+}
+
+/* Length of the canonical line s[pos..end) without its CRLF. */
+static inline size_t cms_line_text_len(const unsigned char *s, size_t pos,
+                                       size_t end)
+{
+    size_t n = end - pos;
+
+    if (n >= 2 && s[end - 1] == '\n' && s[end - 2] == '\r')
+        n -= 2;
+    return n;
+}
+
+/* Whether the field starting line[0..n) is called name (any case); RFC
+ * 5322's obsolete syntax allows blanks before the colon. */
+int cms_field_is(const unsigned char *line, size_t n, const char *name);
+/*
+ * Checks the header line s[pos..pos+n) (lineno counts from 1; continued: a
+ * field precedes it, so a line starting with a blank continues it). The
+ * length of its field name, 0 for a continuation line, or -1 with err set.
+ */
+long cms_header_line_check(const unsigned char *s, size_t pos, size_t n,
+                           size_t lineno, int continued, cms_error *err);
+/* Counts the field line[0..n) when it is called name; 1 when one was
+ * counted before. */
+int cms_field_repeats(int *seen, const unsigned char *line, size_t n,
+                      const char *name);
+/*
+ * Splits the header block of the canonical entity s[0..len): Content-* and
+ * MIME-Version fields go to inner, the others to outer, each line CRLF
+ * terminated. *body is where the body starts (len when there is none).
+ * Two Content-Type or Content-Transfer-Encoding fields are refused, as by
+ * cms_header_block_read, which reads the entity back after decryption and
+ * verification.
+ */
+int cms_headers_split(const unsigned char *s, size_t len, cms_buf *outer,
+                      cms_buf *inner, size_t *body, cms_error *err);
 
 /* Octets someone else owns. */
 typedef struct cms_bytes {

@@ -2,8 +2,12 @@
  * The MIME side: split the submitted entity into the top-level mail
  * headers, which stay outside the signature or encryption, and the entity
  * to sign or encrypt; make that entity CRLF-canonical and 7-bit safe (RFC
- * 8551 §3.1); wrap the CMS structure around it as S/MIME. And the way back:
- * read a header block, undo a transfer encoding, read the CMS structure.
+ * 8551 §3.1); wrap the CMS structure around it as S/MIME (wrap.c). And the
+ * way back: read a header block, undo a transfer encoding, read the CMS
+ * structure. This file is the walk that re-encodes the parts that are not
+ * 7-bit safe and names what cannot be made so; header.c reads, checks and
+ * splits header blocks; encoding.c holds the buffers, CRLF
+ * canonicalisation and the transfer encodings.
  *
  * Decisions:
  * - The signed entity is the submitted Content-* and MIME-Version fields, in
@@ -58,16 +62,11 @@
  *   second part, "2.1" also for the body of a message/rfc822 part 2) and
  *   GMime's encoding names ("quoted-printable", "base64").
  */
-#include <limits.h>
-#include <pthread.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <gmime/gmime.h>
-#include <openssl/err.h>
-#include <openssl/evp.h>
 
 #include "cms/internal.h"
 
@@ -76,459 +75,6 @@
 /* Real mail nests a handful of levels. GMime stops parsing at 1024 and
  * leaves deeper parts unparsed, so they could not be made 7-bit safe. */
 #define MAX_DEPTH 64
-
-static pthread_once_t gmime_once = PTHREAD_ONCE_INIT;
-
-/* g_mime_init registers every GType the parser creates, but GLib still
- * builds each class on its first instance, from whichever request thread
- * gets there first, behind a lock-free fast path that race detectors (and
- * readers of the memory model) cannot vouch for. Building every class we
- * reach here, before the daemon starts its threads, leaves nothing lazy. */
-static void gmime_init_all(void)
-{
-    GType types[] = {
-        GMIME_TYPE_PART,
-        GMIME_TYPE_TEXT_PART,
-        GMIME_TYPE_MULTIPART,
-        GMIME_TYPE_MULTIPART_SIGNED,
-        GMIME_TYPE_MULTIPART_ENCRYPTED,
-        GMIME_TYPE_MESSAGE,
-        GMIME_TYPE_MESSAGE_PART,
-        GMIME_TYPE_MESSAGE_PARTIAL,
-        GMIME_TYPE_APPLICATION_PKCS7_MIME,
-        GMIME_TYPE_PARSER,
-        GMIME_TYPE_STREAM_MEM,
-        GMIME_TYPE_STREAM_FILTER,
-        GMIME_TYPE_STREAM_NULL,
-        GMIME_TYPE_DATA_WRAPPER,
-        GMIME_TYPE_CONTENT_TYPE,
-        GMIME_TYPE_CONTENT_DISPOSITION,
-        GMIME_TYPE_PARAM,
-        GMIME_TYPE_PARAM_LIST,
-        GMIME_TYPE_HEADER,
-        GMIME_TYPE_HEADER_LIST,
-        GMIME_TYPE_FILTER_BASIC,
-        GMIME_TYPE_FILTER_BEST,
-        GMIME_TYPE_FILTER_CHARSET,
-        GMIME_TYPE_FILTER_DOS2UNIX,
-        GMIME_TYPE_FILTER_UNIX2DOS,
-        GMIME_TYPE_FILTER_FROM,
-    };
-    size_t i;
-
-    g_mime_init();
-    for (i = 0; i < sizeof(types) / sizeof(types[0]); i++)
-        if (G_TYPE_IS_CLASSED(types[i]))
-            g_type_class_ref(types[i]);
-}
-
-void cms_init(void)
-{
-    pthread_once(&gmime_once, gmime_init_all);
-}
-
-int cms_buf_add(cms_buf *buf, const void *data, size_t len)
-{
-    unsigned char *p;
-    size_t need, cap;
-
-    if (len == 0)
-        return 0;
-    if (len > SIZE_MAX - buf->len)
-        return -1;
-    need = buf->len + len;
-    if (need > buf->cap) {
-        cap = buf->cap ? buf->cap : 256;
-        while (cap < need)
-            cap = cap > SIZE_MAX / 2 ? need : cap * 2;
-        p = realloc(buf->data, cap);
-        if (p == NULL)
-            return -1;
-        buf->data = p;
-        buf->cap = cap;
-    }
-    memcpy(buf->data + buf->len, data, len);
-    buf->len = need;
-    return 0;
-}
-
-int cms_buf_reserve(cms_buf *buf, size_t len)
-{
-    unsigned char *p;
-
-    if (len > SIZE_MAX - buf->len)
-        return -1;
-    if (buf->len + len <= buf->cap)
-        return 0;
-    p = realloc(buf->data, buf->len + len);
-    if (p == NULL)
-        return -1;
-    buf->data = p;
-    buf->cap = buf->len + len;
-    return 0;
-}
-
-void cms_buf_release(cms_buf *buf)
-{
-    free(buf->data);
-    buf->data = NULL;
-    buf->len = 0;
-    buf->cap = 0;
-}
-
-int cms_buf_add_str(cms_buf *buf, const char *s)
-{
-    return cms_buf_add(buf, s, strlen(s));
-}
-
-void cms_entity_release(cms_entity *ent)
-{
-    size_t i;
-
-    cms_buf_release(&ent->outer);
-    cms_buf_release(&ent->own);
-    ent->content.data = NULL;
-    ent->content.len = 0;
-    for (i = 0; i < ent->n_reencoded; i++)
-        free(ent->reencoded[i]);
-    free(ent->reencoded);
-    ent->reencoded = NULL;
-    ent->n_reencoded = 0;
-}
-
-void cms_entity_set_content(cms_entity *ent, cms_buf *buf)
-{
-    cms_buf_release(&ent->own);
-    ent->own = *buf;
-    memset(buf, 0, sizeof(*buf));
-    ent->content.data = ent->own.data;
-    ent->content.len = ent->own.len;
-}
-
-/*
- * Appends in[0..len) with every bare CR and bare LF turned into CRLF. With
- * qp_armour (quoted-printable text only), a line starting "From " starts
- * "=46rom " (mbox-style transports mangle such lines) and one starting
- * "--" starts "=2D-": a soft line break can put a delimiter of an
- * enclosing multipart at the start of a line, where it would end the part.
- * Both make that line two octets longer than QP's 76. GMime's From filter is
- * not used: it allocates a stack node per "From " line in its input.
- */
-static int add_crlf(cms_buf *out, const unsigned char *in, size_t len,
-                    int qp_armour)
-{
-    size_t i, run = 0;
-    int line_start = 1;
-
-    for (i = 0; i < len; i++) {
-        if (qp_armour && line_start &&
-            ((len - i >= 5 && memcmp(in + i, "From ", 5) == 0) ||
-             (len - i >= 2 && memcmp(in + i, "--", 2) == 0))) {
-            if (cms_buf_add(out, in + run, i - run) ||
-                cms_buf_add_str(out, in[i] == 'F' ? "=46" : "=2D"))
-                return -1;
-            run = i + 1;
-        }
-        line_start = 0;
-        if (in[i] != '\r' && in[i] != '\n')
-            continue;
-        if (cms_buf_add(out, in + run, i - run) || cms_buf_add(out, "\r\n", 2))
-            return -1;
-        if (in[i] == '\r' && i + 1 < len && in[i + 1] == '\n')
-            i++;
-        run = i + 1;
-        line_start = 1;
-    }
-    return cms_buf_add(out, in + run, len - run);
-}
-
-int cms_buf_add_canonical(cms_buf *buf, const unsigned char *in, size_t len)
-{
-    return add_crlf(buf, in, len, 0);
-}
-
-/* Whether s[0..len) has CRLF line ends only, no bare CR or LF: what
- * add_crlf would copy unchanged. memchr keeps it near memory speed. */
-static int is_canonical(const unsigned char *s, size_t len)
-{
-    const unsigned char *p = s, *end = s + len, *lf;
-
-    while (p < end) {
-        lf = memchr(p, '\n', (size_t)(end - p));
-        if (lf == NULL)
-            return memchr(p, '\r', (size_t)(end - p)) == NULL;
-        if (lf == p || lf[-1] != '\r' ||
-            memchr(p, '\r', (size_t)(lf - 1 - p)) != NULL)
-            return 0;
-        p = lf + 1;
-    }
-    return 1;
-}
-
-/* End of the line starting at pos: just past its LF, or len. */
-static size_t line_end(const unsigned char *s, size_t len, size_t pos)
-{
-    const unsigned char *lf = memchr(s + pos, '\n', len - pos);
-
-    return lf ? (size_t)(lf - s) + 1 : len;
-}
-
-/* Length of the canonical line s[pos..end) without its CRLF. */
-static size_t line_text_len(const unsigned char *s, size_t pos, size_t end)
-{
-    size_t n = end - pos;
-
-    if (n >= 2 && s[end - 1] == '\n' && s[end - 2] == '\r')
-        n -= 2;
-    return n;
-}
-
-static int is_blank(unsigned char c)
-{
-    return c == ' ' || c == '\t';
-}
-
-/* RFC 5322 ftext: printable US-ASCII except the colon. */
-static int is_ftext(unsigned char c)
-{
-    return c > ' ' && c < 127 && c != ':';
-}
-
-static int name_is(const unsigned char *s, size_t n, const char *name)
-{
-    size_t i;
-
-    if (n != strlen(name))
-        return 0;
-    for (i = 0; i < n; i++) {
-        if (g_ascii_tolower(s[i]) != g_ascii_tolower(name[i]))
-            return 0;
-    }
-    return 1;
-}
-
-/* Whether the field starting line[0..n) is called name; RFC 5322's obsolete
- * syntax allows blanks before the colon. */
-static int field_is(const unsigned char *line, size_t n, const char *name)
-{
-    size_t k = strlen(name);
-
-    if (n < k || !name_is(line, k, name))
-        return 0;
-    while (k < n && is_blank(line[k]))
-        k++;
-    return k < n && line[k] == ':';
-}
-
-static int is_content_field(const unsigned char *name, size_t n)
-{
-    return (n > 8 && name_is(name, 8, "Content-")) ||
-           name_is(name, n, "MIME-Version");
-}
-
-/*
- * Checks the header line s[pos..pos+n) (lineno counts from 1; continued: a
- * field precedes it, so a line starting with a blank continues it). The
- * length of its field name, 0 for a continuation line, or -1 with err set.
- */
-static long check_header_line(const unsigned char *s, size_t pos, size_t n,
-                              size_t lineno, int continued, cms_error *err)
-{
-    const unsigned char *colon;
-    size_t k, i;
-
-    if (memchr(s + pos, '\0', n) != NULL) {
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "header line %zu contains a NUL octet", lineno);
-        return -1;
-    }
-    if (is_blank(s[pos])) {
-        if (continued)
-            return 0;
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "header line %zu continues a field, but no field "
-                      "precedes it",
-                      lineno);
-        return -1;
-    }
-    colon = memchr(s + pos, ':', n);
-    if (colon == NULL) {
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "header line %zu has no colon (missing blank line "
-                      "between headers and body?)",
-                      lineno);
-        return -1;
-    }
-    k = (size_t)(colon - (s + pos));
-    while (k > 0 && is_blank(s[pos + k - 1]))
-        k--;
-    if (k == 0) {
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "header line %zu has an empty field name", lineno);
-        return -1;
-    }
-    for (i = 0; i < k; i++) {
-        if (s[pos + i] <= ' ' || s[pos + i] >= 127) {
-            cms_set_error(err, CMS_ERR_INPUT,
-                          "header line %zu has octet 0x%02x in its field name",
-                          lineno, s[pos + i]);
-            return -1;
-        }
-    }
-    return (long)k;
-}
-
-/* Counts the field line[0..n) when it is called name; 1 when one was
- * counted before. */
-static int repeats(int *seen, const unsigned char *line, size_t n,
-                   const char *name)
-{
-    return name_is(line, n, name) && (*seen)++ > 0;
-}
-
-/*
- * Splits the header block of the canonical entity s[0..len): Content-* and
- * MIME-Version fields go to inner, the others to outer, each line CRLF
- * terminated. *body is where the body starts (len when there is none).
- * Two Content-Type or Content-Transfer-Encoding fields are refused, as by
- * cms_header_block_read, which reads the entity back after decryption and
- * verification.
- */
-static int split_headers(const unsigned char *s, size_t len, cms_buf *outer,
-                         cms_buf *inner, size_t *body, cms_error *err)
-{
-    cms_buf *dst = NULL;
-    size_t pos = 0, end, n, lineno = 0;
-    int types = 0, encodings = 0;
-    long k;
-
-    while (pos < len) {
-        end = line_end(s, len, pos);
-        n = line_text_len(s, pos, end);
-        if (n == 0) {
-            *body = end;
-            return 0;
-        }
-        k = check_header_line(s, pos, n, ++lineno, dst != NULL, err);
-        if (k < 0)
-            return -1;
-        if (k > 0 && (repeats(&types, s + pos, (size_t)k, "Content-Type") ||
-                      repeats(&encodings, s + pos, (size_t)k,
-                              "Content-Transfer-Encoding"))) {
-            cms_set_error(err, CMS_ERR_INPUT,
-                          "header line %zu repeats the %.*s field", lineno,
-                          (int)k, (const char *)s + pos);
-            return -1;
-        }
-        if (k > 0)
-            dst = is_content_field(s + pos, (size_t)k) ? inner : outer;
-        if (cms_buf_add(dst, s + pos, n) || cms_buf_add(dst, "\r\n", 2)) {
-            cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-            return -1;
-        }
-        pos = end;
-    }
-    *body = len;
-    return 0;
-}
-
-int cms_outer_read(const unsigned char *s, size_t len, cms_buf *outer,
-                   cms_error *err)
-{
-    cms_header_block hb = {0};
-    cms_buf canon = {0}, inner = {0}, fields = {0};
-    size_t body;
-    int r = -1;
-
-    if (cms_header_block_read(s, len, &hb, err))
-        goto out;
-    if (add_crlf(&canon, s, hb.body, 0)) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        goto out;
-    }
-    if (split_headers(canon.data, canon.len, &fields, &inner, &body, err))
-        goto out;
-    *outer = fields;
-    memset(&fields, 0, sizeof(fields));
-    r = 0;
-out:
-    cms_buf_release(&fields);
-    cms_buf_release(&inner);
-    cms_buf_release(&canon);
-    cms_header_block_release(&hb);
-    return r;
-}
-
-/* The field names of the header block at the start of s[0..len),
- * lowercased, as the keys of a set: one lookup per outer field keeps
- * restoring linear in the number of fields on both sides. */
-static GHashTable *field_names(const unsigned char *s, size_t len)
-{
-    GHashTable *names =
-        g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
-    size_t pos, end, n;
-
-    for (pos = 0; pos < len; pos = end) {
-        end = line_end(s, len, pos);
-        if (s[pos] == '\n' || line_text_len(s, pos, end) == 0)
-            break;
-        for (n = 0; pos + n < end && is_ftext(s[pos + n]); n++)
-            ;
-        if (n > 0 && !is_blank(s[pos]))
-            g_hash_table_add(names,
-                             g_ascii_strdown((const char *)s + pos, (gssize)n));
-    }
-    return names;
-}
-
-int cms_outer_restore(const cms_buf *outer, cms_buf *content, cms_error *err)
-{
-    cms_header_block hb = {0};
-    GHashTable *names;
-    cms_buf out = {0};
-    size_t pos, end, n;
-    char *name;
-    int keep = 0, lf, r = -1;
-
-    /* Content without a header block (foreign signed data can be
-     * anything) would take the fields as its first lines. */
-    if (outer->len == 0 ||
-        cms_header_block_read(content->data, content->len, &hb, NULL) != 0)
-        return 0;
-    cms_header_block_release(&hb);
-    names = field_names(content->data, content->len);
-    /* In the content's own line ends: a bare LF one does not get CRLF
-     * fields. */
-    end = line_end(content->data, content->len, 0);
-    lf = end > 0 && content->data[end - 1] == '\n' &&
-         (end < 2 || content->data[end - 2] != '\r');
-    for (pos = 0; pos < outer->len; pos = end) {
-        end = line_end(outer->data, outer->len, pos);
-        if (!is_blank(outer->data[pos])) {
-            for (n = 0; is_ftext(outer->data[pos + n]); n++)
-                ;
-            name = g_ascii_strdown((const char *)outer->data + pos, (gssize)n);
-            keep = !g_hash_table_contains(names, name);
-            g_free(name);
-        }
-        if (keep && (cms_buf_add(&out, outer->data + pos, end - pos - 2) ||
-                     cms_buf_add_str(&out, lf ? "\n" : "\r\n")))
-            goto oom;
-    }
-    if (cms_buf_add(&out, content->data, content->len))
-        goto oom;
-    cms_buf_release(content);
-    *content = out;
-    memset(&out, 0, sizeof(out));
-    r = 0;
-    goto done;
-oom:
-    cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-done:
-    cms_buf_release(&out);
-    g_hash_table_destroy(names);
-    return r;
-}
 
 /*
  * A quick look for transport_fault: 1 only when it would find nothing (a
@@ -550,7 +96,7 @@ static int looks_transport_safe(const unsigned char *s, size_t len)
         if (n > 0 && q[-1] == '\r')
             n--;
         if (n > LINE_MAX_OCTETS || memchr(p, '\r', n) != NULL ||
-            (n > 0 && is_blank(p[n - 1])) ||
+            (n > 0 && cms_is_blank(p[n - 1])) ||
             ((size_t)(end - p) >= 5 && memcmp(p, "From ", 5) == 0))
             return 0;
         high = 0;
@@ -587,7 +133,7 @@ static const char *transport_fault(const unsigned char *s, size_t len,
             return "a NUL octet";
         if (s[i] >= 0x80)
             return "8-bit octets";
-        if (is_blank(s[i]) &&
+        if (cms_is_blank(s[i]) &&
             (i + 1 == len || s[i + 1] == '\r' || s[i + 1] == '\n'))
             return "white space at the end of a line";
         if (s[i] == '\n') {
@@ -679,10 +225,10 @@ static int add_headers_without_cte(cms_buf *out, const unsigned char *text,
     int dropping = 0;
 
     for (pos = from; pos < to; pos = end) {
-        end = line_end(text, to, pos);
-        if (!is_blank(text[pos]))
-            dropping =
-                field_is(text + pos, end - pos, "Content-Transfer-Encoding");
+        end = cms_line_end(text, to, pos);
+        if (!cms_is_blank(text[pos]))
+            dropping = cms_field_is(text + pos, end - pos,
+                                    "Content-Transfer-Encoding");
         if (!dropping && cms_buf_add(out, text + pos, end - pos))
             return -1;
     }
@@ -702,23 +248,6 @@ static GByteArray *decode_content(GMimeDataWrapper *wrapper)
     }
     g_object_unref(mem);
     return bytes;
-}
-
-static int add_encoded(cms_buf *out, const unsigned char *in, size_t len,
-                       GMimeContentEncoding encoding)
-{
-    GMimeEncoding state;
-    char *enc;
-    size_t n;
-    int r;
-
-    g_mime_encoding_init_encode(&state, encoding);
-    enc = g_malloc(g_mime_encoding_outlen(&state, len));
-    n = g_mime_encoding_flush(&state, (const char *)in, len, enc);
-    r = add_crlf(out, (const unsigned char *)enc, n,
-                 encoding == GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE);
-    g_free(enc);
-    return r;
 }
 
 static int record_part(struct recoder *rc, const char *num,
@@ -845,7 +374,7 @@ static int recode_leaf(struct recoder *rc, GMimePart *part, const char *num,
         cms_buf_add_str(&rc->out,
                         g_mime_content_encoding_to_string(encoding)) ||
         cms_buf_add_str(&rc->out, "\r\n\r\n") ||
-        add_encoded(&rc->out, src, src_len, encoding) ||
+        cms_buf_add_encoded(&rc->out, src, src_len, encoding) ||
         record_part(rc, num, encoding)) {
         cms_set_error(rc->err, CMS_ERR_INTERNAL, "out of memory");
         goto out;
@@ -886,9 +415,9 @@ static size_t find_delimiter(const struct recoder *rc, size_t from, size_t to,
            (p = memmem(rc->text + pos, to - pos, boundary, blen)) != NULL) {
         pos = (size_t)(p - rc->text);
         if (pos >= 2 && (pos == 2 || rc->text[pos - 3] == '\n')) {
-            end = line_end(rc->text, rc->text_len, pos - 2);
+            end = cms_line_end(rc->text, rc->text_len, pos - 2);
             if (cms_is_delimiter(rc->text, pos - 2,
-                                 line_text_len(rc->text, pos - 2, end),
+                                 cms_line_text_len(rc->text, pos - 2, end),
                                  boundary, blen, &close) &&
                 (close || !close_only))
                 return pos - 2;
@@ -916,7 +445,7 @@ static size_t close_delimiter_end(const struct recoder *rc, size_t from,
     if (at == rc->text_len ||
         (rc->bound != NULL && find_delimiter(rc, from, at, rc->bound, 0) < at))
         return 0;
-    return line_end(rc->text, rc->text_len, at);
+    return cms_line_end(rc->text, rc->text_len, at);
 }
 
 /*
@@ -935,11 +464,11 @@ static int check_part_headers(const struct recoder *rc, size_t start,
     long k;
 
     for (lineno = 1; start > 0 && pos < rc->text_len; lineno++) {
-        end = line_end(rc->text, rc->text_len, pos);
-        n = line_text_len(rc->text, pos, end);
+        end = cms_line_end(rc->text, rc->text_len, pos);
+        n = cms_line_text_len(rc->text, pos, end);
         if (n == 0)
             break;
-        k = check_header_line(rc->text, pos, n, lineno, lineno > 1, &lerr);
+        k = cms_header_line_check(rc->text, pos, n, lineno, lineno > 1, &lerr);
         if (k < 0) {
             cms_set_error(rc->err, CMS_ERR_INPUT, "part %s: %s", num,
                           lerr.message);
@@ -947,10 +476,10 @@ static int check_part_headers(const struct recoder *rc, size_t start,
         }
         /* Readers differ on which of two fields counts: the part one
          * recipient's client shows would not be another's. */
-        if (k > 0 &&
-            (repeats(&types, rc->text + pos, (size_t)k, "Content-Type") ||
-             repeats(&encodings, rc->text + pos, (size_t)k,
-                     "Content-Transfer-Encoding"))) {
+        if (k > 0 && (cms_field_repeats(&types, rc->text + pos, (size_t)k,
+                                        "Content-Type") ||
+                      cms_field_repeats(&encodings, rc->text + pos, (size_t)k,
+                                        "Content-Transfer-Encoding"))) {
             cms_set_error(rc->err, CMS_ERR_INPUT,
                           "part %s: header line %zu repeats the %.*s field",
                           num, lineno, (int)k, (const char *)rc->text + pos);
@@ -989,8 +518,9 @@ static size_t part_start(const struct recoder *rc, GMimeObject *part,
     while (pos > floor && rc->text[pos - 1] == '\n') {
         for (prev = pos - 1; prev > floor && rc->text[prev - 1] != '\n'; prev--)
             ;
-        if (cms_is_delimiter(rc->text, prev, line_text_len(rc->text, prev, pos),
-                             boundary, blen, &close))
+        if (cms_is_delimiter(rc->text, prev,
+                             cms_line_text_len(rc->text, prev, pos), boundary,
+                             blen, &close))
             return pos;
         pos = prev;
     }
@@ -1185,27 +715,6 @@ static int recode(struct recoder *rc)
     return r;
 }
 
-int cms_is_delimiter(const unsigned char *s, size_t pos, size_t n,
-                     const char *boundary, size_t blen, int *close)
-{
-    size_t k;
-    int closing;
-
-    if (n < 2 + blen || s[pos] != '-' || s[pos + 1] != '-' ||
-        memcmp(s + pos + 2, boundary, blen) != 0)
-        return 0;
-    k = 2 + blen;
-    closing = n - k >= 2 && s[pos + k] == '-' && s[pos + k + 1] == '-';
-    if (closing)
-        k += 2;
-    while (k < n && is_blank(s[pos + k]))
-        k++;
-    if (k != n)
-        return 0;
-    *close = closing;
-    return 1;
-}
-
 /*
  * Naming where an entity is not 7-bit safe. GMime's tree cannot say: it
  * leaves out text it cannot place (the lines after a part's header block
@@ -1227,11 +736,11 @@ static int is_field_line(const unsigned char *s, size_t n)
 {
     size_t k = 0;
 
-    while (k < n && is_ftext(s[k]))
+    while (k < n && cms_is_ftext(s[k]))
         k++;
     if (k == 0)
         return 0;
-    while (k < n && is_blank(s[k]))
+    while (k < n && cms_is_blank(s[k]))
         k++;
     return k < n && s[k] == ':';
 }
@@ -1293,8 +802,8 @@ static void locate_in_multipart(const struct locator *lc, size_t body,
     char *sub;
 
     for (pos = body; pos < end; pos = next) {
-        next = line_end(lc->s, end, pos);
-        if (!cms_is_delimiter(lc->s, pos, line_text_len(lc->s, pos, next),
+        next = cms_line_end(lc->s, end, pos);
+        if (!cms_is_delimiter(lc->s, pos, cms_line_text_len(lc->s, pos, next),
                               boundary, blen, &close))
             continue;
         if (lc->at < pos)
@@ -1339,13 +848,13 @@ static void locate(const struct locator *lc, size_t start, size_t end,
     int stray = 0;
 
     for (pos = start; pos < end; pos = next) {
-        next = line_end(lc->s, end, pos);
-        n = line_text_len(lc->s, pos, next);
+        next = cms_line_end(lc->s, end, pos);
+        n = cms_line_text_len(lc->s, pos, next);
         if (n == 0) {
             body = next;
             break;
         }
-        if (!is_blank(lc->s[pos]) && !is_field_line(lc->s + pos, n)) {
+        if (!cms_is_blank(lc->s[pos]) && !is_field_line(lc->s + pos, n)) {
             stray = 1;
             break;
         }
@@ -1406,13 +915,13 @@ static int strip_line_ends(const unsigned char *s, size_t len,
     size_t pos, end, n, m, k = 0, copied = 0;
 
     for (pos = 0; pos < len; pos = end) {
-        end = line_end(s, len, pos);
+        end = cms_line_end(s, len, pos);
         while (k < n_frozen && frozen[k][1] <= pos)
             k++;
         if (k < n_frozen && frozen[k][0] <= pos)
             continue;
-        n = line_text_len(s, pos, end);
-        for (m = n; m > 0 && is_blank(s[pos + m - 1]); m--)
+        n = cms_line_text_len(s, pos, end);
+        for (m = n; m > 0 && cms_is_blank(s[pos + m - 1]); m--)
             ;
         if (m == n)
             continue;
@@ -1487,16 +996,16 @@ int cms_entity_parse_walk(const unsigned char *mime, size_t len,
         cms_set_error(err, CMS_ERR_INPUT, "the MIME entity is empty");
         goto out;
     }
-    if (!is_canonical(mime, len)) {
+    if (!cms_is_canonical(mime, len)) {
         if (cms_buf_reserve(&canon, len + len / 32 + 2) ||
-            add_crlf(&canon, mime, len, 0)) {
+            cms_buf_add_canonical(&canon, mime, len)) {
             cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
             goto out;
         }
         text = canon.data;
         text_len = canon.len;
     }
-    if (split_headers(text, text_len, &outer, &inner, &body, err))
+    if (cms_headers_split(text, text_len, &outer, &inner, &body, err))
         goto out;
     rc.text_body = inner.len + 2;
     /* The inner fields, a blank line and the body. When the fields end
@@ -1584,325 +1093,4 @@ int cms_entity_parse(const unsigned char *mime, size_t len, cms_entity *ent,
                      cms_error *err)
 {
     return cms_entity_parse_walk(mime, len, ent, 0, err);
-}
-
-/* ---- reading S/MIME entities ---------------------------------------- */
-
-/* Stores the value of the field whose text after the colon is s[from..to),
- * unfolded (line breaks removed, RFC 5322 §2.2.3) and without surrounding
- * blanks. The block has no NUL octets, so the value is a C string. */
-static int take_value(const unsigned char *s, size_t from, size_t to,
-                      char **slot)
-{
-    char *v = malloc(to - from + 1);
-    size_t i, n = 0, skip = 0;
-
-    if (v == NULL)
-        return -1;
-    for (i = from; i < to; i++) {
-        if (s[i] != '\r' && s[i] != '\n')
-            v[n++] = (char)s[i];
-    }
-    while (n > 0 && is_blank((unsigned char)v[n - 1]))
-        n--;
-    while (skip < n && is_blank((unsigned char)v[skip]))
-        skip++;
-    memmove(v, v + skip, n - skip);
-    v[n - skip] = '\0';
-    *slot = v;
-    return 0;
-}
-
-void cms_header_block_release(cms_header_block *hb)
-{
-    free(hb->content_type);
-    free(hb->transfer_encoding);
-    memset(hb, 0, sizeof(*hb));
-}
-
-int cms_header_block_read(const unsigned char *s, size_t len,
-                          cms_header_block *hb, cms_error *err)
-{
-    cms_header_block h = {0};
-    char **slot = NULL; /* where the value of the current field goes */
-    size_t pos = 0, end, n, k, name_len, lineno = 0, value = 0, field_end = 0;
-    int r = -1;
-
-    h.body = len;
-    while (pos < len) {
-        end = line_end(s, len, pos);
-        lineno++;
-        if (s[end - 1] != '\n') {
-            cms_set_error(err, CMS_ERR_INPUT,
-                          "header line %zu does not end in a line break",
-                          lineno);
-            goto out;
-        }
-        n = end - 1 - pos;
-        if (n > 0 && s[pos + n - 1] == '\r')
-            n--;
-        if (memchr(s + pos, '\0', n) != NULL ||
-            memchr(s + pos, '\r', n) != NULL) {
-            cms_set_error(err, CMS_ERR_INPUT,
-                          "header line %zu contains a NUL or a bare CR",
-                          lineno);
-            goto out;
-        }
-        if (n == 0 || !is_blank(s[pos])) {
-            if (slot != NULL && take_value(s, value, field_end, slot)) {
-                cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-                goto out;
-            }
-            slot = NULL;
-        }
-        if (n == 0) {
-            h.body = end;
-            break;
-        }
-        if (is_blank(s[pos])) {
-            if (h.n_fields == 0) {
-                cms_set_error(err, CMS_ERR_INPUT,
-                              "header line %zu continues a field, but no "
-                              "field precedes it",
-                              lineno);
-                goto out;
-            }
-        } else {
-            for (k = 0; k < n && is_ftext(s[pos + k]); k++)
-                ;
-            name_len = k;
-            while (k < n && is_blank(s[pos + k]))
-                k++;
-            if (name_len == 0 || k == n || s[pos + k] != ':') {
-                cms_set_error(err, CMS_ERR_INPUT,
-                              "header line %zu is not a header field", lineno);
-                goto out;
-            }
-            if (name_is(s + pos, name_len, "Content-Type"))
-                slot = &h.content_type;
-            else if (name_is(s + pos, name_len, "Content-Transfer-Encoding"))
-                slot = &h.transfer_encoding;
-            if (slot != NULL && *slot != NULL) {
-                cms_set_error(err, CMS_ERR_INPUT,
-                              "header line %zu repeats the %.*s field", lineno,
-                              (int)name_len, (const char *)s + pos);
-                goto out;
-            }
-            value = pos + k + 1;
-            h.n_fields++;
-            if (is_content_field(s + pos, name_len))
-                h.n_mime_fields++;
-        }
-        field_end = end;
-        pos = end;
-    }
-    if (slot != NULL && take_value(s, value, field_end, slot)) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        goto out;
-    }
-    *hb = h;
-    memset(&h, 0, sizeof(h));
-    r = 0;
-out:
-    cms_header_block_release(&h);
-    return r;
-}
-
-static int base64_value(unsigned char c)
-{
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == '+')
-        return 62;
-    if (c == '/')
-        return 63;
-    return -1;
-}
-
-/* Strict about the alphabet and the padding, indifferent to line length and
- * blanks: gpgsm and others write unbroken base64, and a stray octet means
- * damage that a lenient decoder (GMime's, EVP_DecodeUpdate's) would turn
- * into a misleading CMS parse error. */
-static int base64_decode(const unsigned char *in, size_t len, cms_buf *out,
-                         cms_error *err)
-{
-    unsigned char chunk[3 * 256];
-    size_t i, n = 0;
-    unsigned long acc = 0;
-    int k = 0, pad = 0, v;
-
-    for (i = 0; i < len; i++) {
-        if (in[i] == ' ' || in[i] == '\t' || in[i] == '\r' || in[i] == '\n')
-            continue;
-        if (in[i] == '=') {
-            if (k < 2 || k + ++pad > 4) {
-                cms_set_error(err, CMS_ERR_INPUT,
-                              "the base64 body has misplaced padding at "
-                              "offset %zu",
-                              i);
-                return -1;
-            }
-            continue;
-        }
-        v = base64_value(in[i]);
-        if (v < 0 || pad > 0) {
-            cms_set_error(err, CMS_ERR_INPUT,
-                          "the base64 body has %s 0x%02x at offset %zu",
-                          pad > 0 ? "data after the padding:" : "octet", in[i],
-                          i);
-            return -1;
-        }
-        acc = acc << 6 | (unsigned long)v;
-        if (++k < 4)
-            continue;
-        chunk[n++] = (unsigned char)(acc >> 16);
-        chunk[n++] = (unsigned char)(acc >> 8);
-        chunk[n++] = (unsigned char)acc;
-        acc = 0;
-        k = 0;
-        if (n == sizeof(chunk)) {
-            if (cms_buf_add(out, chunk, n))
-                goto oom;
-            n = 0;
-        }
-    }
-    if (k == 1 || (pad > 0 && k + pad != 4)) {
-        cms_set_error(err, CMS_ERR_INPUT, "the base64 body is truncated");
-        return -1;
-    }
-    /* Two or three leftover characters carry one or two octets, whether
-     * or not the padding was written. */
-    if (k == 2) {
-        chunk[n++] = (unsigned char)(acc >> 4);
-    } else if (k == 3) {
-        chunk[n++] = (unsigned char)(acc >> 10);
-        chunk[n++] = (unsigned char)(acc >> 2);
-    }
-    if (cms_buf_add(out, chunk, n))
-        goto oom;
-    return 0;
-oom:
-    cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-    return -1;
-}
-
-unsigned char *cms_base64_decode(const unsigned char *text, size_t len,
-                                 size_t *out_len, cms_error *err)
-{
-    cms_buf b = {0};
-
-    /* the reserve also makes empty input a buffer, not NULL */
-    if (cms_buf_reserve(&b, len / 4 * 3 + 3) != 0) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        return NULL;
-    }
-    if (base64_decode(text, len, &b, err) != 0) {
-        cms_buf_release(&b);
-        return NULL;
-    }
-    *out_len = b.len;
-    return b.data;
-}
-
-int cms_smime_header_read(const unsigned char *mime, size_t len,
-                          cms_header_block *hb, GMimeContentType **ct,
-                          cms_error *err)
-{
-    cms_init();
-    if (mime == NULL || len == 0) {
-        cms_set_error(err, CMS_ERR_INPUT, "the entity is empty");
-        return -1;
-    }
-    if (cms_header_block_read(mime, len, hb, err) != 0)
-        return -1;
-    if (hb->content_type == NULL) {
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "the entity has no Content-Type: not an S/MIME "
-                      "entity");
-        return -1;
-    }
-    *ct = g_mime_content_type_parse(NULL, hb->content_type);
-    return 0;
-}
-
-int cms_is_pkcs7_mime(GMimeContentType *ct)
-{
-    return g_mime_content_type_is_type(ct, "application", "pkcs7-mime") ||
-           g_mime_content_type_is_type(ct, "application", "x-pkcs7-mime");
-}
-
-void cms_content_type_text(GMimeContentType *ct, char *buf, size_t size)
-{
-    const char *type = g_mime_content_type_get_media_type(ct);
-    const char *subtype = g_mime_content_type_get_media_subtype(ct);
-    char *both = g_strdup_printf("%s/%s", type != NULL ? type : "",
-                                 subtype != NULL ? subtype : "");
-
-    cms_text_escape(buf, size, both, strlen(both));
-    g_free(both);
-}
-
-int cms_body_decode(const unsigned char *body, size_t len, const char *cte,
-                    cms_buf *out, cms_error *err)
-{
-    char shown[41];
-
-    if (cte != NULL && g_ascii_strcasecmp(cte, "base64") == 0)
-        return base64_decode(body, len, out, err);
-    if (cte != NULL && g_ascii_strcasecmp(cte, "7bit") != 0 &&
-        g_ascii_strcasecmp(cte, "8bit") != 0 &&
-        g_ascii_strcasecmp(cte, "binary") != 0) {
-        cms_text_escape(shown, sizeof(shown), cte, strlen(cte));
-        cms_set_error(err, CMS_ERR_INPUT,
-                      "Content-Transfer-Encoding \"%s\" cannot carry CMS "
-                      "data",
-                      shown);
-        return -1;
-    }
-    if (cms_buf_add(out, body, len)) {
-        cms_set_error(err, CMS_ERR_INTERNAL, "out of memory");
-        return -1;
-    }
-    return 0;
-}
-
-CMS_ContentInfo *cms_der_read(const unsigned char *der, size_t len,
-                              cms_error *err)
-{
-    const unsigned char *p = der;
-    CMS_ContentInfo *cms = NULL;
-    size_t i;
-
-    if (len == 0) {
-        cms_set_error(err, CMS_ERR_INPUT, "the body holds no CMS structure");
-        return NULL;
-    }
-    if (len > LONG_MAX) {
-        cms_set_error(err, CMS_ERR_INPUT, "the CMS structure is too large");
-        return NULL;
-    }
-    /* OpenSSL's decoder reads BER (indefinite lengths, constructed
-     * strings), checks every length against the data and stops nesting at
-     * 30 levels. */
-    cms = d2i_CMS_ContentInfo(NULL, &p, (long)len);
-    if (cms == NULL) {
-        cms_set_ssl_error(err, CMS_ERR_INPUT,
-                          "the body is not a CMS structure");
-        ERR_clear_error();
-        return NULL;
-    }
-    for (i = (size_t)(p - der); i < len; i++) {
-        if (der[i] != ' ' && der[i] != '\t' && der[i] != '\r' &&
-            der[i] != '\n') {
-            cms_set_error(err, CMS_ERR_INPUT,
-                          "%zu octets follow the CMS structure", len - i);
-            CMS_ContentInfo_free(cms);
-            return NULL;
-        }
-    }
-    return cms;
 }

@@ -603,15 +603,30 @@ static int status_valid(unsigned result)
     return result >= 100 && result <= 599;
 }
 
+/* How a request ended: its HTTP status and API error code (AUDIT,
+ * FINISH). */
+static void put_outcome(writer *w, unsigned result, const char *error)
+{
+    if (!status_valid(result))
+        w_refuse(w, "result");
+    w_u16(w, result);
+    w_text(w, "error", error, TEXT_CODE, 0, PROTO_CODE_MAX);
+}
+
+static void get_outcome(reader *r, uint16_t *result, char *error)
+{
+    *result = (uint16_t)r_u16(r, "result");
+    if (!r->bad && !status_valid(*result))
+        r_refuse(r, "%s is not an HTTP status", "result");
+    r_text(r, "error", error, TEXT_CODE, 0, PROTO_CODE_MAX);
+}
+
 static void put_audit(writer *w, const proto_audit_req *m)
 {
     put_claims(w, &m->claims);
     w_text(w, "operation", m->operation, TEXT_ANY, 1, PROTO_OPERATION_MAX);
     w_text(w, "key", m->key, TEXT_ANY, 0, PROTO_NAME_MAX);
-    if (!status_valid(m->result))
-        w_refuse(w, "result");
-    w_u16(w, m->result);
-    w_text(w, "error", m->error, TEXT_CODE, 0, PROTO_CODE_MAX);
+    put_outcome(w, m->result, m->error);
 }
 
 static void get_audit(reader *r, proto_audit_req *m)
@@ -619,29 +634,20 @@ static void get_audit(reader *r, proto_audit_req *m)
     get_claims(r, &m->claims);
     r_text(r, "operation", m->operation, TEXT_ANY, 1, PROTO_OPERATION_MAX);
     r_text(r, "key", m->key, TEXT_ANY, 0, PROTO_NAME_MAX);
-    m->result = (uint16_t)r_u16(r, "result");
-    if (!r->bad && !status_valid(m->result))
-        r_refuse(r, "%s is not an HTTP status", "result");
-    r_text(r, "error", m->error, TEXT_CODE, 0, PROTO_CODE_MAX);
+    get_outcome(r, &m->result, m->error);
 }
 
 static void put_finish(writer *w, const proto_finish_req *m)
 {
     w_text(w, "request_id", m->request_id, TEXT_ID, 1, PROTO_REQUEST_ID_MAX);
-    if (!status_valid(m->result))
-        w_refuse(w, "result");
-    w_u16(w, m->result);
-    w_text(w, "error", m->error, TEXT_CODE, 0, PROTO_CODE_MAX);
+    put_outcome(w, m->result, m->error);
     w_u32(w, m->latency_us);
 }
 
 static void get_finish(reader *r, proto_finish_req *m)
 {
     r_text(r, "request_id", m->request_id, TEXT_ID, 1, PROTO_REQUEST_ID_MAX);
-    m->result = (uint16_t)r_u16(r, "result");
-    if (!r->bad && !status_valid(m->result))
-        r_refuse(r, "%s is not an HTTP status", "result");
-    r_text(r, "error", m->error, TEXT_CODE, 0, PROTO_CODE_MAX);
+    get_outcome(r, &m->result, m->error);
     m->latency_us = r_u32(r, "latency_us");
 }
 
@@ -733,18 +739,50 @@ static int token_state_up(unsigned state)
     return state == PROTO_TOKEN_READY || state == PROTO_TOKEN_BUSY;
 }
 
+/* A u8 of flags with no bits outside known. */
+static void w_flags(writer *w, const char *field, unsigned flags,
+                    unsigned known)
+{
+    if (flags & ~known)
+        w_refuse(w, field);
+    w_u8(w, flags);
+}
+
+static uint8_t r_flags(reader *r, const char *field, unsigned known)
+{
+    uint8_t flags = (uint8_t)r_u8(r, field);
+
+    if (!r->bad && (flags & ~known))
+        r_refuse(r, "%s has unknown bits", field);
+    return flags;
+}
+
+/* A reason, there exactly when explained (reason_fits); on the way in,
+ * explained follows from what, a field read before. */
+static void w_reason(writer *w, const char *field, const char *reason,
+                     int explained)
+{
+    if (!reason_fits(reason, explained))
+        w_refuse(w, field);
+    w_text(w, field, reason, TEXT_ANY, 0, PROTO_REASON_MAX);
+}
+
+static void r_reason(reader *r, const char *field, char *reason, int explained,
+                     const char *what)
+{
+    r_text(r, field, reason, TEXT_ANY, 0, PROTO_REASON_MAX);
+    if (!r->bad && !reason_fits(reason, explained))
+        r_refuse(r, "%s does not fit %s", field, what);
+}
+
 static void put_token(writer *w, const proto_token_entry *t)
 {
     w_text(w, "token.name", t->name, TEXT_ANY, 1, PROTO_TOKEN_MAX);
     if (t->state >= PROTO_TOKEN_STATE_COUNT)
         w_refuse(w, "token.state");
     w_u8(w, t->state);
-    if (t->flags & ~PROTO_TOKEN_FLAGS)
-        w_refuse(w, "token.flags");
-    w_u8(w, t->flags);
-    if (!reason_fits(t->reason, !token_state_up(t->state)))
-        w_refuse(w, "token.reason");
-    w_text(w, "token.reason", t->reason, TEXT_ANY, 0, PROTO_REASON_MAX);
+    w_flags(w, "token.flags", t->flags, PROTO_TOKEN_FLAGS);
+    w_reason(w, "token.reason", t->reason, !token_state_up(t->state));
     w_u64(w, t->since);
     w_u64(w, t->ops_sign);
     w_u64(w, t->ops_decrypt);
@@ -764,12 +802,9 @@ static void get_token(reader *r, proto_token_entry *t)
     t->state = (uint8_t)r_u8(r, "token.state");
     if (!r->bad && t->state >= PROTO_TOKEN_STATE_COUNT)
         r_refuse(r, "%s is not a token state", "token.state");
-    t->flags = (uint8_t)r_u8(r, "token.flags");
-    if (!r->bad && (t->flags & ~PROTO_TOKEN_FLAGS))
-        r_refuse(r, "%s has unknown bits", "token.flags");
-    r_text(r, "token.reason", t->reason, TEXT_ANY, 0, PROTO_REASON_MAX);
-    if (!r->bad && !reason_fits(t->reason, !token_state_up(t->state)))
-        r_refuse(r, "%s does not fit the state", "token.reason");
+    t->flags = r_flags(r, "token.flags", PROTO_TOKEN_FLAGS);
+    r_reason(r, "token.reason", t->reason, !token_state_up(t->state),
+             "the state");
     t->since = r_u64(r, "token.since");
     t->ops_sign = r_u64(r, "token.ops_sign");
     t->ops_decrypt = r_u64(r, "token.ops_decrypt");
@@ -790,16 +825,11 @@ static void put_key(writer *w, const proto_key_entry *k)
     w_text(w, "key.name", k->name, TEXT_ANY, 1, PROTO_NAME_MAX);
     w_text(w, "key.token", k->token, TEXT_ANY, 1, PROTO_TOKEN_MAX);
     w_text(w, "key.algorithm", k->algorithm, TEXT_ALG, 0, PROTO_ALGORITHM_MAX);
-    if (k->flags & ~PROTO_KEY_FLAGS)
-        w_refuse(w, "key.flags");
-    w_u8(w, k->flags);
-    if (!reason_fits(k->reason_sign, !(k->flags & PROTO_KEY_SIGN_USABLE)))
-        w_refuse(w, "key.reason_sign");
-    w_text(w, "key.reason_sign", k->reason_sign, TEXT_ANY, 0, PROTO_REASON_MAX);
-    if (!reason_fits(k->reason_decrypt, !(k->flags & PROTO_KEY_DECRYPT_USABLE)))
-        w_refuse(w, "key.reason_decrypt");
-    w_text(w, "key.reason_decrypt", k->reason_decrypt, TEXT_ANY, 0,
-           PROTO_REASON_MAX);
+    w_flags(w, "key.flags", k->flags, PROTO_KEY_FLAGS);
+    w_reason(w, "key.reason_sign", k->reason_sign,
+             !(k->flags & PROTO_KEY_SIGN_USABLE));
+    w_reason(w, "key.reason_decrypt", k->reason_decrypt,
+             !(k->flags & PROTO_KEY_DECRYPT_USABLE));
     w_bytes(w, "key.cert", k->cert, k->cert_len, 0, PROTO_CERT_MAX);
     if (k->nchain > PROTO_CHAIN_MAX)
         w_refuse(w, "key.chain");
@@ -816,18 +846,11 @@ static void get_key(reader *r, proto_key_entry *k)
     r_text(r, "key.name", k->name, TEXT_ANY, 1, PROTO_NAME_MAX);
     r_text(r, "key.token", k->token, TEXT_ANY, 1, PROTO_TOKEN_MAX);
     r_text(r, "key.algorithm", k->algorithm, TEXT_ALG, 0, PROTO_ALGORITHM_MAX);
-    k->flags = (uint8_t)r_u8(r, "key.flags");
-    if (!r->bad && (k->flags & ~PROTO_KEY_FLAGS))
-        r_refuse(r, "%s has unknown bits", "key.flags");
-    r_text(r, "key.reason_sign", k->reason_sign, TEXT_ANY, 0, PROTO_REASON_MAX);
-    if (!r->bad &&
-        !reason_fits(k->reason_sign, !(k->flags & PROTO_KEY_SIGN_USABLE)))
-        r_refuse(r, "%s does not fit the flags", "key.reason_sign");
-    r_text(r, "key.reason_decrypt", k->reason_decrypt, TEXT_ANY, 0,
-           PROTO_REASON_MAX);
-    if (!r->bad &&
-        !reason_fits(k->reason_decrypt, !(k->flags & PROTO_KEY_DECRYPT_USABLE)))
-        r_refuse(r, "%s does not fit the flags", "key.reason_decrypt");
+    k->flags = r_flags(r, "key.flags", PROTO_KEY_FLAGS);
+    r_reason(r, "key.reason_sign", k->reason_sign,
+             !(k->flags & PROTO_KEY_SIGN_USABLE), "the flags");
+    r_reason(r, "key.reason_decrypt", k->reason_decrypt,
+             !(k->flags & PROTO_KEY_DECRYPT_USABLE), "the flags");
     k->cert = r_bytes(r, "key.cert", &k->cert_len, 0, PROTO_CERT_MAX);
     k->nchain = r_u8(r, "key.chain");
     if (!r->bad && k->nchain > PROTO_CHAIN_MAX)
@@ -874,17 +897,42 @@ static void *r_array(reader *r, size_t n, size_t size)
 #define MIN_TOKEN (4 + 1 + 1 + 1 + 4 + 8 * 8 + 3 * 4)
 #define MIN_KEY (4 + 1 + 4 + 1 + 4 + 1 + 4 + 4 + 4 + 1)
 
+/* The head of a page of the directory or of the tokens: total, next and
+ * the count n (at most max) of the entries that follow, called field. */
+static void put_page_head(writer *w, uint32_t total, uint32_t next, size_t n,
+                          const char *field, size_t max)
+{
+    if (next > total || n > total)
+        w_refuse(w, "next");
+    w_u32(w, total);
+    w_u32(w, next);
+    if (n > max)
+        w_refuse(w, field);
+    w_u16(w, (unsigned)n);
+}
+
+/* The count of entries, each at least min_bytes long. */
+static size_t get_page_head(reader *r, uint32_t *total, uint32_t *next,
+                            const char *field, size_t max, size_t min_bytes)
+{
+    size_t n;
+
+    *total = r_u32(r, "total");
+    *next = r_u32(r, "next");
+    if (!r->bad && *next > *total)
+        r_refuse(r, "%s is past the total", "next");
+    n = r_count(r, field, max, min_bytes);
+    if (!r->bad && n > *total)
+        r_refuse(r, "%s are more than the total", field);
+    return n;
+}
+
 static void put_keys_payload(writer *w, const proto_reply *m)
 {
     size_t i;
 
-    if (m->u.keys.next > m->u.keys.total || m->u.keys.nkeys > m->u.keys.total)
-        w_refuse(w, "next");
-    w_u32(w, m->u.keys.total);
-    w_u32(w, m->u.keys.next);
-    if (m->u.keys.nkeys > PROTO_PAGE_KEYS_MAX)
-        w_refuse(w, "keys");
-    w_u16(w, (unsigned)m->u.keys.nkeys);
+    put_page_head(w, m->u.keys.total, m->u.keys.next, m->u.keys.nkeys, "keys",
+                  PROTO_PAGE_KEYS_MAX);
     for (i = 0; !w->bad && i < m->u.keys.nkeys; i++)
         put_key(w, &m->u.keys.keys[i]);
 }
@@ -893,13 +941,8 @@ static void get_keys_payload(reader *r, proto_reply *m)
 {
     size_t i;
 
-    m->u.keys.total = r_u32(r, "total");
-    m->u.keys.next = r_u32(r, "next");
-    if (!r->bad && m->u.keys.next > m->u.keys.total)
-        r_refuse(r, "%s is past the total", "next");
-    m->u.keys.nkeys = r_count(r, "keys", PROTO_PAGE_KEYS_MAX, MIN_KEY);
-    if (!r->bad && m->u.keys.nkeys > m->u.keys.total)
-        r_refuse(r, "%s are more than the total", "keys");
+    m->u.keys.nkeys = get_page_head(r, &m->u.keys.total, &m->u.keys.next,
+                                    "keys", PROTO_PAGE_KEYS_MAX, MIN_KEY);
     m->u.keys.keys = r_array(r, m->u.keys.nkeys, sizeof(*m->u.keys.keys));
     for (i = 0; !r->bad && i < m->u.keys.nkeys; i++)
         get_key(r, &m->u.keys.keys[i]);
@@ -909,14 +952,8 @@ static void put_state_payload(writer *w, const proto_reply *m)
 {
     size_t i;
 
-    if (m->u.state.next > m->u.state.total ||
-        m->u.state.ntokens > m->u.state.total)
-        w_refuse(w, "next");
-    w_u32(w, m->u.state.total);
-    w_u32(w, m->u.state.next);
-    if (m->u.state.ntokens > PROTO_PAGE_TOKENS_MAX)
-        w_refuse(w, "tokens");
-    w_u16(w, (unsigned)m->u.state.ntokens);
+    put_page_head(w, m->u.state.total, m->u.state.next, m->u.state.ntokens,
+                  "tokens", PROTO_PAGE_TOKENS_MAX);
     for (i = 0; !w->bad && i < m->u.state.ntokens; i++)
         put_token(w, &m->u.state.tokens[i]);
 }
@@ -925,13 +962,9 @@ static void get_state_payload(reader *r, proto_reply *m)
 {
     size_t i;
 
-    m->u.state.total = r_u32(r, "total");
-    m->u.state.next = r_u32(r, "next");
-    if (!r->bad && m->u.state.next > m->u.state.total)
-        r_refuse(r, "%s is past the total", "next");
-    m->u.state.ntokens = r_count(r, "tokens", PROTO_PAGE_TOKENS_MAX, MIN_TOKEN);
-    if (!r->bad && m->u.state.ntokens > m->u.state.total)
-        r_refuse(r, "%s are more than the total", "tokens");
+    m->u.state.ntokens =
+        get_page_head(r, &m->u.state.total, &m->u.state.next, "tokens",
+                      PROTO_PAGE_TOKENS_MAX, MIN_TOKEN);
     m->u.state.tokens =
         r_array(r, m->u.state.ntokens, sizeof(*m->u.state.tokens));
     for (i = 0; !r->bad && i < m->u.state.ntokens; i++)

@@ -515,16 +515,26 @@ static int set_key(char *dst, const char *key, rkey_failure *f)
     return 0;
 }
 
+/* Starts req, of type, as an operation with key under the claims of the
+ * request being served; key_field and claims are req's own fields. */
+static int start_key_op(proto_request *req, unsigned type, char *key_field,
+                        proto_claims *claims, const char *key, rkey_failure *f)
+{
+    memset(req, 0, sizeof(*req));
+    req->type = (uint16_t)type;
+    if (set_key(key_field, key, f) != 0 || take_claims(claims, f) != 0)
+        return -1;
+    return 0;
+}
+
 int rkey_sign(rkey_client *c, const char *key, const rkey_sign_args *a,
               const unsigned char *tbs, size_t tbs_len, unsigned char *out,
               size_t *out_len, rkey_failure *f)
 {
     proto_request req;
 
-    memset(&req, 0, sizeof(req));
-    req.type = PROTO_SIGN;
-    if (set_key(req.u.sign.key, key, f) != 0 ||
-        take_claims(&req.u.sign.claims, f) != 0)
+    if (start_key_op(&req, PROTO_SIGN, req.u.sign.key, &req.u.sign.claims, key,
+                     f) != 0)
         return -1;
     req.u.sign.mech = (uint8_t)a->mech;
     req.u.sign.md = (uint8_t)a->md;
@@ -541,10 +551,8 @@ int rkey_decrypt(rkey_client *c, const char *key, const rkey_decrypt_args *a,
 {
     proto_request req;
 
-    memset(&req, 0, sizeof(req));
-    req.type = PROTO_DECRYPT;
-    if (set_key(req.u.decrypt.key, key, f) != 0 ||
-        take_claims(&req.u.decrypt.claims, f) != 0)
+    if (start_key_op(&req, PROTO_DECRYPT, req.u.decrypt.key,
+                     &req.u.decrypt.claims, key, f) != 0)
         return -1;
     req.u.decrypt.padding = (uint8_t)a->padding;
     req.u.decrypt.oaep_md = (uint8_t)a->oaep_md;
@@ -562,10 +570,8 @@ int rkey_derive(rkey_client *c, const char *key, const unsigned char *point,
 {
     proto_request req;
 
-    memset(&req, 0, sizeof(req));
-    req.type = PROTO_DERIVE;
-    if (set_key(req.u.derive.key, key, f) != 0 ||
-        take_claims(&req.u.derive.claims, f) != 0)
+    if (start_key_op(&req, PROTO_DERIVE, req.u.derive.key, &req.u.derive.claims,
+                     key, f) != 0)
         return -1;
     req.u.derive.point = point;
     req.u.derive.point_len = point_len;
@@ -621,54 +627,89 @@ int rkey_finish(rkey_client *c, const char *request_id, unsigned result,
     return call_plain(c, &req, f);
 }
 
+/* Takes the entries of one page for a fetch_pages caller: 0, or -1 with
+ * *f. */
+typedef int (*page_take)(rkey_client *c, void *ctx, const proto_reply *rep,
+                         rkey_failure *f);
+
+/* Every page of type (PROTO_KEYS or PROTO_STATE), all of one epoch
+ * (*epoch: 0 takes the first's), each handed to take; another epoch on
+ * the way is f->status PROTO_BUSY (read again). what names the list in
+ * messages; a total past max_total is malformed. */
+static int fetch_pages(rkey_client *c, unsigned type, uint64_t *epoch,
+                       uint32_t max_total, const char *what, page_take take,
+                       void *ctx, rkey_failure *f)
+{
+    proto_request req;
+    proto_reply rep;
+    unsigned char *raw;
+    uint32_t start = 0, total, next;
+    size_t raw_len;
+    int r;
+
+    do {
+        memset(&req, 0, sizeof(req));
+        req.type = (uint16_t)type;
+        req.u.page.start = start;
+        if (call(c, &req, &raw, &raw_len, &rep, f) != 0)
+            return -1;
+        if (*epoch == 0)
+            *epoch = rep.epoch;
+        total = type == PROTO_KEYS ? rep.u.keys.total : rep.u.state.total;
+        next = type == PROTO_KEYS ? rep.u.keys.next : rep.u.state.next;
+        if (rep.epoch != *epoch || next <= start || total > max_total) {
+            fail(f, rep.epoch != *epoch ? PROTO_BUSY : PROTO_INTERNAL,
+                 "%s changed or is malformed", what);
+            r = -1;
+        } else {
+            r = take(c, ctx, &rep, f);
+        }
+        proto_reply_clear(&rep);
+        free(raw);
+        if (r != 0)
+            return -1;
+        start = next;
+    } while (start < total);
+    return 0;
+}
+
+typedef struct token_list {
+    proto_token_entry *all;
+    size_t n;
+} token_list;
+
+static int take_tokens(rkey_client *c, void *ctx, const proto_reply *rep,
+                       rkey_failure *f)
+{
+    token_list *l = ctx;
+    proto_token_entry *grown =
+        realloc(l->all, (l->n + rep->u.state.ntokens + 1) * sizeof(*grown));
+
+    if (grown == NULL) {
+        fail(f, PROTO_INTERNAL, "out of memory");
+        return -1;
+    }
+    l->all = grown;
+    memcpy(l->all + l->n, rep->u.state.tokens,
+           rep->u.state.ntokens * sizeof(*grown));
+    l->n += rep->u.state.ntokens;
+    return 0;
+}
+
 /* Every page of STATE, all of one epoch (*epoch: 0 takes the first's). */
 static int fetch_tokens(rkey_client *c, uint64_t *epoch,
                         proto_token_entry **out, size_t *count, rkey_failure *f)
 {
-    proto_token_entry *all = NULL, *grown;
-    proto_request req;
-    proto_reply rep;
-    unsigned char *raw;
-    uint32_t start = 0, total = 0;
-    size_t n = 0, raw_len;
+    token_list l = {NULL, 0};
 
-    do {
-        memset(&req, 0, sizeof(req));
-        req.type = PROTO_STATE;
-        req.u.page.start = start;
-        if (call(c, &req, &raw, &raw_len, &rep, f) != 0)
-            goto fail;
-        if (*epoch == 0)
-            *epoch = rep.epoch;
-        total = rep.u.state.total;
-        if (rep.epoch != *epoch || rep.u.state.next <= start ||
-            rep.u.state.total > PROTO_PAGE_TOKENS_MAX * 1024u) {
-            fail(f, rep.epoch != *epoch ? PROTO_BUSY : PROTO_INTERNAL,
-                 "the key process's token list changed or is malformed");
-            proto_reply_clear(&rep);
-            free(raw);
-            goto fail;
-        }
-        grown = realloc(all, (n + rep.u.state.ntokens + 1) * sizeof(*all));
-        if (grown == NULL) {
-            proto_reply_clear(&rep);
-            free(raw);
-            fail(f, PROTO_INTERNAL, "out of memory");
-            goto fail;
-        }
-        all = grown;
-        memcpy(all + n, rep.u.state.tokens, rep.u.state.ntokens * sizeof(*all));
-        n += rep.u.state.ntokens;
-        start = rep.u.state.next;
-        proto_reply_clear(&rep);
-        free(raw);
-    } while (start < total);
-    *out = all;
-    *count = n;
+    if (fetch_pages(c, PROTO_STATE, epoch, PROTO_PAGE_TOKENS_MAX * 1024u,
+                    "the key process's token list", take_tokens, &l, f) != 0) {
+        free(l.all);
+        return -1;
+    }
+    *out = l.all;
+    *count = l.n;
     return 0;
-fail:
-    free(all);
-    return -1;
 }
 
 int rkey_state(rkey_client *c, proto_token_entry **tokens, size_t *count,
@@ -942,59 +983,44 @@ static int by_name(const void *a, const void *b, void *keys)
     return strcmp(k[*(const size_t *)a].name, k[*(const size_t *)b].name);
 }
 
+/* Adds the keys of one KEYS page to the directory ctx, each with its
+ * EVP_PKEY on c. */
+static int take_keys(rkey_client *c, void *ctx, const proto_reply *rep,
+                     rkey_failure *f)
+{
+    rkey_dir *d = ctx;
+    rkey_key *grown =
+        realloc(d->keys, (d->nkeys + rep->u.keys.nkeys + 1) * sizeof(*grown));
+    size_t i;
+
+    if (grown == NULL) {
+        fail(f, PROTO_INTERNAL, "out of memory");
+        return -1;
+    }
+    d->keys = grown;
+    for (i = 0; i < rep->u.keys.nkeys; i++) {
+        memset(&d->keys[d->nkeys], 0, sizeof(d->keys[0]));
+        key_from_entry(&d->keys[d->nkeys], &rep->u.keys.keys[i]);
+        d->keys[d->nkeys].pkey = remote_pkey_new(c, &d->keys[d->nkeys]);
+        d->nkeys++;
+    }
+    return 0;
+}
+
 /* Every page of KEYS and of STATE, all of one epoch; a change in between
  * is f->status PROTO_BUSY (read again). */
 static rkey_dir *fetch_dir(rkey_client *c, rkey_failure *f)
 {
     rkey_dir *d = calloc(1, sizeof(*d));
-    proto_request req;
-    proto_reply rep;
-    unsigned char *raw;
-    rkey_key *grown;
-    uint32_t start = 0, total = 0;
-    size_t i, raw_len;
+    size_t i;
 
     if (d == NULL) {
         fail(f, PROTO_INTERNAL, "out of memory");
         return NULL;
     }
-    do {
-        memset(&req, 0, sizeof(req));
-        req.type = PROTO_KEYS;
-        req.u.page.start = start;
-        if (call(c, &req, &raw, &raw_len, &rep, f) != 0)
-            goto fail;
-        if (d->epoch == 0)
-            d->epoch = rep.epoch;
-        total = rep.u.keys.total;
-        if (rep.epoch != d->epoch || rep.u.keys.next <= start ||
-            total > DIR_KEYS_MAX) {
-            fail(f, rep.epoch != d->epoch ? PROTO_BUSY : PROTO_INTERNAL,
-                 "the key directory changed or is malformed");
-            proto_reply_clear(&rep);
-            free(raw);
-            goto fail;
-        }
-        grown = realloc(d->keys,
-                        (d->nkeys + rep.u.keys.nkeys + 1) * sizeof(*d->keys));
-        if (grown == NULL) {
-            proto_reply_clear(&rep);
-            free(raw);
-            fail(f, PROTO_INTERNAL, "out of memory");
-            goto fail;
-        }
-        d->keys = grown;
-        for (i = 0; i < rep.u.keys.nkeys; i++) {
-            memset(&d->keys[d->nkeys], 0, sizeof(d->keys[0]));
-            key_from_entry(&d->keys[d->nkeys], &rep.u.keys.keys[i]);
-            d->keys[d->nkeys].pkey = remote_pkey_new(c, &d->keys[d->nkeys]);
-            d->nkeys++;
-        }
-        start = rep.u.keys.next;
-        proto_reply_clear(&rep);
-        free(raw);
-    } while (start < total);
-    if (fetch_tokens(c, &d->epoch, &d->tokens, &d->ntokens, f) != 0)
+    if (fetch_pages(c, PROTO_KEYS, &d->epoch, DIR_KEYS_MAX, "the key directory",
+                    take_keys, d, f) != 0 ||
+        fetch_tokens(c, &d->epoch, &d->tokens, &d->ntokens, f) != 0)
         goto fail;
     d->by_name = calloc(d->nkeys + 1, sizeof(*d->by_name));
     if (d->by_name == NULL) {

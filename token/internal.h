@@ -1,11 +1,50 @@
 /*
- * Private to token/: the pieces token.c shares with uri.c, pin.c and
- * probe.c. Prefix tk_.
+ * Private to token/: what its files share. Prefix tk_.
+ *
+ *   module.c    the module registry: one libp11 context per module
+ *   login.c     logging in, the PINs the process knows of, the PIN of a
+ *               CKA_ALWAYS_AUTHENTICATE key
+ *   set.c       opening a token set: tokens, keys, certificates; getters
+ *   gate.c      token states and the session gate (acquire, release, the
+ *               queue, wait_ms)
+ *   recovery.c  fault checks, rebuilding a module, the recovery thread
+ *   probe.c     a libp11-free view of a module, through its function list
+ *   check.c     a known-answer test of a key
+ *   uri.c, pin.c  RFC 7512 URIs, PIN sources
+ *
+ * The lock order. A thread that holds one of these takes only those below
+ * it, never one above:
+ *
+ *   1. tk_registry_lock (module.c): the module list, every libp11 call
+ *      that is not a key operation, token_set_add and _free, a rebuild,
+ *      a pass of the recovery thread.
+ *   2. a module's calls (struct tk_module, a read-write lock): shared by
+ *      the probes of request threads (token_answers), exclusive from a
+ *      rebuild's C_Finalize to its last re-open.
+ *   3. a token's lock (struct tk_token): its state, counters and queue;
+ *      never held across a call into a module, nor across any call out
+ *      of token/.
+ *   4. events_lock (gate.c): the state changes not yet told.
+ *
+ * No hook of the service (token_event_fn, token_present_fn) runs under
+ * any of them: changes are queued under 3 and told by tk_events_flush
+ * once the thread holds none. Key operations hold no lock of token/: the
+ * gate admits them (gate.c) and lets go. What still holds lock 1 across
+ * a module's calls (a rebuild, opening a token, a recovery probe) is
+ * written in docs/DESIGN.md ("The lock order").
  */
 #ifndef SMIMED_TOKEN_INTERNAL_H
 #define SMIMED_TOKEN_INTERNAL_H
 
+#include <pthread.h>
 #include <stddef.h>
+#include <time.h>
+
+#include <libp11.h>
+#include <openssl/ui.h>
+/* The PKCS#11 names (CKR_, CKM_, CK_ types): libp11-dev ships no
+ * pkcs11.h, p11-kit's is the one Debian installs. */
+#include <p11-kit/pkcs11.h>
 
 #include "token/token.h"
 
@@ -67,8 +106,6 @@ void tk_probe_end_session(const tk_probe *probe, unsigned long session);
 int tk_probe_has_mechanism(const tk_probe *probe, unsigned long slot_id,
                            unsigned long mechanism);
 
-#define TK_CKM_ECDH1_DERIVE 0x1050UL
-
 /* "CKR_PIN_INCORRECT (0xa0)": the name when known, always the number. */
 void tk_ckr_describe(unsigned long rv, char *buf, size_t len);
 
@@ -87,11 +124,224 @@ void tk_ckr_describe(unsigned long rv, char *buf, size_t len);
 int tk_key_known_answer(EVP_PKEY *pkey, EVP_PKEY *pub, token_use use,
                         unsigned long *ckr);
 
-#define TK_CKR_PIN_INCORRECT 0xa0UL
-#define TK_CKR_PIN_INVALID 0xa1UL
-#define TK_CKR_PIN_LEN_RANGE 0xa2UL
-#define TK_CKR_PIN_EXPIRED 0xa3UL
-#define TK_CKR_PIN_LOCKED 0xa4UL
-#define TK_CKR_SESSION_COUNT 0xb1UL
+/*
+ * The objects token/ is made of.
+ */
+
+/* SHA-256, the digest PINs are remembered by. */
+#define TK_PIN_DIGEST 32
+/* Distinct refused PINs remembered per token; past that, no new PIN is
+ * tried at all (a smartcard has locked long before). */
+#define TK_REFUSED_MAX 8
+
+/* How many distinct fault reasons a token keeps (see struct tk_reason). */
+#define TK_FAULT_REASONS_MAX 16
+#define TK_REASON_LEN 200
+
+/* What the process knows of the PIN of one slot's token. A PKCS#11 login
+ * belongs to the process, not to a token set, so this lives with the
+ * module and outlives the sets of a reload. Digests only, never a PIN. */
+struct tk_pins {
+    struct tk_pins *next;
+    char label[33]; /* the token it is for, as libp11 lists it */
+    char serial[17];
+    int logged_in; /* we logged in, with the PIN whose digest is good */
+    unsigned char good[TK_PIN_DIGEST];
+    int locked; /* the token said its PIN is locked */
+    unsigned nrefused;
+    unsigned char refused[TK_REFUSED_MAX][TK_PIN_DIGEST];
+};
+
+struct tk_module {
+    struct tk_module *next;
+    unsigned refs;
+    char *path;
+    tk_probe *probe;
+    PKCS11_CTX *ctx;
+    int loaded; /* PKCS11_CTX_load succeeded and no unload since */
+    /* Listed when the module is loaded, and again only by a rebuild:
+     * PKCS11_update_slots would free the PKCS11_SLOT and PKCS11_TOKEN
+     * structures the tokens of every set point into. */
+    PKCS11_SLOT *slots;
+    unsigned int nslots;
+    struct tk_pins *pins; /* per token, by label and serial */
+    /* Every published token on the module, of every token set: a rebuild
+     * stops and re-opens them all. */
+    struct tk_token **tokens;
+    size_t ntokens;
+    /* Counts rebuilds; read by any thread, written under tk_registry_lock
+     * with every token of the module drained. */
+    unsigned long generation;
+    /* Probes from request threads (token_answers) hold it shared; a
+     * rebuild holds it exclusively from C_Finalize to the last re-open, so
+     * no probe is inside the module while it is finalised (a SoftHSM
+     * C_GetTokenInfo racing C_Finalize locks a freed mutex for ever). */
+    pthread_rwlock_t calls;
+    int calls_ready;
+};
+
+enum tk_state {
+    TK_READY,
+    TK_DOWN,        /* since it was opened; a reload opens it again */
+    TK_FAULT,       /* failed at run time; re-probed (see tk_token_ready) */
+    TK_PIN_REFUSED, /* never retried: a card locks after a few wrong PINs */
+    TK_RECOVERING,  /* its module is being rebuilt */
+};
+
+/* A fault reason, kept until the token is freed: token_set_token_ready and
+ * token_key_usable hand out the pointer, and a caller may still be reading
+ * it when the token changes state again. Each distinct text is kept once. */
+struct tk_reason {
+    struct tk_reason *next;
+    char text[TK_REASON_LEN];
+};
+
+/* A request waiting for a session, on its own stack, in its token's queue. */
+struct tk_waiter {
+    struct tk_waiter *next;
+    pthread_cond_t cond; /* CLOCK_MONOTONIC */
+};
+
+struct tk_token {
+    char *name;
+    struct tk_module *module; /* counted reference */
+    PKCS11_SLOT *slot;        /* NULL until one token matched the URI */
+    unsigned long slot_id;
+    token_uri uri; /* selects the token again after a rebuild */
+    int optional;
+    int discovery;
+    int logs_in; /* its keys need our login; probes check it still holds */
+    int opened;  /* was ready once: a rebuild re-opens it */
+    /* Never opened because it was absent (no token matched, no session
+     * opened): a rebuild looks for it, and once it answers the service is
+     * asked to reload (opened_fn), which opens it with its keys. */
+    int absent;
+    int answers_now;
+    int published; /* other threads see it: state changes take the lock */
+    /* Where the PIN comes from, read again for a rebuild and for each
+     * context-specific login, and the digest of the PIN the configuration
+     * was loaded with: only that PIN is ever sent without a reload. */
+    char *pin_file;
+    char *pin_env;
+    int has_pin;
+    unsigned char pin_digest[TK_PIN_DIGEST];
+    token_key **keys; /* its keys, borrowed from the set */
+    size_t nkeys;
+    unsigned max_sessions;
+    long wait_ms;
+    char open_reason[TK_REASON_LEN]; /* why token_set_add left it down */
+    size_t nskipped;        /* discovered labels that cannot be names */
+    char skipped_first[48]; /* the first of them, cut, for the log */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;     /* CLOCK_MONOTONIC; module_drain waits on it */
+    unsigned in_flight;      /* under lock */
+    struct tk_waiter *queue; /* under lock: oldest first */
+    struct tk_waiter **queue_tail; /* under lock: where the next one goes */
+    enum tk_state state;           /* under lock */
+    const char *reason; /* under lock: open_reason or a fault reason */
+    struct tk_reason *fault_reasons; /* under lock */
+    unsigned nfault_reasons;         /* under lock */
+    struct timespec next_probe;      /* under lock, TK_FAULT only */
+    unsigned backoff_s;              /* under lock, TK_FAULT only */
+    time_t changed;                  /* under lock: last state change */
+    token_stats stats;               /* under lock */
+};
+
+struct token_key {
+    char *name;
+    struct tk_token *token;
+    /* NULL when the token is down or the key was not found. Replaced by a
+     * rebuild only while no operation holds it. */
+    EVP_PKEY *pkey;
+    char *label;       /* CKA_LABEL and CKA_ID of the object bound: a rebuild */
+    unsigned char *id; /* finds the same object again */
+    size_t id_len;
+    X509 *cert;
+    STACK_OF(X509) *chain;
+    char algorithm[80];
+    char problem[200];     /* a fault found at load that stays; "" for none */
+    char sign_problem[80]; /* key usage forbids signing; "" for none */
+    char decrypt_problem[120]; /* key usage forbids decryption, or the
+                                * token cannot do it */
+    int cannot_decrypt; /* the token lacks the mechanism (token_key_supports) */
+    time_t not_before;
+    time_t not_after;
+    char not_yet_valid[80];
+    char expired[80];
+};
+
+struct token_set {
+    struct tk_token **tokens;
+    size_t ntokens;
+    token_key **keys;
+    size_t nkeys;
+};
+
+/*
+ * module.c: the module registry.
+ */
+
+/* Guards the module list and every libp11 call that is not a key
+ * operation (module.c says why). */
+extern pthread_mutex_t tk_registry_lock;
+extern struct tk_module *tk_registry;
+
+/* Describes why the last libp11 call failed and empties the error queue.
+ * Returns the CKR code, 0 when the failure did not come from the module. */
+unsigned long tk_libp11_failure(char *buf, size_t len);
+
+/* Under tk_registry_lock. */
+int tk_module_get(const char *path, struct tk_module **out, token_error *err);
+void tk_module_put(struct tk_module *m);
+int tk_module_load(struct tk_module *m, token_error *err);
+int tk_module_remember(struct tk_module *m, struct tk_token *t);
+void tk_module_forget(struct tk_module *m, const struct tk_token *t);
+PKCS11_SLOT *tk_module_find_slot(struct tk_module *m, const token_uri *u);
+int tk_slot_matches(const token_uri *u, PKCS11_SLOT *slot);
+
+/*
+ * login.c: logging in and PINs.
+ */
+
+int tk_pin_digest(const char *pin, unsigned char d[TK_PIN_DIGEST]);
+int tk_token_login(struct tk_token *t, char **pin, const tk_token_state *st,
+                   unsigned long *session, int *holding, token_error *err);
+char *tk_token_pin_again(const struct tk_token *t, char *why, size_t len);
+/* The UI libp11 asks for the PIN of a CKA_ALWAYS_AUTHENTICATE key; NULL
+ * when it could not be made. */
+UI_METHOD *tk_login_ui_method(void);
+
+/*
+ * gate.c: token states and the session gate.
+ */
+
+extern token_event_fn tk_event_fn;
+extern token_present_fn tk_present_fn;
+extern __thread struct tk_token *tk_op_token;
+extern __thread const struct tk_token *tk_op_last;
+extern __thread unsigned long tk_op_generation;
+extern __thread token_use tk_op_use;
+
+/* Queues the word to tk_present_fn that token answers now. */
+void tk_event_present(const char *token);
+/* Tells the hooks what was queued. Called with no lock of token/ held:
+ * by every public function that may have changed a published token's
+ * state, before it returns, and by the recovery thread. */
+void tk_events_flush(void);
+
+void tk_wake_all(struct tk_token *t);
+void tk_token_set_state(struct tk_token *t, enum tk_state state);
+__attribute__((format(printf, 3, 4))) void
+tk_token_down(struct tk_token *t, enum tk_state state, const char *fmt, ...);
+void tk_token_set_fault_reason(struct tk_token *t, const char *text);
+int tk_token_ready(struct tk_token *t, int recovering_too, const char **reason);
+int tk_acquire_slot(token_key *key, token_use use, EVP_PKEY **pkey, int check,
+                    token_error *err);
+
+/*
+ * recovery.c
+ */
+
+void tk_schedule_recovery(struct tk_token *t);
 
 #endif

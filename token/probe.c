@@ -24,9 +24,8 @@
  * dlopen of the path libp11 loads returns the same, already initialised
  * module, so this needs no C_Initialize of its own.
  *
- * The few PKCS#11 declarations needed are written out here rather than
- * taken from a pkcs11.h: libp11-dev ships none, and the layouts are fixed by
- * the PKCS#11 2.x ABI (natural alignment on Unix).
+ * The PKCS#11 declarations come from p11-kit's pkcs11.h (through
+ * internal.h): libp11-dev ships none.
  */
 #include <dlfcn.h>
 #include <stdio.h>
@@ -35,103 +34,19 @@
 
 #include "token/internal.h"
 
-typedef unsigned long ck_ulong;
-typedef ck_ulong ck_rv;
-
-#define CKR_OK 0UL
-#define CKR_USER_ALREADY_LOGGED_IN 0x100UL
-#define CKR_CRYPTOKI_NOT_INITIALIZED 0x190UL
-#define CKF_SERIAL_SESSION 0x4UL
-#define CKF_USER_PIN_LOCKED 0x40000UL
-#define CKU_USER 1UL
-#define CKS_RO_USER_FUNCTIONS 1UL
-#define CKS_RW_USER_FUNCTIONS 3UL
-#define CK_UNAVAILABLE_INFORMATION (~0UL)
-
-struct ck_version {
-    unsigned char major;
-    unsigned char minor;
-};
-
-struct ck_token_info {
-    unsigned char label[32];
-    unsigned char manufacturer_id[32];
-    unsigned char model[16];
-    unsigned char serial_number[16];
-    ck_ulong flags;
-    ck_ulong max_session_count;
-    ck_ulong session_count;
-    ck_ulong max_rw_session_count;
-    ck_ulong rw_session_count;
-    ck_ulong max_pin_len;
-    ck_ulong min_pin_len;
-    ck_ulong total_public_memory;
-    ck_ulong free_public_memory;
-    ck_ulong total_private_memory;
-    ck_ulong free_private_memory;
-    struct ck_version hardware_version;
-    struct ck_version firmware_version;
-    unsigned char utc_time[16];
-};
-
-struct ck_session_info {
-    ck_ulong slot_id;
-    ck_ulong state;
-    ck_ulong flags;
-    ck_ulong device_error;
-};
-
-typedef ck_rv (*ck_notify)(ck_ulong session, ck_ulong event, void *app);
-
-/* The head of CK_FUNCTION_LIST, up to the last entry used here; the module
- * owns the full table and it is only ever read through this pointer. */
-struct ck_function_list_head {
-    struct ck_version version;
-    ck_rv (*C_Initialize)(void *args);
-    ck_rv (*C_Finalize)(void *reserved);
-    ck_rv (*C_GetInfo)(void *info);
-    ck_rv (*C_GetFunctionList)(void *list);
-    ck_rv (*C_GetSlotList)(unsigned char present, ck_ulong *slots,
-                           ck_ulong *count);
-    ck_rv (*C_GetSlotInfo)(ck_ulong slot, void *info);
-    ck_rv (*C_GetTokenInfo)(ck_ulong slot, struct ck_token_info *info);
-    ck_rv (*C_GetMechanismList)(ck_ulong slot, ck_ulong *list, ck_ulong *count);
-    ck_rv (*C_GetMechanismInfo)(ck_ulong slot, ck_ulong type, void *info);
-    ck_rv (*C_InitToken)(ck_ulong slot, unsigned char *pin, ck_ulong len,
-                         unsigned char *label);
-    ck_rv (*C_InitPIN)(ck_ulong session, unsigned char *pin, ck_ulong len);
-    ck_rv (*C_SetPIN)(ck_ulong session, unsigned char *old_pin,
-                      ck_ulong old_len, unsigned char *new_pin,
-                      ck_ulong new_len);
-    ck_rv (*C_OpenSession)(ck_ulong slot, ck_ulong flags, void *app,
-                           ck_notify notify, ck_ulong *session);
-    ck_rv (*C_CloseSession)(ck_ulong session);
-    ck_rv (*C_CloseAllSessions)(ck_ulong slot);
-    ck_rv (*C_GetSessionInfo)(ck_ulong session, struct ck_session_info *info);
-    ck_rv (*C_GetOperationState)(ck_ulong session, unsigned char *state,
-                                 ck_ulong *len);
-    ck_rv (*C_SetOperationState)(ck_ulong session, unsigned char *state,
-                                 ck_ulong len, ck_ulong enc_key,
-                                 ck_ulong auth_key);
-    ck_rv (*C_Login)(ck_ulong session, ck_ulong user, unsigned char *pin,
-                     ck_ulong len);
-};
-
-typedef ck_rv (*ck_get_function_list)(struct ck_function_list_head **list);
-
 struct tk_probe {
     void *handle;
-    struct ck_function_list_head *funcs;
+    CK_FUNCTION_LIST_PTR funcs;
 };
 
 tk_probe *tk_probe_open(const char *path, token_error *err)
 {
     tk_probe *probe = NULL;
     tk_probe *p = NULL;
-    ck_get_function_list get_list;
+    CK_C_GetFunctionList get_list;
     const char *why;
     void *sym;
-    ck_rv rv;
+    CK_RV rv;
 
     p = calloc(1, sizeof(*p));
     if (p == NULL) {
@@ -185,18 +100,9 @@ int tk_probe_same_module(const tk_probe *a, const tk_probe *b)
     return a->handle == b->handle;
 }
 
-/* CK_INFO: two versions, two 32-byte strings and the flags between them. */
-struct ck_info {
-    struct ck_version cryptoki_version;
-    unsigned char manufacturer_id[32];
-    ck_ulong flags;
-    unsigned char library_description[32];
-    struct ck_version library_version;
-};
-
 int tk_probe_initialised(const tk_probe *probe)
 {
-    struct ck_info info;
+    CK_INFO info;
 
     return probe->funcs->C_GetInfo(&info) != CKR_CRYPTOKI_NOT_INITIALIZED;
 }
@@ -210,10 +116,10 @@ void tk_probe_adopt(tk_probe *probe, void *function_list)
 unsigned long tk_probe_session(const tk_probe *probe, unsigned long slot_id,
                                tk_token_state *state)
 {
-    struct ck_session_info session_info;
-    struct ck_token_info info;
-    ck_ulong session;
-    ck_rv rv;
+    CK_SESSION_INFO session_info;
+    CK_TOKEN_INFO info;
+    CK_SESSION_HANDLE session;
+    CK_RV rv;
 
     rv = probe->funcs->C_GetTokenInfo(slot_id, &info);
     if (rv != CKR_OK)
@@ -231,9 +137,9 @@ unsigned long tk_probe_session(const tk_probe *probe, unsigned long slot_id,
     probe->funcs->C_CloseSession(session);
     if (rv != CKR_OK)
         return rv;
-    state->max_sessions = info.max_session_count == CK_UNAVAILABLE_INFORMATION
+    state->max_sessions = info.ulMaxSessionCount == CK_UNAVAILABLE_INFORMATION
                               ? 0
-                              : info.max_session_count;
+                              : info.ulMaxSessionCount;
     state->pin_locked = (info.flags & CKF_USER_PIN_LOCKED) != 0;
     state->logged_in = session_info.state == CKS_RO_USER_FUNCTIONS ||
                        session_info.state == CKS_RW_USER_FUNCTIONS;
@@ -243,8 +149,8 @@ unsigned long tk_probe_session(const tk_probe *probe, unsigned long slot_id,
 unsigned long tk_probe_login(const tk_probe *probe, unsigned long slot_id,
                              const char *pin, unsigned long *session)
 {
-    ck_ulong s;
-    ck_rv rv;
+    CK_SESSION_HANDLE s;
+    CK_RV rv;
 
     rv = probe->funcs->C_OpenSession(slot_id, CKF_SERIAL_SESSION, NULL, NULL,
                                      &s);
@@ -252,7 +158,7 @@ unsigned long tk_probe_login(const tk_probe *probe, unsigned long slot_id,
         return rv;
     /* The module only reads the PIN; PKCS#11 2.x just lacks the const. */
     rv = probe->funcs->C_Login(s, CKU_USER, (unsigned char *)pin,
-                               (ck_ulong)strlen(pin));
+                               (CK_ULONG)strlen(pin));
     if (rv == CKR_USER_ALREADY_LOGGED_IN)
         rv = CKR_OK;
     if (rv != CKR_OK) {
@@ -271,7 +177,8 @@ void tk_probe_end_session(const tk_probe *probe, unsigned long session)
 int tk_probe_has_mechanism(const tk_probe *probe, unsigned long slot_id,
                            unsigned long mechanism)
 {
-    ck_ulong *list = NULL, count = 0, i;
+    CK_MECHANISM_TYPE *list = NULL;
+    CK_ULONG count = 0, i;
     int r = -1;
 
     if (probe->funcs->C_GetMechanismList(slot_id, NULL, &count) != CKR_OK)
@@ -289,43 +196,48 @@ out:
     return r;
 }
 
+#define CKR_NAME(rv)                                                           \
+    {                                                                          \
+        rv, #rv                                                                \
+    }
+
 static const struct {
     unsigned long rv;
     const char *name;
 } ckr_names[] = {
-    {0x00, "CKR_OK"},
-    {0x01, "CKR_CANCEL"},
-    {0x02, "CKR_HOST_MEMORY"},
-    {0x03, "CKR_SLOT_ID_INVALID"},
-    {0x05, "CKR_GENERAL_ERROR"},
-    {0x06, "CKR_FUNCTION_FAILED"},
-    {0x07, "CKR_ARGUMENTS_BAD"},
-    {0x30, "CKR_DEVICE_ERROR"},
-    {0x31, "CKR_DEVICE_MEMORY"},
-    {0x32, "CKR_DEVICE_REMOVED"},
-    {0x40, "CKR_ENCRYPTED_DATA_INVALID"},
-    {0x54, "CKR_FUNCTION_NOT_SUPPORTED"},
-    {0x60, "CKR_KEY_HANDLE_INVALID"},
-    {0x68, "CKR_KEY_FUNCTION_NOT_PERMITTED"},
-    {0x70, "CKR_MECHANISM_INVALID"},
-    {0x82, "CKR_OBJECT_HANDLE_INVALID"},
-    {0xa0, "CKR_PIN_INCORRECT"},
-    {0xa1, "CKR_PIN_INVALID"},
-    {0xa2, "CKR_PIN_LEN_RANGE"},
-    {0xa3, "CKR_PIN_EXPIRED"},
-    {0xa4, "CKR_PIN_LOCKED"},
-    {0xb0, "CKR_SESSION_CLOSED"},
-    {0xb1, "CKR_SESSION_COUNT"},
-    {0xb3, "CKR_SESSION_HANDLE_INVALID"},
-    {0xb4, "CKR_SESSION_PARALLEL_NOT_SUPPORTED"},
-    {0xe0, "CKR_TOKEN_NOT_PRESENT"},
-    {0xe1, "CKR_TOKEN_NOT_RECOGNIZED"},
-    {0x100, "CKR_USER_ALREADY_LOGGED_IN"},
-    {0x101, "CKR_USER_NOT_LOGGED_IN"},
-    {0x102, "CKR_USER_PIN_NOT_INITIALIZED"},
-    {0x103, "CKR_USER_TYPE_INVALID"},
-    {0x190, "CKR_CRYPTOKI_NOT_INITIALIZED"},
-    {0x191, "CKR_CRYPTOKI_ALREADY_INITIALIZED"},
+    CKR_NAME(CKR_OK),
+    CKR_NAME(CKR_CANCEL),
+    CKR_NAME(CKR_HOST_MEMORY),
+    CKR_NAME(CKR_SLOT_ID_INVALID),
+    CKR_NAME(CKR_GENERAL_ERROR),
+    CKR_NAME(CKR_FUNCTION_FAILED),
+    CKR_NAME(CKR_ARGUMENTS_BAD),
+    CKR_NAME(CKR_DEVICE_ERROR),
+    CKR_NAME(CKR_DEVICE_MEMORY),
+    CKR_NAME(CKR_DEVICE_REMOVED),
+    CKR_NAME(CKR_ENCRYPTED_DATA_INVALID),
+    CKR_NAME(CKR_FUNCTION_NOT_SUPPORTED),
+    CKR_NAME(CKR_KEY_HANDLE_INVALID),
+    CKR_NAME(CKR_KEY_FUNCTION_NOT_PERMITTED),
+    CKR_NAME(CKR_MECHANISM_INVALID),
+    CKR_NAME(CKR_OBJECT_HANDLE_INVALID),
+    CKR_NAME(CKR_PIN_INCORRECT),
+    CKR_NAME(CKR_PIN_INVALID),
+    CKR_NAME(CKR_PIN_LEN_RANGE),
+    CKR_NAME(CKR_PIN_EXPIRED),
+    CKR_NAME(CKR_PIN_LOCKED),
+    CKR_NAME(CKR_SESSION_CLOSED),
+    CKR_NAME(CKR_SESSION_COUNT),
+    CKR_NAME(CKR_SESSION_HANDLE_INVALID),
+    CKR_NAME(CKR_SESSION_PARALLEL_NOT_SUPPORTED),
+    CKR_NAME(CKR_TOKEN_NOT_PRESENT),
+    CKR_NAME(CKR_TOKEN_NOT_RECOGNIZED),
+    CKR_NAME(CKR_USER_ALREADY_LOGGED_IN),
+    CKR_NAME(CKR_USER_NOT_LOGGED_IN),
+    CKR_NAME(CKR_USER_PIN_NOT_INITIALIZED),
+    CKR_NAME(CKR_USER_TYPE_INVALID),
+    CKR_NAME(CKR_CRYPTOKI_NOT_INITIALIZED),
+    CKR_NAME(CKR_CRYPTOKI_ALREADY_INITIALIZED),
 };
 
 void tk_ckr_describe(unsigned long rv, char *buf, size_t len)

@@ -208,16 +208,18 @@ typedef struct token_stats {
 
 void token_set_token_stats(const token_set *set, size_t i, token_stats *out);
 
-/* Called on every state change of a token, from whichever thread made it
- * (the recovery loop, or a request that found the token down); state is a
- * token_state_name, reason NULL when ready. Must not call into token/. */
+/* Called on every state change of a token, in order, from whichever
+ * thread made it (the recovery loop, or a request that found the token
+ * down), with no lock of token/ held; state is a token_state_name, reason
+ * NULL when ready. Past 64 changes not yet told (a hook that blocks),
+ * later ones are dropped. Must not call into token/. */
 typedef void (*token_event_fn)(const char *token, const char *state,
                                const char *reason);
 
-/* Called from the recovery loop when a token that was absent when its set
- * was built (no token matched its URI, or no session opened) answers now:
- * its keys are found only by building a new set, so the caller reloads.
- * Must not call into token/. */
+/* Called from the recovery loop, with no lock of token/ held, when a
+ * token that was absent when its set was built (no token matched its URI,
+ * or no session opened) answers now: its keys are found only by building
+ * a new set, so the caller reloads. Must not call into token/. */
 typedef void (*token_present_fn)(const char *token);
 
 /* The recovery loop: a thread that rebuilds the libp11 context of every

@@ -18,6 +18,7 @@
 #include <openssl/x509.h>
 
 #include "cms/cms.h"
+#include "tests/utf8check.h"
 
 /* An invariant of the code under test does not hold: abort, which
  * libFuzzer reports as a crash and keeps the input for. */
@@ -50,54 +51,10 @@ static inline int fuzz_refusal(cms_status status)
     return status != CMS_OK && status != CMS_ERR_INTERNAL;
 }
 
-/* RFC 3629 UTF-8: no overlong forms, surrogates or code points past
- * U+10FFFF. Written here rather than taken from the code under test, so
- * that a bug there cannot hide itself. */
-static inline int fuzz_utf8_valid(const unsigned char *s, size_t len)
-{
-    size_t i = 0, n, k;
-    unsigned char lo, hi;
-
-    while (i < len) {
-        unsigned char c = s[i];
-
-        lo = 0x80;
-        hi = 0xbf;
-        if (c < 0x80) {
-            i++;
-            continue;
-        } else if (c >= 0xc2 && c <= 0xdf) {
-            n = 1;
-        } else if (c >= 0xe0 && c <= 0xef) {
-            n = 2;
-            if (c == 0xe0)
-                lo = 0xa0;
-            else if (c == 0xed)
-                hi = 0x9f;
-        } else if (c >= 0xf0 && c <= 0xf4) {
-            n = 3;
-            if (c == 0xf0)
-                lo = 0x90;
-            else if (c == 0xf4)
-                hi = 0x8f;
-        } else {
-            return 0;
-        }
-        if (len - i - 1 < n)
-            return 0;
-        for (k = 1; k <= n; k++) {
-            if (s[i + k] < (k == 1 ? lo : 0x80) ||
-                s[i + k] > (k == 1 ? hi : 0xbf))
-                return 0;
-        }
-        i += n + 1;
-    }
-    return 1;
-}
-
+/* Whether s is valid UTF-8 (tests/utf8check.h). */
 static inline int fuzz_text_valid(const char *s)
 {
-    return fuzz_utf8_valid((const unsigned char *)s, strlen(s));
+    return test_utf8_valid((const unsigned char *)s, strlen(s));
 }
 
 static inline BIO *fuzz_key_file(const char *name)

@@ -27,7 +27,7 @@ static void check_text(const char *s, size_t max)
     size_t n = strnlen(s, max + 1);
 
     FUZZ_CHECK(n <= max, "a string of %zu bytes (max %zu)", n, max);
-    FUZZ_CHECK(fuzz_utf8_valid((const unsigned char *)s, n), "bad UTF-8");
+    FUZZ_CHECK(test_utf8_valid((const unsigned char *)s, n), "bad UTF-8");
 }
 
 static void check_claims(const proto_claims *c)
@@ -126,7 +126,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                    "an accepted request encodes to other bytes");
     } else {
         FUZZ_CHECK(err.message[0] != '\0' &&
-                       fuzz_utf8_valid((const unsigned char *)err.message,
+                       test_utf8_valid((const unsigned char *)err.message,
                                        strlen(err.message)),
                    "a refusal without a message");
     }

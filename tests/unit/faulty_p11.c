@@ -4,7 +4,7 @@
  *
  * token/probe.c exists because libp11 0.4.12 waits forever when
  * C_OpenSession fails (with anything but CKR_SESSION_COUNT) on a slot it
- * has not used yet; see the top of token/token.c. And a token that breaks
+ * has not used yet; see the top of token/set.c. And a token that breaks
  * at run time must be noticed by token_key_check_fault. A healthy SoftHSM
  * token never fails, and a broken reader cannot be had in a unit test, so
  * this module loads the real one and hands out a copy of its function list
@@ -68,8 +68,7 @@
  * a context-specific login (CKU_CONTEXT_SPECIFIC, a key with
  * CKA_ALWAYS_AUTHENTICATE) is logged as "C_Login context".
  *
- * The PKCS#11 declarations are written out, as in token/probe.c, because
- * no pkcs11.h is installed; the layout is the PKCS#11 2.x ABI.
+ * The PKCS#11 declarations are p11-kit's pkcs11.h, as in token/.
  */
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -82,95 +81,13 @@
 #include <time.h>
 #include <unistd.h>
 
-typedef unsigned long ck_ulong;
-typedef ck_ulong ck_rv;
-
-#define CKR_OK 0UL
-#define CKR_GENERAL_ERROR 0x05UL
-#define CKR_DEVICE_ERROR 0x30UL
-#define CKR_DEVICE_REMOVED 0x32UL
-#define CKR_KEY_FUNCTION_NOT_PERMITTED 0x68UL
-#define CKR_SESSION_HANDLE_INVALID 0xb3UL
-#define CKR_TOKEN_NOT_PRESENT 0xe0UL
-#define CKF_TOKEN_PRESENT 0x1UL
-#define CKF_SERIAL_SESSION 0x4UL
-#define CKU_USER 1UL
-#define CKU_CONTEXT_SPECIFIC 2UL
+#include <p11-kit/pkcs11.h>
 
 #define REAL_MODULE "/usr/lib/softhsm/libsofthsm2.so"
 
-struct ck_version {
-    unsigned char major;
-    unsigned char minor;
-};
-
-typedef ck_rv (*ck_notify)(ck_ulong session, ck_ulong event, void *app);
-
-/* Entries that are only copied, never called here. */
-typedef void (*ck_any_fn)(void);
-
-/* The head of CK_SLOT_INFO; only flags is read. */
-struct ck_slot_info {
-    unsigned char description[64];
-    unsigned char manufacturer_id[32];
-    ck_ulong flags;
-    struct ck_version hardware_version;
-    struct ck_version firmware_version;
-};
-
-/* CK_FUNCTION_LIST: the version, then 68 function pointers in the order the
- * standard fixes. Only the entries this module calls or replaces are
- * named. */
-struct ck_function_list {
-    struct ck_version version;
-    ck_rv (*C_Initialize)(void *args);
-    ck_rv (*C_Finalize)(void *reserved);
-    ck_any_fn get_info;
-    ck_rv (*C_GetFunctionList)(struct ck_function_list **list);
-    ck_rv (*C_GetSlotList)(unsigned char present, ck_ulong *slots,
-                           ck_ulong *count);
-    ck_rv (*C_GetSlotInfo)(ck_ulong slot, struct ck_slot_info *info);
-    ck_rv (*C_GetTokenInfo)(ck_ulong slot, void *info);
-    ck_any_fn before_open[5]; /* C_GetMechanismList .. C_SetPIN */
-    ck_rv (*C_OpenSession)(ck_ulong slot, ck_ulong flags, void *app,
-                           ck_notify notify, ck_ulong *session);
-    ck_rv (*C_CloseSession)(ck_ulong session);
-    ck_rv (*C_CloseAllSessions)(ck_ulong slot);
-    ck_any_fn before_login[3]; /* C_GetSessionInfo .. C_SetOperationState */
-    ck_rv (*C_Login)(ck_ulong session, ck_ulong user, unsigned char *pin,
-                     ck_ulong len);
-    ck_rv (*C_Logout)(ck_ulong session);
-    ck_any_fn before_decrypt[13]; /* C_CreateObject .. C_EncryptFinal */
-    ck_rv (*C_DecryptInit)(ck_ulong session, void *mechanism, ck_ulong key);
-    ck_any_fn before_sign[8]; /* C_Decrypt .. C_DigestFinal */
-    ck_rv (*C_SignInit)(ck_ulong session, void *mechanism, ck_ulong key);
-    ck_any_fn before_derive[19]; /* C_Sign .. C_UnwrapKey */
-    ck_rv (*C_DeriveKey)(ck_ulong session, void *mechanism, ck_ulong base,
-                         void *attributes, ck_ulong count, ck_ulong *key);
-    ck_any_fn after_derive[5]; /* C_SeedRandom .. C_WaitForSlotEvent */
-};
-
-_Static_assert(sizeof(struct ck_function_list) ==
-                   offsetof(struct ck_function_list, C_Initialize) +
-                       68 * sizeof(ck_any_fn),
-               "CK_FUNCTION_LIST holds 68 functions");
-_Static_assert(offsetof(struct ck_function_list, C_SignInit) ==
-                   offsetof(struct ck_function_list, C_Initialize) +
-                       42 * sizeof(ck_any_fn),
-               "C_SignInit is the 43rd function");
-_Static_assert(offsetof(struct ck_function_list, C_Logout) ==
-                   offsetof(struct ck_function_list, C_Initialize) +
-                       19 * sizeof(ck_any_fn),
-               "C_Logout is the 20th function");
-
-typedef ck_rv (*ck_get_function_list)(struct ck_function_list **list);
-
-/* The only symbol libp11 and token/probe.c look up. */
-ck_rv C_GetFunctionList(struct ck_function_list **list);
-
 static pthread_once_t once = PTHREAD_ONCE_INIT;
-static struct ck_function_list *real; /* the real module's list */
-static struct ck_function_list wrapped;
+static CK_FUNCTION_LIST_PTR real; /* the real module's list */
+static CK_FUNCTION_LIST wrapped;
 
 enum fault {
     FAULT_NONE,
@@ -212,13 +129,13 @@ static void reset_tokens(enum fault fault);
 
 static pthread_mutex_t sessions_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct tracked {
-    ck_ulong handle;
-    ck_ulong slot;
+    CK_SESSION_HANDLE handle;
+    CK_SLOT_ID slot;
     int stale;
 } tracked[MAX_TRACKED];
 static size_t ntracked;
 
-static void track_open(ck_ulong slot, ck_ulong handle)
+static void track_open(CK_SLOT_ID slot, CK_SESSION_HANDLE handle)
 {
     size_t i;
 
@@ -233,7 +150,7 @@ static void track_open(ck_ulong slot, ck_ulong handle)
 }
 
 /* Forgets one session, or (all) every session of slot. */
-static void track_close(ck_ulong slot_or_handle, int all)
+static void track_close(CK_ULONG slot_or_handle, int all)
 {
     size_t i = 0;
 
@@ -258,7 +175,7 @@ static void track_stale_all(void)
     pthread_mutex_unlock(&sessions_lock);
 }
 
-static int session_stale(ck_ulong handle)
+static int session_stale(CK_SESSION_HANDLE handle)
 {
     size_t i;
     int stale = 0;
@@ -335,7 +252,9 @@ static void log_call(const char *name)
  * marks the sessions handed out so far stale. */
 static void reset_tokens(enum fault fault)
 {
-    ck_ulong slots[16], count = 16, i, session;
+    CK_SLOT_ID slots[16];
+    CK_ULONG count = 16, i;
+    CK_SESSION_HANDLE session;
 
     if (fault == FAULT_STALE) {
         track_stale_all();
@@ -364,7 +283,7 @@ static void sleep_ms(long ms)
 }
 
 /* CKR_OK when a key operation may start on session. */
-static ck_rv key_operation_fault(ck_ulong session)
+static CK_RV key_operation_fault(CK_SESSION_HANDLE session)
 {
     long arg;
     enum fault fault = fault_now(&arg);
@@ -392,27 +311,27 @@ static ck_rv key_operation_fault(ck_ulong session)
     return CKR_OK;
 }
 
-static ck_rv get_slot_info(ck_ulong slot, struct ck_slot_info *info)
+static CK_RV get_slot_info(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info)
 {
-    ck_rv rv = real->C_GetSlotInfo(slot, info);
+    CK_RV rv = real->C_GetSlotInfo(slot, info);
 
     if (rv == CKR_OK && fault_now(NULL) == FAULT_NOT_PRESENT)
         info->flags &= ~CKF_TOKEN_PRESENT;
     return rv;
 }
 
-static ck_rv get_token_info(ck_ulong slot, void *info)
+static CK_RV get_token_info(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
 {
     if (fault_now(NULL) == FAULT_NOT_PRESENT)
         return CKR_TOKEN_NOT_PRESENT;
     return real->C_GetTokenInfo(slot, info);
 }
 
-static ck_rv open_session(ck_ulong slot, ck_ulong flags, void *app,
-                          ck_notify notify, ck_ulong *session)
+static CK_RV open_session(CK_SLOT_ID slot, CK_FLAGS flags, void *app,
+                          CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session)
 {
     const char *fail = getenv("FAULTY_P11_FAIL_OPEN");
-    ck_rv rv;
+    CK_RV rv;
 
     log_call("C_OpenSession");
     if (fail != NULL && strcmp(fail, "1") == 0)
@@ -431,19 +350,19 @@ static ck_rv open_session(ck_ulong slot, ck_ulong flags, void *app,
     return rv;
 }
 
-static ck_rv close_session(ck_ulong session)
+static CK_RV close_session(CK_SESSION_HANDLE session)
 {
     track_close(session, 0);
     return real->C_CloseSession(session);
 }
 
-static ck_rv close_all_sessions(ck_ulong slot)
+static CK_RV close_all_sessions(CK_SLOT_ID slot)
 {
     track_close(slot, 1);
     return real->C_CloseAllSessions(slot);
 }
 
-static ck_rv finalize(void *reserved)
+static CK_RV finalize(void *reserved)
 {
     pthread_mutex_lock(&sessions_lock);
     ntracked = 0;
@@ -451,35 +370,38 @@ static ck_rv finalize(void *reserved)
     return real->C_Finalize(reserved);
 }
 
-static ck_rv login(ck_ulong session, ck_ulong user, unsigned char *pin,
-                   ck_ulong len)
+static CK_RV login(CK_SESSION_HANDLE session, CK_USER_TYPE user,
+                   CK_UTF8CHAR_PTR pin, CK_ULONG len)
 {
     long code;
 
     log_call(user == CKU_CONTEXT_SPECIFIC ? "C_Login context" : "C_Login");
     if (user == CKU_USER && fault_now(&code) == FAULT_PIN_CODE)
-        return (ck_rv)code;
+        return (CK_RV)code;
     return real->C_Login(session, user, pin, len);
 }
 
-static ck_rv decrypt_init(ck_ulong session, void *mechanism, ck_ulong key)
+static CK_RV decrypt_init(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism,
+                          CK_OBJECT_HANDLE key)
 {
-    ck_rv rv = key_operation_fault(session);
+    CK_RV rv = key_operation_fault(session);
 
     return rv != CKR_OK ? rv : real->C_DecryptInit(session, mechanism, key);
 }
 
-static ck_rv sign_init(ck_ulong session, void *mechanism, ck_ulong key)
+static CK_RV sign_init(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism,
+                       CK_OBJECT_HANDLE key)
 {
-    ck_rv rv = key_operation_fault(session);
+    CK_RV rv = key_operation_fault(session);
 
     return rv != CKR_OK ? rv : real->C_SignInit(session, mechanism, key);
 }
 
-static ck_rv derive_key(ck_ulong session, void *mechanism, ck_ulong base,
-                        void *attributes, ck_ulong count, ck_ulong *key)
+static CK_RV derive_key(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism,
+                        CK_OBJECT_HANDLE base, CK_ATTRIBUTE_PTR attributes,
+                        CK_ULONG count, CK_OBJECT_HANDLE_PTR key)
 {
-    ck_rv rv = key_operation_fault(session);
+    CK_RV rv = key_operation_fault(session);
 
     return rv != CKR_OK ? rv
                         : real->C_DeriveKey(session, mechanism, base,
@@ -492,7 +414,7 @@ static ck_rv derive_key(ck_ulong session, void *mechanism, ck_ulong base,
 static void load_real(void)
 {
     const char *path = getenv("FAULTY_P11_REAL");
-    ck_get_function_list get_list;
+    CK_C_GetFunctionList get_list;
     void *handle, *sym;
 
     if (path == NULL || path[0] == '\0')
@@ -524,7 +446,7 @@ static void load_real(void)
     wrapped.C_DeriveKey = derive_key;
 }
 
-ck_rv C_GetFunctionList(struct ck_function_list **list)
+CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list)
 {
     pthread_once(&once, load_real);
     if (real == NULL)

@@ -3,7 +3,7 @@
  * tests/unit/faulty_p11.c in front of a real SoftHSMv2 token.
  *
  * - A token whose sessions cannot be opened is reported down instead of
- *   hanging token_set_add inside libp11 (see the top of token/token.c);
+ *   hanging token_set_add inside libp11 (see the top of token/set.c);
  *   FAULTY_P11_FAIL_OPEN=1 makes C_OpenSession fail with CKR_DEVICE_ERROR.
  * - A token that breaks at run time (FAULTY_P11_FLAG: "removed") is found
  *   by token_key_check_fault, goes down, wakes the requests waiting for it,

@@ -100,6 +100,56 @@ static void tb_sign(tb *b, const char *key, unsigned mech, unsigned md,
     tb_seal(b);
 }
 
+/* A DECRYPT, field by field. */
+static void tb_decrypt(tb *b, const char *key, unsigned padding,
+                       unsigned oaep_md, unsigned mgf1_md, const void *label,
+                       size_t llen, const void *ct, size_t clen)
+{
+    tb_head(b, PROTO_VERSION, PROTO_DECRYPT, 9);
+    tb_str(b, key);
+    tb_uint(b, padding, 1);
+    tb_uint(b, oaep_md, 1);
+    tb_uint(b, mgf1_md, 1);
+    tb_bytes(b, label, llen);
+    tb_bytes(b, ct, clen);
+    tb_claims(b);
+    tb_seal(b);
+}
+
+/* A DERIVE, field by field. */
+static void tb_derive(tb *b, const char *key, const void *pt, size_t plen)
+{
+    tb_head(b, PROTO_VERSION, PROTO_DERIVE, 9);
+    tb_str(b, key);
+    tb_bytes(b, pt, plen);
+    tb_claims(b);
+    tb_seal(b);
+}
+
+/* A FINISH, field by field. */
+static void tb_finish(tb *b, const char *request_id, unsigned result,
+                      const char *error)
+{
+    tb_head(b, PROTO_VERSION, PROTO_FINISH, 9);
+    tb_str(b, request_id);
+    tb_uint(b, result, 2);
+    tb_str(b, error);
+    tb_uint(b, 0, 4);
+    tb_seal(b);
+}
+
+/* The fields every reply starts with: status, no retry_after, epoch 1 and
+ * message; the caller adds a payload and seals. */
+static void tb_reply_head(tb *b, unsigned type, unsigned status,
+                          const char *message)
+{
+    tb_head(b, PROTO_VERSION, type, 5);
+    tb_uint(b, status, 1);
+    tb_uint(b, 0, 4);
+    tb_uint(b, 1, 8);
+    tb_str(b, message);
+}
+
 static int decodes(const tb *b)
 {
     proto_request req;
@@ -525,44 +575,20 @@ static void test_oversized(void)
     tap_ok(!decodes(&b), "a text length of 0xffffffff is refused");
 
     /* DECRYPT: the ciphertext and the label */
-    tb_head(&b, PROTO_VERSION, PROTO_DECRYPT, 9);
-    tb_str(&b, "demo-rsa");
-    tb_uint(&b, PROTO_PAD_PKCS1, 1);
-    tb_uint(&b, 0, 2);
-    tb_bytes(&b, "", 0);
-    tb_bytes(&b, big, PROTO_RSA_MAX + 1);
-    tb_claims(&b);
-    tb_seal(&b);
+    tb_decrypt(&b, "demo-rsa", PROTO_PAD_PKCS1, 0, 0, "", 0, big,
+               PROTO_RSA_MAX + 1);
     tap_ok(!decodes(&b), "a ciphertext of %d bytes is refused",
            PROTO_RSA_MAX + 1);
-    tb_head(&b, PROTO_VERSION, PROTO_DECRYPT, 9);
-    tb_str(&b, "demo-rsa");
-    tb_uint(&b, PROTO_PAD_OAEP, 1);
-    tb_uint(&b, PROTO_MD_SHA256, 1);
-    tb_uint(&b, PROTO_MD_SHA256, 1);
-    tb_bytes(&b, big, PROTO_LABEL_MAX + 1);
-    tb_bytes(&b, big, 256);
-    tb_claims(&b);
-    tb_seal(&b);
+    tb_decrypt(&b, "demo-rsa", PROTO_PAD_OAEP, PROTO_MD_SHA256, PROTO_MD_SHA256,
+               big, PROTO_LABEL_MAX + 1, big, 256);
     tap_ok(!decodes(&b), "an OAEP label of %d bytes is refused",
            PROTO_LABEL_MAX + 1);
-    tb_head(&b, PROTO_VERSION, PROTO_DECRYPT, 9);
-    tb_str(&b, "demo-rsa");
-    tb_uint(&b, PROTO_PAD_PKCS1, 1);
-    tb_uint(&b, 0, 2);
-    tb_bytes(&b, "", 0);
-    tb_bytes(&b, "", 0);
-    tb_claims(&b);
-    tb_seal(&b);
+    tb_decrypt(&b, "demo-rsa", PROTO_PAD_PKCS1, 0, 0, "", 0, "", 0);
     tap_ok(!decodes(&b), "an empty ciphertext is refused");
 
     /* DERIVE: the point */
     big[0] = 0x04;
-    tb_head(&b, PROTO_VERSION, PROTO_DERIVE, 9);
-    tb_str(&b, "demo-ec");
-    tb_bytes(&b, big, PROTO_POINT_MAX + 1);
-    tb_claims(&b);
-    tb_seal(&b);
+    tb_derive(&b, "demo-ec", big, PROTO_POINT_MAX + 1);
     tap_ok(!decodes(&b), "a point of %d bytes is refused", PROTO_POINT_MAX + 1);
 }
 
@@ -691,53 +717,21 @@ static void test_rules(void)
     tb_sign(&b, "k", 0, PROTO_MD_SHA256, 0, 0, sha256_digest, 32);
     tap_ok(!decodes(&b), "mechanism 0 is refused");
 
-    tb_head(&b, PROTO_VERSION, PROTO_DECRYPT, 9);
-    tb_str(&b, "k");
-    tb_uint(&b, PROTO_PAD_PKCS1, 1);
-    tb_uint(&b, 0, 2);
-    tb_bytes(&b, "L", 1);
-    tb_bytes(&b, ciphertext, 256);
-    tb_claims(&b);
-    tb_seal(&b);
+    tb_decrypt(&b, "k", PROTO_PAD_PKCS1, 0, 0, "L", 1, ciphertext, 256);
     tap_ok(!decodes(&b), "a label with PKCS#1 v1.5 is refused");
-    tb_head(&b, PROTO_VERSION, PROTO_DECRYPT, 9);
-    tb_str(&b, "k");
-    tb_uint(&b, 3, 1);
-    tb_uint(&b, 0, 2);
-    tb_bytes(&b, "", 0);
-    tb_bytes(&b, ciphertext, 256);
-    tb_claims(&b);
-    tb_seal(&b);
+    tb_decrypt(&b, "k", 3, 0, 0, "", 0, ciphertext, 256);
     tap_ok(!decodes(&b), "an unknown padding is refused");
 
     point[0] = 0x02;
-    tb_head(&b, PROTO_VERSION, PROTO_DERIVE, 9);
-    tb_str(&b, "k");
-    tb_bytes(&b, point, 33);
-    tb_claims(&b);
-    tb_seal(&b);
+    tb_derive(&b, "k", point, 33);
     tap_ok(!decodes(&b), "a compressed point is refused");
-    tb_head(&b, PROTO_VERSION, PROTO_DERIVE, 9);
-    tb_str(&b, "k");
-    tb_bytes(&b, point, 65);
-    tb_claims(&b);
-    tb_seal(&b);
+    tb_derive(&b, "k", point, 65);
     tap_ok(!decodes(&b), "a point of 65 bytes not starting 0x04 is refused");
     point[0] = 0x04;
 
-    tb_head(&b, PROTO_VERSION, PROTO_FINISH, 9);
-    tb_str(&b, "r");
-    tb_uint(&b, 600, 2);
-    tb_str(&b, "");
-    tb_uint(&b, 0, 4);
-    tb_seal(&b);
+    tb_finish(&b, "r", 600, "");
     tap_ok(!decodes(&b), "an HTTP status of 600 is refused");
-    tb_head(&b, PROTO_VERSION, PROTO_FINISH, 9);
-    tb_str(&b, "r");
-    tb_uint(&b, 503, 2);
-    tb_str(&b, "Token-Busy");
-    tb_uint(&b, 0, 4);
-    tb_seal(&b);
+    tb_finish(&b, "r", 503, "Token-Busy");
     tap_ok(!decodes(&b), "an error code that is not snake_case is refused");
     tb_head(&b, PROTO_VERSION, PROTO_AUDIT, 9);
     tb_claims(&b);
@@ -835,22 +829,14 @@ static void test_hostile_replies(void)
     tap_ok(refused, "every truncation of every sample reply is refused");
 
     /* a KEYS reply that claims 300 keys on 20 bytes */
-    tb_head(&b, PROTO_VERSION, PROTO_REPLY | PROTO_KEYS, 5);
-    tb_uint(&b, PROTO_OK, 1);
-    tb_uint(&b, 0, 4);
-    tb_uint(&b, 1, 8);
-    tb_str(&b, "");
+    tb_reply_head(&b, PROTO_REPLY | PROTO_KEYS, PROTO_OK, "");
     tb_uint(&b, 300, 4);
     tb_uint(&b, 300, 4);
     tb_uint(&b, 300, 2);
     tb_seal(&b);
     tap_ok(proto_reply_decode(b.buf, b.len, &back, &err) != 0,
            "a page of %d keys is refused (%s)", 300, err.message);
-    tb_head(&b, PROTO_VERSION, PROTO_REPLY | PROTO_KEYS, 5);
-    tb_uint(&b, PROTO_OK, 1);
-    tb_uint(&b, 0, 4);
-    tb_uint(&b, 1, 8);
-    tb_str(&b, "");
+    tb_reply_head(&b, PROTO_REPLY | PROTO_KEYS, PROTO_OK, "");
     tb_uint(&b, 200, 4);
     tb_uint(&b, 200, 4);
     tb_uint(&b, 200, 2);
@@ -858,35 +844,20 @@ static void test_hostile_replies(void)
     tap_ok(proto_reply_decode(b.buf, b.len, &back, &err) != 0,
            "200 keys announced on no bytes are refused before allocating");
     /* a status past the list, an error reply with status ok */
-    tb_head(&b, PROTO_VERSION, PROTO_REPLY | PROTO_SIGN, 5);
-    tb_uint(&b, PROTO_STATUS_COUNT, 1);
-    tb_uint(&b, 0, 4);
-    tb_uint(&b, 1, 8);
-    tb_str(&b, "what");
+    tb_reply_head(&b, PROTO_REPLY | PROTO_SIGN, PROTO_STATUS_COUNT, "what");
     tb_seal(&b);
     tap_ok(proto_reply_decode(b.buf, b.len, &back, &err) != 0,
            "an unknown status is refused");
-    tb_head(&b, PROTO_VERSION, PROTO_ERROR, 5);
-    tb_uint(&b, PROTO_OK, 1);
-    tb_uint(&b, 0, 4);
-    tb_uint(&b, 1, 8);
-    tb_str(&b, "");
+    tb_reply_head(&b, PROTO_ERROR, PROTO_OK, "");
     tb_seal(&b);
     tap_ok(proto_reply_decode(b.buf, b.len, &back, &err) != 0,
            "an error reply that says ok is refused");
-    tb_head(&b, PROTO_VERSION, PROTO_NOTICE, 5);
-    tb_uint(&b, PROTO_OK, 1);
-    tb_uint(&b, 0, 4);
-    tb_uint(&b, 1, 8);
-    tb_str(&b, "");
+    tb_reply_head(&b, PROTO_NOTICE, PROTO_OK, "");
     tb_seal(&b);
     tap_ok(proto_reply_decode(b.buf, b.len, &back, &err) != 0,
            "a notice with an id is refused");
-    tb_head(&b, PROTO_VERSION, PROTO_REPLY | PROTO_SIGN, 5);
-    tb_uint(&b, PROTO_FAILED, 1);
-    tb_uint(&b, 0, 4);
-    tb_uint(&b, 1, 8);
-    tb_str(&b, "decryption failed");
+    tb_reply_head(&b, PROTO_REPLY | PROTO_SIGN, PROTO_FAILED,
+                  "decryption failed");
     tb_bytes(&b, sig, 4);
     tb_seal(&b);
     tap_ok(proto_reply_decode(b.buf, b.len, &back, &err) != 0,

@@ -10,11 +10,14 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
+
+#include "tests/utf8check.h"
 
 static inline void die(const char *what)
 {
@@ -112,43 +115,10 @@ static inline X509 *make_cert(EVP_PKEY *key, const char *cn, const char *email,
                           &cert_spec_signing);
 }
 
-/* Whether s is valid UTF-8 (RFC 3629), decoded here rather than judged
- * by a table, to check the module's messages independently. */
+/* Whether the message str is valid UTF-8 (tests/utf8check.h). */
 static inline int utf8_valid(const char *str)
 {
-    const unsigned char *s = (const unsigned char *)str;
-    unsigned long cp, min;
-    int n, i;
-
-    while (*s) {
-        if (*s < 0x80) {
-            s++;
-            continue;
-        }
-        /* n continuation octets; min, the first code point needing them */
-        if ((*s & 0xe0) == 0xc0) {
-            n = 1;
-            min = 0x80;
-        } else if ((*s & 0xf0) == 0xe0) {
-            n = 2;
-            min = 0x800;
-        } else if ((*s & 0xf8) == 0xf0) {
-            n = 3;
-            min = 0x10000;
-        } else {
-            return 0;
-        }
-        cp = *s & (0x3f >> n);
-        for (i = 1; i <= n; i++) {
-            if ((s[i] & 0xc0) != 0x80)
-                return 0;
-            cp = cp << 6 | (s[i] & 0x3f);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return 0;
-        s += n + 1;
-    }
-    return 1;
+    return test_utf8_valid((const unsigned char *)str, strlen(str));
 }
 
 /* A message with outer headers, as the tests submit it. */
