@@ -406,8 +406,10 @@ static int confine_seccomp(line *l)
 
     if (ctx == NULL)
         goto out;
-    /* every thread, should one exist */
-    if ((r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1)) != 0)
+    /* every thread, should one exist; a binary tree rather than a list
+     * for the calls the kernel's cache of argument-free allows misses */
+    if ((r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1)) != 0 ||
+        (r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_OPTIMIZE, 2)) != 0)
         goto out;
     for (i = 0; allowed[i] != NULL; i++) {
         nr = seccomp_syscall_resolve_name(allowed[i]);
@@ -448,6 +450,11 @@ int confine_process(const config *cfg, char *summary, size_t summary_len,
     long abi = 0;
 
     summary[0] = '\0';
+    if (threads < 0) {
+        fail(err, "cannot count the threads in /proc/self/task: %s",
+             strerror(errno));
+        return -1;
+    }
     if (threads != 1) {
         fail(err,
              "the process has %d threads; Landlock would confine only this "
