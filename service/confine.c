@@ -32,11 +32,6 @@
 
 static int confined;
 
-int confine_is_active(void)
-{
-    return confined;
-}
-
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer)
 #define CONFINE_ASAN 1

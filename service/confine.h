@@ -38,7 +38,4 @@ typedef struct confine_error {
 int confine_process(const config *cfg, char *summary, size_t summary_len,
                     confine_error *err);
 
-/* 1 once confine_process has run in this process. */
-int confine_is_active(void);
-
 #endif
