@@ -145,6 +145,14 @@ static int drop_user(const config *cfg, line *l, confine_error *err)
 #define LL_SCOPE_ABSTRACT_UNIX (1ULL << 0) /* ABI 6 */
 #define LL_SCOPE_SIGNAL (1ULL << 1)
 
+/* confine_cap_landlock_abi's; 0: the kernel's */
+static long abi_cap;
+
+void confine_cap_landlock_abi(long abi)
+{
+    abi_cap = abi;
+}
+
 typedef struct ll_ruleset_attr {
     uint64_t handled_access_fs;
     uint64_t handled_access_net;
@@ -217,6 +225,8 @@ static int ll_prepare(const config *cfg, long *abi, line *notes, int *missed)
                    LANDLOCK_CREATE_RULESET_VERSION);
     if (*abi < 1)
         return -1;
+    if (abi_cap > 0 && *abi > abi_cap)
+        *abi = abi_cap;
     attr.handled_access_fs = (LANDLOCK_ACCESS_FS_MAKE_SYM << 1) - 1;
     if (*abi >= 2)
         attr.handled_access_fs |= LANDLOCK_ACCESS_FS_REFER;

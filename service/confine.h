@@ -38,4 +38,9 @@ typedef struct confine_error {
 int confine_process(const config *cfg, char *summary, size_t summary_len,
                     confine_error *err);
 
+/* Makes confine_process use at most Landlock ABI abi, as on an older
+ * kernel (Debian 12's 6.1 has ABI 2): the tests run each ABI's ruleset on
+ * this machine's newer kernel, which takes them all. */
+void confine_cap_landlock_abi(long abi);
+
 #endif

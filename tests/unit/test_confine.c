@@ -647,6 +647,11 @@ static int probe_main(char **argv)
     cfg = load_config();
     if (cfg == NULL || spare_fd < 0)
         return 5;
+    /* "files@N": the file checks with Landlock ABI N at most */
+    if (strncmp(name, "files@", 6) == 0) {
+        confine_cap_landlock_abi(atol(name + 6));
+        name = "files";
+    }
     if (strcmp(name, "threads") == 0 &&
         pthread_create(&t, NULL, idle_thread, NULL) != 0)
         return 5;
@@ -711,6 +716,24 @@ static void test_not_root(void)
            summary);
 }
 
+/* Each older ABI's ruleset (its rights, the attribute's size) makes a
+ * domain that keeps the same files out and lets the same ones in. */
+static void test_older_abis(void)
+{
+    char summary[512], want[64], name[32];
+    long abi, kernel = syscall(SYS_landlock_create_ruleset, NULL, 0, 1);
+    int ws;
+
+    for (abi = 1; abi < kernel; abi++) {
+        snprintf(name, sizeof(name), "files@%ld", abi);
+        ws = run_confined(name, summary, sizeof(summary), NULL, 0, 0);
+        snprintf(want, sizeof(want), ", landlock abi %ld, seccomp", abi);
+        tap_ok(WIFEXITED(ws) && WEXITSTATUS(ws) == 0 &&
+                   strstr(summary, want) != NULL,
+               "Landlock ABI %ld: %s (%s)", abi, summary, describe(ws));
+    }
+}
+
 static void test_threads_refused(void)
 {
     char summary[512];
@@ -734,6 +757,7 @@ int main(int argc, char **argv)
     test_summary();
     test_not_root();
     test_threads_refused();
+    test_older_abis();
     for (i = 1; i < NPROBES; i++) {
         ws = run_confined(probes[i].name, summary, sizeof(summary), NULL, 0, 0);
         if (probes[i].forbidden)
