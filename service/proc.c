@@ -603,12 +603,14 @@ static void replace_workers(super *s)
 static void broadcast(super *s, unsigned type)
 {
     unsigned i;
+    /* a confined worker cannot open the log file again: it gets ours */
+    int fd = type == PROC_CTL_REOPEN ? log_file_fd() : -1;
 
     if (s->key.pid > 0)
         proc_ctl_send(s->key.control, type, 0, NULL, 0, -1);
     for (i = 0; i < s->nworkers; i++)
         if (s->workers[i].pid > 0)
-            proc_ctl_send(s->workers[i].control, type, 0, NULL, 0, -1);
+            proc_ctl_send(s->workers[i].control, type, 0, NULL, 0, fd);
 }
 
 /* SIGHUP (or the key process asking): the new configuration is checked
@@ -654,6 +656,9 @@ static void on_key_message(super *s, const proc_ctl *m)
         if (cfg != NULL) {
             config_free(s->cfg);
             s->cfg = cfg;
+            /* its log file is the one the workers take at SIGUSR1 */
+            if (log_open(cfg->log_file, cfg->log_level) != 0)
+                log_error("cannot open log file %s", cfg->log_file);
             replace_workers(s);
             /* the old workers accept no more: every connection from now
              * on waits for, and is served by, a worker of the new one */

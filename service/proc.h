@@ -51,7 +51,9 @@ typedef enum {
      * key process → supervisor: arg 1 when the new one serves, 0 when the
      * running one stays */
     PROC_CTL_RELOAD = 4,
-    /* supervisor → child: reopen log and audit files (SIGUSR1) */
+    /* supervisor → child: reopen log and audit files (SIGUSR1); to a
+     * worker it carries the supervisor's log file, reopened, which a
+     * confined worker could not open itself */
     PROC_CTL_REOPEN = 5,
     /* supervisor → child: finish what is in flight and exit (SIGTERM) */
     PROC_CTL_STOP = 6,
