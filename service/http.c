@@ -1105,17 +1105,25 @@ static struct timespec deadline_after(unsigned ms)
     return t;
 }
 
+void http_quiesce(http_server *srv)
+{
+    MHD_socket fd;
+
+    /* only the control thread calls this */
+    if (__atomic_exchange_n(&srv->closing, 1, __ATOMIC_RELAXED))
+        return;
+    fd = MHD_quiesce_daemon(srv->daemon);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+}
+
 unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
 {
     struct timespec deadline, tick = {0, DRAIN_POLL_MS * 1000000L};
     conns_stats st;
     unsigned left, quiet_ms = 0;
-    MHD_socket fd;
 
-    __atomic_store_n(&srv->closing, 1, __ATOMIC_RELAXED);
-    fd = MHD_quiesce_daemon(srv->daemon);
-    if (fd != MHD_INVALID_SOCKET)
-        close(fd);
+    http_quiesce(srv);
     deadline = deadline_after(timeout_ms);
     /* Requests in flight end, and then connections: one accepted just
      * before the quiesce may not have sent its request yet (other workers

@@ -61,6 +61,10 @@ http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
                         char *errbuf, size_t errlen);
 /* 1 when listen names a loopback address (127/8, ::1). */
 int http_listen_is_loopback(const char *listen);
+/* Stops accepting (closes its copy of the listening socket); what is open
+ * is still served, every answer now with Connection: close. Once is
+ * enough; http_shutdown does it too. */
+void http_quiesce(http_server *srv);
 /* Stops accepting, waits up to timeout_ms for requests in flight, stops.
  * Returns the number of requests still running when it gave up. */
 unsigned http_shutdown(http_server *srv, unsigned timeout_ms);

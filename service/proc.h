@@ -34,7 +34,7 @@
  * length of data, u32 arg} and the data; PROC_CTL_KEY_SOCKET carries one
  * descriptor (SCM_RIGHTS). The supervisor is the more privileged end: a
  * child takes only the messages its role expects, and the supervisor
- * takes from a worker nothing but PROC_CTL_READY.
+ * takes from a worker nothing but PROC_CTL_READY and PROC_CTL_QUIESCED.
  */
 typedef enum {
     /* supervisor → key process: the key end of worker arg's socket;
@@ -65,6 +65,9 @@ typedef enum {
     /* supervisor → worker, its first message: arg is the slot of the
      * shared region (PROC_FD_SHARED) it writes */
     PROC_CTL_SHARED_SLOT = 9,
+    /* worker → supervisor, after PROC_CTL_STOP: it accepts no more
+     * connections (what is open is still served) */
+    PROC_CTL_QUIESCED = 10,
 } proc_ctl_type;
 
 #define PROC_CTL_DATA_MAX 512

@@ -232,6 +232,10 @@ int worker_main(const char *config_path, const char *listen)
     }
     if (fd >= 0)
         close(fd);
+    /* the supervisor says a reload is in service once no old worker
+     * accepts */
+    http_quiesce(srv);
+    proc_ctl_send(PROC_FD_CONTROL, PROC_CTL_QUIESCED, 0, NULL, 0, -1);
     left = http_shutdown(srv, SHUTDOWN_TIMEOUT_MS);
     srv = NULL;
     if (left > 0) {
