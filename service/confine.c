@@ -411,11 +411,13 @@ static int confine_seccomp(line *l)
 
     if (ctx == NULL)
         goto out;
-    /* every thread, should one exist; a binary tree rather than a list
-     * for the calls the kernel's cache of argument-free allows misses */
-    if ((r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1)) != 0 ||
-        (r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_OPTIMIZE, 2)) != 0)
+    /* every thread, should one exist */
+    if ((r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1)) != 0)
         goto out;
+    /* a binary tree rather than a list, for the calls the kernel's cache
+     * of argument-free allows misses; only speed, so a libseccomp without
+     * it (before 2.5) loads the list */
+    seccomp_attr_set(ctx, SCMP_FLTATR_CTL_OPTIMIZE, 2);
     for (i = 0; allowed[i] != NULL; i++) {
         nr = seccomp_syscall_resolve_name(allowed[i]);
         if (nr == __NR_SCMP_ERROR)
