@@ -415,8 +415,8 @@ static int confine_seccomp(line *l)
     if ((r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1)) != 0)
         goto out;
     /* a binary tree rather than a list, for the calls the kernel's cache
-     * of argument-free allows misses; only speed, so a libseccomp without
-     * it (before 2.5) loads the list */
+     * of argument-free allows misses; only speed, so its failure leaves
+     * the list */
     seccomp_attr_set(ctx, SCMP_FLTATR_CTL_OPTIMIZE, 2);
     for (i = 0; allowed[i] != NULL; i++) {
         nr = seccomp_syscall_resolve_name(allowed[i]);
