@@ -1,18 +1,16 @@
 /*
  * Worker confinement, in the order each step needs: the paths Landlock
- * allows are opened while the process may still reach them; the user
- * changes before NO_NEW_PRIVS (a setuid-root drop needs no privilege
- * that bit removes); Landlock and seccomp need NO_NEW_PRIVS (or
- * CAP_SYS_ADMIN, which the worker must not keep); seccomp goes last
- * because it forbids the calls the steps before it make. Reasons for the
- * lists are in docs/DESIGN.md, "Worker confinement".
+ * allows are opened while the process may still reach them; then the user
+ * changes; Landlock and seccomp need NO_NEW_PRIVS (or CAP_SYS_ADMIN,
+ * which the worker must not keep); seccomp goes last because it forbids
+ * the calls the steps before it make. Reasons for the lists are in
+ * docs/DESIGN.md, "Worker confinement".
  */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <sched.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -163,8 +161,10 @@ typedef struct ll_ruleset_attr {
 
 /* What a worker reads after start besides the configured trust directory:
  * glibc's iconv modules (GMime converts charsets through iconv, which
- * loads a module per charset on first use) and time zone data (GLib's
- * local time zone). Paths that do not exist are left out. */
+ * loads a module per charset on first use) and time zone data (public;
+ * glibc's localtime reads /etc/localtime on first use and again when it
+ * changed, and the daemon's start reads it). Paths that do not exist are
+ * left out. */
 static const char *const system_reads[] = {
     "/usr/lib/x86_64-linux-gnu/gconv",
     "/usr/lib64/gconv",
@@ -411,11 +411,13 @@ static int confine_seccomp(line *l)
 
     if (ctx == NULL)
         goto out;
-    /* every thread, should one exist; a binary tree rather than a list
-     * for the calls the kernel's cache of argument-free allows misses */
-    if ((r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1)) != 0 ||
-        (r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_OPTIMIZE, 2)) != 0)
+    /* every thread, should one exist */
+    if ((r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1)) != 0)
         goto out;
+    /* a binary tree rather than a list, for the calls the kernel's cache
+     * of argument-free allows misses; only speed, so its failure leaves
+     * the list */
+    seccomp_attr_set(ctx, SCMP_FLTATR_CTL_OPTIMIZE, 2);
     for (i = 0; allowed[i] != NULL; i++) {
         nr = seccomp_syscall_resolve_name(allowed[i]);
         if (nr == __NR_SCMP_ERROR)
