@@ -493,8 +493,10 @@ def c_client_key_process_gone():
     check(unavail == 300000 - okn and other == 0, "after the kill: %s" % out)
     check(took < 10, "the rest of the calls took %.1f s to fail" % took)
     # the client's timeout is 10 s: a call waiting when the socket closed
-    # is told at once, not when its time runs out
-    check(slowest < 1000, "the slowest call that failed took %d ms" % slowest)
+    # is told at once, not when its time runs out (half of it is the bound:
+    # an ASan build on a loaded two-core machine took 1.2 s to wake 8
+    # threads once)
+    check(slowest < 5000, "the slowest call that failed took %d ms" % slowest)
 
 
 # ------------------------------------------------------------ reload, PINs
