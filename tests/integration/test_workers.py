@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,30 +41,6 @@ def connect(d, source):
     s.settimeout(10)
     s.connect(("127.0.0.1", d.port))
     return s
-
-
-def owners(d):
-    """{client port: pid of the worker holding that connection}."""
-    out = subprocess.run(["ss", "-tnpH", "state", "established", "( sport = :%d )" % d.port],
-                         capture_output=True, text=True, check=True).stdout
-    held = {}
-    for line in out.splitlines():
-        m = re.search(r"\s\S+:%d\s+\S+:(\d+)\s.*pid=(\d+)" % d.port, line)
-        if m:
-            held[int(m.group(1))] = int(m.group(2))
-    return held
-
-
-def wait_owned(d, socks, timeout=10):
-    """Waits until every socket is held by a worker; their pids."""
-    deadline = time.time() + timeout
-    while True:
-        held = owners(d)
-        pids = [held.get(s.getsockname()[1]) for s in socks]
-        if all(pids) or time.time() > deadline:
-            check(all(pids), "connections not accepted by a worker: %r" % pids)
-            return pids
-        time.sleep(0.05)
 
 
 def refused(s, timeout=5):
@@ -148,7 +123,7 @@ def spread(source, n, tries=5):
         for _ in range(n):
             socks.append(connect(D, source))
             time.sleep(0.02)
-        pids = wait_owned(D, socks)
+        pids = D.holders(socks)
         if len(set(pids)) == 2:
             return socks, pids
         for s in socks:
@@ -184,7 +159,7 @@ def budget():
             s.sendall(head + b"x")
             socks.append(s)
             time.sleep(0.02)
-        pids = wait_owned(D, socks)
+        pids = D.holders(socks)
         if len(set(pids)) == 2:
             break
         for s in socks:
