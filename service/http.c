@@ -914,6 +914,28 @@ static void free_secret(char *text)
         OPENSSL_clear_free(text, strlen(text));
 }
 
+void http_tls_clear(http_tls *tls)
+{
+    free(tls->certificate);
+    free_secret(tls->key);
+    free(tls->client_ca);
+    memset(tls, 0, sizeof(*tls));
+}
+
+int http_tls_read(http_tls *tls, const char *certificate, const char *key,
+                  const char *client_ca, char *errbuf, size_t errlen)
+{
+    memset(tls, 0, sizeof(*tls));
+    if ((tls->certificate = read_pem(certificate, errbuf, errlen)) == NULL ||
+        (tls->key = read_pem(key, errbuf, errlen)) == NULL ||
+        (client_ca != NULL &&
+         (tls->client_ca = read_pem(client_ca, errbuf, errlen)) == NULL)) {
+        http_tls_clear(tls);
+        return -1;
+    }
+    return 0;
+}
+
 static void server_free(http_server *srv)
 {
     metrics_set_sources(NULL, NULL, NULL);
@@ -1014,26 +1036,30 @@ http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
     OPT(MHD_OPTION_URI_LOG_CALLBACK, on_uri, srv);
     OPT(MHD_OPTION_CONNECTION_MEMORY_LIMIT, WIRE_POOL_SIZE, NULL);
     OPT(MHD_OPTION_NOTIFY_CONNECTION, on_connection, srv);
-    if (opts->tls_certificate != NULL) {
+    if (opts->tls != NULL) {
         flags |= MHD_USE_TLS;
-        srv->tls_cert = read_pem(opts->tls_certificate, errbuf, errlen);
-        srv->tls_key = read_pem(opts->tls_key, errbuf, errlen);
-        if (srv->tls_cert == NULL || srv->tls_key == NULL)
+        srv->tls_cert = strdup(opts->tls->certificate);
+        srv->tls_key = strdup(opts->tls->key);
+        if (srv->tls_cert == NULL || srv->tls_key == NULL) {
+            snprintf(errbuf, errlen, "out of memory");
             goto out;
+        }
         /* GnuTLS's NORMAL still offers TLS 1.0 and 1.1 */
         OPT(MHD_OPTION_HTTPS_PRIORITIES, 0, HTTP_TLS_PRIORITIES);
         OPT(MHD_OPTION_HTTPS_MEM_CERT, 0, srv->tls_cert);
         OPT(MHD_OPTION_HTTPS_MEM_KEY, 0, srv->tls_key);
-        if (opts->tls_client_ca != NULL) {
-            srv->tls_ca = read_pem(opts->tls_client_ca, errbuf, errlen);
-            if (srv->tls_ca == NULL)
+        if (opts->tls->client_ca != NULL) {
+            srv->tls_ca = strdup(opts->tls->client_ca);
+            if (srv->tls_ca == NULL) {
+                snprintf(errbuf, errlen, "out of memory");
                 goto out;
+            }
             OPT(MHD_OPTION_HTTPS_MEM_TRUST, 0, srv->tls_ca);
         }
     }
     OPT(MHD_OPTION_END, 0, NULL);
 #undef OPT
-    if (opts->tls_certificate != NULL &&
+    if (opts->tls != NULL &&
         MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
         snprintf(errbuf, errlen, "this libmicrohttpd has no TLS support");
         goto out;
@@ -1043,7 +1069,7 @@ http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
     if (srv->daemon == NULL) {
         snprintf(errbuf, errlen, "cannot listen on %s: %s%s", opts->listen,
                  strerror(errno),
-                 opts->tls_certificate != NULL
+                 opts->tls != NULL
                      ? " (or the TLS certificate and key do not load)"
                      : "");
         goto out;
@@ -1079,17 +1105,25 @@ static struct timespec deadline_after(unsigned ms)
     return t;
 }
 
+void http_quiesce(http_server *srv)
+{
+    MHD_socket fd;
+
+    /* only the control thread calls this */
+    if (__atomic_exchange_n(&srv->closing, 1, __ATOMIC_RELAXED))
+        return;
+    fd = MHD_quiesce_daemon(srv->daemon);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+}
+
 unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
 {
     struct timespec deadline, tick = {0, DRAIN_POLL_MS * 1000000L};
     conns_stats st;
     unsigned left, quiet_ms = 0;
-    MHD_socket fd;
 
-    __atomic_store_n(&srv->closing, 1, __ATOMIC_RELAXED);
-    fd = MHD_quiesce_daemon(srv->daemon);
-    if (fd != MHD_INVALID_SOCKET)
-        close(fd);
+    http_quiesce(srv);
     deadline = deadline_after(timeout_ms);
     /* Requests in flight end, and then connections: one accepted just
      * before the quiesce may not have sent its request yet (other workers

@@ -25,13 +25,26 @@ typedef struct http_options {
     /* connection counts, the metrics area: this process's slot of the
      * shared region; borrowed, outlives the server */
     shared *region;
-    /* TLS when tls_certificate is set: PEM files of the server certificate
-     * and key, and of the CA that client certificates must verify against
-     * (NULL: clients are not asked for one) */
-    const char *tls_certificate;
-    const char *tls_key;
-    const char *tls_client_ca;
+    /* TLS when set (http_tls_read); copied by http_start */
+    const struct http_tls *tls;
 } http_options;
+
+/* The TLS files as PEM text, read before a worker confines itself: the key
+ * file is often readable by root alone, and a confined worker opens no
+ * file outside its short list (service/confine.h). */
+typedef struct http_tls {
+    char *certificate; /* the server's certificate (and chain) */
+    char *key;         /* its private key, unencrypted */
+    char *client_ca;   /* CAs client certificates must verify against;
+                        * NULL: clients are not asked for one */
+} http_tls;
+
+/* Reads the files (client_ca may be NULL) into tls; 0, or -1 with errbuf
+ * filled in and tls left empty. */
+int http_tls_read(http_tls *tls, const char *certificate, const char *key,
+                  const char *client_ca, char *errbuf, size_t errlen);
+/* Frees the texts, the key wiped first. */
+void http_tls_clear(http_tls *tls);
 
 typedef struct http_server http_server;
 
@@ -48,6 +61,10 @@ http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
                         char *errbuf, size_t errlen);
 /* 1 when listen names a loopback address (127/8, ::1). */
 int http_listen_is_loopback(const char *listen);
+/* Stops accepting (closes its copy of the listening socket); what is open
+ * is still served, every answer now with Connection: close. Once is
+ * enough; http_shutdown does it too. */
+void http_quiesce(http_server *srv);
 /* Stops accepting, waits up to timeout_ms for requests in flight, stops.
  * Returns the number of requests still running when it gave up. */
 unsigned http_shutdown(http_server *srv, unsigned timeout_ms);

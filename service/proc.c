@@ -171,6 +171,7 @@ typedef struct child {
     int control;     /* the supervisor's end, -1 when not running */
     int ready;       /* said PROC_CTL_READY */
     int retiring;    /* told to stop, not to be started again */
+    int quiesced;    /* said PROC_CTL_QUIESCED: accepts no more */
     time_t deaths[DEATHS];
     unsigned ndeaths;
     struct timespec restart_at; /* when not running and not retiring */
@@ -192,6 +193,8 @@ typedef struct super {
     int stopping;
     struct timespec key_started, stop_deadline;
     int key_reload_pending;
+    /* a reload took: "in service" is said once no old worker accepts */
+    int announce_pending;
 } super;
 
 static double now_s(void)
@@ -603,12 +606,14 @@ static void replace_workers(super *s)
 static void broadcast(super *s, unsigned type)
 {
     unsigned i;
+    /* a confined worker cannot open the log file again: it gets ours */
+    int fd = type == PROC_CTL_REOPEN ? log_file_fd() : -1;
 
     if (s->key.pid > 0)
         proc_ctl_send(s->key.control, type, 0, NULL, 0, -1);
     for (i = 0; i < s->nworkers; i++)
         if (s->workers[i].pid > 0)
-            proc_ctl_send(s->workers[i].control, type, 0, NULL, 0, -1);
+            proc_ctl_send(s->workers[i].control, type, 0, NULL, 0, fd);
 }
 
 /* SIGHUP (or the key process asking): the new configuration is checked
@@ -654,10 +659,11 @@ static void on_key_message(super *s, const proc_ctl *m)
         if (cfg != NULL) {
             config_free(s->cfg);
             s->cfg = cfg;
+            /* its log file is the one the workers take at SIGUSR1 */
+            if (log_open(cfg->log_file, cfg->log_level) != 0)
+                log_error("cannot open log file %s", cfg->log_file);
             replace_workers(s);
-            /* the old workers accept no more: every connection from now
-             * on waits for, and is served by, a worker of the new one */
-            log_info("configuration %s in service", s->config_path);
+            s->announce_pending = 1;
         }
         break;
     case PROC_CTL_WANT_RELOAD:
@@ -666,6 +672,24 @@ static void on_key_message(super *s, const proc_ctl *m)
     default:
         break;
     }
+}
+
+/* Once every old worker said it accepts no more (or is gone), every
+ * connection from now on is served by a worker of the new configuration:
+ * a client removed by the reload is refused from here on, which is what
+ * the line tells whoever waits for it. */
+static void announce_if_done(super *s)
+{
+    unsigned i;
+
+    if (!s->announce_pending)
+        return;
+    for (i = 0; i < s->nworkers; i++)
+        if (s->workers[i].retiring && s->workers[i].pid > 0 &&
+            !s->workers[i].quiesced)
+            return;
+    s->announce_pending = 0;
+    log_info("configuration %s in service", s->config_path);
 }
 
 static void on_control(super *s, child *c)
@@ -684,6 +708,8 @@ static void on_control(super *s, child *c)
     } else if (m.type == PROC_CTL_READY) {
         c->ready = 1;
         log_info("%s ready", child_name(c, name, sizeof(name)));
+    } else if (m.type == PROC_CTL_QUIESCED) {
+        c->quiesced = 1;
     }
 }
 
@@ -881,6 +907,7 @@ int proc_supervise(const char *config_path, const char *listen, int listen_fd,
             on_control(&s, &s.key);
         if (pfd[0].revents & POLLIN)
             on_signal(&s, sigfd);
+        announce_if_done(&s);
     }
     log_info("stopped");
     ret = 0;

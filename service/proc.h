@@ -34,7 +34,7 @@
  * length of data, u32 arg} and the data; PROC_CTL_KEY_SOCKET carries one
  * descriptor (SCM_RIGHTS). The supervisor is the more privileged end: a
  * child takes only the messages its role expects, and the supervisor
- * takes from a worker nothing but PROC_CTL_READY.
+ * takes from a worker nothing but PROC_CTL_READY and PROC_CTL_QUIESCED.
  */
 typedef enum {
     /* supervisor → key process: the key end of worker arg's socket;
@@ -51,7 +51,9 @@ typedef enum {
      * key process → supervisor: arg 1 when the new one serves, 0 when the
      * running one stays */
     PROC_CTL_RELOAD = 4,
-    /* supervisor → child: reopen log and audit files (SIGUSR1) */
+    /* supervisor → child: reopen log and audit files (SIGUSR1); to a
+     * worker it carries the supervisor's log file, reopened, which a
+     * confined worker could not open itself */
     PROC_CTL_REOPEN = 5,
     /* supervisor → child: finish what is in flight and exit (SIGTERM) */
     PROC_CTL_STOP = 6,
@@ -63,6 +65,9 @@ typedef enum {
     /* supervisor → worker, its first message: arg is the slot of the
      * shared region (PROC_FD_SHARED) it writes */
     PROC_CTL_SHARED_SLOT = 9,
+    /* worker → supervisor, after PROC_CTL_STOP: it accepts no more
+     * connections (what is open is still served) */
+    PROC_CTL_QUIESCED = 10,
 } proc_ctl_type;
 
 #define PROC_CTL_DATA_MAX 512

@@ -21,6 +21,7 @@
 #include "rkey/rkey.h"
 #include "service/budget.h"
 #include "service/config.h"
+#include "service/confine.h"
 #include "service/harden.h"
 #include "service/http.h"
 #include "service/log.h"
@@ -105,7 +106,7 @@ static void keep_large_buffers(void)
 
 static http_server *serve(const config *cfg, const char *listen, api *a,
                           rkey_client *keys, budget *body_budget,
-                          shared *region)
+                          shared *region, const http_tls *tls)
 {
     http_options hopts;
     http_server *srv;
@@ -121,9 +122,7 @@ static http_server *serve(const config *cfg, const char *listen, api *a,
     hopts.header_timeout_s = cfg->header_timeout_s;
     hopts.budget = body_budget;
     hopts.region = region;
-    hopts.tls_certificate = cfg->tls_certificate;
-    hopts.tls_key = cfg->tls_key;
-    hopts.tls_client_ca = cfg->tls_client_ca;
+    hopts.tls = cfg->tls_certificate != NULL ? tls : NULL;
     srv = http_start(&hopts, a, keys, errbuf, sizeof(errbuf));
     if (srv == NULL)
         log_error("%s", errbuf);
@@ -134,6 +133,9 @@ int worker_main(const char *config_path, const char *listen)
 {
     config_problems problems = {0};
     rkey_client *client = NULL;
+    confine_error cerr = {0};
+    char confinement[512], errbuf[256];
+    http_tls tls = {0};
     budget *body_budget = NULL;
     shared *region = NULL;
     http_server *srv = NULL;
@@ -172,6 +174,23 @@ int worker_main(const char *config_path, const char *listen)
         log_error("the key provider: %s", rerr.message);
         goto out;
     }
+    if (cfg->tls_certificate != NULL &&
+        http_tls_read(&tls, cfg->tls_certificate, cfg->tls_key,
+                      cfg->tls_client_ca, errbuf, sizeof(errbuf)) != 0) {
+        log_error("%s", errbuf);
+        goto out;
+    }
+    /* before the client's reader thread (Landlock holds only the threads
+     * started after it), after the files only root may read */
+    r = confine_process(cfg, confinement, sizeof(confinement), &cerr);
+    if (r < 0) {
+        log_error("worker %d: %s", (int)getpid(), cerr.message);
+        goto out;
+    }
+    if (r > 0)
+        log_warn("worker %d confined: %s", (int)getpid(), confinement);
+    else
+        log_info("worker %d confined: %s", (int)getpid(), confinement);
     client = rkey_client_new(PROC_FD_KEY, call_timeout(cfg));
     a = client != NULL ? api_new(client, cfg->trust, cfg->trust_dir, cfg->crls)
                        : NULL;
@@ -187,7 +206,8 @@ int worker_main(const char *config_path, const char *listen)
         goto out;
     }
     log_directory(client);
-    srv = serve(cfg, listen, a, client, body_budget, region);
+    srv = serve(cfg, listen, a, client, body_budget, region, &tls);
+    http_tls_clear(&tls);
     if (srv == NULL)
         goto out;
     log_info("worker %d serving %s", (int)getpid(), listen);
@@ -198,8 +218,10 @@ int worker_main(const char *config_path, const char *listen)
             continue;
         if (r <= 0 || m.type == PROC_CTL_STOP)
             break;
-        if (m.type == PROC_CTL_REOPEN && log_reopen() != 0)
-            log_error("cannot reopen the log file");
+        if (m.type == PROC_CTL_REOPEN && fd >= 0) {
+            log_take_fd(fd);
+            fd = -1;
+        }
         if (m.type == PROC_CTL_KEY_SOCKET && fd >= 0) {
             rkey_client_set_socket(client, fd);
             fd = -1;
@@ -210,6 +232,10 @@ int worker_main(const char *config_path, const char *listen)
     }
     if (fd >= 0)
         close(fd);
+    /* the supervisor says a reload is in service once no old worker
+     * accepts */
+    http_quiesce(srv);
+    proc_ctl_send(PROC_FD_CONTROL, PROC_CTL_QUIESCED, 0, NULL, 0, -1);
     left = http_shutdown(srv, SHUTDOWN_TIMEOUT_MS);
     srv = NULL;
     if (left > 0) {
@@ -219,6 +245,7 @@ int worker_main(const char *config_path, const char *listen)
     }
     ret = 0;
 out:
+    http_tls_clear(&tls);
     budget_free(body_budget);
     api_free(a);
     rkey_client_free(client);

@@ -116,7 +116,7 @@ def start():
     eq(len(workers_of(D)), 2, "workers")
 
 
-def spread(source, n, tries=5):
+def spread(source, n, tries=20):
     """n idle connections from source, held by both workers."""
     for _ in range(tries):
         socks = []
