@@ -152,7 +152,8 @@ def budget():
     """Uploads of half a MiB announced, on both workers, take the 2 MiB."""
     head = ("POST /v1/sign?key=demo-ec HTTP/1.1\r\nHost: x\r\nContent-Type: message/rfc822\r\n"
             "Content-Length: %d\r\n%s\r\n" % (MIB // 2, D.auth_line().decode())).encode()
-    for _ in range(8):
+    # as many tries as spread(): the kernel wakes whichever worker it likes
+    for _ in range(20):
         socks = []
         for i in range(4):
             s = connect(D, "127.0.0.%d" % (20 + i))
