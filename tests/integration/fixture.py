@@ -376,6 +376,27 @@ class Daemon:
                 out.append(int(child))
         return sorted(out)
 
+    def holders(self, socks, timeout=10):
+        """Waits until a worker holds the connection of each socket (a
+        connect returns once the kernel queued it, before any worker took
+        it); the pids holding them. Connections made later then meet these
+        in the daemon's counts, whichever worker accepts them."""
+        deadline = time.time() + timeout
+        while True:
+            out = subprocess.run(["ss", "-tnpH", "state", "established",
+                                  "( sport = :%d )" % self.port],
+                                 capture_output=True, text=True, check=True).stdout
+            held = {}
+            for line in out.splitlines():
+                m = re.search(r"\s\S+:%d\s+\S+:(\d+)\s.*pid=(\d+)" % self.port, line)
+                if m:
+                    held[int(m.group(1))] = int(m.group(2))
+            pids = [held.get(s.getsockname()[1]) for s in socks]
+            if all(pids) or time.time() > deadline:
+                check(all(pids), "connections no worker took in %d s: %r" % (timeout, pids))
+                return pids
+            time.sleep(0.05)
+
     def auth_headers(self, headers=None, auth=True):
         h = dict(headers or {})
         if auth and self.bearer and not any(k.lower() == "authorization" for k in h):
