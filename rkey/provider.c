@@ -887,6 +887,15 @@ static void init_failed(const char *what)
     ERR_clear_error();
 }
 
+/* At exit, before OpenSSL's own clean-up (registered before ours, so run
+ * after it), which frees its provider store but not the references
+ * OSSL_PROVIDER_load gave us. */
+static void providers_unload(void)
+{
+    OSSL_PROVIDER_unload(rkey_provider);
+    OSSL_PROVIDER_unload(default_provider);
+}
+
 static void init_run(void)
 {
     /* Loading a provider explicitly switches off the implicit loading of
@@ -910,6 +919,7 @@ static void init_run(void)
         init_failed("cannot prefer the default provider");
         return;
     }
+    atexit(providers_unload);
     initialised = 1;
 }
 
