@@ -98,7 +98,8 @@ int rkey_audit(rkey_client *c, const proto_claims *claims,
                const char *operation, const char *key, unsigned result,
                const char *error, rkey_failure *f);
 /* The end of a request whose key operations were recorded: its status
- * and error code (NULL: none), and how long it took. */
+ * and error code (NULL: none), and how long it took. One way: 0 once it
+ * is sent; the key process writes the record soon after. */
 int rkey_finish(rkey_client *c, const char *request_id, unsigned result,
                 const char *error, uint32_t latency_us, rkey_failure *f);
 
