@@ -1,9 +1,10 @@
 /*
  * The worker's end of the key protocol. Locks, in the order they may be
- * taken: dir_lock (one directory fetch at a time) → send_lock (the socket
- * a datagram goes out on) → lock (waiters, the socket, its generation,
- * the epoch seen, the directory). No lock is held across a wait for a
- * reply; the caller reading the socket takes only lock.
+ * taken: dir_lock (one directory fetch at a time) → send_lock (a
+ * read-write lock: senders share it, a new socket takes it alone) → lock
+ * (waiters, the socket, its generation, the epoch seen, the directory).
+ * No lock is held across a wait for a reply; the caller reading the
+ * socket takes only lock.
  *
  * No thread of its own reads the socket: a caller waiting for its reply
  * reads it when no other caller does (reading), hands every other reply
@@ -77,7 +78,7 @@ struct rkey_dir {
 
 struct rkey_client {
     pthread_mutex_t lock;
-    pthread_mutex_t send_lock;
+    pthread_rwlock_t send_lock;
     pthread_mutex_t dir_lock;
     int fd;
     unsigned gen;
@@ -216,8 +217,9 @@ static void waiters_expire(rkey_client *c, unsigned gen, int all,
 
 /* ---- the reader ---- */
 
-static void deliver(rkey_client *c, unsigned gen, const unsigned char *buf,
-                    size_t len)
+/* Hands a datagram to its waiter: 1 when that was me. */
+static int deliver(rkey_client *c, unsigned gen, const unsigned char *buf,
+                   size_t len, const waiter *me)
 {
     proto_reply rep;
     proto_error err;
@@ -229,7 +231,7 @@ static void deliver(rkey_client *c, unsigned gen, const unsigned char *buf,
     if (ok)
         proto_reply_clear(&rep);
     else if (proto_peek(buf, len, &type, &id) != 0)
-        return;
+        return 0;
     pthread_mutex_lock(&c->lock);
     if (ok && gen == c->gen)
         c->epoch_seen = rep.epoch;
@@ -247,15 +249,19 @@ static void deliver(rkey_client *c, unsigned gen, const unsigned char *buf,
             memcpy(w->reply, buf, len);
             w->reply_len = len;
             w->finished = 1;
-            pthread_cond_signal(&w->cond);
+            if (w != me)
+                pthread_cond_signal(&w->cond);
         }
     }
     pthread_mutex_unlock(&c->lock);
+    return w != NULL && w == me;
 }
 
-/* Reads the datagrams there are, waiting up to wait_ms for the first;
- * 1 when the socket ended. By the caller reading, without c->lock. */
-static int receive(rkey_client *c, int fd, unsigned gen, int wait_ms)
+/* Reads the datagrams there are, waiting up to wait_ms for the first,
+ * until me (NULL: none) has its reply; 1 when the socket ended. By the
+ * caller reading, without c->lock. */
+static int receive(rkey_client *c, int fd, unsigned gen, int wait_ms,
+                   const waiter *me)
 {
     struct pollfd pfd = {.fd = fd, .events = POLLIN};
     ssize_t n;
@@ -270,8 +276,8 @@ static int receive(rkey_client *c, int fd, unsigned gen, int wait_ms)
             return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : 1;
         if (n == 0)
             return 1;
-        if (n <= PROTO_MSG_MAX)
-            deliver(c, gen, c->rbuf, (size_t)n);
+        if (n <= PROTO_MSG_MAX && deliver(c, gen, c->rbuf, (size_t)n, me))
+            return 0;
     }
 }
 
@@ -313,7 +319,7 @@ static void read_for(rkey_client *c, waiter *w)
         if (w->finished || ended)
             break;
         pthread_mutex_unlock(&c->lock);
-        ended = receive(c, fd, gen, (int)next_ms + 1);
+        ended = receive(c, fd, gen, (int)next_ms + 1, w);
         pthread_mutex_lock(&c->lock);
     }
     reading_end(c, gen, ended);
@@ -326,7 +332,8 @@ static void drain(rkey_client *c)
     int fd, ended;
 
     pthread_mutex_lock(&c->lock);
-    if (c->reading || c->dead) {
+    /* a caller waiting reads them soon enough */
+    if (c->reading || c->dead || c->waiters != NULL) {
         pthread_mutex_unlock(&c->lock);
         return;
     }
@@ -334,7 +341,7 @@ static void drain(rkey_client *c)
     fd = c->fd;
     gen = c->gen;
     pthread_mutex_unlock(&c->lock);
-    ended = receive(c, fd, gen, 0);
+    ended = receive(c, fd, gen, 0, NULL);
     pthread_mutex_lock(&c->lock);
     reading_end(c, gen, ended);
     pthread_mutex_unlock(&c->lock);
@@ -352,7 +359,7 @@ rkey_client *rkey_client_new(int fd, unsigned timeout_ms)
         return NULL;
     }
     pthread_mutex_init(&c->lock, NULL);
-    pthread_mutex_init(&c->send_lock, NULL);
+    pthread_rwlock_init(&c->send_lock, NULL);
     pthread_mutex_init(&c->dir_lock, NULL);
     pthread_cond_init(&c->read_cond, NULL);
     c->rbuf = malloc(PROTO_MSG_MAX + 1);
@@ -360,7 +367,7 @@ rkey_client *rkey_client_new(int fd, unsigned timeout_ms)
         if (fd >= 0)
             close(fd);
         pthread_mutex_destroy(&c->lock);
-        pthread_mutex_destroy(&c->send_lock);
+        pthread_rwlock_destroy(&c->send_lock);
         pthread_mutex_destroy(&c->dir_lock);
         pthread_cond_destroy(&c->read_cond);
         free(c);
@@ -378,7 +385,7 @@ void rkey_client_set_socket(rkey_client *c, int fd)
 {
     int old_fd;
 
-    pthread_mutex_lock(&c->send_lock);
+    pthread_rwlock_wrlock(&c->send_lock);
     pthread_mutex_lock(&c->lock);
     old_fd = c->fd;
     waiters_expire(c, c->gen, 1, PROTO_UNAVAILABLE,
@@ -396,7 +403,7 @@ void rkey_client_set_socket(rkey_client *c, int fd)
     pthread_mutex_unlock(&c->lock);
     if (old_fd >= 0)
         close(old_fd);
-    pthread_mutex_unlock(&c->send_lock);
+    pthread_rwlock_unlock(&c->send_lock);
 }
 
 int rkey_client_connected(rkey_client *c)
@@ -416,11 +423,44 @@ void rkey_client_free(rkey_client *c)
     rkey_client_set_socket(c, -1);
     rkey_dir_free(c->dir);
     pthread_mutex_destroy(&c->lock);
-    pthread_mutex_destroy(&c->send_lock);
+    pthread_rwlock_destroy(&c->send_lock);
     pthread_mutex_destroy(&c->dir_lock);
     pthread_cond_destroy(&c->read_cond);
     free(c->rbuf);
     free(c);
+}
+
+/* Sends a datagram on the socket of generation gen: the bytes sent, or
+ * -1. Any number of threads send at once (a datagram goes whole or not at
+ * all); send_lock's read side keeps the socket from being closed under
+ * them. */
+static ssize_t send_datagram(rkey_client *c, unsigned gen,
+                             const unsigned char *buf, size_t len)
+{
+    ssize_t n = -1;
+    int fd;
+
+    pthread_rwlock_rdlock(&c->send_lock);
+    pthread_mutex_lock(&c->lock);
+    fd = !c->dead && c->gen == gen ? c->fd : -1;
+    pthread_mutex_unlock(&c->lock);
+    if (fd >= 0) {
+        do
+            n = send(fd, buf, len, MSG_NOSIGNAL);
+        while (n < 0 && errno == EINTR);
+    }
+    pthread_rwlock_unlock(&c->send_lock);
+    return n;
+}
+
+static uint32_t take_id(rkey_client *c)
+{
+    uint32_t id;
+
+    do
+        id = __atomic_fetch_add(&c->next_id, 1, __ATOMIC_RELAXED);
+    while (id == 0);
+    return id;
 }
 
 /* Sends req and waits for its reply: 0 with the datagram in *reply and
@@ -434,50 +474,34 @@ static int call(rkey_client *c, proto_request *req, unsigned char **reply,
     waiter w;
     proto_error perr;
     size_t len;
-    ssize_t n = -1;
-    int fd = -1;
+    ssize_t n;
+    int dead;
 
     *reply = NULL;
     memset(&w, 0, sizeof(w));
-    pthread_mutex_lock(&c->lock);
-    if (c->dead) {
-        pthread_mutex_unlock(&c->lock);
-        fail(f, PROTO_UNAVAILABLE, "the key process cannot be reached");
-        return -1;
-    }
-    if (c->next_id == 0)
-        c->next_id = 1;
-    req->id = c->next_id++;
-    w.id = req->id;
-    w.gen = c->gen;
-    pthread_mutex_unlock(&c->lock);
+    req->id = w.id = take_id(c);
     if (proto_request_encode(req, buf, sizeof(buf), &len, &perr) != 0) {
         fail(f, PROTO_BAD_REQUEST, "%s", perr.message);
         return -1;
     }
     pthread_cond_init(&w.cond, NULL);
     deadline_in(&w.deadline, c->timeout_ms);
-    pthread_mutex_lock(&c->send_lock);
     pthread_mutex_lock(&c->lock);
-    if (!c->dead && c->gen == w.gen) {
+    w.gen = c->gen;
+    dead = c->dead;
+    if (!dead) {
         w.next = c->waiters;
         c->waiters = &w;
-        fd = c->fd;
     }
     pthread_mutex_unlock(&c->lock);
-    if (fd >= 0) {
-        do
-            n = send(fd, buf, len, MSG_NOSIGNAL);
-        while (n < 0 && errno == EINTR);
-    }
-    pthread_mutex_unlock(&c->send_lock);
+    n = dead ? -1 : send_datagram(c, w.gen, buf, len);
     OPENSSL_cleanse(buf, len);
     pthread_mutex_lock(&c->lock);
-    if (n != (ssize_t)len && waiter_take(c, w.id, w.gen) != NULL)
-        waiter_finish(&w, PROTO_UNAVAILABLE, "cannot send to the key process");
-    else if (fd < 0)
+    if (dead)
         waiter_finish(&w, PROTO_UNAVAILABLE,
                       "the key process cannot be reached");
+    else if (n != (ssize_t)len && waiter_take(c, w.id, w.gen) != NULL)
+        waiter_finish(&w, PROTO_UNAVAILABLE, "cannot send to the key process");
     while (!w.finished) {
         if (c->reading)
             pthread_cond_wait(&w.cond, &c->lock);
@@ -659,36 +683,19 @@ static int send_only(rkey_client *c, proto_request *req, rkey_failure *f)
 {
     unsigned char buf[REQUEST_MAX];
     proto_error perr;
+    unsigned gen;
     size_t len;
-    ssize_t n = -1;
-    int fd = -1;
+    ssize_t n;
 
-    pthread_mutex_lock(&c->lock);
-    if (!c->dead) {
-        if (c->next_id == 0)
-            c->next_id = 1;
-        req->id = c->next_id++;
-        fd = 0;
-    }
-    pthread_mutex_unlock(&c->lock);
-    if (fd < 0) {
-        fail(f, PROTO_UNAVAILABLE, "the key process cannot be reached");
-        return -1;
-    }
+    req->id = take_id(c);
     if (proto_request_encode(req, buf, sizeof(buf), &len, &perr) != 0) {
         fail(f, PROTO_BAD_REQUEST, "%s", perr.message);
         return -1;
     }
-    pthread_mutex_lock(&c->send_lock);
     pthread_mutex_lock(&c->lock);
-    fd = c->dead ? -1 : c->fd;
+    gen = c->gen;
     pthread_mutex_unlock(&c->lock);
-    if (fd >= 0) {
-        do
-            n = send(fd, buf, len, MSG_NOSIGNAL);
-        while (n < 0 && errno == EINTR);
-    }
-    pthread_mutex_unlock(&c->send_lock);
+    n = send_datagram(c, gen, buf, len);
     if (n != (ssize_t)len) {
         fail(f, PROTO_UNAVAILABLE, "cannot send to the key process");
         return -1;
@@ -1126,27 +1133,40 @@ fail:
     return NULL;
 }
 
-rkey_dir *rkey_dir_get1(rkey_client *c, rkey_failure *f)
+/* The directory with a reference, when it is fresh. */
+static rkey_dir *dir_fresh(rkey_client *c)
 {
-    rkey_dir *d, *old = NULL;
     struct timespec now;
-    int fresh, tries;
+    rkey_dir *d;
 
-    pthread_mutex_lock(&c->dir_lock);
-    drain(c);
     clock_gettime(CLOCK_MONOTONIC, &now);
     pthread_mutex_lock(&c->lock);
     d = c->dir;
-    fresh = d != NULL && !c->dir_stale && d->epoch == c->epoch_seen &&
-            now.tv_sec - d->fetched.tv_sec < RKEY_DIR_TTL_S;
-    if (fresh)
+    if (d != NULL && !c->dir_stale && d->epoch == c->epoch_seen &&
+        now.tv_sec - d->fetched.tv_sec < RKEY_DIR_TTL_S)
         __atomic_add_fetch(&d->refs, 1, __ATOMIC_ACQ_REL);
+    else
+        d = NULL;
     pthread_mutex_unlock(&c->lock);
-    if (fresh) {
+    return d;
+}
+
+rkey_dir *rkey_dir_get1(rkey_client *c, rkey_failure *f)
+{
+    rkey_dir *d, *old = NULL;
+    int tries;
+
+    /* without dir_lock: every request looks, few fetch */
+    drain(c);
+    d = dir_fresh(c);
+    if (d != NULL)
+        return d;
+    pthread_mutex_lock(&c->dir_lock);
+    d = dir_fresh(c);
+    if (d != NULL) {
         pthread_mutex_unlock(&c->dir_lock);
         return d;
     }
-    d = NULL;
     for (tries = 0; d == NULL && tries < DIR_ATTEMPTS; tries++) {
         d = fetch_dir(c, f);
         if (d == NULL && f->status != PROTO_BUSY)

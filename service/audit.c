@@ -172,18 +172,22 @@ static int write_all(int fd, const char *buf, size_t len)
     return 0;
 }
 
+/* The record is formatted without the lock, which covers only the
+ * descriptor's use (a reopen closes it): the key process writes two
+ * records per request from several threads, and formatting under the lock
+ * made them wait for each other. */
 int audit_write(const audit_record *r)
 {
     char when[40], *line = NULL;
     json_t *rec;
     size_t len;
-    int ret = -1;
+    int ret = -1, on;
 
     pthread_mutex_lock(&audit_lock);
-    if (audit_fd < 0) {
-        ret = 0;
-        goto out;
-    }
+    on = audit_fd >= 0;
+    pthread_mutex_unlock(&audit_lock);
+    if (!on)
+        return 0;
     now_text(when, sizeof(when));
     rec = json_pack("{s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:f}", "time", when,
                     "request_id", text_or_null(r->request_id), "client",
@@ -199,9 +203,8 @@ int audit_write(const audit_record *r)
           json_object_set_new(rec, "stage", json_string(r->stage)) != 0) ||
          (r->token != NULL &&
           json_object_set_new(rec, "token", text_or_null(r->token)) != 0) ||
-         (r->asserted &&
-          json_object_set_new(rec, "asserted_by", json_string("worker")) !=
-              0))) {
+         (r->asserted && json_object_set_new(rec, "asserted_by",
+                                             json_string("worker")) != 0))) {
         json_decref(rec);
         rec = NULL;
     }
@@ -214,10 +217,11 @@ int audit_write(const audit_record *r)
         goto out;
     len = strlen(line);
     line[len] = '\n';
-    ret = write_all(audit_fd, line, len + 1);
+    pthread_mutex_lock(&audit_lock);
+    ret = audit_fd >= 0 ? write_all(audit_fd, line, len + 1) : 0;
+    pthread_mutex_unlock(&audit_lock);
     line[len] = '\0';
 out:
-    pthread_mutex_unlock(&audit_lock);
     free(line);
     return ret;
 }
