@@ -45,7 +45,6 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
-#include <openssl/x509v3.h>
 
 #include "certs/certs.h"
 #include "token/internal.h"
