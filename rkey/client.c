@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -86,6 +87,8 @@ struct rkey_client {
     int reading;              /* a caller reads the socket */
     pthread_cond_t read_cond; /* reading ended */
     unsigned char *rbuf;      /* the reading caller's */
+    unsigned timed_gen;       /* the generation whose socket has
+                                 READER_TICK_MS as its receive timeout */
     uint32_t next_id;
     waiter *waiters;
     unsigned timeout_ms;
@@ -260,16 +263,21 @@ static int deliver(rkey_client *c, unsigned gen, const unsigned char *buf,
 /* Reads the datagrams there are, waiting up to wait_ms for the first,
  * until me (NULL: none) has its reply; 1 when the socket ended. By the
  * caller reading, without c->lock. */
-static int receive(rkey_client *c, int fd, unsigned gen, int wait_ms,
+static int receive(rkey_client *c, int fd, unsigned gen, int wait_ms, int timed,
                    const waiter *me)
 {
     struct pollfd pfd = {.fd = fd, .events = POLLIN};
+    int flags = MSG_DONTWAIT;
     ssize_t n;
 
-    if (wait_ms > 0 && poll(&pfd, 1, wait_ms) == 0)
+    /* a socket with its receive timeout (READER_TICK_MS) is waited on in
+     * recv itself: one system call per reply, not a poll and a recv */
+    if (wait_ms > 0 && timed)
+        flags = 0;
+    else if (wait_ms > 0 && poll(&pfd, 1, wait_ms) == 0)
         return 0;
-    for (;;) {
-        n = recv(fd, c->rbuf, PROTO_MSG_MAX + 1, MSG_DONTWAIT);
+    for (;; flags = MSG_DONTWAIT) {
+        n = recv(fd, c->rbuf, PROTO_MSG_MAX + 1, flags);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
@@ -306,7 +314,7 @@ static void reading_end(rkey_client *c, unsigned gen, int ended)
 static void read_for(rkey_client *c, waiter *w)
 {
     unsigned gen = c->gen;
-    int fd = c->fd, ended = 0;
+    int fd = c->fd, ended = 0, timed = c->timed_gen == gen;
     char why[64];
     long next_ms;
 
@@ -319,7 +327,7 @@ static void read_for(rkey_client *c, waiter *w)
         if (w->finished || ended)
             break;
         pthread_mutex_unlock(&c->lock);
-        ended = receive(c, fd, gen, (int)next_ms + 1, w);
+        ended = receive(c, fd, gen, (int)next_ms + 1, timed, w);
         pthread_mutex_lock(&c->lock);
     }
     reading_end(c, gen, ended);
@@ -341,7 +349,7 @@ static void drain(rkey_client *c)
     fd = c->fd;
     gen = c->gen;
     pthread_mutex_unlock(&c->lock);
-    ended = receive(c, fd, gen, 0, NULL);
+    ended = receive(c, fd, gen, 0, 0, NULL);
     pthread_mutex_lock(&c->lock);
     reading_end(c, gen, ended);
     pthread_mutex_unlock(&c->lock);
@@ -383,6 +391,7 @@ rkey_client *rkey_client_new(int fd, unsigned timeout_ms)
 
 void rkey_client_set_socket(rkey_client *c, int fd)
 {
+    struct timeval tick = {0, READER_TICK_MS * 1000};
     int old_fd;
 
     pthread_rwlock_wrlock(&c->send_lock);
@@ -391,6 +400,9 @@ void rkey_client_set_socket(rkey_client *c, int fd)
     waiters_expire(c, c->gen, 1, PROTO_UNAVAILABLE,
                    "the key process was replaced", NULL);
     ++c->gen;
+    if (fd >= 0 &&
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof(tick)) == 0)
+        c->timed_gen = c->gen;
     c->fd = fd;
     c->dead = fd < 0;
     c->epoch_seen = 0;
