@@ -661,7 +661,7 @@ done:
     OPENSSL_cleanse(out, sizeof(out));
 }
 
-/* ---- requests (on the connection's reader thread) ---- */
+/* ---- requests (on the connection's threads) ---- */
 
 static void refuse(kd_conn *c, const unsigned char *buf, size_t len,
                    const char *why)
@@ -903,12 +903,15 @@ static void *conn_main(void *arg);
  * (uncounted again when it cannot be made). */
 static int conn_spawn(kd_conn *c)
 {
+    int r;
+
     pthread_mutex_lock(&kd_lock);
     c->refs++;
     pthread_mutex_unlock(&kd_lock);
-    if (thread_start(conn_main, c, THREAD_STACK) == 0)
+    r = thread_start(conn_main, c, THREAD_STACK);
+    if (r == 0)
         return 0;
-    log_error("worker %u: cannot start a thread: %s", c->slot, strerror(errno));
+    log_error("worker %u: cannot start a thread: %s", c->slot, strerror(r));
     pthread_mutex_lock(&c->lock);
     c->threads--;
     c->idle--;
