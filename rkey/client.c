@@ -1,9 +1,17 @@
 /*
  * The worker's end of the key protocol. Locks, in the order they may be
- * taken: dir_lock (one directory fetch at a time) → send_lock (the socket
- * a datagram goes out on) → lock (waiters, the socket, its generation,
- * the epoch seen, the directory). No lock is held across a wait for a
- * reply; the reader thread takes only lock.
+ * taken: dir_lock (one directory fetch at a time) → send_lock (a
+ * read-write lock: senders share it, a new socket takes it alone) → lock
+ * (waiters, the socket, its generation, the epoch seen, the directory).
+ * No lock is held across a wait for a reply; the caller reading the
+ * socket takes only lock.
+ *
+ * No thread of its own reads the socket: a caller waiting for its reply
+ * reads it when no other caller does (reading), hands every other reply
+ * to its waiter and, once its own has come, wakes a waiter left to read
+ * on. A call alone on the connection thus costs one wake-up for its reply,
+ * not two (a reader thread's, then the caller's). Notices that came while
+ * nobody called are read before the directory is looked at.
  */
 #include <errno.h>
 #include <poll.h>
@@ -13,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -25,7 +34,8 @@
 #include "rkey/client.h"
 #include "rkey/rkey.h"
 
-/* How often the reader looks at the waiters' deadlines, at most. */
+/* How often the caller reading looks at the waiters' deadlines, at
+ * most. */
 #define READER_TICK_MS 250
 /* Keys one directory may hold. */
 #define DIR_KEYS_MAX 100000
@@ -67,21 +77,18 @@ struct rkey_dir {
     proto_token_entry *tokens;
 };
 
-typedef struct reader_arg {
-    rkey_client *c;
-    int fd;
-    unsigned gen;
-} reader_arg;
-
 struct rkey_client {
     pthread_mutex_t lock;
-    pthread_mutex_t send_lock;
+    pthread_rwlock_t send_lock;
     pthread_mutex_t dir_lock;
     int fd;
     unsigned gen;
     int dead;
-    int has_reader;
-    pthread_t reader;
+    int reading;              /* a caller reads the socket */
+    pthread_cond_t read_cond; /* reading ended */
+    unsigned char *rbuf;      /* the reading caller's */
+    unsigned timed_gen;       /* the generation whose socket has
+                                 READER_TICK_MS as its receive timeout */
     uint32_t next_id;
     waiter *waiters;
     unsigned timeout_ms;
@@ -213,8 +220,9 @@ static void waiters_expire(rkey_client *c, unsigned gen, int all,
 
 /* ---- the reader ---- */
 
-static void deliver(rkey_client *c, unsigned gen, const unsigned char *buf,
-                    size_t len)
+/* Hands a datagram to its waiter: 1 when that was me. */
+static int deliver(rkey_client *c, unsigned gen, const unsigned char *buf,
+                   size_t len, const waiter *me)
 {
     proto_reply rep;
     proto_error err;
@@ -226,7 +234,7 @@ static void deliver(rkey_client *c, unsigned gen, const unsigned char *buf,
     if (ok)
         proto_reply_clear(&rep);
     else if (proto_peek(buf, len, &type, &id) != 0)
-        return;
+        return 0;
     pthread_mutex_lock(&c->lock);
     if (ok && gen == c->gen)
         c->epoch_seen = rep.epoch;
@@ -244,66 +252,107 @@ static void deliver(rkey_client *c, unsigned gen, const unsigned char *buf,
             memcpy(w->reply, buf, len);
             w->reply_len = len;
             w->finished = 1;
-            pthread_cond_signal(&w->cond);
+            if (w != me)
+                pthread_cond_signal(&w->cond);
         }
     }
     pthread_mutex_unlock(&c->lock);
+    return w != NULL && w == me;
 }
 
-static void *reader_main(void *arg)
+/* Reads the datagrams there are, waiting up to wait_ms for the first,
+ * until me (NULL: none) has its reply; 1 when the socket ended. By the
+ * caller reading, without c->lock. */
+static int receive(rkey_client *c, int fd, unsigned gen, int wait_ms, int timed,
+                   const waiter *me)
 {
-    reader_arg a = *(reader_arg *)arg;
-    rkey_client *c = a.c;
-    unsigned char *buf = malloc(PROTO_MSG_MAX + 1);
-    struct pollfd pfd = {.fd = a.fd, .events = POLLIN};
-    char why[64];
-    long next_ms;
+    struct pollfd pfd = {.fd = fd, .events = POLLIN};
+    int flags = MSG_DONTWAIT;
     ssize_t n;
 
-    free(arg);
-    while (buf != NULL) {
-        next_ms = READER_TICK_MS;
-        pthread_mutex_lock(&c->lock);
-        snprintf(why, sizeof(why), "no answer from the key process in %u ms",
-                 c->timeout_ms);
-        waiters_expire(c, a.gen, 0, PROTO_UNAVAILABLE, why, &next_ms);
-        pthread_mutex_unlock(&c->lock);
-        if (poll(&pfd, 1, (int)next_ms + 1) <= 0)
+    /* a socket with its receive timeout (READER_TICK_MS) is waited on in
+     * recv itself: one system call per reply, not a poll and a recv */
+    if (wait_ms > 0 && timed)
+        flags = 0;
+    else if (wait_ms > 0 && poll(&pfd, 1, wait_ms) == 0)
+        return 0;
+    for (;; flags = MSG_DONTWAIT) {
+        n = recv(fd, c->rbuf, PROTO_MSG_MAX + 1, flags);
+        if (n < 0 && errno == EINTR)
             continue;
-        n = recv(a.fd, buf, PROTO_MSG_MAX + 1, MSG_DONTWAIT);
-        if (n < 0 && (errno == EINTR || errno == EAGAIN))
-            continue;
-        if (n <= 0)
-            break;
-        if (n <= PROTO_MSG_MAX)
-            deliver(c, a.gen, buf, (size_t)n);
+        if (n < 0)
+            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : 1;
+        if (n == 0)
+            return 1;
+        if (n <= PROTO_MSG_MAX && deliver(c, gen, c->rbuf, (size_t)n, me))
+            return 0;
     }
-    free(buf);
-    pthread_mutex_lock(&c->lock);
-    if (c->gen == a.gen)
-        c->dead = 1;
-    waiters_expire(c, a.gen, 1, PROTO_UNAVAILABLE,
-                   "the connection to the key process closed", NULL);
-    pthread_mutex_unlock(&c->lock);
-    return NULL;
 }
 
-/* Under send_lock. */
-static int reader_start(rkey_client *c, int fd, unsigned gen)
+/* Under c->lock: the caller reading is done with generation gen; a waiter
+ * left reads on. */
+static void reading_end(rkey_client *c, unsigned gen, int ended)
 {
-    reader_arg *a = malloc(sizeof(*a));
+    waiter *w;
 
-    if (a == NULL)
-        return -1;
-    a->c = c;
-    a->fd = fd;
-    a->gen = gen;
-    if (pthread_create(&c->reader, NULL, reader_main, a) != 0) {
-        free(a);
-        return -1;
+    if (ended) {
+        if (c->gen == gen)
+            c->dead = 1;
+        waiters_expire(c, gen, 1, PROTO_UNAVAILABLE,
+                       "the connection to the key process closed", NULL);
     }
-    c->has_reader = 1;
-    return 0;
+    c->reading = 0;
+    pthread_cond_broadcast(&c->read_cond);
+    for (w = c->waiters; w != NULL && w->gen != c->gen; w = w->next)
+        ;
+    if (w != NULL)
+        pthread_cond_signal(&w->cond);
+}
+
+/* Under c->lock, which it lets go while it waits: reads the socket until
+ * w has its reply or its deadline passed. */
+static void read_for(rkey_client *c, waiter *w)
+{
+    unsigned gen = c->gen;
+    int fd = c->fd, ended = 0, timed = c->timed_gen == gen;
+    char why[64];
+    long next_ms;
+
+    c->reading = 1;
+    snprintf(why, sizeof(why), "no answer from the key process in %u ms",
+             c->timeout_ms);
+    for (;;) {
+        next_ms = READER_TICK_MS;
+        waiters_expire(c, gen, 0, PROTO_UNAVAILABLE, why, &next_ms);
+        if (w->finished || ended)
+            break;
+        pthread_mutex_unlock(&c->lock);
+        ended = receive(c, fd, gen, (int)next_ms + 1, timed, w);
+        pthread_mutex_lock(&c->lock);
+    }
+    reading_end(c, gen, ended);
+}
+
+/* The notices that came while nobody called (the epoch they carry). */
+static void drain(rkey_client *c)
+{
+    unsigned gen;
+    int fd, ended;
+
+    pthread_mutex_lock(&c->lock);
+    /* a caller waiting reads them soon enough */
+    if (c->reading || c->dead || c->waiters != NULL) {
+        pthread_mutex_unlock(&c->lock);
+        return;
+    }
+    c->reading = 1;
+    fd = c->fd;
+    gen = c->gen;
+    pthread_mutex_unlock(&c->lock);
+    ended = receive(c, fd, gen, 0, 0, NULL);
+    pthread_mutex_lock(&c->lock);
+    reading_end(c, gen, ended);
+    pthread_mutex_unlock(&c->lock);
 }
 
 /* ---- the client ---- */
@@ -318,8 +367,20 @@ rkey_client *rkey_client_new(int fd, unsigned timeout_ms)
         return NULL;
     }
     pthread_mutex_init(&c->lock, NULL);
-    pthread_mutex_init(&c->send_lock, NULL);
+    pthread_rwlock_init(&c->send_lock, NULL);
     pthread_mutex_init(&c->dir_lock, NULL);
+    pthread_cond_init(&c->read_cond, NULL);
+    c->rbuf = malloc(PROTO_MSG_MAX + 1);
+    if (c->rbuf == NULL) {
+        if (fd >= 0)
+            close(fd);
+        pthread_mutex_destroy(&c->lock);
+        pthread_rwlock_destroy(&c->send_lock);
+        pthread_mutex_destroy(&c->dir_lock);
+        pthread_cond_destroy(&c->read_cond);
+        free(c);
+        return NULL;
+    }
     c->fd = -1;
     c->dead = 1;
     c->timeout_ms = timeout_ms;
@@ -330,36 +391,31 @@ rkey_client *rkey_client_new(int fd, unsigned timeout_ms)
 
 void rkey_client_set_socket(rkey_client *c, int fd)
 {
-    int old_fd, had;
-    pthread_t old;
-    unsigned gen;
+    struct timeval tick = {0, READER_TICK_MS * 1000};
+    int old_fd;
 
-    pthread_mutex_lock(&c->send_lock);
+    pthread_rwlock_wrlock(&c->send_lock);
     pthread_mutex_lock(&c->lock);
     old_fd = c->fd;
-    old = c->reader;
-    had = c->has_reader;
     waiters_expire(c, c->gen, 1, PROTO_UNAVAILABLE,
                    "the key process was replaced", NULL);
-    gen = ++c->gen;
+    ++c->gen;
+    if (fd >= 0 &&
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof(tick)) == 0)
+        c->timed_gen = c->gen;
     c->fd = fd;
     c->dead = fd < 0;
-    c->has_reader = 0;
     c->epoch_seen = 0;
     c->dir_stale = 1;
-    pthread_mutex_unlock(&c->lock);
-    if (had) {
+    /* a caller reading the old socket sees it end, and lets go of it */
+    if (old_fd >= 0)
         shutdown(old_fd, SHUT_RDWR);
-        pthread_join(old, NULL);
-    }
+    while (c->reading)
+        pthread_cond_wait(&c->read_cond, &c->lock);
+    pthread_mutex_unlock(&c->lock);
     if (old_fd >= 0)
         close(old_fd);
-    if (fd >= 0 && reader_start(c, fd, gen) != 0) {
-        pthread_mutex_lock(&c->lock);
-        c->dead = 1;
-        pthread_mutex_unlock(&c->lock);
-    }
-    pthread_mutex_unlock(&c->send_lock);
+    pthread_rwlock_unlock(&c->send_lock);
 }
 
 int rkey_client_connected(rkey_client *c)
@@ -379,9 +435,44 @@ void rkey_client_free(rkey_client *c)
     rkey_client_set_socket(c, -1);
     rkey_dir_free(c->dir);
     pthread_mutex_destroy(&c->lock);
-    pthread_mutex_destroy(&c->send_lock);
+    pthread_rwlock_destroy(&c->send_lock);
     pthread_mutex_destroy(&c->dir_lock);
+    pthread_cond_destroy(&c->read_cond);
+    free(c->rbuf);
     free(c);
+}
+
+/* Sends a datagram on the socket of generation gen: the bytes sent, or
+ * -1. Any number of threads send at once (a datagram goes whole or not at
+ * all); send_lock's read side keeps the socket from being closed under
+ * them. */
+static ssize_t send_datagram(rkey_client *c, unsigned gen,
+                             const unsigned char *buf, size_t len)
+{
+    ssize_t n = -1;
+    int fd;
+
+    pthread_rwlock_rdlock(&c->send_lock);
+    pthread_mutex_lock(&c->lock);
+    fd = !c->dead && c->gen == gen ? c->fd : -1;
+    pthread_mutex_unlock(&c->lock);
+    if (fd >= 0) {
+        do
+            n = send(fd, buf, len, MSG_NOSIGNAL);
+        while (n < 0 && errno == EINTR);
+    }
+    pthread_rwlock_unlock(&c->send_lock);
+    return n;
+}
+
+static uint32_t take_id(rkey_client *c)
+{
+    uint32_t id;
+
+    do
+        id = __atomic_fetch_add(&c->next_id, 1, __ATOMIC_RELAXED);
+    while (id == 0);
+    return id;
 }
 
 /* Sends req and waits for its reply: 0 with the datagram in *reply and
@@ -395,52 +486,40 @@ static int call(rkey_client *c, proto_request *req, unsigned char **reply,
     waiter w;
     proto_error perr;
     size_t len;
-    ssize_t n = -1;
-    int fd = -1;
+    ssize_t n;
+    int dead;
 
     *reply = NULL;
     memset(&w, 0, sizeof(w));
-    pthread_mutex_lock(&c->lock);
-    if (c->dead) {
-        pthread_mutex_unlock(&c->lock);
-        fail(f, PROTO_UNAVAILABLE, "the key process cannot be reached");
-        return -1;
-    }
-    if (c->next_id == 0)
-        c->next_id = 1;
-    req->id = c->next_id++;
-    w.id = req->id;
-    w.gen = c->gen;
-    pthread_mutex_unlock(&c->lock);
+    req->id = w.id = take_id(c);
     if (proto_request_encode(req, buf, sizeof(buf), &len, &perr) != 0) {
         fail(f, PROTO_BAD_REQUEST, "%s", perr.message);
         return -1;
     }
     pthread_cond_init(&w.cond, NULL);
     deadline_in(&w.deadline, c->timeout_ms);
-    pthread_mutex_lock(&c->send_lock);
     pthread_mutex_lock(&c->lock);
-    if (!c->dead && c->gen == w.gen) {
+    w.gen = c->gen;
+    dead = c->dead;
+    if (!dead) {
         w.next = c->waiters;
         c->waiters = &w;
-        fd = c->fd;
     }
     pthread_mutex_unlock(&c->lock);
-    if (fd >= 0) {
-        do
-            n = send(fd, buf, len, MSG_NOSIGNAL);
-        while (n < 0 && errno == EINTR);
-    }
-    pthread_mutex_unlock(&c->send_lock);
+    n = dead ? -1 : send_datagram(c, w.gen, buf, len);
     OPENSSL_cleanse(buf, len);
     pthread_mutex_lock(&c->lock);
-    if (n != (ssize_t)len && waiter_take(c, w.id, w.gen) != NULL)
-        waiter_finish(&w, PROTO_UNAVAILABLE, "cannot send to the key process");
-    else if (fd < 0)
+    if (dead)
         waiter_finish(&w, PROTO_UNAVAILABLE,
                       "the key process cannot be reached");
-    while (!w.finished)
-        pthread_cond_wait(&w.cond, &c->lock);
+    else if (n != (ssize_t)len && waiter_take(c, w.id, w.gen) != NULL)
+        waiter_finish(&w, PROTO_UNAVAILABLE, "cannot send to the key process");
+    while (!w.finished) {
+        if (c->reading)
+            pthread_cond_wait(&w.cond, &c->lock);
+        else
+            read_for(c, &w);
+    }
     pthread_mutex_unlock(&c->lock);
     pthread_cond_destroy(&w.cond);
     if (w.reply == NULL) {
@@ -611,6 +690,34 @@ int rkey_audit(rkey_client *c, const proto_claims *claims,
     return call_plain(c, &req, f);
 }
 
+/* Sends req, which has no reply: 0 once it is in the socket. */
+static int send_only(rkey_client *c, proto_request *req, rkey_failure *f)
+{
+    unsigned char buf[REQUEST_MAX];
+    proto_error perr;
+    unsigned gen;
+    size_t len;
+    ssize_t n;
+
+    req->id = take_id(c);
+    if (proto_request_encode(req, buf, sizeof(buf), &len, &perr) != 0) {
+        fail(f, PROTO_BAD_REQUEST, "%s", perr.message);
+        return -1;
+    }
+    pthread_mutex_lock(&c->lock);
+    gen = c->gen;
+    pthread_mutex_unlock(&c->lock);
+    n = send_datagram(c, gen, buf, len);
+    if (n != (ssize_t)len) {
+        fail(f, PROTO_UNAVAILABLE, "cannot send to the key process");
+        return -1;
+    }
+    return 0;
+}
+
+/* One way: the key process answers no FINISH (the round trip was a
+ * third of the process wall's cost per request), and writes its record
+ * after the HTTP answer may have left. */
 int rkey_finish(rkey_client *c, const char *request_id, unsigned result,
                 const char *error, uint32_t latency_us, rkey_failure *f)
 {
@@ -624,7 +731,7 @@ int rkey_finish(rkey_client *c, const char *request_id, unsigned result,
     snprintf(req.u.finish.error, sizeof(req.u.finish.error), "%s",
              error != NULL ? error : "");
     req.u.finish.latency_us = latency_us;
-    return call_plain(c, &req, f);
+    return send_only(c, &req, f);
 }
 
 /* Takes the entries of one page for a fetch_pages caller: 0, or -1 with
@@ -1038,26 +1145,40 @@ fail:
     return NULL;
 }
 
-rkey_dir *rkey_dir_get1(rkey_client *c, rkey_failure *f)
+/* The directory with a reference, when it is fresh. */
+static rkey_dir *dir_fresh(rkey_client *c)
 {
-    rkey_dir *d, *old = NULL;
     struct timespec now;
-    int fresh, tries;
+    rkey_dir *d;
 
-    pthread_mutex_lock(&c->dir_lock);
     clock_gettime(CLOCK_MONOTONIC, &now);
     pthread_mutex_lock(&c->lock);
     d = c->dir;
-    fresh = d != NULL && !c->dir_stale && d->epoch == c->epoch_seen &&
-            now.tv_sec - d->fetched.tv_sec < RKEY_DIR_TTL_S;
-    if (fresh)
+    if (d != NULL && !c->dir_stale && d->epoch == c->epoch_seen &&
+        now.tv_sec - d->fetched.tv_sec < RKEY_DIR_TTL_S)
         __atomic_add_fetch(&d->refs, 1, __ATOMIC_ACQ_REL);
+    else
+        d = NULL;
     pthread_mutex_unlock(&c->lock);
-    if (fresh) {
+    return d;
+}
+
+rkey_dir *rkey_dir_get1(rkey_client *c, rkey_failure *f)
+{
+    rkey_dir *d, *old = NULL;
+    int tries;
+
+    /* without dir_lock: every request looks, few fetch */
+    drain(c);
+    d = dir_fresh(c);
+    if (d != NULL)
+        return d;
+    pthread_mutex_lock(&c->dir_lock);
+    d = dir_fresh(c);
+    if (d != NULL) {
         pthread_mutex_unlock(&c->dir_lock);
         return d;
     }
-    d = NULL;
     for (tries = 0; d == NULL && tries < DIR_ATTEMPTS; tries++) {
         d = fetch_dir(c, f);
         if (d == NULL && f->status != PROTO_BUSY)

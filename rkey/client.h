@@ -52,7 +52,8 @@ void rkey_client_free(rkey_client *c);
 /* Takes fd in place of the socket in use: calls waiting on the old one
  * fail with PROTO_UNAVAILABLE, and the directory is fetched again. */
 void rkey_client_set_socket(rkey_client *c, int fd);
-/* 1 while the socket is open. */
+/* 1 until a call (or rkey_dir_get1) found the socket closed: nothing
+ * reads it between calls. */
 int rkey_client_connected(rkey_client *c);
 
 /* The claims the calling thread's key operations carry (copied; NULL
@@ -98,7 +99,8 @@ int rkey_audit(rkey_client *c, const proto_claims *claims,
                const char *operation, const char *key, unsigned result,
                const char *error, rkey_failure *f);
 /* The end of a request whose key operations were recorded: its status
- * and error code (NULL: none), and how long it took. */
+ * and error code (NULL: none), and how long it took. One way: 0 once it
+ * is sent; the key process writes the record soon after. */
 int rkey_finish(rkey_client *c, const char *request_id, unsigned result,
                 const char *error, uint32_t latency_us, rkey_failure *f);
 

@@ -13,7 +13,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-#include <jansson.h>
 
 #include "service/audit.h"
 
@@ -136,24 +135,128 @@ static void now_text(char *buf, size_t len)
     snprintf(buf, len, "%s.%03dZ", sec, (int)(ts.tv_nsec / 1000000L) % 1000);
 }
 
-/* A JSON string of client-supplied text; bytes that are not printable
- * ASCII become '?' so the record is valid UTF-8 whatever was sent. */
-static json_t *text_or_null(const char *s)
-{
-    json_t *v;
-    char *copy, *p;
+/* A record's line, formatted by hand: with jansson (an object of a dozen
+ * values built, dumped and freed) each record cost the key process a few
+ * microseconds, and it writes two per request. The output is what that
+ * code wrote, byte for byte: the fields in order, compact. */
+typedef struct line {
+    char *p;
+    size_t len, cap;
+} line;
 
-    if (s == NULL || s[0] == '\0')
-        return json_null();
-    copy = strdup(s);
-    if (copy == NULL)
-        return NULL;
-    for (p = copy; *p != '\0'; p++)
-        if ((unsigned char)*p < 0x20 || (unsigned char)*p >= 0x7f)
-            *p = '?';
-    v = json_string(copy);
-    free(copy);
-    return v;
+static void put(line *l, const char *s, size_t n)
+{
+    if (l->len + n <= l->cap)
+        memcpy(l->p + l->len, s, n);
+    l->len += n;
+}
+
+static void put_str(line *l, const char *s)
+{
+    put(l, s, strlen(s));
+}
+
+/* ,"name": */
+static void put_name(line *l, const char *name)
+{
+    put(l, l->len == 0 ? "{\"" : ",\"", 2);
+    put_str(l, name);
+    put(l, "\":", 2);
+}
+
+/* A JSON string of client-supplied text, null for none; bytes that are
+ * not printable ASCII become '?' so the record is valid UTF-8 whatever
+ * was sent. */
+static void put_text(line *l, const char *name, const char *s)
+{
+    const char *run;
+
+    put_name(l, name);
+    if (s == NULL || s[0] == '\0') {
+        put(l, "null", 4);
+        return;
+    }
+    put(l, "\"", 1);
+    for (run = s; *s != '\0'; s++) {
+        unsigned char ch = (unsigned char)*s;
+
+        if (ch >= 0x20 && ch < 0x7f && ch != '"' && ch != '\\')
+            continue;
+        put(l, run, (size_t)(s - run));
+        run = s + 1;
+        if (ch == '"' || ch == '\\') {
+            put(l, "\\", 1);
+            put(l, s, 1);
+        } else {
+            put(l, "?", 1);
+        }
+    }
+    put(l, run, (size_t)(s - run));
+    put(l, "\"", 1);
+}
+
+/* jansson's real with JSON_REAL_PRECISION(12): %.12g, ".0" when that
+ * reads as an integer, no '+' or leading zeros in the exponent. */
+static void put_real(line *l, const char *name, double v)
+{
+    char num[40], *e, *digits, *from;
+    int n = snprintf(num, sizeof(num), "%.12g", v);
+
+    if (n < 0 || (size_t)n >= sizeof(num) - 3)
+        n = snprintf(num, sizeof(num), "0.0");
+    if (strchr(num, '.') == NULL && strchr(num, 'e') == NULL)
+        memcpy(num + n, ".0", 3);
+    e = strchr(num, 'e');
+    if (e != NULL) {
+        digits = e + 1;
+        from = digits + 1;
+        if (*digits == '-')
+            digits++;
+        while (*from == '0')
+            from++;
+        if (from != digits)
+            memmove(digits, from, strlen(from) + 1);
+    }
+    put_name(l, name);
+    put_str(l, num);
+}
+
+/* The record's line with its newline into l; l->len > l->cap when it did
+ * not fit. */
+static void format_record(line *l, const audit_record *r, const char *when)
+{
+    char num[16];
+
+    put_text(l, "time", when);
+    put_text(l, "request_id", r->request_id);
+    put_text(l, "client", r->client);
+    put_text(l, "remote", r->remote);
+    put_text(l, "operation", r->operation);
+    put_text(l, "key", r->key);
+    put_text(l, "content_sha256", r->content_sha256);
+    put_name(l, "result");
+    if (r->result != 0) {
+        snprintf(num, sizeof(num), "%d", r->result);
+        put_str(l, num);
+    } else {
+        put(l, "null", 4);
+    }
+    put_text(l, "error", r->error);
+    put_real(l, "latency_ms",
+             (double)(long long)(r->latency_ms * 1000.0) / 1000.0);
+    if (r->stage != NULL) {
+        put_name(l, "stage");
+        put(l, "\"", 1);
+        put_str(l, r->stage);
+        put(l, "\"", 1);
+    }
+    if (r->token != NULL)
+        put_text(l, "token", r->token);
+    if (r->asserted) {
+        put_name(l, "asserted_by");
+        put_str(l, "\"worker\"");
+    }
+    put(l, "}\n", 2);
 }
 
 static int write_all(int fd, const char *buf, size_t len)
@@ -172,52 +275,36 @@ static int write_all(int fd, const char *buf, size_t len)
     return 0;
 }
 
+/* The record is formatted without the lock, which covers only the
+ * descriptor's use (a reopen closes it): the key process writes two
+ * records per request from several threads, and formatting under the lock
+ * made them wait for each other. */
 int audit_write(const audit_record *r)
 {
-    char when[40], *line = NULL;
-    json_t *rec;
-    size_t len;
-    int ret = -1;
+    char when[40], stack[2048];
+    line l = {stack, 0, sizeof(stack)};
+    int ret, on;
 
     pthread_mutex_lock(&audit_lock);
-    if (audit_fd < 0) {
-        ret = 0;
-        goto out;
-    }
-    now_text(when, sizeof(when));
-    rec = json_pack("{s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:f}", "time", when,
-                    "request_id", text_or_null(r->request_id), "client",
-                    text_or_null(r->client), "remote", text_or_null(r->remote),
-                    "operation", text_or_null(r->operation), "key",
-                    text_or_null(r->key), "content_sha256",
-                    text_or_null(r->content_sha256), "result",
-                    r->result != 0 ? json_integer(r->result) : json_null(),
-                    "error", text_or_null(r->error), "latency_ms",
-                    (double)(long long)(r->latency_ms * 1000.0) / 1000.0);
-    if (rec != NULL &&
-        ((r->stage != NULL &&
-          json_object_set_new(rec, "stage", json_string(r->stage)) != 0) ||
-         (r->token != NULL &&
-          json_object_set_new(rec, "token", text_or_null(r->token)) != 0) ||
-         (r->asserted &&
-          json_object_set_new(rec, "asserted_by", json_string("worker")) !=
-              0))) {
-        json_decref(rec);
-        rec = NULL;
-    }
-    if (rec == NULL)
-        goto out;
-    line = json_dumps(rec, JSON_COMPACT | JSON_PRESERVE_ORDER |
-                               JSON_REAL_PRECISION(12));
-    json_decref(rec);
-    if (line == NULL)
-        goto out;
-    len = strlen(line);
-    line[len] = '\n';
-    ret = write_all(audit_fd, line, len + 1);
-    line[len] = '\0';
-out:
+    on = audit_fd >= 0;
     pthread_mutex_unlock(&audit_lock);
-    free(line);
+    if (!on)
+        return 0;
+    now_text(when, sizeof(when));
+    format_record(&l, r, when);
+    if (l.len > l.cap) {
+        /* long client-supplied text: the exact size, and again */
+        l.p = malloc(l.len);
+        if (l.p == NULL)
+            return -1;
+        l.cap = l.len;
+        l.len = 0;
+        format_record(&l, r, when);
+    }
+    pthread_mutex_lock(&audit_lock);
+    ret = audit_fd >= 0 ? write_all(audit_fd, l.p, l.len) : 0;
+    pthread_mutex_unlock(&audit_lock);
+    if (l.p != stack)
+        free(l.p);
     return ret;
 }

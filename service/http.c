@@ -251,8 +251,8 @@ static enum MHD_Result respond(request *r, struct MHD_Connection *conn,
     /* a key name that is no key may come from the request */
     copy_printable(r->key, sizeof(r->key), res->key, strlen(res->key));
     r->error = res->error;
-    /* before the answer leaves, as the record of the key operation was:
-     * a client that has its answer finds the request's record complete */
+    /* one way (rkey_finish): the finish record may be written after the
+     * answer leaves; the key operation's own record was written before */
     if (r->key_ops > 0)
         audit_finish(r);
     if (resp != NULL) {
@@ -503,8 +503,7 @@ static void audit_finish(request *r)
     double us = ms_since(&r->start) * 1e3;
 
     if (rkey_finish(r->srv->keys, r->id, (unsigned)r->status, r->error,
-                    us > 4e9 ? 4000000000u : (uint32_t)us, &f) != 0 &&
-        f.status != PROTO_NOT_FOUND)
+                    us > 4e9 ? 4000000000u : (uint32_t)us, &f) != 0)
         log_error("cannot have the end of request %s recorded: %s (%s)", r->id,
                   f.message, proto_status_name(f.status));
 }

@@ -4,26 +4,32 @@
  * - the main thread reads the control socket (new worker sockets, reload,
  *   reopen, stop) and the event descriptor the token callbacks write to
  *   (a state change to log and announce, a token that answers now);
- * - one reader thread per worker socket decodes every message, answers
- *   KEYS, STATE, AUDIT and FINISH itself (none of them waits for a
- *   token), checks an operation against its key and hands it to the pool
- *   of the key's token; it also writes the "worker_lost" records of its
- *   connection;
- * - per token, a pool of operation threads (at most POOL_CAP operations
- *   accepted at once; a thread each, made on demand, idle ones leave after
- *   POOL_IDLE_S) that wait in the token's own session queue
- *   (token_key_acquire, bounded by the token's wait_ms): a slow token
- *   holds only its own pool.
+ * - per worker socket, threads that all wait in recvmsg on it (the kernel
+ *   wakes one per datagram) and each answer what they received: KEYS,
+ *   STATE, AUDIT and FINISH (none of them waits for a token), and SIGN,
+ *   DECRYPT and DERIVE, checked against the key, then run on the same
+ *   thread, which waits in the token's own session queue
+ *   (token_key_acquire, bounded by the token's wait_ms). A thread that
+ *   takes an operation first makes sure another one is left to receive
+ *   (made on demand, at most CONN_THREADS per connection; idle ones leave
+ *   after IDLE_S): a slow token holds only threads of its own operations,
+ *   and one received message costs one wake-up, not two (the hand-over to
+ *   a pool thread was a third of the key process's time per signature).
+ *   They also write the "worker_lost" records of their connection;
+ * - per token, a count of the operations accepted (at most POOL_CAP at
+ *   once; more are answered busy at once).
  *
  * Locks: kd_lock (the set in service, every set's and connection's
- *   reference count, the connection list), a pool's lock (its queue and
- *   threads), a connection's keyaudit lock (its requests waiting for
- *   their end), ring_lock (token events) and ended_lock (threads to join).
+ *   reference count, the connection list), a pool's lock (its count), a
+ *   connection's lock (its threads) and keyaudit lock (its requests
+ *   waiting for their end), ring_lock (token events) and ended_lock
+ *   (threads to join).
  *   No two are ever held at once, and none across a token call, a send,
  *   an audit write or a thread's creation. token/'s own locks are below
  *   all of them: the token callbacks take ring_lock only.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -33,6 +39,7 @@
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -52,8 +59,14 @@
 /* Operations accepted at once per token (each waits on its own thread in
  * the token's queue); more are answered busy at once. */
 #define POOL_CAP 256
-#define POOL_IDLE_S 30
-#define POOL_STACK (512 * 1024)
+/* Threads per connection: operations waiting or running on any token,
+ * and one receiving. */
+#define CONN_THREADS 512
+#define IDLE_S 30
+#define THREAD_STACK (512 * 1024)
+/* How often a receiving thread wakes with nothing received, to write the
+ * "worker_lost" records that are due and to leave when idle. */
+#define RECV_TICK_MS 500
 /* How long a reply may wait for room in a worker's socket before the
  * worker, which does not read its replies, loses its connection. */
 #define SEND_TIMEOUT_MS 2000
@@ -80,18 +93,14 @@ typedef struct kd_job {
 
 typedef struct kd_pool {
     pthread_mutex_t lock;
-    pthread_cond_t cond;
-    kd_job *head, **tail;
-    unsigned accepted; /* queued or running */
-    unsigned threads, idle;
+    unsigned accepted; /* waiting for a session or running */
     int retired;
-    kd_set *set;
 } kd_pool;
 
 /* A token set in service and the pools of its tokens, by token index. */
 struct kd_set {
     token_set *tokens;
-    unsigned refs; /* under kd_lock: current, pool threads, jobs, readers */
+    unsigned refs; /* under kd_lock: current, jobs, connection threads */
     size_t npools;
     kd_pool *pools;
 };
@@ -100,10 +109,13 @@ struct kd_conn {
     struct kd_conn *next;
     int fd;
     unsigned slot;
-    unsigned refs; /* under kd_lock: the reader, one per job */
-    int closing;   /* atomic */
-    unsigned refused;
-    keyaudit *audit; /* its requests' ends */
+    unsigned refs;    /* under kd_lock: one per thread and per job */
+    int closing;      /* atomic */
+    int ended;        /* atomic: the socket's end was seen and dealt with */
+    unsigned refused; /* atomic */
+    keyaudit *audit;  /* its requests' ends */
+    pthread_mutex_t lock;
+    unsigned threads, idle; /* under lock; idle: receiving */
 };
 
 static pthread_mutex_t kd_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -292,10 +304,8 @@ static void set_free(kd_set *s)
 {
     size_t i;
 
-    for (i = 0; i < s->npools; i++) {
+    for (i = 0; i < s->npools; i++)
         pthread_mutex_destroy(&s->pools[i].lock);
-        pthread_cond_destroy(&s->pools[i].cond);
-    }
     free(s->pools);
     token_set_free(s->tokens);
     free(s);
@@ -318,12 +328,8 @@ static kd_set *set_new(token_set *tokens)
         free(s);
         return NULL;
     }
-    for (i = 0; i < s->npools; i++) {
+    for (i = 0; i < s->npools; i++)
         pthread_mutex_init(&s->pools[i].lock, NULL);
-        pthread_cond_init(&s->pools[i].cond, NULL);
-        s->pools[i].tail = &s->pools[i].head;
-        s->pools[i].set = s;
-    }
     s->tokens = tokens;
     s->refs = 1;
     pthread_mutex_lock(&kd_lock);
@@ -344,13 +350,6 @@ static kd_set *set_get(void)
     return s;
 }
 
-static void set_ref(kd_set *s)
-{
-    pthread_mutex_lock(&kd_lock);
-    s->refs++;
-    pthread_mutex_unlock(&kd_lock);
-}
-
 static void set_put(kd_set *s)
 {
     int last;
@@ -362,8 +361,8 @@ static void set_put(kd_set *s)
         set_free(s);
 }
 
-/* Out of service: idle pool threads leave, and the set goes with its last
- * reference. */
+/* Out of service: its pools take no more operations, and the set goes
+ * with its last reference. */
 static void set_retire(kd_set *s)
 {
     size_t i;
@@ -371,7 +370,6 @@ static void set_retire(kd_set *s)
     for (i = 0; i < s->npools; i++) {
         pthread_mutex_lock(&s->pools[i].lock);
         s->pools[i].retired = 1;
-        pthread_cond_broadcast(&s->pools[i].cond);
         pthread_mutex_unlock(&s->pools[i].lock);
     }
     set_put(s);
@@ -402,80 +400,25 @@ static kd_pool *pool_of(kd_set *s, const token_key *key)
     return NULL;
 }
 
-static void job_run(kd_job *job);
-
-static void *pool_main(void *arg)
+/* One more operation on p's token; -1: it has all it takes. */
+static int pool_enter(kd_pool *p)
 {
-    kd_pool *p = arg;
-    kd_set *s = p->set;
-    struct timespec until;
-    kd_job *job;
-    int rc;
+    int r = -1;
 
     pthread_mutex_lock(&p->lock);
-    for (;;) {
-        rc = 0;
-        if (p->head == NULL && !p->retired) {
-            clock_gettime(CLOCK_REALTIME, &until);
-            until.tv_sec += POOL_IDLE_S;
-            p->idle++;
-            while (p->head == NULL && !p->retired && rc != ETIMEDOUT)
-                rc = pthread_cond_timedwait(&p->cond, &p->lock, &until);
-            p->idle--;
-        }
-        job = p->head;
-        if (job == NULL)
-            break;
-        p->head = job->next;
-        if (p->head == NULL)
-            p->tail = &p->head;
-        pthread_mutex_unlock(&p->lock);
-        job_run(job);
-        pthread_mutex_lock(&p->lock);
-        p->accepted--;
+    if (p->accepted < POOL_CAP && !p->retired) {
+        p->accepted++;
+        r = 0;
     }
-    p->threads--;
     pthread_mutex_unlock(&p->lock);
-    thread_ending();
-    set_put(s);
-    return NULL;
+    return r;
 }
 
-/* Queues job; a thread is made when none is idle. -1: the pool has all it
- * takes (the job is the caller's again). */
-static int pool_submit(kd_pool *p, kd_job *job)
+static void pool_leave(kd_pool *p)
 {
-    int spawn = 0;
-
     pthread_mutex_lock(&p->lock);
-    if (p->accepted >= POOL_CAP || p->retired) {
-        pthread_mutex_unlock(&p->lock);
-        return -1;
-    }
-    p->accepted++;
-    job->next = NULL;
-    *p->tail = job;
-    p->tail = &job->next;
-    /* every accepted job gets a thread of its own: the waiting happens
-     * in the token's queue, which keeps wait_ms */
-    if (p->threads - p->idle < p->accepted && p->idle == 0) {
-        p->threads++;
-        spawn = 1;
-    }
-    pthread_cond_signal(&p->cond);
+    p->accepted--;
     pthread_mutex_unlock(&p->lock);
-    if (!spawn)
-        return 0;
-    set_ref(p->set);
-    if (thread_start(pool_main, p, POOL_STACK) != 0) {
-        /* the threads there are take the job in turn */
-        pthread_mutex_lock(&p->lock);
-        p->threads--;
-        pthread_mutex_unlock(&p->lock);
-        set_put(p->set);
-        log_error("cannot start an operation thread: %s", strerror(errno));
-    }
-    return 0;
 }
 
 /* ---- connections ---- */
@@ -498,6 +441,7 @@ static void conn_put(kd_conn *c)
         return;
     close(c->fd);
     keyaudit_free(c->audit);
+    pthread_mutex_destroy(&c->lock);
     free(c);
 }
 
@@ -579,7 +523,7 @@ static void reply(kd_conn *c, unsigned type, uint32_t id, proto_status st,
     OPENSSL_cleanse(buf, sizeof(buf));
 }
 
-/* ---- private-key operations (on the pool's threads) ---- */
+/* ---- private-key operations (on the connection's threads) ---- */
 
 static proto_status status_of(const token_error *terr, uint32_t *retry)
 {
@@ -715,10 +659,9 @@ done:
     reply(job->conn, PROTO_REPLY | type, job->req.id, st, retry, message, out,
           st == PROTO_OK ? outlen : 0);
     OPENSSL_cleanse(out, sizeof(out));
-    job_free(job);
 }
 
-/* ---- requests (on the connection's reader thread) ---- */
+/* ---- requests (on the connection's threads) ---- */
 
 static void refuse(kd_conn *c, const unsigned char *buf, size_t len,
                    const char *why)
@@ -726,7 +669,7 @@ static void refuse(kd_conn *c, const unsigned char *buf, size_t len,
     uint16_t type = 0;
     uint32_t id = 0;
 
-    if (++c->refused <= REFUSALS_LOGGED)
+    if (__atomic_add_fetch(&c->refused, 1, __ATOMIC_RELAXED) <= REFUSALS_LOGGED)
         log_warn("worker %u: refused a message: %s", c->slot, why);
     if (proto_peek(buf, len, &type, &id) != 0 || id == 0)
         return;
@@ -737,8 +680,10 @@ static void refuse(kd_conn *c, const unsigned char *buf, size_t len,
 }
 
 /* The checks of an operation against its key that need no token; then
- * the job goes to the key's pool. */
-static void submit(kd_conn *c, const unsigned char *buf, size_t len)
+ * the operation runs on this thread, when another one is left receiving
+ * (may_wait), else it is answered busy. */
+static void submit(kd_conn *c, const unsigned char *buf, size_t len,
+                   int may_wait)
 {
     char why[PROTO_MESSAGE_MAX + 1] = "";
     proto_status st = PROTO_INTERNAL;
@@ -823,13 +768,25 @@ static void submit(kd_conn *c, const unsigned char *buf, size_t len)
     c->refs++;
     pthread_mutex_unlock(&kd_lock);
     job->conn = c;
-    if (pool_submit(pool, job) == 0)
+    if (may_wait && pool_enter(pool) == 0) {
+        job_run(job);
+        /* before the job's reference to the set, which holds the pool */
+        pool_leave(pool);
+        job_free(job);
         return;
-    /* the token has all the operations it takes: busy, and recorded as a
-     * refusal of the token like a wait that ran out */
+    }
+    /* the token has all the operations it takes (or the connection all
+     * its threads): busy, and recorded as a refusal of the token like a
+     * wait that ran out */
     st = PROTO_BUSY;
-    snprintf(why, sizeof(why), "token %s: %d operations are waiting already",
-             token_key_token_name(job->key), POOL_CAP);
+    if (may_wait)
+        snprintf(why, sizeof(why),
+                 "token %s: %d operations are waiting already",
+                 token_key_token_name(job->key), POOL_CAP);
+    else
+        snprintf(why, sizeof(why),
+                 "%d operations are waiting on this connection already",
+                 CONN_THREADS - 1);
     if (job_record(job, st) != 0) {
         st = PROTO_AUDIT_FAILED;
         snprintf(why, sizeof(why), "cannot write the audit record");
@@ -905,24 +862,17 @@ static void do_audit(kd_conn *c, const proto_request *req)
           "cannot write the audit record", NULL, 0);
 }
 
+/* FINISH has no reply: the worker has sent its answer and does not wait
+ * (a FINISH for no open request is dropped). */
 static void do_finish(kd_conn *c, const proto_request *req)
 {
-    int r = keyaudit_finish(c->audit, &req->u.finish);
-
-    if (r < 0)
+    if (keyaudit_finish(c->audit, &req->u.finish) < 0)
         log_error("cannot write the audit record of request %s",
                   req->u.finish.request_id);
-    reply(c, PROTO_REPLY | PROTO_FINISH, req->id,
-          r > 0   ? PROTO_OK
-          : r < 0 ? PROTO_AUDIT_FAILED
-                  : PROTO_NOT_FOUND,
-          0,
-          r < 0 ? "cannot write the audit record"
-                : "no key operation of this request waits for its end",
-          NULL, 0);
 }
 
-static void handle(kd_conn *c, const unsigned char *buf, size_t len)
+static void handle(kd_conn *c, const unsigned char *buf, size_t len,
+                   int may_wait)
 {
     proto_request req;
     proto_error err;
@@ -943,48 +893,149 @@ static void handle(kd_conn *c, const unsigned char *buf, size_t len)
         do_finish(c, &req);
         break;
     default:
-        submit(c, buf, len);
+        submit(c, buf, len, may_wait);
     }
+}
+
+static void *conn_main(void *arg);
+
+/* One more receiving thread, already counted in c->threads and c->idle
+ * (uncounted again when it cannot be made). */
+static int conn_spawn(kd_conn *c)
+{
+    int r;
+
+    pthread_mutex_lock(&kd_lock);
+    c->refs++;
+    pthread_mutex_unlock(&kd_lock);
+    r = thread_start(conn_main, c, THREAD_STACK);
+    if (r == 0)
+        return 0;
+    log_error("worker %u: cannot start a thread: %s", c->slot, strerror(r));
+    pthread_mutex_lock(&c->lock);
+    c->threads--;
+    c->idle--;
+    pthread_mutex_unlock(&c->lock);
+    conn_put(c);
+    return -1;
+}
+
+/* The calling thread received a message: 1 when another thread is left
+ * receiving, so that this one may wait for a token. */
+static int conn_take(kd_conn *c)
+{
+    int spawn, others;
+
+    pthread_mutex_lock(&c->lock);
+    c->idle--;
+    spawn = c->idle == 0 && c->threads < CONN_THREADS;
+    if (spawn) {
+        c->threads++;
+        c->idle++;
+    }
+    others = c->idle > 0;
+    pthread_mutex_unlock(&c->lock);
+    if (!spawn)
+        return others;
+    conn_spawn(c);
+    pthread_mutex_lock(&c->lock);
+    others = c->idle > 0;
+    pthread_mutex_unlock(&c->lock);
+    return others;
+}
+
+static void conn_untake(kd_conn *c)
+{
+    pthread_mutex_lock(&c->lock);
+    c->idle++;
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* A thread idle for IDLE_S leaves unless it is the last receiving. */
+static int conn_leave_idle(kd_conn *c)
+{
+    int leave;
+
+    pthread_mutex_lock(&c->lock);
+    leave = c->idle > 1;
+    if (leave) {
+        c->idle--;
+        c->threads--;
+    }
+    pthread_mutex_unlock(&c->lock);
+    return leave;
+}
+
+/* The socket ended (the worker went, or stop): the first thread to see it
+ * records the open requests as lost; running ones are written when they
+ * end. */
+static void conn_ended(kd_conn *c)
+{
+    unsigned refused;
+
+    pthread_mutex_lock(&c->lock);
+    c->idle--;
+    c->threads--;
+    pthread_mutex_unlock(&c->lock);
+    if (__atomic_exchange_n(&c->ended, 1, __ATOMIC_ACQ_REL))
+        return;
+    conn_close(c);
+    keyaudit_expire(c->audit, 1);
+    refused = __atomic_load_n(&c->refused, __ATOMIC_RELAXED);
+    if (refused > REFUSALS_LOGGED)
+        log_warn("worker %u: %u messages refused in all", c->slot, refused);
+    log_info("worker %u: key-protocol connection closed", c->slot);
 }
 
 static void *conn_main(void *arg)
 {
     kd_conn *c = arg;
     unsigned char *buf = malloc(PROTO_MSG_MAX + 1);
-    struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+    struct timespec idle_since;
     struct iovec iov;
     struct msghdr mh;
-    int wait_ms = -1;
+    int may_wait;
     ssize_t n;
 
+    clock_gettime(CLOCK_MONOTONIC, &idle_since);
     while (buf != NULL) {
-        wait_ms = keyaudit_expire(c->audit, 0);
-        if (poll(&pfd, 1, wait_ms) <= 0)
-            continue;
         iov.iov_base = buf;
         iov.iov_len = PROTO_MSG_MAX + 1;
         memset(&mh, 0, sizeof(mh));
         mh.msg_iov = &iov;
         mh.msg_iovlen = 1;
-        /* no room for ancillary data: descriptors a worker sends are
-         * closed by the kernel (MSG_CTRUNC) */
-        n = recvmsg(c->fd, &mh, MSG_DONTWAIT);
-        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+        /* blocking, so that the kernel wakes one thread per datagram; no
+         * room for ancillary data: descriptors a worker sends are closed
+         * by the kernel (MSG_CTRUNC) */
+        n = recvmsg(c->fd, &mh, 0);
+        if (n < 0 && errno == EINTR)
             continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            keyaudit_expire(c->audit, 0);
+            if (ms_since(&idle_since) >= IDLE_S * 1000.0 &&
+                conn_leave_idle(c)) {
+                free(buf);
+                thread_ending();
+                conn_put(c);
+                return NULL;
+            }
+            continue;
+        }
         if (n <= 0)
             break;
         if ((mh.msg_flags & MSG_TRUNC) || n > PROTO_MSG_MAX)
             refuse(c, buf, (size_t)n, "the message is longer than 64 KiB");
         else if (mh.msg_flags & MSG_CTRUNC)
             refuse(c, buf, (size_t)n, "the message carried descriptors");
-        else
-            handle(c, buf, (size_t)n);
+        else {
+            may_wait = conn_take(c);
+            handle(c, buf, (size_t)n, may_wait);
+            conn_untake(c);
+        }
+        keyaudit_expire(c->audit, 0);
+        clock_gettime(CLOCK_MONOTONIC, &idle_since);
     }
-    conn_close(c);
-    keyaudit_expire(c->audit, 1);
-    if (c->refused > REFUSALS_LOGGED)
-        log_warn("worker %u: %u messages refused in all", c->slot, c->refused);
-    log_info("worker %u: key-protocol connection closed", c->slot);
+    conn_ended(c);
     free(buf);
     thread_ending();
     conn_put(c);
@@ -993,20 +1044,32 @@ static void *conn_main(void *arg)
 
 static void conn_start(int fd, unsigned slot)
 {
+    struct timeval tick = {0, RECV_TICK_MS * 1000};
     kd_conn *c = calloc(1, sizeof(*c));
+    int flags;
 
     if (c == NULL) {
         log_error("out of memory for worker %u's connection", slot);
         close(fd);
         return;
     }
+    flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof(tick)) != 0) {
+        log_error("worker %u's socket: %s", slot, strerror(errno));
+        close(fd);
+        free(c);
+        return;
+    }
     c->fd = fd;
     c->slot = slot;
     c->refs = 1;
+    pthread_mutex_init(&c->lock, NULL);
     c->audit = keyaudit_new(slot);
     if (c->audit == NULL) {
         log_error("out of memory for worker %u's connection", slot);
         close(fd);
+        pthread_mutex_destroy(&c->lock);
         free(c);
         return;
     }
@@ -1014,11 +1077,11 @@ static void conn_start(int fd, unsigned slot)
     c->next = kd_conns;
     kd_conns = c;
     pthread_mutex_unlock(&kd_lock);
-    if (thread_start(conn_main, c, 0) != 0) {
-        log_error("cannot start a reader for worker %u: %s", slot,
-                  strerror(errno));
-        conn_put(c);
-    }
+    c->threads = c->idle = 1;
+    if (conn_spawn(c) != 0)
+        conn_close(c);
+    /* its threads hold it now */
+    conn_put(c);
 }
 
 /* A notice of the new epoch to every worker; one whose socket is full

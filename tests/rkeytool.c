@@ -380,7 +380,7 @@ int main(int argc, char **argv)
     if (argc < 3)
         return 2;
     /* the EVP_PKEYs of the directory need the provider, loaded before any
-     * other thread (the client's reader) starts */
+     * other thread starts */
     if (strncmp(argv[2], "pkey-", 5) == 0 && rkey_provider_init(&err) != 0) {
         fprintf(stderr, "rkey_provider_init: %s\n", err.message);
         return 1;

@@ -6,6 +6,11 @@
 Measures, prints a table and writes RESULTS_JSON:
   ceiling   the token's own rate through libp11 (BUILD_DIR/p11bench): sign
             at 1, 2 and 8 threads; RSA decrypt and ECDH derive
+  hop       the process wall's cost per private-key operation: a key
+            process (--role=key) and the worker's client (rkeytool
+            parallel: ECDSA signatures, each with its FINISH, one at a
+            time), their CPU time per operation less the token's own
+            through libp11 (p11bench, one thread); median of 3 rounds
   sign      the daemon's POST /v1/sign of a 1 KiB text message, from wrk
             over keep-alive loopback HTTP, at 1..128 connections
   large     raw-mode sign of 1 MiB and 10 MiB messages against
@@ -22,7 +27,7 @@ start-up-to-ready time come from the daemons started.
 Environment knobs: BENCH_SECONDS (per measurement, default 5),
 BENCH_CONNECTIONS (default "1,2,8,32,128"), BENCH_THREADS (default "1,2,8"),
 BENCH_SKIP (comma list of sections to leave out: ceiling, sign, large,
-memory, decrypt, openssl), BENCH_ONLY (comma list of the sections to run,
+memory, decrypt, openssl, hop), BENCH_ONLY (comma list of the sections to run,
 e.g. BENCH_ONLY=memory: about half a minute). Loopback only; every step is
 bounded in time. The ceiling is measured before and after the daemon
 sweep, the better kept.
@@ -57,7 +62,7 @@ CONNS = env_list("BENCH_CONNECTIONS", "1,2,8,32,128")
 THREADS = env_list("BENCH_THREADS", "1,2,8")
 SKIP = set(x.strip() for x in os.environ.get("BENCH_SKIP", "").split(",") if x.strip())
 ONLY = set(x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip())
-SECTIONS = ("ceiling", "sign", "large", "memory", "decrypt", "openssl")
+SECTIONS = ("ceiling", "hop", "sign", "large", "memory", "decrypt", "openssl")
 if ONLY:
     SKIP |= set(SECTIONS) - ONLY
 MEMORY_SIZES = [10 << 20, 60 << 20]
@@ -242,6 +247,70 @@ def p11bench(build, demo, key, threads, op):
     return {"threads": threads, "rate": rate, "cpu_us_per_op": cpu}
 
 
+def proc_cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+HOP_OPS = 10000
+HOP_THREADS = 1
+HOP_ROUNDS = 3
+
+
+def hop_round(build, demo, logf, K):
+    """One key process and HOP_OPS signatures from rkeytool: the CPU time
+    per operation of each, and the rate."""
+    kp = K.KeyProcess(build / "smimed", demo / "bench.conf", logf.name)
+    try:
+        kp.wait_ready()
+        conn = kp.connect(1)
+        fd = conn.sock.fileno()
+        cpu0 = proc_cpu_seconds(kp.proc.pid)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        out = subprocess.run([str(build / "tests" / "rkeytool"), str(fd), "parallel",
+                              "demo-ec", str(HOP_OPS), str(HOP_THREADS)],
+                             pass_fds=[fd], capture_output=True, text=True, timeout=300)
+        wall = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu1 = proc_cpu_seconds(kp.proc.pid)
+        conn.close()
+    finally:
+        kp.stop()
+    if out.returncode != 0:
+        raise RuntimeError("rkeytool parallel: %s %s" % (out.stdout, out.stderr))
+    tool = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
+    return (cpu1 - cpu0) * 1e6 / HOP_OPS, tool * 1e6 / HOP_OPS, HOP_OPS / wall
+
+
+def hop(build, demo, logf, res):
+    """The key process and the worker's client on one socket pair, as the
+    supervisor sets them up: the CPU time both spend per ECDSA signature and
+    its FINISH, one at a time (each message finds the other side asleep:
+    the hop's whole cost), less what the token takes for the signature
+    through libp11 directly (one thread). The median of HOP_ROUNDS rounds,
+    each against the token's figure measured just after it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
+    import keyproto as K
+    rounds = []
+    for _ in range(HOP_ROUNDS):
+        key_us, tool_us, rate = hop_round(build, demo, logf, K)
+        token_us = p11bench(build, demo, "demo-ec", HOP_THREADS, "sign")["cpu_us_per_op"]
+        rounds.append((key_us + tool_us - token_us, key_us, tool_us, token_us, rate))
+    hop_us, key_us, tool_us, token_us, rate = sorted(rounds)[len(rounds) // 2]
+    res["hop"] = {"operations": HOP_OPS, "threads": HOP_THREADS, "rounds": HOP_ROUNDS,
+                  "rate": round(rate, 1),
+                  "key_process_cpu_us_per_op": round(key_us, 1),
+                  "client_cpu_us_per_op": round(tool_us, 1),
+                  "token_cpu_us_per_op": token_us,
+                  "hop_cpu_us_per_op": round(hop_us, 1),
+                  "hop_all_rounds": [round(r[0], 1) for r in rounds]}
+    log("  hop      demo-ec  key process %.1f us + client %.1f us per signature and FINISH,"
+        " token alone %.1f us: the hop %.1f us (%.0f/s; rounds %s)"
+        % (key_us, tool_us, token_us, hop_us, rate, res["hop"]["hop_all_rounds"]))
+
+
 def text_message(size):
     """A 7-bit text message of about size bytes with top-level headers."""
     head = ("From: bench@demo.smimed.test\r\nTo: someone@example.org\r\n"
@@ -304,13 +373,19 @@ def tuned_config(demo):
     return "bench-tuned.conf"
 
 
+def sign_body(work, key):
+    """The request body of the sign measurements: a 1 KiB text message."""
+    body = work / ("sign-%s.json" % key)
+    mime = ("Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+            + "benchmark line of text\r\n" * 43)
+    body.write_text(json.dumps({"key": key, "mime": mime}))
+    return body
+
+
 def sign_sweep(build, demo, logf, work, res):
     res["sign"] = {}
     for key, _ in KEYS:
-        body = work / ("sign-%s.json" % key)
-        mime = ("Content-Type: text/plain; charset=us-ascii\r\n\r\n"
-                + "benchmark line of text\r\n" * 43)
-        body.write_text(json.dumps({"key": key, "mime": mime}))
+        body = sign_body(work, key)
         rows = []
         for c in CONNS:
             d = Daemon(build, demo, logf)
@@ -613,6 +688,12 @@ def summary(res):
         lines.append("%-9s %-9s %12s %12s %7s" % (
             key, "decrypt", fmt(ceil and ceil["rate"]), fmt(dmn and dmn["rate"]), fmt(ratio, "%.2f")))
     lines.append("")
+    if res.get("hop"):
+        h = res["hop"]
+        lines.append("the hop to the key process: %.1f us of CPU per private-key operation "
+                     "(key process %.1f + client %.1f, less the token's %.1f)"
+                     % (h["hop_cpu_us_per_op"], h["key_process_cpu_us_per_op"],
+                        h["client_cpu_us_per_op"], h["token_cpu_us_per_op"]))
     for key, _ in KEYS:
         r = res["ratios"][key]
         if r.get("cpu_share_of_token") is not None:
@@ -714,6 +795,7 @@ def main():
         starts = [d.ready_ms]
         d.stop()
         sections = [("ceiling", lambda: ceiling(build, demo, res)),
+                    ("hop", lambda: hop(build, demo, logf, res)),
                     ("sign", lambda: sign_sweep(build, demo, logf, work, res)),
                     ("ceiling", lambda: ceiling_again(build, demo, res)),
                     ("large", lambda: large(build, demo, logf, work, res)),

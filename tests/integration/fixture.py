@@ -735,6 +735,18 @@ class Gpgsm:
 
 # ---------------------------------------------------------------- cases
 
+def wait_for(read, ready, timeout=5.0):
+    """read() again every 10 ms until ready(what it returned) or timeout
+    seconds passed; what it returned last. For what a process writes just
+    after its answer: the key process's finish record (FINISH is one way)."""
+    deadline = time.time() + timeout
+    while True:
+        got = read()
+        if ready(got) or time.time() > deadline:
+            return got
+        time.sleep(0.01)
+
+
 def check(cond, msg):
     if not cond:
         raise AssertionError(msg)

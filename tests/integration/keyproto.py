@@ -188,6 +188,12 @@ class Conn:
             if rep.id == want_id:
                 return rep
 
+    def send(self, mtype, body):
+        """A message without a reply (FINISH)."""
+        mid = self.next_id
+        self.next_id += 1
+        self.send_raw(message(mtype, mid, body))
+
     def call(self, mtype, body, timeout=30):
         mid = self.next_id
         self.next_id += 1

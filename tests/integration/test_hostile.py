@@ -283,7 +283,7 @@ def many_reencoded():
     eq(len(listed), int(m.group(2)), "parts listed against the K given")
     check(len(listed) > 100, "only %d parts listed in 4 KiB" % len(listed))
     F.openssl_verify(a.body, CA, WORK)
-    recs = audit_of(a.header("X-Request-Id"))
+    recs = F.wait_for(lambda: audit_of(a.header("X-Request-Id")), lambda r: len(r) >= 2)
     # the key process's record of the signature, then the answer's
     eq([(r["stage"], r["result"]) for r in recs], [("key", None), ("finish", 200)],
        "audit records of the answered request")

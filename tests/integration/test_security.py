@@ -72,7 +72,9 @@ def record_of(r, path=AUDIT):
     finish or refusal; a finish follows the record of its key operation."""
     rid = r.header("X-Request-Id")
     check(rid, "no X-Request-Id on the response")
-    found = [x for x in audit_records(path) if x.get("request_id") == rid]
+    # a finish record comes a little after the answer (FINISH is one way)
+    found = F.wait_for(lambda: [x for x in audit_records(path) if x.get("request_id") == rid],
+                       lambda f: any(x.get("stage") in ("finish", "refusal") for x in f))
     answers = [x for x in found if x.get("stage") in ("finish", "refusal")]
     eq(len(answers), 1, "audit records of the answer to request %s" % rid)
     if answers[0]["stage"] == "finish":
@@ -81,6 +83,15 @@ def record_of(r, path=AUDIT):
     else:
         eq(len(found), 1, "audit records of request %s" % rid)
     return answers[0]
+
+
+def settled_records(path=AUDIT):
+    """The audit trail once every key record has its finish (FINISH is one
+    way, so the last request's may come a little after its answer)."""
+    def settled(recs):
+        open_ids = {x["request_id"] for x in recs if x.get("stage") == "key"}
+        return open_ids <= {x["request_id"] for x in recs if x.get("stage") == "finish"}
+    return F.wait_for(lambda: audit_records(path), settled)
 
 
 def no_record(r, path=AUDIT):
@@ -111,7 +122,7 @@ def refused_401(r):
 
 
 def missing_token():
-    before = [x for x in audit_records() if x["result"] == 200]
+    before = [x for x in settled_records() if x["result"] == 200]
     sign = {"key": "demo-rsa", "mime": msg()}
     for r in (D.post_json("/v1/sign", sign, auth=False),
               D.post_json("/v1/decrypt", {"mime": "x"}, auth=False),
@@ -123,7 +134,7 @@ def missing_token():
         eq(rec["result"], 401, "audit result")
         eq(rec["client"], None, "audit client")
         eq(rec["content_sha256"], None, "digest of content never read")
-    after = [x for x in audit_records() if x["result"] == 200]
+    after = [x for x in settled_records() if x["result"] == 200]
     eq(len(after), len(before), "successful key operations during refused requests")
 
 
@@ -217,7 +228,7 @@ def probes_open():
 
 def limited_client():
     lim = bearer(LIMITED)
-    n200 = len([x for x in audit_records() if x["result"] == 200])
+    n200 = len([x for x in settled_records() if x["result"] == 200])
     r = D.post_json("/v1/sign", {"key": "demo-rsa", "mime": msg()}, headers=lim)
     expect_error(r, 403, "forbidden")
     rec = record_of(r)
@@ -233,7 +244,7 @@ def limited_client():
     env = encrypted_for("demo-ec")
     expect_error(D.post_json("/v1/decrypt", {"mime": env}, headers=lim), 403, "forbidden")
     expect_error(D.post_json("/v1/decrypt", {"mime": env, "key": "demo-ec"}, headers=lim), 403, "forbidden")
-    eq(len([x for x in audit_records() if x["result"] == 200]), n200,
+    eq(len([x for x in settled_records() if x["result"] == 200]), n200,
        "key operations performed for refused requests")
     # what it may do
     r = D.post_json("/v1/sign", {"key": "demo-ec", "mime": msg()}, headers=lim)
@@ -276,7 +287,7 @@ def decrypt_choice_respects_rights():
 # ------------------------------------------------------------ audit trail
 
 def audit_mixed_run():
-    start_n = len(audit_records())
+    start_n = len(settled_records())
     expected = []  # (response, client, operation, key, sha256 of the bytes sent)
 
     def note(r, client, op, key, sent):
@@ -323,7 +334,7 @@ def audit_mixed_run():
              D.post_json("/v1/sign", {"key": "no-such", "mime": msg()}),
              D.post_json("/v1/sign", {"key": "demo-rsa"}),
              D.request("GET", "/v1/keys")]
-    recs = audit_records()[start_n:]
+    recs = settled_records()[start_n:]
     eq(len(recs), sum(2 if r.status == 200 else 1 for r, *_ in expected),
        "audit records written (two per key operation, one per refusal)")
     for rec in recs:
