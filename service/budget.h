@@ -2,9 +2,9 @@
  * budget: the request body bytes in flight across the whole daemon. A
  * request reserves what its body may take before any of it is read and
  * gives it back when it completes; past the limit it is refused (503
- * server_busy) instead. The counter lives in a MAP_SHARED anonymous
- * mapping made at start and is updated with atomics only, so processes
- * forked after budget_new share one budget with no lock between them.
+ * server_busy) instead. The bytes live in the shared region
+ * (service/shared.h), recorded per worker slot, so every worker draws on
+ * one budget and a worker that dies gives back what it held.
  */
 #ifndef SMIMED_BUDGET_H
 #define SMIMED_BUDGET_H
@@ -12,11 +12,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "service/shared.h"
+
 typedef struct budget budget;
 
-/* NULL (errno set) when the mapping cannot be made. limit > 0. */
-budget *budget_new(uint64_t limit);
-/* Unmaps; every process that shares it unmaps its own view. */
+/* On region (borrowed: it outlives the budget), which holds the limit.
+ * NULL (errno set) without memory. */
+budget *budget_new(shared *region);
 void budget_free(budget *b);
 /* 0 and n bytes reserved, or -1 when they would take the bytes in flight
  * past the limit (nothing reserved). n = 0 always fits. */

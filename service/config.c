@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pwd.h>
 #include <unistd.h>
 #include <sys/stat.h>
 #include <jansson.h>
@@ -54,6 +55,7 @@ static const opt top_opts[] = {
     {"audit_log", OPT_STRING, 0, 0, 0},
     {"allow_insecure_unauthenticated_listen", OPT_BOOL, 0, 0, 0},
     {"workers", OPT_INT, 0, 1, 256},
+    {"user", OPT_STRING, 0, 0, 0},
     {NULL, 0, 0, 0, 0},
 };
 
@@ -634,6 +636,43 @@ static void load_body_budget(loader *ld, json_t *root)
                 cfg->max_inflight_body_bytes, cfg->max_body_bytes);
 }
 
+/* The account request workers run as when the daemon starts as root; an
+ * unknown one is refused now rather than when a worker starts. The default
+ * is looked up only when it would be used (a daemon started as another
+ * user stays that user). */
+static void load_user(loader *ld, json_t *root)
+{
+    const char *name = get_string(root, "user");
+    struct passwd pw, *found = NULL;
+    char buf[4096];
+    int r;
+
+    if (name == NULL && geteuid() != 0)
+        return;
+    if (name == NULL)
+        name = "nobody";
+    r = getpwnam_r(name, &pw, buf, sizeof(buf), &found);
+    if (found == NULL) {
+        problem(ld, "user", "no user \"%s\"%s%s", name, r != 0 ? ": " : "",
+                r != 0 ? strerror(r) : "");
+        return;
+    }
+    if (pw.pw_uid == 0 || pw.pw_gid == 0) {
+        problem(ld, "user",
+                "\"%s\" has uid or gid 0: the workers would keep root's "
+                "privileges",
+                name);
+        return;
+    }
+    ld->cfg->user = keep(ld, strdup(name));
+    if (ld->cfg->user == NULL) {
+        problem(ld, "user", "out of memory");
+        return;
+    }
+    ld->cfg->user_uid = pw.pw_uid;
+    ld->cfg->user_gid = pw.pw_gid;
+}
+
 /* One request worker per core. */
 static json_int_t default_workers(void)
 {
@@ -663,6 +702,7 @@ static void load_top(loader *ld, json_t *root)
     cfg->request_timeout_s = (unsigned)get_int(root, "request_timeout_s", 60);
     cfg->header_timeout_s = (unsigned)get_int(root, "header_timeout_s", 10);
     cfg->workers = (unsigned)get_int(root, "workers", default_workers());
+    load_user(ld, root);
     s = get_string(root, "log_level");
     cfg->log_level = LOG_LEVEL_INFO;
     if (s != NULL && config_log_level_from_name(s, &cfg->log_level) != 0)

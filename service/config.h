@@ -7,6 +7,7 @@
 #define SMIMED_CONFIG_H
 
 #include <stddef.h>
+#include <sys/types.h>
 
 #include <openssl/x509.h>
 
@@ -30,6 +31,11 @@ typedef struct config {
     unsigned request_timeout_s;
     unsigned header_timeout_s; /* deadline for a complete request header */
     unsigned workers;          /* request worker processes */
+    /* the account a worker drops to when started as root, and its ids;
+     * NULL when the daemon does not run as root and "user" is not set */
+    char *user;
+    uid_t user_uid;
+    gid_t user_gid;
     log_level log_level;
     char *log_file; /* NULL: stderr */
     /* verification: anchors from a PEM bundle or a hashed directory, and

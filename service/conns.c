@@ -1,13 +1,17 @@
 /*
  * Connection admission and the header deadline.
  *
- * One mutex guards the address table and the list of connections. The
- * address table is a fixed array with linear probing (at most
- * max_connections addresses are ever in it, and it has at least twice as
- * many slots), so admission allocates nothing and the table could live in
- * a shared mapping. Admission only reads it: a connection is counted when
- * libmicrohttpd reports it started, since it may still drop one after the
- * accept policy said yes; both run on the accepting thread.
+ * The counts are the shared region's (service/shared.h): the accept
+ * policy reads them, decides and takes a connection record in one step
+ * under the region's lock, since workers accept on one socket in
+ * parallel. libmicrohttpd can still drop a connection after its policy
+ * said yes (no memory, its own firm limit) without reporting it started;
+ * the policy and STARTED run on the same accepting thread, one connection
+ * after the other, so the record taken waits in a thread-local "pending"
+ * until STARTED claims it, and the next admission on that thread gives
+ * back one that nobody claimed.
+ *
+ * One mutex guards this process's list of connections (the watchdog's).
  *
  * A connection's state changes without the lock, by compare-and-swap:
  *   WAIT  (header not complete; deadline set)  -> BUSY  by the handler
@@ -31,10 +35,10 @@
 #include <unistd.h>
 #include <netinet/in.h>
 #include <linux/tcp.h> /* struct tcp_info with tcpi_bytes_received */
-#include <sys/random.h>
 
 #include "service/conns.h"
 #include "service/log.h"
+#include "service/shared.h"
 
 enum { ST_WAIT, ST_BUSY, ST_IDLE, ST_SHUT };
 
@@ -56,14 +60,10 @@ typedef struct addr_key {
     unsigned char b[16];
 } addr_key;
 
-typedef struct slot {
-    addr_key key;
-    unsigned count; /* 0: free */
-} slot;
-
 struct conns_entry {
     conns_entry *prev, *next;
     int fd;
+    unsigned rec;        /* its record in the region */
     int state;           /* ST_*, atomic */
     uint64_t idle_bytes; /* atomic: bytes received when it went idle */
     struct timespec deadline;
@@ -76,13 +76,22 @@ struct conns {
     pthread_t thread;
     int started, stop;
     unsigned max_connections, max_per_ip, header_timeout_s;
+    shared *region; /* borrowed */
     conns_entry *head;
-    unsigned open;
-    slot *slots;
-    size_t nslots; /* a power of two */
-    uint64_t seed;
+    /* this process's, for the log line; /metrics has the region's sums */
     uint64_t header_timeouts, refused_per_ip, refused_reserve;
 };
+
+/* Why conns_admit refused (shared_admit_fn's reasons). */
+enum { REFUSE_PER_IP = 1, REFUSE_RESERVE = 2 };
+
+/* A record the accept policy took on this thread that STARTED has not
+ * claimed yet. */
+static __thread struct {
+    conns *c;
+    unsigned rec;
+    addr_key key;
+} pending;
 
 static void key_of(const struct sockaddr *sa, socklen_t len, addr_key *k)
 {
@@ -100,58 +109,6 @@ static void key_of(const struct sockaddr *sa, socklen_t len, addr_key *k)
         if (!IN6_IS_ADDR_V4MAPPED(a))
             memset(&k->b[8], 0, 8);
     }
-}
-
-/* Seeded, so addresses chosen to collide cannot be computed in advance. */
-static size_t home_of(const conns *c, const addr_key *k)
-{
-    uint64_t h = c->seed, w;
-    size_t i;
-
-    for (i = 0; i < sizeof(k->b); i += 8) {
-        memcpy(&w, &k->b[i], 8);
-        h ^= w;
-        h *= 0x9e3779b97f4a7c15ULL;
-        h ^= h >> 29;
-    }
-    return (size_t)h & (c->nslots - 1);
-}
-
-/* The slot holding k, or the free slot where it would go. */
-static slot *slot_find(conns *c, const addr_key *k)
-{
-    size_t i = home_of(c, k), n;
-
-    for (n = 0; n < c->nslots; n++, i = (i + 1) & (c->nslots - 1))
-        if (c->slots[i].count == 0 ||
-            memcmp(&c->slots[i].key, k, sizeof(*k)) == 0)
-            return &c->slots[i];
-    return NULL;
-}
-
-/* 1 when h lies in the cyclic range (from, to]. */
-static int between(size_t from, size_t h, size_t to)
-{
-    return from < to ? from < h && h <= to : from < h || h <= to;
-}
-
-/* Frees slot s, moving back later entries that probed past it (linear
- * probing's deletion without tombstones). */
-static void slot_free(conns *c, slot *s)
-{
-    size_t mask = c->nslots - 1, i = (size_t)(s - c->slots), j = i, h;
-
-    for (;;) {
-        j = (j + 1) & mask;
-        if (c->slots[j].count == 0)
-            break;
-        h = home_of(c, &c->slots[j].key);
-        if (!between(i, h, j)) {
-            c->slots[i] = c->slots[j];
-            i = j;
-        }
-    }
-    c->slots[i].count = 0;
 }
 
 static struct timespec now_plus_ms(long ms)
@@ -211,6 +168,7 @@ static struct timespec watch_pass(conns *c, const struct timespec *now,
                 if (state_move(e, ST_WAIT, ST_SHUT)) {
                     shutdown(e->fd, SHUT_RDWR);
                     c->header_timeouts++;
+                    shared_count(c->region, SHARED_HEADER_TIMEOUTS, 1);
                 }
             } else if (before(&e->deadline, &next)) {
                 next = e->deadline;
@@ -286,11 +244,11 @@ static void conns_destroy(conns *c)
 {
     pthread_cond_destroy(&c->wake);
     pthread_mutex_destroy(&c->lock);
-    free(c->slots);
     free(c);
 }
 
-conns *conns_new(const conns_options *opts, char *errbuf, size_t errlen)
+conns *conns_new(const conns_options *opts, shared *region, char *errbuf,
+                 size_t errlen)
 {
     conns *c = calloc(1, sizeof(*c));
     pthread_condattr_t attr;
@@ -305,18 +263,13 @@ conns *conns_new(const conns_options *opts, char *errbuf, size_t errlen)
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_cond_init(&c->wake, &attr);
     pthread_condattr_destroy(&attr);
+    c->region = region;
     c->max_per_ip = opts->max_per_ip;
+    /* the region's records are all there is, whatever a reload said */
     c->max_connections = opts->max_connections;
+    if (c->max_connections > shared_max_connections(region))
+        c->max_connections = shared_max_connections(region);
     c->header_timeout_s = opts->header_timeout_s;
-    for (c->nslots = 16; c->nslots < 2 * (size_t)opts->max_connections;)
-        c->nslots *= 2;
-    c->slots = calloc(c->nslots, sizeof(*c->slots));
-    if (c->slots == NULL) {
-        snprintf(errbuf, errlen, "out of memory");
-        goto fail;
-    }
-    if (getrandom(&c->seed, sizeof(c->seed), 0) != sizeof(c->seed))
-        c->seed = (uint64_t)time(NULL) ^ (uint64_t)getpid() << 32;
     rc = pthread_create(&c->thread, NULL, watch, c);
     if (rc != 0) {
         snprintf(errbuf, errlen, "cannot start the connection watchdog: %s",
@@ -343,37 +296,68 @@ void conns_free(conns *c)
     conns_destroy(c);
 }
 
+/* The policy, under the region's lock: arithmetic only. */
+static int admit_policy(void *arg, unsigned open, unsigned held)
+{
+    const conns *c = arg;
+    unsigned free_slots =
+        open < c->max_connections ? c->max_connections - open : 0;
+
+    if (held >= c->max_per_ip)
+        return REFUSE_PER_IP;
+    if (free_slots <= c->max_connections / RESERVE_PART &&
+        (uint64_t)held * RESERVE_PART >= free_slots)
+        return REFUSE_RESERVE;
+    return 0;
+}
+
+static int admit_always(void *arg, unsigned open, unsigned held)
+{
+    return 0;
+}
+
+/* A record taken for a connection libmicrohttpd dropped before STARTED. */
+static void pending_drop(void)
+{
+    if (pending.c != NULL)
+        shared_conn_give(pending.c->region, pending.rec);
+    pending.c = NULL;
+}
+
 int conns_admit(conns *c, const struct sockaddr *sa, socklen_t len)
 {
     addr_key k;
-    slot *s;
-    unsigned held, free_slots;
-    int ok = 1;
+    unsigned rec;
+    int r;
 
     key_of(sa, len, &k);
-    pthread_mutex_lock(&c->lock);
-    s = slot_find(c, &k);
-    held = s != NULL ? s->count : 0;
-    free_slots =
-        c->open < c->max_connections ? c->max_connections - c->open : 0;
-    if (held >= c->max_per_ip) {
-        c->refused_per_ip++;
-        ok = 0;
-    } else if (free_slots <= c->max_connections / RESERVE_PART &&
-               (uint64_t)held * RESERVE_PART >= free_slots) {
-        c->refused_reserve++;
-        ok = 0;
+    pending_drop();
+    r = shared_conn_take(c->region, k.b, admit_policy, c, &rec);
+    if (r == 0) {
+        pending.c = c;
+        pending.rec = rec;
+        pending.key = k;
+        return 1;
     }
+    pthread_mutex_lock(&c->lock);
+    if (r == REFUSE_PER_IP)
+        c->refused_per_ip++;
+    else
+        c->refused_reserve++;
     pthread_mutex_unlock(&c->lock);
-    return ok;
+    /* no record free at all counts with the reserve: the last slots */
+    shared_count(
+        c->region,
+        r == REFUSE_PER_IP ? SHARED_REFUSED_PER_IP : SHARED_REFUSED_RESERVE, 1);
+    return 0;
 }
 
 conns_entry *conns_open(conns *c, const struct sockaddr *sa, int fd)
 {
     conns_entry *e = calloc(1, sizeof(*e));
-    slot *s;
 
     if (e == NULL) {
+        pending_drop();
         shutdown(fd, SHUT_RDWR);
         return NULL;
     }
@@ -383,34 +367,34 @@ conns_entry *conns_open(conns *c, const struct sockaddr *sa, int fd)
            : sa->sa_family == AF_INET ? (socklen_t)sizeof(struct sockaddr_in)
                                       : (socklen_t)sizeof(struct sockaddr_in6),
            &e->key);
+    if (pending.c == c && memcmp(&pending.key, &e->key, sizeof(e->key)) == 0) {
+        e->rec = pending.rec;
+        pending.c = NULL;
+    } else {
+        /* opened without an admission on this thread: counted now */
+        pending_drop();
+        if (shared_conn_take(c->region, e->key.b, admit_always, NULL,
+                             &e->rec) != 0) {
+            shutdown(fd, SHUT_RDWR);
+            free(e);
+            return NULL;
+        }
+    }
     e->fd = fd;
     e->state = ST_WAIT;
     e->idle_bytes = UINT64_MAX;
     e->deadline = now_plus_ms(1000L * c->header_timeout_s);
     pthread_mutex_lock(&c->lock);
-    s = slot_find(c, &e->key);
-    if (s == NULL) {
-        /* more addresses than max_connections: cannot happen */
-        pthread_mutex_unlock(&c->lock);
-        shutdown(fd, SHUT_RDWR);
-        free(e);
-        return NULL;
-    }
-    if (s->count++ == 0)
-        s->key = e->key;
     e->next = c->head;
     if (c->head != NULL)
         c->head->prev = e;
     c->head = e;
-    c->open++;
     pthread_mutex_unlock(&c->lock);
     return e;
 }
 
 void conns_close(conns *c, conns_entry *e)
 {
-    slot *s;
-
     if (e == NULL)
         return;
     pthread_mutex_lock(&c->lock);
@@ -420,11 +404,8 @@ void conns_close(conns *c, conns_entry *e)
         c->head = e->next;
     if (e->next != NULL)
         e->next->prev = e->prev;
-    c->open--;
-    s = slot_find(c, &e->key);
-    if (s != NULL && s->count > 0 && --s->count == 0)
-        slot_free(c, s);
     pthread_mutex_unlock(&c->lock);
+    shared_conn_give(c->region, e->rec);
     free(e);
 }
 
@@ -447,10 +428,8 @@ void conns_end_request(conns_entry *e)
 
 void conns_get_stats(conns *c, conns_stats *st)
 {
-    pthread_mutex_lock(&c->lock);
-    st->open = c->open;
-    st->header_timeouts = c->header_timeouts;
-    st->refused_per_ip = c->refused_per_ip;
-    st->refused_reserve = c->refused_reserve;
-    pthread_mutex_unlock(&c->lock);
+    st->open = shared_conn_open(c->region);
+    st->header_timeouts = shared_sum(c->region, SHARED_HEADER_TIMEOUTS);
+    st->refused_per_ip = shared_sum(c->region, SHARED_REFUSED_PER_IP);
+    st->refused_reserve = shared_sum(c->region, SHARED_REFUSED_RESERVE);
 }

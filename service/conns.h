@@ -14,9 +14,14 @@
  *   (seen by a watchdog thread through TCP_INFO's byte count). A
  *   connection still without its header then is shut down.
  *
- * Calls come from libmicrohttpd's callbacks: conns_admit, conns_open and
- * conns_close from the thread that accepts, conns_begin_request and
- * conns_end_request from the connection's own thread.
+ * The counts are the whole daemon's: they live in the shared region
+ * (service/shared.h) that every worker draws on.
+ *
+ * Calls come from libmicrohttpd's callbacks: conns_admit and conns_open
+ * from the thread that accepts (the same thread for one connection, one
+ * after the other), conns_close from the thread that accepts,
+ * conns_begin_request and conns_end_request from the connection's own
+ * thread.
  */
 #ifndef SMIMED_CONNS_H
 #define SMIMED_CONNS_H
@@ -24,12 +29,15 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "service/shared.h"
+
 typedef struct conns_options {
     unsigned max_connections;
     unsigned max_per_ip;
     unsigned header_timeout_s;
 } conns_options;
 
+/* The whole daemon's numbers. */
 typedef struct conns_stats {
     unsigned open;            /* connections now */
     uint64_t header_timeouts; /* shut down at the header deadline */
@@ -40,14 +48,19 @@ typedef struct conns_stats {
 typedef struct conns conns;
 typedef struct conns_entry conns_entry;
 
-/* Starts the watchdog thread; NULL with a message on failure. */
-conns *conns_new(const conns_options *opts, char *errbuf, size_t errlen);
+/* Starts the watchdog thread; NULL with a message on failure. region is
+ * borrowed and outlives c; max_connections is at most the region's. */
+conns *conns_new(const conns_options *opts, shared *region, char *errbuf,
+                 size_t errlen);
 /* Stops the watchdog; every connection must have been closed. */
 void conns_free(conns *c);
-/* 1 to accept a connection from sa, 0 to refuse it. */
+/* 1 to accept a connection from sa (counted from now on), 0 to refuse
+ * it. */
 int conns_admit(conns *c, const struct sockaddr *sa, socklen_t len);
-/* A connection was accepted on fd; its header deadline starts now. NULL
- * without memory, and then fd has been shut down. */
+/* A connection was accepted on fd; its header deadline starts now. It
+ * takes the count conns_admit made on this thread (or, when there was
+ * none, counts it now). NULL without memory or a free record, and then fd
+ * has been shut down. */
 conns_entry *conns_open(conns *c, const struct sockaddr *sa, int fd);
 /* The connection is closed (fd is still open: libmicrohttpd closes it
  * after this returns); e is freed. NULL is ignored. */

@@ -914,9 +914,31 @@ static void free_secret(char *text)
         OPENSSL_clear_free(text, strlen(text));
 }
 
+void http_tls_clear(http_tls *tls)
+{
+    free(tls->certificate);
+    free_secret(tls->key);
+    free(tls->client_ca);
+    memset(tls, 0, sizeof(*tls));
+}
+
+int http_tls_read(http_tls *tls, const char *certificate, const char *key,
+                  const char *client_ca, char *errbuf, size_t errlen)
+{
+    memset(tls, 0, sizeof(*tls));
+    if ((tls->certificate = read_pem(certificate, errbuf, errlen)) == NULL ||
+        (tls->key = read_pem(key, errbuf, errlen)) == NULL ||
+        (client_ca != NULL &&
+         (tls->client_ca = read_pem(client_ca, errbuf, errlen)) == NULL)) {
+        http_tls_clear(tls);
+        return -1;
+    }
+    return 0;
+}
+
 static void server_free(http_server *srv)
 {
-    metrics_set_sources(NULL, NULL);
+    metrics_set_sources(NULL, NULL, NULL);
     conns_free(srv->conns);
     pthread_cond_destroy(&srv->idle);
     pthread_mutex_destroy(&srv->lock);
@@ -999,10 +1021,10 @@ http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
     conns_opts.max_connections = opts->max_connections;
     conns_opts.max_per_ip = opts->max_connections_per_ip;
     conns_opts.header_timeout_s = opts->header_timeout_s;
-    srv->conns = conns_new(&conns_opts, errbuf, errlen);
+    srv->conns = conns_new(&conns_opts, opts->region, errbuf, errlen);
     if (srv->conns == NULL)
         goto out;
-    metrics_set_sources(srv->budget, srv->conns);
+    metrics_set_sources(opts->region, srv->budget, srv->conns);
 #define OPT(opt, value, ptr)                                                   \
     o[n++] = (struct MHD_OptionItem){(opt), (intptr_t)(value), (ptr)}
     OPT(MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL);
@@ -1014,26 +1036,30 @@ http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
     OPT(MHD_OPTION_URI_LOG_CALLBACK, on_uri, srv);
     OPT(MHD_OPTION_CONNECTION_MEMORY_LIMIT, WIRE_POOL_SIZE, NULL);
     OPT(MHD_OPTION_NOTIFY_CONNECTION, on_connection, srv);
-    if (opts->tls_certificate != NULL) {
+    if (opts->tls != NULL) {
         flags |= MHD_USE_TLS;
-        srv->tls_cert = read_pem(opts->tls_certificate, errbuf, errlen);
-        srv->tls_key = read_pem(opts->tls_key, errbuf, errlen);
-        if (srv->tls_cert == NULL || srv->tls_key == NULL)
+        srv->tls_cert = strdup(opts->tls->certificate);
+        srv->tls_key = strdup(opts->tls->key);
+        if (srv->tls_cert == NULL || srv->tls_key == NULL) {
+            snprintf(errbuf, errlen, "out of memory");
             goto out;
+        }
         /* GnuTLS's NORMAL still offers TLS 1.0 and 1.1 */
         OPT(MHD_OPTION_HTTPS_PRIORITIES, 0, HTTP_TLS_PRIORITIES);
         OPT(MHD_OPTION_HTTPS_MEM_CERT, 0, srv->tls_cert);
         OPT(MHD_OPTION_HTTPS_MEM_KEY, 0, srv->tls_key);
-        if (opts->tls_client_ca != NULL) {
-            srv->tls_ca = read_pem(opts->tls_client_ca, errbuf, errlen);
-            if (srv->tls_ca == NULL)
+        if (opts->tls->client_ca != NULL) {
+            srv->tls_ca = strdup(opts->tls->client_ca);
+            if (srv->tls_ca == NULL) {
+                snprintf(errbuf, errlen, "out of memory");
                 goto out;
+            }
             OPT(MHD_OPTION_HTTPS_MEM_TRUST, 0, srv->tls_ca);
         }
     }
     OPT(MHD_OPTION_END, 0, NULL);
 #undef OPT
-    if (opts->tls_certificate != NULL &&
+    if (opts->tls != NULL &&
         MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
         snprintf(errbuf, errlen, "this libmicrohttpd has no TLS support");
         goto out;
@@ -1043,7 +1069,7 @@ http_server *http_start(const http_options *opts, api *a, rkey_client *keys,
     if (srv->daemon == NULL) {
         snprintf(errbuf, errlen, "cannot listen on %s: %s%s", opts->listen,
                  strerror(errno),
-                 opts->tls_certificate != NULL
+                 opts->tls != NULL
                      ? " (or the TLS certificate and key do not load)"
                      : "");
         goto out;

@@ -11,6 +11,7 @@
 
 #include "api/api.h"
 #include "service/budget.h"
+#include "service/shared.h"
 
 typedef struct http_options {
     const char *listen; /* host:port, for messages */
@@ -21,13 +22,29 @@ typedef struct http_options {
     unsigned timeout_s;
     unsigned header_timeout_s; /* for a complete request header */
     budget *budget; /* body bytes in flight; borrowed, outlives the server */
-    /* TLS when tls_certificate is set: PEM files of the server certificate
-     * and key, and of the CA that client certificates must verify against
-     * (NULL: clients are not asked for one) */
-    const char *tls_certificate;
-    const char *tls_key;
-    const char *tls_client_ca;
+    /* connection counts, the metrics area: this process's slot of the
+     * shared region; borrowed, outlives the server */
+    shared *region;
+    /* TLS when set (http_tls_read); copied by http_start */
+    const struct http_tls *tls;
 } http_options;
+
+/* The TLS files as PEM text, read before a worker confines itself: the key
+ * file is often readable by root alone, and a confined worker opens no
+ * file outside its short list (service/confine.h). */
+typedef struct http_tls {
+    char *certificate; /* the server's certificate (and chain) */
+    char *key;         /* its private key, unencrypted */
+    char *client_ca;   /* CAs client certificates must verify against;
+                        * NULL: clients are not asked for one */
+} http_tls;
+
+/* Reads the files (client_ca may be NULL) into tls; 0, or -1 with errbuf
+ * filled in and tls left empty. */
+int http_tls_read(http_tls *tls, const char *certificate, const char *key,
+                  const char *client_ca, char *errbuf, size_t errlen);
+/* Frees the texts, the key wiped first. */
+void http_tls_clear(http_tls *tls);
 
 typedef struct http_server http_server;
 

@@ -222,7 +222,7 @@ static int thread_start(void *(*fn)(void *), void *arg, size_t stack)
     return r;
 }
 
-/* ---- token events: from token/'s threads, under its locks ---- */
+/* ---- token events: from token/'s threads (no lock of token/ held) ---- */
 
 #define RING 64
 
@@ -235,8 +235,9 @@ static struct ring_event {
 } ring[RING];
 static unsigned ring_head, ring_count, ring_dropped;
 
-/* Copies the event for the main thread, which logs and announces it: no
- * I/O here, where token/ holds the token's lock. */
+/* Copies the event for the main thread, which logs and announces it: the
+ * calling thread is in the middle of a token operation or a recovery, and
+ * a log write or a send could block it. */
 static void on_token_event(const char *token, const char *state,
                            const char *reason)
 {

@@ -64,6 +64,29 @@ int log_reopen(void)
     return ret;
 }
 
+int log_file_fd(void)
+{
+    int fd;
+
+    pthread_mutex_lock(&log_lock);
+    fd = log_fd != STDERR_FILENO ? log_fd : -1;
+    pthread_mutex_unlock(&log_lock);
+    return fd;
+}
+
+void log_take_fd(int fd)
+{
+    pthread_mutex_lock(&log_lock);
+    if (log_fd != STDERR_FILENO) {
+        close(log_fd);
+        log_fd = fd;
+        fd = -1;
+    }
+    pthread_mutex_unlock(&log_lock);
+    if (fd >= 0)
+        close(fd);
+}
+
 void log_close(void)
 {
     pthread_mutex_lock(&log_lock);

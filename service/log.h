@@ -15,6 +15,13 @@ extern log_level log_current_level;
 int log_open(const char *path, log_level level);
 /* Reopens the file after rotation (SIGUSR1). */
 int log_reopen(void);
+/* The log file's descriptor, for a confined worker that cannot open the
+ * file itself (the supervisor passes it with PROC_CTL_REOPEN); -1 when
+ * logging to stderr. Borrowed. */
+int log_file_fd(void);
+/* Takes fd (always) as the log file after rotation, when logging to a
+ * file; closes it otherwise. */
+void log_take_fd(int fd);
 void log_close(void);
 
 __attribute__((format(printf, 3, 4))) void

@@ -1,7 +1,13 @@
 /*
- * Request counters and a latency histogram per endpoint, under one mutex:
- * the work per request is a few increments, far below the cost of the
- * request itself, and a page rendered under the same lock is consistent.
+ * Request counters and a latency histogram per endpoint, in this
+ * process's area of the shared region (service/shared.h), so /metrics
+ * sums every worker's whichever worker answers. A process writes only its
+ * own area: appends (a new endpoint or status) under a local mutex,
+ * published by bumping the count after the entry is written; the numbers
+ * with atomic adds, which readers in other processes load atomically.
+ * What the page reads from other areas is checked as it is read (counts
+ * capped, names bounded and of route-path characters only, statuses three
+ * digits): another worker's area is not trusted.
  */
 #include <pthread.h>
 #include <stdarg.h>
@@ -22,96 +28,223 @@ static const double buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
  * each. Past this many pairs, the last one counts every new pair. */
 #define MAX_SERIES 96
 #define MAX_ENDPOINTS 24
+/* An endpoint's name, NUL included (route paths are short). */
+#define NAME_LEN 32
 
 struct series {
-    const char *endpoint; /* static: a route path or "other" */
-    int status;
-    unsigned long count;
+    char endpoint[NAME_LEN];
+    uint32_t status;
+    uint32_t pad;
+    uint64_t count;
 };
 
 struct latency {
-    const char *endpoint;
-    unsigned long bucket[NBUCKETS]; /* cumulative at render time only */
-    unsigned long count;
-    double sum;
+    char endpoint[NAME_LEN];
+    uint64_t bucket[NBUCKETS]; /* cumulative at render time only */
+    uint64_t count;
+    uint64_t sum_us;
+};
+
+struct area {
+    uint32_t nseries, nlatencies;
+    struct series series[MAX_SERIES];
+    struct latency latencies[MAX_ENDPOINTS];
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static struct series series[MAX_SERIES];
-static size_t nseries;
-static struct latency latencies[MAX_ENDPOINTS];
-static size_t nlatencies;
-static unsigned long in_flight;
+static shared *region;
 static const budget *body_budget;
 static conns *connections;
 
-void metrics_set_sources(const budget *b, conns *c)
+size_t metrics_area_size(void)
+{
+    return sizeof(struct area);
+}
+
+void metrics_set_sources(shared *r, const budget *b, conns *c)
 {
     pthread_mutex_lock(&lock);
+    region = r;
     body_budget = b;
     connections = c;
     pthread_mutex_unlock(&lock);
 }
 
+/* This process's area, or NULL (no region, or the creator's handle). */
+static struct area *own_area(void)
+{
+    int self = region != NULL ? shared_self(region) : -1;
+
+    return self >= 0 ? shared_area(region, (unsigned)self) : NULL;
+}
+
 void metrics_request_begin(void)
 {
     pthread_mutex_lock(&lock);
-    in_flight++;
+    if (region != NULL)
+        shared_count(region, SHARED_REQUESTS_IN_FLIGHT, 1);
     pthread_mutex_unlock(&lock);
 }
 
-static struct series *series_for(const char *endpoint, int status)
+static void name_of(char name[NAME_LEN], const char *endpoint)
 {
-    size_t i;
-
-    for (i = 0; i < nseries; i++) {
-        if (series[i].status == status &&
-            strcmp(series[i].endpoint, endpoint) == 0)
-            return &series[i];
-    }
-    if (nseries < MAX_SERIES) {
-        series[nseries].endpoint = endpoint;
-        series[nseries].status = status;
-        return &series[nseries++];
-    }
-    return &series[MAX_SERIES - 1];
+    memset(name, 0, NAME_LEN);
+    strncpy(name, endpoint, NAME_LEN - 1);
 }
 
-static struct latency *latency_for(const char *endpoint)
+static uint32_t count_of(const uint32_t *n, uint32_t max)
 {
-    size_t i;
+    uint32_t v = __atomic_load_n(n, __ATOMIC_ACQUIRE);
 
-    for (i = 0; i < nlatencies; i++) {
-        if (strcmp(latencies[i].endpoint, endpoint) == 0)
-            return &latencies[i];
+    return v < max ? v : max;
+}
+
+/* Under lock: the own area's entries, found or appended. */
+static struct series *series_for(struct area *a, const char *name, int status)
+{
+    uint32_t n = count_of(&a->nseries, MAX_SERIES), i;
+    struct series *s;
+
+    for (i = 0; i < n; i++) {
+        s = &a->series[i];
+        if (s->status == (uint32_t)status &&
+            memcmp(s->endpoint, name, NAME_LEN) == 0)
+            return s;
     }
-    if (nlatencies == MAX_ENDPOINTS)
+    if (n == MAX_SERIES)
+        return &a->series[MAX_SERIES - 1];
+    s = &a->series[n];
+    memcpy(s->endpoint, name, NAME_LEN);
+    s->status = (uint32_t)status;
+    __atomic_store_n(&a->nseries, n + 1, __ATOMIC_RELEASE);
+    return s;
+}
+
+static struct latency *latency_for(struct area *a, const char *name)
+{
+    uint32_t n = count_of(&a->nlatencies, MAX_ENDPOINTS), i;
+    struct latency *l;
+
+    for (i = 0; i < n; i++)
+        if (memcmp(a->latencies[i].endpoint, name, NAME_LEN) == 0)
+            return &a->latencies[i];
+    if (n == MAX_ENDPOINTS)
         return NULL;
-    latencies[nlatencies].endpoint = endpoint;
-    return &latencies[nlatencies++];
+    l = &a->latencies[n];
+    memcpy(l->endpoint, name, NAME_LEN);
+    __atomic_store_n(&a->nlatencies, n + 1, __ATOMIC_RELEASE);
+    return l;
+}
+
+static void add(uint64_t *v, uint64_t n)
+{
+    __atomic_add_fetch(v, n, __ATOMIC_RELAXED);
 }
 
 void metrics_request_end(const char *endpoint, int status, double seconds)
 {
+    char name[NAME_LEN];
     struct latency *l;
+    struct area *a;
     size_t i;
 
-    if (endpoint == NULL)
-        endpoint = "other";
+    name_of(name, endpoint != NULL ? endpoint : "other");
     pthread_mutex_lock(&lock);
-    if (in_flight > 0)
-        in_flight--;
-    series_for(endpoint, status)->count++;
-    l = latency_for(endpoint);
+    if (region != NULL)
+        shared_count(region, SHARED_REQUESTS_IN_FLIGHT, -1);
+    a = own_area();
+    if (a == NULL)
+        goto out;
+    add(&series_for(a, name, status)->count, 1);
+    l = latency_for(a, name);
     if (l != NULL) {
         for (i = 0; i < NBUCKETS && seconds > buckets[i]; i++)
             ;
         if (i < NBUCKETS)
-            l->bucket[i]++;
-        l->count++;
-        l->sum += seconds;
+            add(&l->bucket[i], 1);
+        add(&l->count, 1);
+        add(&l->sum_us, seconds > 0 ? (uint64_t)(seconds * 1e6) : 0);
     }
+out:
     pthread_mutex_unlock(&lock);
+}
+
+/* ---- every area, summed ---- */
+
+typedef struct totals {
+    struct series series[MAX_SERIES];
+    size_t nseries;
+    struct latency latencies[MAX_ENDPOINTS];
+    size_t nlatencies;
+} totals;
+
+/* Copies another area's name out; 0 unless it is a plausible route path
+ * (what this build writes), so the page carries nothing else. */
+static int name_read(char out[NAME_LEN], const char *in)
+{
+    size_t i;
+
+    memcpy(out, in, NAME_LEN);
+    out[NAME_LEN - 1] = '\0';
+    if (out[0] == '\0')
+        return 0;
+    for (i = 0; out[i] != '\0'; i++)
+        if (!((out[i] >= 'a' && out[i] <= 'z') ||
+              (out[i] >= 'A' && out[i] <= 'Z') ||
+              (out[i] >= '0' && out[i] <= '9') || strchr("/_.-", out[i])))
+            return 0;
+    return 1;
+}
+
+static uint64_t load(const uint64_t *v)
+{
+    return __atomic_load_n(v, __ATOMIC_RELAXED);
+}
+
+static void sum_area(totals *t, const struct area *a)
+{
+    uint32_t n = count_of(&a->nseries, MAX_SERIES), i, status;
+    char name[NAME_LEN];
+    size_t j, k;
+
+    for (i = 0; i < n; i++) {
+        status = __atomic_load_n(&a->series[i].status, __ATOMIC_RELAXED);
+        if (!name_read(name, a->series[i].endpoint) || status < 100 ||
+            status > 999)
+            continue;
+        for (j = 0; j < t->nseries; j++)
+            if (t->series[j].status == status &&
+                strcmp(t->series[j].endpoint, name) == 0)
+                break;
+        if (j == t->nseries && t->nseries < MAX_SERIES) {
+            memcpy(t->series[j].endpoint, name, NAME_LEN);
+            t->series[j].status = status;
+            t->nseries++;
+        }
+        if (j == MAX_SERIES)
+            j = MAX_SERIES - 1;
+        t->series[j].count += load(&a->series[i].count);
+    }
+    n = count_of(&a->nlatencies, MAX_ENDPOINTS);
+    for (i = 0; i < n; i++) {
+        const struct latency *l = &a->latencies[i];
+
+        if (!name_read(name, l->endpoint))
+            continue;
+        for (j = 0; j < t->nlatencies; j++)
+            if (strcmp(t->latencies[j].endpoint, name) == 0)
+                break;
+        if (j == MAX_ENDPOINTS)
+            continue;
+        if (j == t->nlatencies) {
+            memcpy(t->latencies[j].endpoint, name, NAME_LEN);
+            t->nlatencies++;
+        }
+        for (k = 0; k < NBUCKETS; k++)
+            t->latencies[j].bucket[k] += load(&l->bucket[k]);
+        t->latencies[j].count += load(&l->count);
+        t->latencies[j].sum_us += load(&l->sum_us);
+    }
 }
 
 /* A growing text buffer; a failed append marks it failed. */
@@ -170,48 +303,59 @@ static void put_label(page *p, const char *value)
     }
 }
 
-static void render_requests(page *p)
+static void render_requests(page *p, const totals *t, uint64_t in_flight)
 {
-    unsigned long cumulative;
+    unsigned long long cumulative;
     size_t i, j;
 
     put(p, "# HELP smimed_requests_total HTTP requests answered, by "
            "endpoint and status.\n# TYPE smimed_requests_total counter\n");
-    for (i = 0; i < nseries; i++)
-        put(p, "smimed_requests_total{endpoint=\"%s\",status=\"%d\"} %lu\n",
-            series[i].endpoint, series[i].status, series[i].count);
+    for (i = 0; i < t->nseries; i++)
+        put(p, "smimed_requests_total{endpoint=\"%s\",status=\"%u\"} %llu\n",
+            t->series[i].endpoint, (unsigned)t->series[i].status,
+            (unsigned long long)t->series[i].count);
     put(p, "# HELP smimed_request_duration_seconds Time from the request's "
            "first byte to its answer.\n"
            "# TYPE smimed_request_duration_seconds histogram\n");
-    for (i = 0; i < nlatencies; i++) {
-        const struct latency *l = &latencies[i];
+    for (i = 0; i < t->nlatencies; i++) {
+        const struct latency *l = &t->latencies[i];
 
         cumulative = 0;
         for (j = 0; j < NBUCKETS; j++) {
             cumulative += l->bucket[j];
             put(p,
                 "smimed_request_duration_seconds_bucket{endpoint=\"%s\","
-                "le=\"%g\"} %lu\n",
+                "le=\"%g\"} %llu\n",
                 l->endpoint, buckets[j], cumulative);
         }
         put(p,
             "smimed_request_duration_seconds_bucket{endpoint=\"%s\","
-            "le=\"+Inf\"} %lu\n",
-            l->endpoint, l->count);
+            "le=\"+Inf\"} %llu\n",
+            l->endpoint, (unsigned long long)l->count);
         put(p, "smimed_request_duration_seconds_sum{endpoint=\"%s\"} %.6f\n",
-            l->endpoint, l->sum);
-        put(p, "smimed_request_duration_seconds_count{endpoint=\"%s\"} %lu\n",
-            l->endpoint, l->count);
+            l->endpoint, (double)l->sum_us / 1e6);
+        put(p, "smimed_request_duration_seconds_count{endpoint=\"%s\"} %llu\n",
+            l->endpoint, (unsigned long long)l->count);
     }
     put(p,
         "# HELP smimed_requests_in_flight HTTP requests being answered.\n"
         "# TYPE smimed_requests_in_flight gauge\n"
-        "smimed_requests_in_flight %lu\n",
-        in_flight);
+        "smimed_requests_in_flight %llu\n",
+        (unsigned long long)in_flight);
 }
 
-/* The body budget is one for the whole daemon, however many processes
- * serve it; the connection counts are this process's. */
+/* The supervisor's numbers. */
+static void render_processes(page *p, shared *r)
+{
+    put(p,
+        "# HELP smimed_worker_restarts_total Request workers the supervisor "
+        "started again after one ended unasked.\n"
+        "# TYPE smimed_worker_restarts_total counter\n"
+        "smimed_worker_restarts_total %llu\n",
+        (unsigned long long)shared_sum(r, SHARED_WORKER_RESTARTS));
+}
+
+/* The body budget and the connection counts: the whole daemon's. */
 static void render_limits(page *p, const budget *b, conns *c)
 {
     conns_stats st;
@@ -350,26 +494,40 @@ int metrics_render(const proto_token_entry *tokens, size_t ntokens, char **out,
                    size_t *len)
 {
     page p = {0};
+    totals *t = NULL;
     const budget *b;
     conns *c;
+    shared *r;
+    unsigned i;
+    int ret = -1;
 
     p.cap = 4096;
     p.buf = malloc(p.cap);
-    if (p.buf == NULL)
-        return -1;
+    t = calloc(1, sizeof(*t));
+    if (p.buf == NULL || t == NULL)
+        goto out;
     p.buf[0] = '\0';
     pthread_mutex_lock(&lock);
-    render_requests(&p);
+    r = region;
     b = body_budget;
     c = connections;
     pthread_mutex_unlock(&lock);
+    if (r != NULL) {
+        for (i = 0; i < shared_slots(r); i++)
+            sum_area(t, shared_area(r, i));
+        render_requests(&p, t, shared_sum(r, SHARED_REQUESTS_IN_FLIGHT));
+        render_processes(&p, r);
+    }
     render_limits(&p, b, c);
     render_tokens(&p, tokens, ntokens);
-    if (p.failed) {
-        free(p.buf);
-        return -1;
-    }
+    if (p.failed)
+        goto out;
     *out = p.buf;
     *len = p.len;
-    return 0;
+    p.buf = NULL;
+    ret = 0;
+out:
+    free(p.buf);
+    free(t);
+    return ret;
 }

@@ -29,7 +29,9 @@
 #include <openssl/crypto.h>
 
 #include "service/log.h"
+#include "service/metrics.h"
 #include "service/proc.h"
+#include "service/shared.h"
 #include "token/token.h"
 
 extern char **environ;
@@ -163,11 +165,12 @@ typedef enum { ROLE_KEY, ROLE_WORKER } child_role;
 
 typedef struct child {
     child_role role;
-    unsigned slot; /* a worker's number, 0 to workers - 1 */
-    pid_t pid;     /* 0 when not running */
-    int control;   /* the supervisor's end, -1 when not running */
-    int ready;     /* said PROC_CTL_READY */
-    int retiring;  /* told to stop, not to be started again */
+    unsigned slot;   /* a worker's number, 0 to workers - 1 */
+    int region_slot; /* a worker's slot of the shared region, -1: none */
+    pid_t pid;       /* 0 when not running */
+    int control;     /* the supervisor's end, -1 when not running */
+    int ready;       /* said PROC_CTL_READY */
+    int retiring;    /* told to stop, not to be started again */
     time_t deaths[DEATHS];
     unsigned ndeaths;
     struct timespec restart_at; /* when not running and not retiring */
@@ -185,7 +188,7 @@ typedef struct super {
     child *workers;
     unsigned nworkers, cap;
     unsigned next_slot;
-    unsigned long worker_restarts;
+    shared *region; /* what the workers share: limits and numbers */
     int stopping;
     struct timespec key_started, stop_deadline;
     int key_reload_pending;
@@ -245,11 +248,11 @@ static char **child_environment(const config *cfg)
     return envp;
 }
 
-/* In the child, after fork: fds[i] becomes descriptor 3 + i and every
- * other one above 2 is closed. */
+/* In the child, after fork: fds[i] becomes descriptor 3 + i (-1: that
+ * number stays closed) and every other one above 2 is closed. */
 static void child_descriptors(const int *fds, int n)
 {
-    int moved[4], i, null;
+    int moved[5], i, null;
 
     null = open("/dev/null", O_RDONLY);
     if (null >= 0 && null != STDIN_FILENO) {
@@ -257,9 +260,9 @@ static void child_descriptors(const int *fds, int n)
         close(null);
     }
     for (i = 0; i < n; i++)
-        moved[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 3 + n);
+        moved[i] = fds[i] < 0 ? -1 : fcntl(fds[i], F_DUPFD_CLOEXEC, 3 + n);
     for (i = 0; i < n; i++)
-        if (moved[i] < 0 || dup2(moved[i], 3 + i) < 0)
+        if (fds[i] >= 0 && (moved[i] < 0 || dup2(moved[i], 3 + i) < 0))
             _exit(126);
     close_range(3 + (unsigned)n, ~0U, 0);
 }
@@ -267,7 +270,7 @@ static void child_descriptors(const int *fds, int n)
 static int child_start(super *s, child *c, const int *fds, int nfds)
 {
     const char *argv[8];
-    int ctl[2], all[4], i, argc = 0;
+    int ctl[2], all[5], i, argc = 0;
     pid_t parent = getpid(), pid;
 
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, ctl) != 0) {
@@ -275,7 +278,7 @@ static int child_start(super *s, child *c, const int *fds, int nfds)
         return -1;
     }
     all[0] = ctl[1];
-    for (i = 0; i < nfds && i < 3; i++)
+    for (i = 0; i < nfds && i < 4; i++)
         all[1 + i] = fds[i];
     argv[argc++] = "smimed";
     argv[argc++] = c->role == ROLE_KEY ? PROC_ROLE_KEY : PROC_ROLE_WORKER;
@@ -308,7 +311,7 @@ static int child_start(super *s, child *c, const int *fds, int nfds)
         if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 ||
             getppid() != parent)
             _exit(1);
-        child_descriptors(all, 1 + (nfds < 3 ? nfds : 3));
+        child_descriptors(all, 1 + (nfds < 4 ? nfds : 4));
         execve("/proc/self/exe", (char *const *)argv, s->envp);
         _exit(127);
     }
@@ -392,13 +395,32 @@ static int key_pair(super *s, const child *w, int *worker_end)
 static void worker_start(super *s, child *w)
 {
     char name[64];
-    int fds[2];
+    int fds[3], slot;
 
-    if (key_pair(s, w, &fds[0]) != 0)
+    slot = shared_slot_take(s->region);
+    if (slot < 0) {
+        /* workers of an earlier configuration still draining hold them */
+        log_warn("worker %u waits for a slot of the shared region", w->slot);
+        at_in(&w->restart_at, 1);
         return;
+    }
+    if (key_pair(s, w, &fds[0]) != 0) {
+        shared_slot_reclaim(s->region, (unsigned)slot);
+        return;
+    }
     fds[1] = s->listen_fd;
-    if (child_start(s, w, fds, 2) == 0)
+    fds[2] = shared_fd(s->region);
+    /* the slot is the first message the worker reads */
+    if (child_start(s, w, fds, 3) == 0 &&
+        proc_ctl_send(w->control, PROC_CTL_SHARED_SLOT, (uint32_t)slot, NULL, 0,
+                      -1) == 0) {
+        w->region_slot = slot;
         log_info("%s started", child_name(w, name, sizeof(name)));
+    } else {
+        if (w->pid > 0)
+            kill(w->pid, SIGKILL); /* reaped, and restarted, as a death */
+        shared_slot_reclaim(s->region, (unsigned)slot);
+    }
     close(fds[0]);
 }
 
@@ -468,10 +490,28 @@ static void child_gone(super *s, child *c, int status)
     close(c->control);
     c->control = -1;
     c->pid = 0;
+    /* everything it held in the region, given back before a replacement
+     * can start */
+    if (c->role == ROLE_WORKER && c->region_slot >= 0) {
+        switch (shared_slot_reclaim(s->region, (unsigned)c->region_slot)) {
+        case 1:
+            log_warn("%s died holding the shared region's lock; taken over",
+                     name);
+            break;
+        case 2:
+            log_error("a live process held the shared region's lock for a "
+                      "second; taken from it to reclaim %s",
+                      name);
+            break;
+        default:
+            break;
+        }
+        c->region_slot = -1;
+    }
     if (!c->retiring && !s->stopping) {
         schedule_restart(c);
         if (c->role == ROLE_WORKER)
-            s->worker_restarts++;
+            shared_count(s->region, SHARED_WORKER_RESTARTS, 1);
     }
 }
 
@@ -520,6 +560,7 @@ static int add_workers(super *s, unsigned n)
         memset(w, 0, sizeof(*w));
         w->role = ROLE_WORKER;
         w->slot = s->next_slot++;
+        w->region_slot = -1;
         w->control = -1;
     }
     return 0;
@@ -562,12 +603,14 @@ static void replace_workers(super *s)
 static void broadcast(super *s, unsigned type)
 {
     unsigned i;
+    /* a confined worker cannot open the log file again: it gets ours */
+    int fd = type == PROC_CTL_REOPEN ? log_file_fd() : -1;
 
     if (s->key.pid > 0)
         proc_ctl_send(s->key.control, type, 0, NULL, 0, -1);
     for (i = 0; i < s->nworkers; i++)
         if (s->workers[i].pid > 0)
-            proc_ctl_send(s->workers[i].control, type, 0, NULL, 0, -1);
+            proc_ctl_send(s->workers[i].control, type, 0, NULL, 0, fd);
 }
 
 /* SIGHUP (or the key process asking): the new configuration is checked
@@ -613,6 +656,9 @@ static void on_key_message(super *s, const proc_ctl *m)
         if (cfg != NULL) {
             config_free(s->cfg);
             s->cfg = cfg;
+            /* its log file is the one the workers take at SIGUSR1 */
+            if (log_open(cfg->log_file, cfg->log_level) != 0)
+                log_error("cannot open log file %s", cfg->log_file);
             replace_workers(s);
             /* the old workers accept no more: every connection from now
              * on waits for, and is served by, a worker of the new one */
@@ -746,6 +792,27 @@ static int all_gone(const super *s)
     return s->key.pid == 0;
 }
 
+/* The region the workers share, sized from the configuration at start:
+ * twice the workers, so a reload's new workers start while the old ones
+ * drain. The limits in it stay what they were at start. */
+static shared *region_new(const config *cfg)
+{
+    shared_options o;
+    char errbuf[256];
+    shared *r;
+
+    o.slots = 2 * cfg->workers + 1;
+    if (o.slots > SHARED_SLOTS_MAX)
+        o.slots = SHARED_SLOTS_MAX;
+    o.max_connections = cfg->max_connections;
+    o.body_limit = cfg->max_inflight_body_bytes;
+    o.area_bytes = metrics_area_size();
+    r = shared_create(&o, errbuf, sizeof(errbuf));
+    if (r == NULL)
+        log_error("%s", errbuf);
+    return r;
+}
+
 int proc_supervise(const char *config_path, const char *listen, int listen_fd,
                    config *cfg)
 {
@@ -761,6 +828,10 @@ int proc_supervise(const char *config_path, const char *listen, int listen_fd,
     s.cfg = cfg;
     s.key.role = ROLE_KEY;
     s.key.control = -1;
+    s.key.region_slot = -1;
+    s.region = region_new(cfg);
+    if (s.region == NULL)
+        goto out;
     if (add_workers(&s, cfg->workers) != 0) {
         log_error("out of memory");
         goto out;
@@ -824,6 +895,7 @@ out:
     free(pfd);
     free(s.envp);
     free(s.workers);
+    shared_free(s.region);
     if (s.listen_fd >= 0)
         close(s.listen_fd);
     config_free(s.cfg);

@@ -21,6 +21,7 @@
 #define PROC_FD_CONTROL 3 /* every child: its control socket */
 #define PROC_FD_KEY 4     /* a worker: its key-protocol socket */
 #define PROC_FD_LISTEN 5  /* a worker: the listening socket */
+#define PROC_FD_SHARED 6  /* a worker: the shared region (service/shared.h) */
 
 /* The hidden role arguments, and the process names (/proc/PID/comm). */
 #define PROC_ROLE_KEY "--role=key"
@@ -50,7 +51,9 @@ typedef enum {
      * key process → supervisor: arg 1 when the new one serves, 0 when the
      * running one stays */
     PROC_CTL_RELOAD = 4,
-    /* supervisor → child: reopen log and audit files (SIGUSR1) */
+    /* supervisor → child: reopen log and audit files (SIGUSR1); to a
+     * worker it carries the supervisor's log file, reopened, which a
+     * confined worker could not open itself */
     PROC_CTL_REOPEN = 5,
     /* supervisor → child: finish what is in flight and exit (SIGTERM) */
     PROC_CTL_STOP = 6,
@@ -59,6 +62,9 @@ typedef enum {
     /* key process → supervisor: a token absent at the last load answers
      * now, reload to open it */
     PROC_CTL_WANT_RELOAD = 8,
+    /* supervisor → worker, its first message: arg is the slot of the
+     * shared region (PROC_FD_SHARED) it writes */
+    PROC_CTL_SHARED_SLOT = 9,
 } proc_ctl_type;
 
 #define PROC_CTL_DATA_MAX 512

@@ -21,10 +21,12 @@
 #include "rkey/rkey.h"
 #include "service/budget.h"
 #include "service/config.h"
+#include "service/confine.h"
 #include "service/harden.h"
 #include "service/http.h"
 #include "service/log.h"
 #include "service/proc.h"
+#include "service/shared.h"
 #include "service/worker.h"
 
 /* A call waits this long past the longest wait for a token session. */
@@ -60,6 +62,32 @@ static void log_directory(rkey_client *c)
     rkey_dir_free(d);
 }
 
+/* The shared region at PROC_FD_SHARED, as the slot the supervisor's
+ * first message names; the descriptor is closed either way (the mapping
+ * is all a worker needs). */
+static shared *attach_region(void)
+{
+    char errbuf[256];
+    shared *region = NULL;
+    proc_ctl m;
+    int fd, r;
+
+    do
+        r = proc_ctl_recv(PROC_FD_CONTROL, &m, &fd);
+    while (r < 0 && errno == EINTR);
+    if (fd >= 0)
+        close(fd);
+    if (r <= 0 || m.type != PROC_CTL_SHARED_SLOT)
+        snprintf(errbuf, sizeof(errbuf),
+                 "the supervisor did not name a slot of the shared region");
+    else
+        region = shared_attach(PROC_FD_SHARED, m.arg, errbuf, sizeof(errbuf));
+    close(PROC_FD_SHARED);
+    if (region == NULL)
+        log_error("worker %d: %s", (int)getpid(), errbuf);
+    return region;
+}
+
 /*
  * A large request (a 10 MiB message) allocates a few buffers its size.
  * glibc would map each afresh and unmap (or trim) it when freed, so the
@@ -77,7 +105,8 @@ static void keep_large_buffers(void)
 }
 
 static http_server *serve(const config *cfg, const char *listen, api *a,
-                          rkey_client *keys, budget *body_budget)
+                          rkey_client *keys, budget *body_budget,
+                          shared *region, const http_tls *tls)
 {
     http_options hopts;
     http_server *srv;
@@ -92,9 +121,8 @@ static http_server *serve(const config *cfg, const char *listen, api *a,
     hopts.timeout_s = cfg->request_timeout_s;
     hopts.header_timeout_s = cfg->header_timeout_s;
     hopts.budget = body_budget;
-    hopts.tls_certificate = cfg->tls_certificate;
-    hopts.tls_key = cfg->tls_key;
-    hopts.tls_client_ca = cfg->tls_client_ca;
+    hopts.region = region;
+    hopts.tls = cfg->tls_certificate != NULL ? tls : NULL;
     srv = http_start(&hopts, a, keys, errbuf, sizeof(errbuf));
     if (srv == NULL)
         log_error("%s", errbuf);
@@ -105,7 +133,11 @@ int worker_main(const char *config_path, const char *listen)
 {
     config_problems problems = {0};
     rkey_client *client = NULL;
+    confine_error cerr = {0};
+    char confinement[512], errbuf[256];
+    http_tls tls = {0};
     budget *body_budget = NULL;
+    shared *region = NULL;
     http_server *srv = NULL;
     rkey_error rerr = {0};
     api *a = NULL;
@@ -126,6 +158,9 @@ int worker_main(const char *config_path, const char *listen)
         return 1;
     if (log_open(cfg->log_file, cfg->log_level) != 0)
         log_error("cannot open log file %s; logging to stderr", cfg->log_file);
+    region = attach_region();
+    if (region == NULL)
+        goto out;
     if (listen == NULL)
         listen = cfg->listen;
     if (harden_raise_nofile(cfg->max_connections + 256) <
@@ -139,6 +174,23 @@ int worker_main(const char *config_path, const char *listen)
         log_error("the key provider: %s", rerr.message);
         goto out;
     }
+    if (cfg->tls_certificate != NULL &&
+        http_tls_read(&tls, cfg->tls_certificate, cfg->tls_key,
+                      cfg->tls_client_ca, errbuf, sizeof(errbuf)) != 0) {
+        log_error("%s", errbuf);
+        goto out;
+    }
+    /* before the client's reader thread (Landlock holds only the threads
+     * started after it), after the files only root may read */
+    r = confine_process(cfg, confinement, sizeof(confinement), &cerr);
+    if (r < 0) {
+        log_error("worker %d: %s", (int)getpid(), cerr.message);
+        goto out;
+    }
+    if (r > 0)
+        log_warn("worker %d confined: %s", (int)getpid(), confinement);
+    else
+        log_info("worker %d confined: %s", (int)getpid(), confinement);
     client = rkey_client_new(PROC_FD_KEY, call_timeout(cfg));
     a = client != NULL ? api_new(client, cfg->trust, cfg->trust_dir, cfg->crls)
                        : NULL;
@@ -147,15 +199,15 @@ int worker_main(const char *config_path, const char *listen)
         goto out;
     }
     api_set_clients(a, cfg->clients, cfg->nclients);
-    /* per worker until the counters are shared across them */
-    body_budget = budget_new(cfg->max_inflight_body_bytes);
+    /* the daemon's budget, in the shared region */
+    body_budget = budget_new(region);
     if (body_budget == NULL) {
-        log_error("cannot map the budget of body bytes in flight: %s",
-                  strerror(errno));
+        log_error("out of memory");
         goto out;
     }
     log_directory(client);
-    srv = serve(cfg, listen, a, client, body_budget);
+    srv = serve(cfg, listen, a, client, body_budget, region, &tls);
+    http_tls_clear(&tls);
     if (srv == NULL)
         goto out;
     log_info("worker %d serving %s", (int)getpid(), listen);
@@ -166,8 +218,10 @@ int worker_main(const char *config_path, const char *listen)
             continue;
         if (r <= 0 || m.type == PROC_CTL_STOP)
             break;
-        if (m.type == PROC_CTL_REOPEN && log_reopen() != 0)
-            log_error("cannot reopen the log file");
+        if (m.type == PROC_CTL_REOPEN && fd >= 0) {
+            log_take_fd(fd);
+            fd = -1;
+        }
         if (m.type == PROC_CTL_KEY_SOCKET && fd >= 0) {
             rkey_client_set_socket(client, fd);
             fd = -1;
@@ -187,9 +241,11 @@ int worker_main(const char *config_path, const char *listen)
     }
     ret = 0;
 out:
+    http_tls_clear(&tls);
     budget_free(body_budget);
     api_free(a);
     rkey_client_free(client);
+    shared_free(region);
     config_free(cfg);
     log_close();
     return ret;

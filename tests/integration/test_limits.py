@@ -31,10 +31,6 @@ MIB = 1 << 20
 
 def config(name, **options):
     cfg = json.loads(json.dumps(BASE))
-    # the budget, the connection counts and their /metrics series are each
-    # worker's own until they are shared across workers: one worker makes
-    # them the daemon's
-    cfg["workers"] = 1
     cfg.update(options)
     path = LIM / ("%s.conf" % name)
     path.write_text(json.dumps(cfg))

@@ -193,9 +193,7 @@ def start():
     F.add_token_key(TOK, "other-rsa", "b1", "rsa:2048", "other@demo.smimed.test",
                     "digitalSignature", token=OTHER)
     tok = F.token_config(TOK, name=TOKEN, module=str(FAULTY), wait_ms=5000)
-    # /metrics request series are each worker's own until they are shared
-    # across workers: one worker makes them the daemon's
-    conf = F.write_config(WORK / "recovery.conf", [tok], workers=1)
+    conf = F.write_config(WORK / "recovery.conf", [tok])
     D = S.daemon(conf, "recovery-daemon", env=faulty_env())
 
 

@@ -788,7 +788,7 @@ def per_ip_default():
 
 def per_ip_limit_and_timeout():
     cfg = json.loads((SEC / "smimed.conf").read_text())
-    cfg.update(max_connections_per_ip=4, request_timeout_s=2, workers=1)
+    cfg.update(max_connections_per_ip=4, request_timeout_s=2)
     conf = SEC / "limits.conf"
     conf.write_text(json.dumps(cfg))
     d = S.daemon(conf, "limits-daemon", env=F.softhsm_env(SEC))

@@ -432,7 +432,11 @@ def demo_config_trust():
 
 def hashed_dir_and_crls():
     global VDIR
-    hdir = WORK / "hashed"
+    # OpenSSL reads the directory at each verification, in the workers: as
+    # their user (nobody when the suite runs as root), so outside WORK (0700)
+    top = F.workdir("verify-trust")
+    top.chmod(0o755)
+    hdir = top / "hashed"
     hdir.mkdir()
     shutil.copy(PKI.pem, hdir / "test-ca.pem")
     F.run(["openssl", "rehash", hdir])

@@ -1,7 +1,7 @@
 /*
  * The budget of body bytes in flight: reservations within the limit, none
- * past it, and one budget for processes forked after it was made, under
- * concurrent use from several threads in each.
+ * past it, and one budget for processes on their own slots of one region,
+ * under concurrent use from several threads in each.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -15,6 +15,7 @@
 #define LIMIT 1000
 #define ROUNDS 20000
 
+static shared *region, *mine;
 static budget *b;
 static int over; /* a reservation that pushed the count past the limit */
 
@@ -46,13 +47,29 @@ static int run_threads(void)
     return __atomic_load_n(&over, __ATOMIC_RELAXED);
 }
 
+/* A budget on a slot of the region of its own, as a worker has. */
+static budget *budget_on_slot(void)
+{
+    char errbuf[128];
+    int slot = shared_slot_take(region);
+
+    mine = slot < 0 ? NULL
+                    : shared_attach(shared_fd(region), (unsigned)slot, errbuf,
+                                    sizeof(errbuf));
+    return mine != NULL ? budget_new(mine) : NULL;
+}
+
 int main(void)
 {
+    shared_options o = {4, 16, LIMIT, 0};
     pid_t pid;
     int status = -1, up[2], down[2];
-    char c;
+    char c, errbuf[128];
 
-    b = budget_new(LIMIT);
+    region = shared_create(&o, errbuf, sizeof(errbuf));
+    if (!tap_ok(region != NULL, "a region (%s)", region ? "ok" : errbuf))
+        return tap_done();
+    b = budget_on_slot();
     tap_ok(b != NULL && budget_limit(b) == LIMIT && budget_in_flight(b) == 0,
            "a new budget is empty");
     if (b == NULL)
@@ -76,8 +93,11 @@ int main(void)
     budget_reserve(b, 300);
     pid = fork();
     if (pid == 0) {
-        int ok = budget_in_flight(b) == 300 && budget_reserve(b, 700) == 0 &&
-                 budget_reserve(b, 1) != 0;
+        int ok;
+
+        b = budget_on_slot();
+        ok = b != NULL && budget_in_flight(b) == 300 &&
+             budget_reserve(b, 700) == 0 && budget_reserve(b, 1) != 0;
 
         /* hold the 700 until the parent has looked */
         if (write(up[1], "x", 1) != 1 || read(down[0], &c, 1) != 1)
@@ -97,14 +117,19 @@ int main(void)
     budget_release(b, 300);
 
     /* two processes of four threads each, on one budget */
+    shared_slot_reclaim(region, 1);
     pid = fork();
-    if (pid == 0)
-        _exit(run_threads());
+    if (pid == 0) {
+        b = budget_on_slot();
+        _exit(b == NULL ? 2 : run_threads());
+    }
     tap_ok(run_threads() == 0, "never past the limit in the parent");
     waitpid(pid, &status, 0);
     tap_ok(WIFEXITED(status) && WEXITSTATUS(status) == 0,
            "never past the limit in the child");
     tap_ok(budget_in_flight(b) == 0, "all given back across both processes");
     budget_free(b);
+    shared_free(mine);
+    shared_free(region);
     return tap_done();
 }

@@ -201,6 +201,21 @@ static void test_good(void)
                &p);
     tap_ok(cfg != NULL && cfg->workers == 3, "workers is read");
     config_free(cfg);
+    cfg = load("{\"user\": \"daemon\", \"tokens\": [{" TOKEN_OK
+               ", \"discovery\": true}]}",
+               &p);
+    tap_ok(cfg != NULL && cfg->user != NULL &&
+               strcmp(cfg->user, "daemon") == 0 && cfg->user_uid == 1 &&
+               cfg->user_gid == 1,
+           "user is read with its uid and primary gid");
+    config_free(cfg);
+    cfg = load("{\"tokens\": [{" TOKEN_OK ", \"discovery\": true}]}", &p);
+    tap_ok(cfg != NULL && (geteuid() == 0 ? cfg->user != NULL &&
+                                                strcmp(cfg->user, "nobody") == 0
+                                          : cfg->user == NULL),
+           "default user: nobody when started as root, none otherwise (%s)",
+           cfg != NULL && cfg->user != NULL ? cfg->user : "none");
+    config_free(cfg);
     /* a worker reads the file without the PIN sources: a PIN file it
      * cannot open and an unset pin_env are no problem to it */
     write_file("w.conf", "{\"tokens\": [{\"module\": \"module.so\", "
@@ -257,6 +272,14 @@ static void test_problems(void)
                    "{\"a\\nb\\u001b[2J\": 1, \"tokens\": [{" TOKEN_OK
                    ", \"discovery\": true}]}",
                    "smimed.conf", "unknown option \"a?b?[2J\"");
+    expect_problem("unknown user",
+                   "{\"user\": \"smimed-no-such-user\", \"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true}]}",
+                   "user", "no user \"smimed-no-such-user\"");
+    expect_problem("user root",
+                   "{\"user\": \"root\", \"tokens\": [{" TOKEN_OK
+                   ", \"discovery\": true}]}",
+                   "user", "keep root's privileges");
     expect_problem("tokens missing", "{}", "smimed.conf",
                    "\"tokens\" is "
                    "required");

@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 
 #include "service/conns.h"
 #include "tap.h"
@@ -40,6 +41,24 @@ static struct sockaddr_in v4(unsigned host)
 
 #define SA(a) ((const struct sockaddr *)&(a))
 
+/* A region of its own per test, written as slot 0, as a worker does. */
+static shared *region, *self;
+
+static shared *region_new(unsigned max_connections)
+{
+    shared_options o = {2, max_connections, 1 << 20, 0};
+    char errbuf[128];
+
+    shared_free(self);
+    shared_free(region);
+    region = shared_create(&o, errbuf, sizeof(errbuf));
+    self = region == NULL ? NULL
+                          : shared_attach(shared_fd(region),
+                                          (unsigned)shared_slot_take(region),
+                                          errbuf, sizeof(errbuf));
+    return self;
+}
+
 /* Admits and opens one connection from a; NULL when refused. */
 static conns_entry *take(conns *c, const struct sockaddr *a, socklen_t len)
 {
@@ -54,7 +73,8 @@ static void test_admission(void)
     conns_entry *e[80] = {0};
     conns_stats st;
     char errbuf[128];
-    conns *c = conns_new(&o, errbuf, sizeof(errbuf));
+    conns *c =
+        conns_new(&o, region_new(o.max_connections), errbuf, sizeof(errbuf));
     struct sockaddr_in a = v4(1), b = v4(2);
     struct sockaddr_in6 m = v6("::ffff:10.0.0.1"), h1 = v6("2001:db8:1:2::1"),
                         h2 = v6("2001:db8:1:2:ffff::9"),
@@ -121,7 +141,8 @@ static void test_churn(void)
     conns_entry *e[256] = {0};
     unsigned who[256], held[300] = {0};
     char errbuf[128];
-    conns *c = conns_new(&o, errbuf, sizeof(errbuf));
+    conns *c =
+        conns_new(&o, region_new(o.max_connections), errbuf, sizeof(errbuf));
     size_t n = 0, i;
     int bad = 0, round;
 
@@ -168,6 +189,71 @@ static void test_churn(void)
             conns_close(c, x[k]);
     }
     tap_ok(bad == 0, "after the churn every address starts from zero");
+    conns_free(c);
+}
+
+/* Two workers (processes on two slots of one region): the per-address
+ * limit and the open count are the daemon's; a connection admitted that
+ * libmicrohttpd never started is given back at the next admission. */
+static void test_two_workers(void)
+{
+    conns_options o = {64, 4, 3600};
+    struct sockaddr_in a = v4(1), b = v4(2);
+    conns_entry *e[4] = {0};
+    conns_stats st;
+    char errbuf[128], ch;
+    conns *c =
+        conns_new(&o, region_new(o.max_connections), errbuf, sizeof(errbuf));
+    int up[2], down[2], status = -1, slot = shared_slot_take(region);
+    pid_t pid;
+
+    if (c == NULL || pipe(up) != 0 || pipe(down) != 0)
+        return;
+    pid = fork();
+    if (pid == 0) {
+        shared *other = shared_attach(shared_fd(region), (unsigned)slot, errbuf,
+                                      sizeof(errbuf));
+        conns *oc =
+            other != NULL ? conns_new(&o, other, errbuf, sizeof(errbuf)) : NULL;
+        conns_entry *x = oc != NULL ? take(oc, SA(a), sizeof(a)) : NULL;
+        conns_entry *y = oc != NULL ? take(oc, SA(a), sizeof(a)) : NULL;
+
+        if (write(up[1], "x", 1) != 1 || read(down[0], &ch, 1) != 1)
+            _exit(3);
+        conns_close(oc, x);
+        conns_close(oc, y);
+        conns_free(oc);
+        shared_free(other);
+        _exit(x != NULL && y != NULL ? 0 : 1);
+    }
+    if (read(up[0], &ch, 1) != 1)
+        return;
+    e[0] = take(c, SA(a), sizeof(a));
+    e[1] = take(c, SA(a), sizeof(a));
+    conns_get_stats(c, &st);
+    tap_ok(e[1] != NULL && !conns_admit(c, SA(a), sizeof(a)) && st.open == 4,
+           "another worker's connections count: the fifth from one address "
+           "is refused (%u open)",
+           st.open);
+    if (write(down[1], "x", 1) != 1)
+        return;
+    waitpid(pid, &status, 0);
+    shared_slot_reclaim(region, (unsigned)slot);
+    tap_ok(WIFEXITED(status) && WEXITSTATUS(status) == 0 &&
+               conns_admit(c, SA(a), sizeof(a)),
+           "once it closed them, the address has room again");
+    conns_admit(c, SA(b), sizeof(b));
+    conns_get_stats(c, &st);
+    tap_ok(st.open == 3,
+           "an admission libmicrohttpd never started is given back at the "
+           "next (%u open)",
+           st.open);
+    conns_close(c, e[0]);
+    conns_close(c, e[1]);
+    e[2] = take(c, SA(b), sizeof(b));
+    conns_close(c, e[2]);
+    conns_get_stats(c, &st);
+    tap_ok(st.open == 0, "all closed (%u)", st.open);
     conns_free(c);
 }
 
@@ -220,7 +306,8 @@ static void test_deadline(void)
 {
     conns_options o = {16, 16, 1};
     char errbuf[128];
-    conns *c = conns_new(&o, errbuf, sizeof(errbuf));
+    conns *c =
+        conns_new(&o, region_new(o.max_connections), errbuf, sizeof(errbuf));
     struct sockaddr_in peer;
     int cl, sv;
     conns_entry *e;
@@ -266,6 +353,9 @@ int main(void)
 {
     test_admission();
     test_churn();
+    test_two_workers();
     test_deadline();
+    shared_free(self);
+    shared_free(region);
     return tap_done();
 }
