@@ -15,23 +15,33 @@
  * The lock order. A thread that holds one of these takes only those below
  * it, never one above:
  *
- *   1. tk_registry_lock (module.c): the module list, every libp11 call
- *      that is not a key operation, token_set_add and _free, a rebuild,
- *      a pass of the recovery thread.
- *   2. a module's calls (struct tk_module, a read-write lock): shared by
- *      the probes of request threads (token_answers), exclusive from a
- *      rebuild's C_Finalize to its last re-open.
+ *   1. a module's lock (struct tk_module, module.c): every libp11 call on
+ *      that module that is not a key operation, its list of tokens and its
+ *      PINs: opening a token (token_set_add), freeing a token's keys, a
+ *      rebuild, a recovery probe. Never held by one thread for two modules.
+ *      A thread that may not wait for a hung module takes it with a bound
+ *      (tk_module_lock: it gives up once the holder has been inside longer
+ *      than the bound) or only tries (tk_module_trylock).
+ *   2. a module's calls (a read-write lock): shared by the probes of
+ *      request threads (token_answers), exclusive from a rebuild's
+ *      C_Finalize to its last re-open.
  *   3. a token's lock (struct tk_token): its state, counters and queue;
  *      never held across a call into a module, nor across any call out
  *      of token/.
- *   4. events_lock (gate.c): the state changes not yet told.
+ *   4. tk_registry_lock (module.c): the module list, module references,
+ *      the tokens waiting to join or leave a module (tk_module_join_later,
+ *      tk_module_retire) and the recovery workers' bookkeeping. Held for a
+ *      few loads and stores only; nothing is taken under it.
+ *   5. events_lock (gate.c): the state changes not yet told; nothing is
+ *      taken under it either.
  *
  * No hook of the service (token_event_fn, token_present_fn) runs under
  * any of them: changes are queued under 3 and told by tk_events_flush
  * once the thread holds none. Key operations hold no lock of token/: the
- * gate admits them (gate.c) and lets go. What still holds lock 1 across
- * a module's calls (a rebuild, opening a token, a recovery probe) is
- * written in docs/DESIGN.md ("The lock order").
+ * gate admits them (gate.c) and lets go. So a module hung inside a call
+ * holds at most its own lock 1 (and its calls shared): what waits for it
+ * is its own tokens; docs/DESIGN.md ("The lock order") says how a reload
+ * and the recovery of other modules go on.
  */
 #ifndef SMIMED_TOKEN_INTERNAL_H
 #define SMIMED_TOKEN_INTERNAL_H
@@ -152,9 +162,31 @@ struct tk_pins {
     unsigned char refused[TK_REFUSED_MAX][TK_PIN_DIGEST];
 };
 
+/* What a module's recovery worker (recovery.c) is doing; under
+ * tk_registry_lock. */
+enum tk_worker {
+    TK_WORKER_NONE,
+    TK_WORKER_RUNNING,
+    TK_WORKER_DONE,      /* ended, to be joined */
+    TK_WORKER_ABANDONED, /* still inside the module at stop: detached */
+};
+
 struct tk_module {
-    struct tk_module *next;
-    unsigned refs;
+    struct tk_module *next; /* under tk_registry_lock */
+    unsigned refs;          /* under tk_registry_lock */
+    /* Lock 1 (see the top): the module's libp11 calls. held_since
+     * (CLOCK_MONOTONIC ms, atomic) is when its holder took it, so a
+     * waiter can tell a holder that is hung from one that is busy. */
+    pthread_mutex_t lock;
+    long long held_since;
+    int initialised; /* its context was made and loaded once */
+    /* Tokens that could not take the lock when they joined or left the
+     * module (linked by pending_next; under tk_registry_lock): the next
+     * holder of the lock adds them to tokens, or frees them. */
+    struct tk_token *pending;
+    pthread_t worker; /* under tk_registry_lock, as worker_state */
+    enum tk_worker worker_state;
+    int worker_probe_first;
     char *path;
     tk_probe *probe;
     PKCS11_CTX *ctx;
@@ -164,13 +196,13 @@ struct tk_module {
      * structures the tokens of every set point into. */
     PKCS11_SLOT *slots;
     unsigned int nslots;
-    struct tk_pins *pins; /* per token, by label and serial */
+    struct tk_pins *pins; /* per token, by label and serial; under lock */
     /* Every published token on the module, of every token set: a rebuild
-     * stops and re-opens them all. */
+     * stops and re-opens them all. Under lock. */
     struct tk_token **tokens;
     size_t ntokens;
-    /* Counts rebuilds; read by any thread, written under tk_registry_lock
-     * with every token of the module drained. */
+    /* Counts rebuilds; read by any thread, written under lock with every
+     * token of the module drained. */
     unsigned long generation;
     /* Probes from request threads (token_answers) hold it shared; a
      * rebuild holds it exclusively from C_Finalize to the last re-open, so
@@ -218,6 +250,11 @@ struct tk_token {
     int absent;
     int answers_now;
     int published; /* other threads see it: state changes take the lock */
+    /* On its module's pending list (under tk_registry_lock): to join the
+     * module's tokens, or (pending_dead) to be freed. */
+    struct tk_token *pending_next;
+    int on_pending;
+    int pending_dead;
     /* Where the PIN comes from, read again for a rebuild and for each
      * context-specific login, and the digest of the PIN the configuration
      * was loaded with: only that PIN is ever sent without a reload. */
@@ -281,23 +318,53 @@ struct token_set {
  * module.c: the module registry.
  */
 
-/* Guards the module list and every libp11 call that is not a key
- * operation (module.c says why). */
+/* Lock 4 (see the top): the module list and what module.c says. */
 extern pthread_mutex_t tk_registry_lock;
 extern struct tk_module *tk_registry;
+
+/* How long a call may stay inside a module before whoever must not wait
+ * for a hung module (a reload opening a token, a request that would
+ * rebuild) stops waiting for the module's lock. A rebuild that drains
+ * operations holds the lock for up to 5 s; a reload meeting it leaves
+ * the token to be opened later rather than wait. */
+#define TK_HUNG_MS 2000
 
 /* Describes why the last libp11 call failed and empties the error queue.
  * Returns the CKR code, 0 when the failure did not come from the module. */
 unsigned long tk_libp11_failure(char *buf, size_t len);
 
-/* Under tk_registry_lock. */
+/* A counted reference to the module at path, made, loaded and its slots
+ * listed on first use. 0: *out holds the module's lock too; 1: the module
+ * has been inside a call for over TK_HUNG_MS, *out is referenced but not
+ * locked; -1: err says why, no reference. Takes no lock on entry. */
 int tk_module_get(const char *path, struct tk_module **out, token_error *err);
+/* Drops a reference; the last one unloads the module. Holding no lock of
+ * token/ for this module. */
 void tk_module_put(struct tk_module *m);
+/* Lock 1. bound_ms < 0 waits as long as it takes; otherwise -1 once the
+ * holder has been inside the module for more than bound_ms. */
+int tk_module_lock(struct tk_module *m, long bound_ms);
+int tk_module_trylock(struct tk_module *m);
+/* Adds the tokens waiting to join, frees those waiting to leave, then
+ * lets go of lock 1; the references of the tokens freed are dropped last,
+ * so m may be gone when it returns unless the caller holds one of its own. */
+void tk_module_unlock(struct tk_module *m);
+/* A published token joins m's tokens, now or by the lock's next holder;
+ * its module reference is already counted. */
+void tk_module_join_later(struct tk_module *m, struct tk_token *t);
+/* A published token leaves: it and its keys are freed, and its module
+ * reference dropped, now or by the lock's next holder. Never waits. */
+void tk_module_retire(struct tk_module *m, struct tk_token *t);
+/* Under the module's lock. */
 int tk_module_load(struct tk_module *m, token_error *err);
 int tk_module_remember(struct tk_module *m, struct tk_token *t);
 void tk_module_forget(struct tk_module *m, const struct tk_token *t);
 PKCS11_SLOT *tk_module_find_slot(struct tk_module *m, const token_uri *u);
 int tk_slot_matches(const token_uri *u, PKCS11_SLOT *slot);
+
+/* set.c: frees a published token and its keys, not its module reference.
+ * Under the module's lock. */
+void tk_token_discard(struct tk_token *t);
 
 /*
  * login.c: logging in and PINs.

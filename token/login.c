@@ -91,7 +91,7 @@ static void pin_refused(struct tk_pins *p, const unsigned char d[TK_PIN_DIGEST])
  * 1 when logged in (or no login is needed), 0 when the token went down, -1
  * on an internal error. When this call logged in, *holding is 1 and
  * *session holds the login until libp11 has a session of its own. The PIN
- * is wiped and freed on every path. Called with tk_registry_lock held. */
+ * is wiped and freed on every path. Called with the module's lock held. */
 int tk_token_login(struct tk_token *t, char **pin, const tk_token_state *st,
                    unsigned long *session, int *holding, token_error *err)
 {

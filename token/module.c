@@ -10,7 +10,19 @@
  * share a context too. (While two sets overlap they may together ask for
  * more than 16 sessions on one slot; the excess waits in libp11 for
  * operations in flight, which is bounded.)
+ *
+ * Each module has a lock of its own for its libp11 calls (libp11 0.4.12
+ * does not lock its per-slot key and certificate caches), so a module hung
+ * inside a call stalls what needs that module and nothing else. The
+ * registry lock guards only the list and the references, never a call.
+ * Freeing a token and adding one to a module's list need the module's
+ * lock; a thread that must not wait for a hung module leaves that to the
+ * lock's next holder (tk_module_retire, tk_module_join_later).
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* pthread_mutex_clocklock */
+#endif
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -23,9 +35,7 @@
 
 #include "token/internal.h"
 
-/* Guards the module list and every libp11 call that is not a key
- * operation: libp11 0.4.12 does not lock its per-slot key and certificate
- * caches, and token sets may be built and freed from different threads. */
+/* The module list, references and pending tokens (internal.h, lock 4). */
 pthread_mutex_t tk_registry_lock = PTHREAD_MUTEX_INITIALIZER;
 struct tk_module *tk_registry;
 
@@ -61,17 +71,151 @@ unsigned long tk_libp11_failure(char *buf, size_t len)
     return rv;
 }
 
-/* ---- modules (tk_registry_lock held) ---- */
+/* ---- the module's lock ---- */
+
+static long long now_ms(void)
+{
+    struct timespec now;
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
+int tk_module_trylock(struct tk_module *m)
+{
+    if (pthread_mutex_trylock(&m->lock) != 0)
+        return -1;
+    __atomic_store_n(&m->held_since, now_ms(), __ATOMIC_RELAXED);
+    return 0;
+}
+
+int tk_module_lock(struct tk_module *m, long bound_ms)
+{
+    struct timespec until;
+    long long end;
+
+    if (bound_ms < 0) {
+        pthread_mutex_lock(&m->lock);
+        __atomic_store_n(&m->held_since, now_ms(), __ATOMIC_RELAXED);
+        return 0;
+    }
+    /* The bound runs from when the present holder took the lock, so a
+     * holder hung for minutes is given up on at once; a new holder
+     * starts it again. */
+    while (tk_module_trylock(m) != 0) {
+        end = __atomic_load_n(&m->held_since, __ATOMIC_RELAXED) + bound_ms;
+        if (now_ms() >= end)
+            return -1;
+        until.tv_sec = (time_t)(end / 1000);
+        until.tv_nsec = (long)(end % 1000) * 1000000L;
+        if (pthread_mutex_clocklock(&m->lock, CLOCK_MONOTONIC, &until) == 0) {
+            __atomic_store_n(&m->held_since, now_ms(), __ATOMIC_RELAXED);
+            return 0;
+        }
+    }
+    return 0;
+}
+
+/* Takes m's pending tokens off the list. */
+static struct tk_token *pending_take(struct tk_module *m)
+{
+    struct tk_token *list, *t;
+
+    pthread_mutex_lock(&tk_registry_lock);
+    list = m->pending;
+    m->pending = NULL;
+    for (t = list; t != NULL; t = t->pending_next)
+        t->on_pending = 0;
+    pthread_mutex_unlock(&tk_registry_lock);
+    return list;
+}
+
+static int pending_any(struct tk_module *m)
+{
+    int any;
+
+    pthread_mutex_lock(&tk_registry_lock);
+    any = m->pending != NULL;
+    pthread_mutex_unlock(&tk_registry_lock);
+    return any;
+}
+
+void tk_module_unlock(struct tk_module *m)
+{
+    struct tk_token *list, *t, *next;
+    unsigned puts = 0;
+
+    for (;;) {
+        list = pending_take(m);
+        for (t = list; t != NULL; t = next) {
+            /* read before the list is left: a token taken off may be put
+             * on again, as dead, by its set's free */
+            next = t->pending_next;
+            if (t->pending_dead) {
+                tk_token_discard(t);
+                puts++;
+            } else if (tk_module_remember(m, t) < 0) {
+                /* Without memory it stays out of the module's list: no
+                 * rebuild re-opens it, as none could open it. */
+                continue;
+            }
+        }
+        if (list != NULL)
+            continue;
+        pthread_mutex_unlock(&m->lock);
+        /* A token put on the list after it was last looked at found the
+         * lock taken: its thread left it to this one. */
+        if (!pending_any(m) || tk_module_trylock(m) != 0)
+            break;
+    }
+    while (puts-- > 0)
+        tk_module_put(m);
+}
+
+static void pending_push(struct tk_module *m, struct tk_token *t, int dead)
+{
+    pthread_mutex_lock(&tk_registry_lock);
+    if (!t->on_pending) {
+        t->pending_next = m->pending;
+        m->pending = t;
+        t->on_pending = 1;
+    }
+    t->pending_dead = dead;
+    pthread_mutex_unlock(&tk_registry_lock);
+    if (tk_module_trylock(m) == 0)
+        tk_module_unlock(m);
+}
+
+void tk_module_join_later(struct tk_module *m, struct tk_token *t)
+{
+    pending_push(m, t, 0);
+}
+
+void tk_module_retire(struct tk_module *m, struct tk_token *t)
+{
+    pending_push(m, t, 1);
+}
+
+/* ---- modules ---- */
 
 void tk_module_put(struct tk_module *m)
 {
     struct tk_module **p;
+    int last;
 
-    if (m == NULL || --m->refs > 0)
+    if (m == NULL)
         return;
-    for (p = &tk_registry; *p != m; p = &(*p)->next)
-        ;
-    *p = m->next;
+    pthread_mutex_lock(&tk_registry_lock);
+    last = --m->refs == 0;
+    if (last) {
+        for (p = &tk_registry; *p != m; p = &(*p)->next)
+            ;
+        *p = m->next;
+    }
+    pthread_mutex_unlock(&tk_registry_lock);
+    if (!last)
+        return;
+    /* Nobody else can reach it now: no lock is needed for its calls. */
     while (m->pins != NULL) {
         struct tk_pins *next = m->pins->next;
 
@@ -88,6 +232,7 @@ void tk_module_put(struct tk_module *m)
     tk_probe_close(m->probe);
     if (m->calls_ready)
         pthread_rwlock_destroy(&m->calls);
+    pthread_mutex_destroy(&m->lock);
     free(m->tokens);
     free(m->path);
     free(m);
@@ -161,63 +306,99 @@ int tk_module_load(struct tk_module *m, token_error *err)
     return 0;
 }
 
-/* A counted reference to the module at path, loaded and its slots listed
- * on first use. */
+/* Makes m's libp11 context and loads it: the first holder of the lock
+ * does, and again the next one if that failed. Under m->lock. */
+static int module_init(struct tk_module *m, token_error *err)
+{
+    UI_METHOD *ui;
+
+    if (m->ctx == NULL) {
+        m->ctx = PKCS11_CTX_new();
+        if (m->ctx == NULL) {
+            tk_error(err, TOKEN_ERR_INTERNAL, "out of memory");
+            return -1;
+        }
+        /* libp11 asks this UI for the PIN of a CKA_ALWAYS_AUTHENTICATE
+         * key at each operation (see tk_ui_read). */
+        ui = tk_login_ui_method();
+        if (ui != NULL)
+            PKCS11_set_ui_method(m->ctx, ui, NULL);
+    }
+    if (tk_module_load(m, err) < 0) {
+        if (m->loaded)
+            PKCS11_CTX_unload(m->ctx);
+        m->loaded = 0;
+        return -1;
+    }
+    m->initialised = 1;
+    return 0;
+}
+
+/* A new module entry for probe, not yet loaded; NULL without memory. */
+static struct tk_module *module_new(const char *path, tk_probe *probe)
+{
+    struct tk_module *m = calloc(1, sizeof(*m));
+
+    if (m == NULL)
+        return NULL;
+    m->path = strdup(path);
+    if (m->path == NULL || pthread_mutex_init(&m->lock, NULL) != 0) {
+        free(m->path);
+        free(m);
+        return NULL;
+    }
+    if (module_init_lock(m) < 0) {
+        pthread_mutex_destroy(&m->lock);
+        free(m->path);
+        free(m);
+        return NULL;
+    }
+    m->probe = probe;
+    m->refs = 1;
+    return m;
+}
+
 int tk_module_get(const char *path, struct tk_module **out, token_error *err)
 {
-    struct tk_module *m = NULL;
-    UI_METHOD *ui;
+    struct tk_module *m;
     tk_probe *probe;
-    int r = -1;
 
+    /* dlopen outside every lock: it runs the module's constructors. */
     probe = tk_probe_open(path, err);
     if (probe == NULL)
-        goto out;
+        return -1;
+    pthread_mutex_lock(&tk_registry_lock);
     for (m = tk_registry; m != NULL; m = m->next) {
         if (tk_probe_same_module(m->probe, probe))
             break;
     }
     if (m != NULL) {
         m->refs++;
-        *out = m;
-        m = NULL;
-        r = 0;
-        goto out;
+    } else {
+        m = module_new(path, probe);
+        if (m != NULL) {
+            probe = NULL;
+            m->next = tk_registry;
+            tk_registry = m;
+        }
     }
-    m = calloc(1, sizeof(*m));
+    pthread_mutex_unlock(&tk_registry_lock);
+    tk_probe_close(probe);
     if (m == NULL) {
         tk_error(err, TOKEN_ERR_INTERNAL, "out of memory");
-        goto out;
+        return -1;
     }
-    m->probe = probe;
-    probe = NULL;
-    m->refs = 1;
-    m->next = tk_registry;
-    tk_registry = m;
-    if (module_init_lock(m) < 0) {
-        tk_error(err, TOKEN_ERR_INTERNAL, "cannot create a lock");
-        goto out;
+    if (tk_module_lock(m, TK_HUNG_MS) < 0) {
+        *out = m;
+        return 1;
     }
-    m->path = strdup(path);
-    m->ctx = PKCS11_CTX_new();
-    if (m->path == NULL || m->ctx == NULL) {
-        tk_error(err, TOKEN_ERR_INTERNAL, "out of memory");
-        goto out;
+    if (!m->initialised && module_init(m, err) < 0) {
+        tk_module_unlock(m);
+        tk_module_put(m);
+        return -1;
     }
-    /* libp11 asks this UI for the PIN of a CKA_ALWAYS_AUTHENTICATE key
-     * at each operation (see tk_ui_read). */
-    ui = tk_login_ui_method();
-    if (ui != NULL)
-        PKCS11_set_ui_method(m->ctx, ui, NULL);
-    if (tk_module_load(m, err) < 0)
-        goto out;
     *out = m;
-    m = NULL;
-    r = 0;
-out:
-    tk_module_put(m);
-    tk_probe_close(probe);
-    return r;
+    return 0;
 }
 
 /* An attribute the URI does not give matches anything. libp11 has already

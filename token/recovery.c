@@ -26,6 +26,9 @@
  * asked to reload once they answer (token_look_again). A refused or locked
  * PIN (TK_PIN_REFUSED) is never tried again with the same PIN.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* pthread_timedjoin_np */
+#endif
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -194,7 +197,7 @@ static int token_rebind_keys(struct tk_token *t, char *why, size_t len)
  * gives: find its slot, probe it through the function list,
  * log in through the function list, and only then let libp11 list its
  * keys. The token ends ready, or down with the reason (TK_PIN_REFUSED when
- * the PIN was refused). Under tk_registry_lock, the module drained. */
+ * the PIN was refused). Under the module's lock, the module drained. */
 static void token_reopen(struct tk_token *t)
 {
     struct tk_module *m = t->module;
@@ -246,8 +249,8 @@ static void token_reopen(struct tk_token *t)
 
 /* A token that was absent when its set was built: renews its slot and,
  * when it answers now, asks the service for the reload that opens it
- * (once per token object; the reload replaces it). Under tk_registry_lock,
- * in a rebuild. */
+ * (once per token object; the reload replaces it). Under the module's
+ * lock, in a rebuild. */
 static void token_look_again(struct tk_token *t)
 {
     tk_token_state st;
@@ -274,7 +277,7 @@ static void token_look_again(struct tk_token *t)
  * Tokens whose PIN was refused are not touched beyond that. 0 when the
  * context was rebuilt (whatever each token made of it), -1 when the
  * operations in flight did not drain or the module did not load. Under
- * tk_registry_lock. */
+ * the module's lock. */
 static int module_rebuild(struct tk_module *m)
 {
     token_error err = {0};
@@ -372,20 +375,30 @@ failed:
     return -1;
 }
 
-/* The recovery loop: one thread for the process, which rebuilds every
- * module with a token down since a run-time fault once that token's
- * back-off has passed. When other tokens of the module still serve, the
- * faulty one must first answer a probe on the old context, so a token that
- * stays absent does not pause its neighbours at every attempt. */
+/* The recovery loop: one thread for the process looks at every module
+ * each quarter second, and a module with a token down since a run-time
+ * fault (its back-off passed) gets a worker thread of its own for the
+ * attempt, so a module hung inside a rebuild or a probe holds up its own
+ * tokens and no other module's recovery. At most one worker per module;
+ * the loop only tries the module's lock, and skips a module whose lock is
+ * taken. When other tokens of the module still serve, the faulty one must
+ * first answer a probe on the old context, so a token that stays absent
+ * does not pause its neighbours at every attempt. */
+static pthread_mutex_t recovery_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_t recovery_thread;
-static int recovery_running;
-static int recovery_stop;
+static int recovery_running; /* under recovery_lock */
+static int recovery_stop;    /* under recovery_lock; read atomically */
 static pthread_cond_t recovery_cond = PTHREAD_COND_INITIALIZER;
 
-static int module_wants_rebuild(struct tk_module *m)
+/* How long token_recovery_stop waits for the workers inside a module. */
+#define TK_WORKERS_STOP_MS 5000
+
+/* Whether an attempt on m is due, and whether it starts with a probe of
+ * the faulty tokens (*probe_first: others serve). Advances the back-off
+ * of the tokens it finds due. Under m->lock. */
+static int module_due(struct tk_module *m, int *probe_first)
 {
-    char why[TK_REASON_LEN];
-    int fault_due = 0, absent_due = 0, serving = 0, answers = 0;
+    int fault_due = 0, absent_due = 0, serving = 0;
     size_t i;
 
     for (i = 0; i < m->ntokens; i++) {
@@ -405,13 +418,19 @@ static int module_wants_rebuild(struct tk_module *m)
         }
         pthread_mutex_unlock(&t->lock);
     }
+    *probe_first = serving;
     /* A token absent since the load is looked for only by a rebuild that
      * pauses nobody: with tokens of the module serving, a reload finds it. */
-    if (!serving)
-        return fault_due || absent_due;
-    if (!fault_due)
-        return 0;
-    for (i = 0; i < m->ntokens && !answers; i++) {
+    return serving ? fault_due : fault_due || absent_due;
+}
+
+/* A faulty token of m answers a probe on the old context. Under m->lock. */
+static int module_answers(struct tk_module *m)
+{
+    char why[TK_REASON_LEN];
+    size_t i;
+
+    for (i = 0; i < m->ntokens; i++) {
         struct tk_token *t = m->tokens[i];
         int fault;
 
@@ -420,28 +439,149 @@ static int module_wants_rebuild(struct tk_module *m)
         pthread_mutex_unlock(&t->lock);
         if (fault && m->loaded && t->slot != NULL &&
             token_answers(t, why, sizeof(why)) != TK_SILENT)
-            answers = 1;
+            return 1;
     }
-    return answers;
+    return 0;
+}
+
+/* One attempt on a module, on a thread of its own; holds a reference. */
+static void *recovery_worker(void *arg)
+{
+    struct tk_module *m = arg;
+    int abandoned;
+
+    tk_module_lock(m, -1);
+    if (!m->worker_probe_first || module_answers(m))
+        module_rebuild(m);
+    tk_module_unlock(m);
+    tk_events_flush();
+    pthread_mutex_lock(&tk_registry_lock);
+    abandoned = m->worker_state == TK_WORKER_ABANDONED;
+    m->worker_state = abandoned ? TK_WORKER_NONE : TK_WORKER_DONE;
+    pthread_mutex_unlock(&tk_registry_lock);
+    /* Nobody joins a detached worker: it drops its reference itself. */
+    if (abandoned)
+        tk_module_put(m);
+    return NULL;
+}
+
+static void worker_start(struct tk_module *m, int probe_first)
+{
+    pthread_t th;
+
+    pthread_mutex_lock(&tk_registry_lock);
+    m->refs++;
+    m->worker_state = TK_WORKER_RUNNING;
+    m->worker_probe_first = probe_first;
+    pthread_mutex_unlock(&tk_registry_lock);
+    if (pthread_create(&th, NULL, recovery_worker, m) != 0) {
+        /* tried again at the token's next back-off */
+        pthread_mutex_lock(&tk_registry_lock);
+        m->worker_state = TK_WORKER_NONE;
+        pthread_mutex_unlock(&tk_registry_lock);
+        tk_module_put(m);
+        return;
+    }
+    pthread_mutex_lock(&tk_registry_lock);
+    m->worker = th;
+    pthread_mutex_unlock(&tk_registry_lock);
+}
+
+/* Joins m's ended worker; with until, also waits for a running one until
+ * then, and detaches it when it is still inside the module. The caller
+ * holds a reference to m. */
+static void worker_reap(struct tk_module *m, const struct timespec *until)
+{
+    enum tk_worker state;
+    int joined = 0;
+    pthread_t th;
+
+    pthread_mutex_lock(&tk_registry_lock);
+    state = m->worker_state;
+    th = m->worker;
+    pthread_mutex_unlock(&tk_registry_lock);
+    if (state == TK_WORKER_RUNNING && until != NULL) {
+        joined = pthread_timedjoin_np(th, NULL, until) == 0;
+        if (!joined) {
+            pthread_mutex_lock(&tk_registry_lock);
+            state = m->worker_state;
+            if (state == TK_WORKER_RUNNING) {
+                m->worker_state = TK_WORKER_ABANDONED;
+                pthread_detach(th);
+            }
+            pthread_mutex_unlock(&tk_registry_lock);
+            if (state == TK_WORKER_RUNNING)
+                return;
+        }
+    } else if (state != TK_WORKER_DONE) {
+        return;
+    }
+    if (!joined)
+        pthread_join(th, NULL);
+    pthread_mutex_lock(&tk_registry_lock);
+    m->worker_state = TK_WORKER_NONE;
+    pthread_mutex_unlock(&tk_registry_lock);
+    tk_module_put(m);
+}
+
+/* Visits every module with a reference held, so the list may change
+ * while fn runs (fn takes no registry lock of the caller's). */
+static void modules_each(void (*fn)(struct tk_module *, const void *),
+                         const void *arg)
+{
+    struct tk_module *m, *next;
+
+    pthread_mutex_lock(&tk_registry_lock);
+    m = tk_registry;
+    if (m != NULL)
+        m->refs++;
+    pthread_mutex_unlock(&tk_registry_lock);
+    while (m != NULL) {
+        fn(m, arg);
+        pthread_mutex_lock(&tk_registry_lock);
+        next = m->next;
+        if (next != NULL)
+            next->refs++;
+        pthread_mutex_unlock(&tk_registry_lock);
+        tk_module_put(m);
+        m = next;
+    }
+}
+
+static void module_visit(struct tk_module *m, const void *arg)
+{
+    enum tk_worker state;
+    int due = 0, probe_first = 0;
+
+    (void)arg;
+    worker_reap(m, NULL);
+    pthread_mutex_lock(&tk_registry_lock);
+    state = m->worker_state;
+    pthread_mutex_unlock(&tk_registry_lock);
+    if (state != TK_WORKER_NONE || tk_module_trylock(m) != 0)
+        return;
+    due = module_due(m, &probe_first);
+    tk_module_unlock(m);
+    if (due && !__atomic_load_n(&recovery_stop, __ATOMIC_ACQUIRE))
+        worker_start(m, probe_first);
+}
+
+static void module_stop_worker(struct tk_module *m, const void *arg)
+{
+    worker_reap(m, arg);
 }
 
 static void *recovery_main(void *arg)
 {
     struct timespec wake;
-    struct tk_module *m;
 
     (void)arg;
-    pthread_mutex_lock(&tk_registry_lock);
+    pthread_mutex_lock(&recovery_lock);
     while (!recovery_stop) {
-        for (m = tk_registry; m != NULL && !recovery_stop; m = m->next) {
-            if (module_wants_rebuild(m))
-                module_rebuild(m);
-        }
-        /* The pass's state changes are told with no lock held; a
-         * stop asked for meanwhile is seen below, under the lock. */
-        pthread_mutex_unlock(&tk_registry_lock);
+        pthread_mutex_unlock(&recovery_lock);
+        modules_each(module_visit, NULL);
         tk_events_flush();
-        pthread_mutex_lock(&tk_registry_lock);
+        pthread_mutex_lock(&recovery_lock);
         /* Back-offs are whole seconds; a quarter second is their grain. */
         clock_gettime(CLOCK_REALTIME, &wake);
         wake.tv_nsec += 250000000L;
@@ -450,9 +590,9 @@ static void *recovery_main(void *arg)
             wake.tv_nsec -= 1000000000L;
         }
         if (!recovery_stop)
-            pthread_cond_timedwait(&recovery_cond, &tk_registry_lock, &wake);
+            pthread_cond_timedwait(&recovery_cond, &recovery_lock, &wake);
     }
-    pthread_mutex_unlock(&tk_registry_lock);
+    pthread_mutex_unlock(&recovery_lock);
     return NULL;
 }
 
@@ -461,36 +601,43 @@ int token_recovery_start(token_event_fn fn, token_present_fn present,
 {
     __atomic_store_n(&tk_event_fn, fn, __ATOMIC_RELEASE);
     __atomic_store_n(&tk_present_fn, present, __ATOMIC_RELEASE);
-    pthread_mutex_lock(&tk_registry_lock);
+    pthread_mutex_lock(&recovery_lock);
     if (recovery_running) {
-        pthread_mutex_unlock(&tk_registry_lock);
+        pthread_mutex_unlock(&recovery_lock);
         return 0;
     }
-    recovery_stop = 0;
+    __atomic_store_n(&recovery_stop, 0, __ATOMIC_RELEASE);
     if (pthread_create(&recovery_thread, NULL, recovery_main, NULL) != 0) {
-        pthread_mutex_unlock(&tk_registry_lock);
+        pthread_mutex_unlock(&recovery_lock);
         tk_error(err, TOKEN_ERR_INTERNAL, "cannot start the recovery thread");
         return -1;
     }
     recovery_running = 1;
-    pthread_mutex_unlock(&tk_registry_lock);
+    pthread_mutex_unlock(&recovery_lock);
     return 0;
 }
 
 void token_recovery_stop(void)
 {
-    pthread_mutex_lock(&tk_registry_lock);
+    struct timespec until;
+
+    pthread_mutex_lock(&recovery_lock);
     if (!recovery_running) {
-        pthread_mutex_unlock(&tk_registry_lock);
+        pthread_mutex_unlock(&recovery_lock);
         return;
     }
-    recovery_stop = 1;
+    __atomic_store_n(&recovery_stop, 1, __ATOMIC_RELEASE);
     pthread_cond_signal(&recovery_cond);
-    pthread_mutex_unlock(&tk_registry_lock);
+    pthread_mutex_unlock(&recovery_lock);
     pthread_join(recovery_thread, NULL);
-    pthread_mutex_lock(&tk_registry_lock);
+    /* A worker still inside a hung module after the bound is left there
+     * (detached, its module kept): the process is on its way out. */
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += TK_WORKERS_STOP_MS / 1000;
+    modules_each(module_stop_worker, &until);
+    pthread_mutex_lock(&recovery_lock);
     recovery_running = 0;
-    pthread_mutex_unlock(&tk_registry_lock);
+    pthread_mutex_unlock(&recovery_lock);
     __atomic_store_n(&tk_event_fn, NULL, __ATOMIC_RELEASE);
     __atomic_store_n(&tk_present_fn, NULL, __ATOMIC_RELEASE);
 }
@@ -574,12 +721,13 @@ static int check_fault(token_key *key, token_error *err)
     pthread_mutex_lock(&t->lock);
     ready = t->state == TK_READY;
     pthread_mutex_unlock(&t->lock);
-    /* Another request's rebuild may be under way (it holds the registry
+    /* Another request's rebuild may be under way (it holds the module's
      * lock until it is done, and marks the token down just before it
-     * starts): wait for its outcome before judging the token. */
+     * starts): wait for its outcome before judging the token, as long as
+     * the request would wait for a session. */
     if (!ready) {
-        pthread_mutex_lock(&tk_registry_lock);
-        pthread_mutex_unlock(&tk_registry_lock);
+        if (tk_module_lock(m, t->wait_ms) == 0)
+            tk_module_unlock(m);
         pthread_mutex_lock(&t->lock);
         ready = t->state == TK_READY;
         pthread_mutex_unlock(&t->lock);
@@ -616,8 +764,16 @@ static int check_fault(token_key *key, token_error *err)
     }
     if (answer == TK_LOGGED_OUT || verdict == TK_KEY_STALE) {
         /* A reset: libp11's sessions are dead, the token is not. Rebuild
-         * now, in this thread, so the operation can be retried. */
-        pthread_mutex_lock(&tk_registry_lock);
+         * now, in this thread, so the operation can be retried; but not
+         * behind a call hung inside the module: then the token is down
+         * and the recovery loop's. */
+        if (tk_module_lock(m, TK_HUNG_MS) < 0) {
+            snprintf(why, sizeof(why),
+                     "the module has been inside another call for over %d ms",
+                     TK_HUNG_MS);
+            answer = TK_SILENT;
+            goto down;
+        }
         rebuilt = __atomic_load_n(&m->generation, __ATOMIC_ACQUIRE) == gen;
         /* Straight from ready to recovering (module_rebuild): a token
          * marked down first, even for a moment, turned away the requests
@@ -625,7 +781,7 @@ static int check_fault(token_key *key, token_error *err)
          * letting them wait for the rebuild. */
         if (rebuilt)
             module_rebuild(m);
-        pthread_mutex_unlock(&tk_registry_lock);
+        tk_module_unlock(m);
         pthread_mutex_lock(&t->lock);
         ready = t->state == TK_READY;
         pthread_mutex_unlock(&t->lock);
@@ -639,6 +795,7 @@ static int check_fault(token_key *key, token_error *err)
         if (ready && !down)
             goto retry;
     }
+down:
     pthread_mutex_lock(&t->lock);
     /* Another caller may have marked it down meanwhile; its reason
      * stands. */

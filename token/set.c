@@ -387,8 +387,6 @@ static void token_free(struct tk_token *t)
         t->fault_reasons = r->next;
         free(r);
     }
-    tk_module_forget(t->module, t);
-    tk_module_put(t->module);
     token_uri_clear(&t->uri);
     free(t->pin_file);
     free(t->pin_env);
@@ -397,6 +395,18 @@ static void token_free(struct tk_token *t)
     pthread_mutex_destroy(&t->lock);
     free(t->name);
     free(t);
+}
+
+void tk_token_discard(struct tk_token *t)
+{
+    size_t i;
+
+    /* Keys first: their EVP_PKEYs hold libp11 objects that refer to the
+     * slots the last module reference releases. */
+    for (i = 0; i < t->nkeys; i++)
+        key_free(t->keys[i]);
+    tk_module_forget(t->module, t);
+    token_free(t);
 }
 
 static struct tk_token *token_new(const token_spec *spec, token_error *err)
@@ -741,7 +751,7 @@ static const struct tk_token *set_token_on_slot(const token_set *set,
 
 /* Selects the token, probes it, logs in and finds the keys. Whatever the
  * token does wrong leaves it down with a reason; -1 only for configuration
- * and internal errors. Called with tk_registry_lock held. */
+ * and internal errors. Called with the module's lock held. */
 static int token_open(struct tk_build *b, char **pin, token_error *err)
 {
     struct tk_token *t = b->tok;
@@ -830,7 +840,9 @@ static int build_name(struct tk_build *b, token_error *err)
     return 0;
 }
 
-static int build_publish(struct tk_build *b, token_error *err)
+/* The token joins the set and its module (at once when locked holds the
+ * module's lock, else by the lock's next holder). */
+static int build_publish(struct tk_build *b, int locked, token_error *err)
 {
     token_set *set = b->set;
     struct tk_token **tokens;
@@ -847,7 +859,8 @@ static int build_publish(struct tk_build *b, token_error *err)
     set->keys = keys;
     /* + 1 as above */
     tkeys = malloc((b->nkeys + 1) * sizeof(*tkeys));
-    if (tkeys == NULL || tk_module_remember(b->tok->module, b->tok) < 0) {
+    if (tkeys == NULL ||
+        (locked && tk_module_remember(b->tok->module, b->tok) < 0)) {
         free(tkeys);
         goto oom;
     }
@@ -865,6 +878,8 @@ static int build_publish(struct tk_build *b, token_error *err)
     b->tok->changed = time(NULL);
     b->tok->published = 1;
     set->tokens[set->ntokens++] = b->tok;
+    if (!locked)
+        tk_module_join_later(b->tok->module, b->tok);
     b->tok = NULL;
     return 0;
 oom:
@@ -878,9 +893,10 @@ int token_set_add(token_set *set, const token_spec *spec, token_error *err)
     const char *label = spec->name != NULL  ? spec->name
                         : spec->uri != NULL ? spec->uri
                                             : "(unnamed)";
+    struct tk_module *m = NULL;
     struct tk_build b = {0};
     char *pin = NULL;
-    int locked = 0;
+    int locked = 0, rc;
     int r = -1;
 
     b.set = set;
@@ -917,26 +933,40 @@ int token_set_add(token_set *set, const token_spec *spec, token_error *err)
         b.tok->has_pin = 1;
     }
 
-    pthread_mutex_lock(&tk_registry_lock);
-    locked = 1;
-    if (tk_module_get(spec->module, &b.tok->module, err) < 0)
+    rc = tk_module_get(spec->module, &m, err);
+    if (rc < 0)
         goto out;
-    if (token_open(&b, &pin, err) < 0)
-        goto out;
+    locked = rc == 0;
+    b.tok->module = m;
+    if (locked) {
+        if (token_open(&b, &pin, err) < 0)
+            goto out;
+    } else {
+        /* Waiting could be for ever. The token is left down as if absent:
+         * once the module answers again, a rebuild finds it and the
+         * service is asked for the reload that opens it. */
+        tk_token_down(b.tok, TK_DOWN,
+                      "the module has been inside a call for over %d ms; the "
+                      "token is opened once it answers",
+                      TK_HUNG_MS);
+        b.tok->absent = 1;
+    }
     if (build_name(&b, err) < 0)
         goto out;
-    if (build_publish(&b, err) < 0)
+    if (build_publish(&b, locked, err) < 0)
         goto out;
     r = 0;
 out:
     token_pin_free(pin);
     if (r < 0)
         error_context(err, "token", label);
-    /* Dropping the module reference needs the lock; the build is freed
-     * before it is released. */
+    /* Its keys' libp11 objects are freed under the module's lock. */
     build_clear(&b);
     if (locked)
-        pthread_mutex_unlock(&tk_registry_lock);
+        tk_module_unlock(m);
+    /* A token that did not join leaves its module reference behind. */
+    if (r < 0)
+        tk_module_put(m);
     return r;
 }
 
@@ -953,14 +983,11 @@ void token_set_free(token_set *set)
 
     if (set == NULL)
         return;
-    /* Keys first: their EVP_PKEYs hold libp11 objects that refer to the
-     * slots the last module reference releases. */
-    pthread_mutex_lock(&tk_registry_lock);
-    for (i = 0; i < set->nkeys; i++)
-        key_free(set->keys[i]);
+    /* Each key goes with its token, under the token's module's lock; a
+     * module hung inside a call frees its tokens when it is back
+     * (tk_module_retire), so this never waits for one. */
     for (i = 0; i < set->ntokens; i++)
-        token_free(set->tokens[i]);
-    pthread_mutex_unlock(&tk_registry_lock);
+        tk_module_retire(set->tokens[i]->module, set->tokens[i]);
     free(set->keys);
     free(set->tokens);
     free(set);

@@ -52,6 +52,12 @@
  *   latency N      each key operation start waits N ms first.
  *   block          each key operation start waits until the file no
  *                  longer says "block" (a hung card); then it proceeds.
+ *   block_probe    C_GetTokenInfo, C_OpenSession and C_GetSessionInfo
+ *                  wait until the file no longer says "block_probe", then
+ *                  proceed: a module hung inside the calls a probe, a
+ *                  login or a rebuild's slot listing make. Each wait
+ *                  starts by logging "block_probe NAME" (FAULTY_P11_LOG),
+ *                  so a test knows a call is held.
  *   pin_code N     C_Login as the user answers N (e.g. 0xa2,
  *                  CKR_PIN_LEN_RANGE) without asking the real module: the
  *                  refusals SoftHSM never gives (it says CKR_PIN_INCORRECT
@@ -99,6 +105,7 @@ enum fault {
     FAULT_STALE,
     FAULT_LATENCY,
     FAULT_BLOCK,
+    FAULT_BLOCK_PROBE,
     FAULT_PIN_CODE,
 };
 
@@ -114,6 +121,7 @@ static const struct {
     {"stale", FAULT_STALE},
     {"latency", FAULT_LATENCY},
     {"block", FAULT_BLOCK},
+    {"block_probe", FAULT_BLOCK_PROBE},
     {"pin_code", FAULT_PIN_CODE},
 };
 
@@ -311,6 +319,19 @@ static CK_RV key_operation_fault(CK_SESSION_HANDLE session)
     return CKR_OK;
 }
 
+/* block_probe: holds the call named while the flag file says so. */
+static void hold_probe_call(const char *name)
+{
+    char line[40];
+
+    if (fault_now(NULL) != FAULT_BLOCK_PROBE)
+        return;
+    snprintf(line, sizeof(line), "block_probe %s", name);
+    log_call(line);
+    while (fault_now(NULL) == FAULT_BLOCK_PROBE)
+        sleep_ms(10);
+}
+
 static CK_RV get_slot_info(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info)
 {
     CK_RV rv = real->C_GetSlotInfo(slot, info);
@@ -322,6 +343,7 @@ static CK_RV get_slot_info(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info)
 
 static CK_RV get_token_info(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
 {
+    hold_probe_call("C_GetTokenInfo");
     if (fault_now(NULL) == FAULT_NOT_PRESENT)
         return CKR_TOKEN_NOT_PRESENT;
     return real->C_GetTokenInfo(slot, info);
@@ -334,6 +356,7 @@ static CK_RV open_session(CK_SLOT_ID slot, CK_FLAGS flags, void *app,
     CK_RV rv;
 
     log_call("C_OpenSession");
+    hold_probe_call("C_OpenSession");
     if (fail != NULL && strcmp(fail, "1") == 0)
         return CKR_DEVICE_ERROR;
     switch (fault_now(NULL)) {
@@ -348,6 +371,13 @@ static CK_RV open_session(CK_SLOT_ID slot, CK_FLAGS flags, void *app,
     if (rv == CKR_OK)
         track_open(slot, *session);
     return rv;
+}
+
+static CK_RV get_session_info(CK_SESSION_HANDLE session,
+                              CK_SESSION_INFO_PTR info)
+{
+    hold_probe_call("C_GetSessionInfo");
+    return real->C_GetSessionInfo(session, info);
 }
 
 static CK_RV close_session(CK_SESSION_HANDLE session)
@@ -438,6 +468,7 @@ static void load_real(void)
     wrapped.C_GetTokenInfo = get_token_info;
     wrapped.C_Finalize = finalize;
     wrapped.C_OpenSession = open_session;
+    wrapped.C_GetSessionInfo = get_session_info;
     wrapped.C_CloseSession = close_session;
     wrapped.C_CloseAllSessions = close_all_sessions;
     wrapped.C_Login = login;
