@@ -63,8 +63,12 @@ static inline int cms_is_ftext(unsigned char c)
 static inline size_t cms_line_end(const unsigned char *s, size_t len,
                                   size_t pos)
 {
-    const unsigned char *lf = memchr(s + pos, '\n', len - pos);
+    const unsigned char *lf;
 
+    /* an empty buffer may have no storage: no arithmetic on NULL */
+    if (pos >= len)
+        return len;
+    lf = memchr(s + pos, '\n', len - pos);
     return lf ? (size_t)(lf - s) + 1 : len;
 }
 
