@@ -31,6 +31,7 @@
 #include <openssl/err.h>
 #include <openssl/obj_mac.h>
 
+#include "common/deadline.h"
 #include "rkey/client.h"
 #include "rkey/rkey.h"
 
@@ -116,28 +117,6 @@ static void fail(rkey_failure *f, proto_status st, const char *fmt, ...)
     va_end(ap);
 }
 
-static void deadline_in(struct timespec *t, unsigned ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, t);
-    t->tv_sec += ms / 1000;
-    t->tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (t->tv_nsec >= 1000000000L) {
-        t->tv_sec++;
-        t->tv_nsec -= 1000000000L;
-    }
-}
-
-static long ms_until(const struct timespec *t)
-{
-    struct timespec now;
-    long ms;
-
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    ms = (long)(t->tv_sec - now.tv_sec) * 1000L +
-         (t->tv_nsec - now.tv_nsec) / 1000000L;
-    return ms < 0 ? 0 : ms;
-}
-
 void rkey_claims_set(const proto_claims *claims)
 {
     tl_has_claims = claims != NULL;
@@ -206,7 +185,7 @@ static void waiters_expire(rkey_client *c, unsigned gen, int all,
             pp = &w->next;
             continue;
         }
-        left = ms_until(&w->deadline);
+        left = deadline_ms_left(&w->deadline, CLOCK_MONOTONIC);
         if (all || left == 0) {
             *pp = w->next;
             waiter_finish(w, st, message);
@@ -497,7 +476,7 @@ static int call(rkey_client *c, proto_request *req, unsigned char **reply,
         return -1;
     }
     pthread_cond_init(&w.cond, NULL);
-    deadline_in(&w.deadline, c->timeout_ms);
+    w.deadline = deadline_after(CLOCK_MONOTONIC, (long)c->timeout_ms);
     pthread_mutex_lock(&c->lock);
     w.gen = c->gen;
     dead = c->dead;

@@ -36,6 +36,7 @@
 #include <netinet/in.h>
 #include <linux/tcp.h> /* struct tcp_info with tcpi_bytes_received */
 
+#include "common/deadline.h"
 #include "service/conns.h"
 #include "service/log.h"
 #include "service/shared.h"
@@ -111,20 +112,6 @@ static void key_of(const struct sockaddr *sa, socklen_t len, addr_key *k)
     }
 }
 
-static struct timespec now_plus_ms(long ms)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    t.tv_sec += ms / 1000;
-    t.tv_nsec += (ms % 1000) * 1000000L;
-    if (t.tv_nsec >= 1000000000L) {
-        t.tv_sec++;
-        t.tv_nsec -= 1000000000L;
-    }
-    return t;
-}
-
 static int before(const struct timespec *a, const struct timespec *b)
 {
     return a->tv_sec < b->tv_sec ||
@@ -181,7 +168,8 @@ static struct timespec watch_pass(conns *c, const struct timespec *now,
             now_bytes = received(e->fd);
             if (now_bytes == UINT64_MAX || now_bytes == bytes)
                 break;
-            e->deadline = now_plus_ms(1000L * c->header_timeout_s);
+            e->deadline =
+                deadline_after(CLOCK_MONOTONIC, 1000L * c->header_timeout_s);
             if (state_move(e, ST_IDLE, ST_WAIT) && before(&e->deadline, &next))
                 next = e->deadline;
             break;
@@ -206,9 +194,9 @@ static void *watch(void *arg)
         clock_gettime(CLOCK_MONOTONIC, &now);
         poll_idle = !before(&now, &idle_due);
         if (poll_idle)
-            idle_due = now_plus_ms(IDLE_POLL_MS);
+            idle_due = deadline_after(CLOCK_MONOTONIC, IDLE_POLL_MS);
         next = watch_pass(c, &now, poll_idle, &idle_due);
-        soonest = now_plus_ms(PASS_MIN_MS);
+        soonest = deadline_after(CLOCK_MONOTONIC, PASS_MIN_MS);
         if (before(&next, &soonest))
             next = soonest;
         counts[0] = c->header_timeouts;
@@ -383,7 +371,7 @@ conns_entry *conns_open(conns *c, const struct sockaddr *sa, int fd)
     e->fd = fd;
     e->state = ST_WAIT;
     e->idle_bytes = UINT64_MAX;
-    e->deadline = now_plus_ms(1000L * c->header_timeout_s);
+    e->deadline = deadline_after(CLOCK_MONOTONIC, 1000L * c->header_timeout_s);
     pthread_mutex_lock(&c->lock);
     e->next = c->head;
     if (c->head != NULL)

@@ -27,6 +27,7 @@
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
 
+#include "common/deadline.h"
 #include "service/budget.h"
 #include "service/conns.h"
 #include "service/http.h"
@@ -1081,29 +1082,6 @@ out:
     return ret;
 }
 
-static int deadline_passed(const struct timespec *deadline)
-{
-    struct timespec now;
-
-    clock_gettime(CLOCK_REALTIME, &now);
-    return now.tv_sec > deadline->tv_sec ||
-           (now.tv_sec == deadline->tv_sec && now.tv_nsec >= deadline->tv_nsec);
-}
-
-static struct timespec deadline_after(unsigned ms)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_REALTIME, &t);
-    t.tv_sec += ms / 1000;
-    t.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (t.tv_nsec >= 1000000000L) {
-        t.tv_sec++;
-        t.tv_nsec -= 1000000000L;
-    }
-    return t;
-}
-
 void http_quiesce(http_server *srv)
 {
     MHD_socket fd;
@@ -1123,7 +1101,8 @@ unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
     unsigned left, quiet_ms = 0;
 
     http_quiesce(srv);
-    deadline = deadline_after(timeout_ms);
+    /* the condition variable waits on CLOCK_REALTIME */
+    deadline = deadline_after(CLOCK_REALTIME, (long)timeout_ms);
     /* Requests in flight end, and then connections: one accepted just
      * before the quiesce may not have sent its request yet (other workers
      * go on serving, so its client is owed an answer, not a close). Every
@@ -1139,7 +1118,7 @@ unsigned http_shutdown(http_server *srv, unsigned timeout_ms)
         pthread_mutex_unlock(&srv->lock);
         conns_get_stats(srv->conns, &st);
         if (left > 0 || st.open == 0 || quiet_ms >= DRAIN_IDLE_MS ||
-            deadline_passed(&deadline))
+            deadline_passed(&deadline, CLOCK_REALTIME))
             break;
         nanosleep(&tick, NULL);
         pthread_mutex_lock(&srv->lock);

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/deadline.h"
 #include "service/audit.h"
 #include "service/keyaudit.h"
 #include "service/log.h"
@@ -38,17 +39,6 @@ static double ms_since(const struct timespec *t0)
     clock_gettime(CLOCK_MONOTONIC, &now);
     return (double)(now.tv_sec - t0->tv_sec) * 1000.0 +
            (double)(now.tv_nsec - t0->tv_nsec) / 1e6;
-}
-
-static long ms_until(const struct timespec *t)
-{
-    struct timespec now;
-    long ms;
-
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    ms = (long)(t->tv_sec - now.tv_sec) * 1000L +
-         (t->tv_nsec - now.tv_nsec) / 1000000L;
-    return ms < 0 ? 0 : ms;
 }
 
 keyaudit *keyaudit_new(unsigned slot)
@@ -192,13 +182,7 @@ void keyaudit_end(keyaudit *a, const char *request_id)
     pthread_mutex_lock(&a->lock);
     p = find(a, request_id, &at);
     if (p != NULL && p->running > 0 && --p->running == 0) {
-        clock_gettime(CLOCK_MONOTONIC, &p->deadline);
-        p->deadline.tv_sec += ms / 1000;
-        p->deadline.tv_nsec += (ms % 1000) * 1000000L;
-        if (p->deadline.tv_nsec >= 1000000000L) {
-            p->deadline.tv_sec++;
-            p->deadline.tv_nsec -= 1000000000L;
-        }
+        p->deadline = deadline_after(CLOCK_MONOTONIC, ms);
         if (p->lost) {
             *at = p->next;
             a->count--;
@@ -247,7 +231,7 @@ int keyaudit_expire(keyaudit *a, int gone)
             pp = &p->next;
             continue;
         }
-        left = ms_until(&p->deadline);
+        left = deadline_ms_left(&p->deadline, CLOCK_MONOTONIC);
         if (gone || left == 0) {
             *pp = p->next;
             a->count--;

@@ -46,6 +46,7 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 
+#include "common/deadline.h"
 #include "proto/proto.h"
 #include "service/audit.h"
 #include "service/keyaudit.h"
@@ -137,28 +138,6 @@ static double ms_since(const struct timespec *t0)
     clock_gettime(CLOCK_MONOTONIC, &now);
     return (double)(now.tv_sec - t0->tv_sec) * 1000.0 +
            (double)(now.tv_nsec - t0->tv_nsec) / 1e6;
-}
-
-static void deadline_in(struct timespec *t, long ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, t);
-    t->tv_sec += ms / 1000;
-    t->tv_nsec += (ms % 1000) * 1000000L;
-    if (t->tv_nsec >= 1000000000L) {
-        t->tv_sec++;
-        t->tv_nsec -= 1000000000L;
-    }
-}
-
-static long ms_until(const struct timespec *t)
-{
-    struct timespec now;
-    long ms;
-
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    ms = (long)(t->tv_sec - now.tv_sec) * 1000L +
-         (t->tv_nsec - now.tv_nsec) / 1000000L;
-    return ms < 0 ? 0 : ms;
 }
 
 static void epoch_bump(void)
@@ -460,7 +439,7 @@ static int conn_send(kd_conn *c, const unsigned char *buf, size_t len, int wait)
 
     if (__atomic_load_n(&c->closing, __ATOMIC_ACQUIRE))
         return -1;
-    deadline_in(&until, SEND_TIMEOUT_MS);
+    until = deadline_after(CLOCK_MONOTONIC, SEND_TIMEOUT_MS);
     for (;;) {
         n = send(c->fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n == (ssize_t)len)
@@ -468,8 +447,8 @@ static int conn_send(kd_conn *c, const unsigned char *buf, size_t len, int wait)
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && wait &&
-            ms_until(&until) > 0) {
-            poll(&pfd, 1, (int)ms_until(&until));
+            deadline_ms_left(&until, CLOCK_MONOTONIC) > 0) {
+            poll(&pfd, 1, (int)deadline_ms_left(&until, CLOCK_MONOTONIC));
             continue;
         }
         break;

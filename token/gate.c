@@ -314,13 +314,7 @@ int tk_acquire_slot(token_key *key, token_use use, EVP_PKEY **pkey, int check,
         tk_error(err, TOKEN_ERR_UNAVAILABLE, "key %s: %s", key->name, reason);
         return -1;
     }
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += t->wait_ms / 1000;
-    deadline.tv_nsec += (t->wait_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    deadline = tk_deadline_after(CLOCK_MONOTONIC, t->wait_ms);
     pthread_mutex_lock(&t->lock);
     free_now = slot_free(t, NULL) || wait_in_queue(t, &deadline);
     if (t->state != TK_READY) {

@@ -411,4 +411,19 @@ int tk_acquire_slot(token_key *key, token_use use, EVP_PKEY **pkey, int check,
 
 void tk_schedule_recovery(struct tk_token *t);
 
+/* Now plus ms on clock (CLOCK_REALTIME for pthread_cond_timedwait). */
+static inline struct timespec tk_deadline_after(clockid_t clock, long ms)
+{
+    struct timespec t;
+
+    clock_gettime(clock, &t);
+    t.tv_sec += ms / 1000;
+    t.tv_nsec += (ms % 1000) * 1000000L;
+    if (t.tv_nsec >= 1000000000L) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000L;
+    }
+    return t;
+}
+
 #endif

@@ -130,13 +130,7 @@ static int module_drain(struct tk_module *m)
     size_t i;
     int rc = 0;
 
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += TK_DRAIN_MS / 1000;
-    deadline.tv_nsec += (TK_DRAIN_MS % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    deadline = tk_deadline_after(CLOCK_MONOTONIC, TK_DRAIN_MS);
     for (i = 0; i < m->ntokens && rc == 0; i++) {
         struct tk_token *t = m->tokens[i];
 
@@ -583,12 +577,7 @@ static void *recovery_main(void *arg)
         tk_events_flush();
         pthread_mutex_lock(&recovery_lock);
         /* Back-offs are whole seconds; a quarter second is their grain. */
-        clock_gettime(CLOCK_REALTIME, &wake);
-        wake.tv_nsec += 250000000L;
-        if (wake.tv_nsec >= 1000000000L) {
-            wake.tv_sec++;
-            wake.tv_nsec -= 1000000000L;
-        }
+        wake = tk_deadline_after(CLOCK_REALTIME, 250);
         if (!recovery_stop)
             pthread_cond_timedwait(&recovery_cond, &recovery_lock, &wake);
     }

@@ -747,6 +747,65 @@ def wait_for(read, ready, timeout=5.0):
         time.sleep(0.01)
 
 
+def config_variant(base, path, **options):
+    """base (a loaded configuration) with options set, written to path."""
+    cfg = json.loads(json.dumps(base))
+    cfg.update(options)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def connect_from(d, source=None, timeout=30):
+    """A TCP connection to daemon d, from the local address source (any
+    127.0.0.x) when given."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if source is not None:
+        s.bind((source, 0))
+    s.settimeout(timeout)
+    s.connect(("127.0.0.1", d.port))
+    return s
+
+
+def wait_until(pred, what, limit, period=0.05):
+    """pred() again every period seconds until it is true; the seconds it
+    took, or AssertionError naming what and pred's last answer."""
+    t0 = time.monotonic()
+    last = None
+    while time.monotonic() - t0 < limit:
+        last = pred()
+        if last:
+            return time.monotonic() - t0
+        time.sleep(period)
+    raise AssertionError("%s: not within %.1f s (last %r)" % (what, limit, last))
+
+
+def set_fault_flag(flag, text):
+    """What faulty_p11 does from now on (text, see tests/unit/faulty_p11.c),
+    or nothing (None). Written as a new inode: the module never reads half
+    a word, and a one-shot command sees a new write."""
+    if text is None:
+        try:
+            flag.unlink()
+        except FileNotFoundError:
+            pass
+        return
+    tmp = flag.with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(flag)
+
+
+def p11_log_lines(log):
+    """The calls faulty_p11 logged (FAULTY_P11_LOG), one a line."""
+    try:
+        return log.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def p11_log_count(log, name):
+    return sum(1 for l in p11_log_lines(log) if l.strip() == name)
+
+
 def check(cond, msg):
     if not cond:
         raise AssertionError(msg)

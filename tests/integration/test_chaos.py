@@ -89,15 +89,7 @@ def count(endpoint, mode, answer):
 
 
 def set_flag(text):
-    if text is None:
-        try:
-            FLAG.unlink()
-        except FileNotFoundError:
-            pass
-        return
-    tmp = FLAG.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(FLAG)  # a new inode: a one-shot command sees a new write
+    F.set_fault_flag(FLAG, text)
 
 
 def write_config(wait_ms):

@@ -55,22 +55,11 @@ def plain(tag):
 
 
 def set_flag(word):
-    if word is None:
-        try:
-            FLAG.unlink()
-        except FileNotFoundError:
-            pass
-    else:
-        tmp = FLAG.with_suffix(".tmp")
-        tmp.write_text(word + "\n")
-        tmp.replace(FLAG)  # atomic: the module never reads half a word
+    F.set_fault_flag(FLAG, word)
 
 
 def log_count(name):
-    try:
-        return sum(1 for l in P11LOG.read_text().splitlines() if l.strip() == name)
-    except FileNotFoundError:
-        return 0
+    return F.p11_log_count(P11LOG, name)
 
 
 # ------------------------------------------------------------------ helpers

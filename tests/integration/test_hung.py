@@ -53,33 +53,15 @@ def msg(tag):
 
 
 def set_flag(text):
-    if text is None:
-        try:
-            FLAG.unlink()
-        except FileNotFoundError:
-            pass
-        return
-    tmp = FLAG.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(FLAG)
+    F.set_fault_flag(FLAG, text)
 
 
 def p11log():
-    try:
-        return P11LOG.read_text().splitlines()
-    except FileNotFoundError:
-        return []
+    return F.p11_log_lines(P11LOG)
 
 
 def wait_for(pred, what, limit, period=0.05):
-    t0 = time.monotonic()
-    last = None
-    while time.monotonic() - t0 < limit:
-        last = pred()
-        if last:
-            return time.monotonic() - t0
-        time.sleep(period)
-    raise AssertionError("%s: not within %.1f s (last %r)" % (what, limit, last))
+    return F.wait_until(pred, what, limit, period)
 
 
 def write_conf(other_name):

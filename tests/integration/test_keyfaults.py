@@ -38,22 +38,11 @@ C = None
 
 
 def set_flag(text):
-    if text is None:
-        try:
-            FLAG.unlink()
-        except FileNotFoundError:
-            pass
-        return
-    tmp = FLAG.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(FLAG)
+    F.set_fault_flag(FLAG, text)
 
 
 def logins():
-    try:
-        return sum(1 for l in P11LOG.read_text().splitlines() if l.strip() == "C_Login")
-    except FileNotFoundError:
-        return 0
+    return F.p11_log_count(P11LOG, "C_Login")
 
 
 def token(conn, name):

@@ -30,11 +30,7 @@ MIB = 1 << 20
 
 
 def config(name, **options):
-    cfg = json.loads(json.dumps(BASE))
-    cfg.update(options)
-    path = LIM / ("%s.conf" % name)
-    path.write_text(json.dumps(cfg))
-    return path
+    return F.config_variant(BASE, LIM / ("%s.conf" % name), **options)
 
 
 def message(size, tag):
@@ -50,12 +46,7 @@ def message(size, tag):
 
 
 def connect(d, source=None, timeout=30):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if source is not None:
-        s.bind((source, 0))
-    s.settimeout(timeout)
-    s.connect(("127.0.0.1", d.port))
-    return s
+    return F.connect_from(d, source, timeout)
 
 
 def head(d, method, path, length=None, ctype="message/rfc822", chunked=False,

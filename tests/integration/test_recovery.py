@@ -61,34 +61,15 @@ def msg(tag):
 
 
 def set_flag(text, flag=None):
-    flag = flag or FLAG
-    if text is None:
-        try:
-            flag.unlink()
-        except FileNotFoundError:
-            pass
-        return
-    tmp = flag.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(flag)  # a new inode: one-shot commands see a new write
+    F.set_fault_flag(flag or FLAG, text)
 
 
 def log_count(name, log=None):
-    try:
-        return sum(1 for l in (log or P11LOG).read_text().splitlines() if l.strip() == name)
-    except FileNotFoundError:
-        return 0
+    return F.p11_log_count(log or P11LOG, name)
 
 
 def wait_for(pred, what, limit=RECOVER_S, period=0.05):
-    t0 = time.monotonic()
-    last = None
-    while time.monotonic() - t0 < limit:
-        last = pred()
-        if last:
-            return time.monotonic() - t0
-        time.sleep(period)
-    raise AssertionError("%s: not within %.1f s (last %r)" % (what, limit, last))
+    return F.wait_until(pred, what, limit, period)
 
 
 def sign_ok(d, key, tag):

@@ -48,12 +48,7 @@ def plain(tag):
 
 
 def wait_for(pred, what, limit, period=0.1):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < limit:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(period)
-    raise AssertionError("%s: not within %d s" % (what, limit))
+    return F.wait_until(pred, what, limit, period)
 
 
 def start_server():

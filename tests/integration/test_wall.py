@@ -39,10 +39,7 @@ PIN = None
 
 
 def logins():
-    try:
-        return sum(1 for l in P11LOG.read_text().splitlines() if l.strip() == "C_Login")
-    except FileNotFoundError:
-        return 0
+    return F.p11_log_count(P11LOG, "C_Login")
 
 
 def of(comm):

@@ -28,19 +28,11 @@ MIB = 1 << 20
 
 
 def config(name, **options):
-    cfg = json.loads(json.dumps(BASE))
-    cfg.update(options)
-    path = W / ("%s.conf" % name)
-    path.write_text(json.dumps(cfg))
-    return path
+    return F.config_variant(BASE, W / ("%s.conf" % name), **options)
 
 
 def connect(d, source):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((source, 0))
-    s.settimeout(10)
-    s.connect(("127.0.0.1", d.port))
-    return s
+    return F.connect_from(d, source, timeout=10)
 
 
 def refused(s, timeout=5):
