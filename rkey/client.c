@@ -397,16 +397,6 @@ void rkey_client_set_socket(rkey_client *c, int fd)
     pthread_rwlock_unlock(&c->send_lock);
 }
 
-int rkey_client_connected(rkey_client *c)
-{
-    int up;
-
-    pthread_mutex_lock(&c->lock);
-    up = !c->dead;
-    pthread_mutex_unlock(&c->lock);
-    return up;
-}
-
 void rkey_client_free(rkey_client *c)
 {
     if (c == NULL)

@@ -52,9 +52,6 @@ void rkey_client_free(rkey_client *c);
 /* Takes fd in place of the socket in use: calls waiting on the old one
  * fail with PROTO_UNAVAILABLE, and the directory is fetched again. */
 void rkey_client_set_socket(rkey_client *c, int fd);
-/* 1 until a call (or rkey_dir_get1) found the socket closed: nothing
- * reads it between calls. */
-int rkey_client_connected(rkey_client *c);
 
 /* The claims the calling thread's key operations carry (copied; NULL
  * clears them). A key operation without claims is refused here. */
