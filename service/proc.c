@@ -193,6 +193,10 @@ typedef struct super {
     int stopping;
     struct timespec key_started, stop_deadline;
     int key_reload_pending;
+    /* the configuration the key process is loading (the one checked here),
+     * in service once it answers that its tokens serve */
+    config *pending_cfg;
+    int reload_again; /* a SIGHUP came while one was pending */
     /* a reload took: "in service" is said once no old worker accepts */
     int announce_pending;
 } super;
@@ -527,6 +531,15 @@ static void reap(super *s)
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
         if (pid == s->key.pid) {
             child_gone(s, &s->key, status);
+            /* its answer will not come: the next key process loads the
+             * file itself, and a reload once it is ready brings the
+             * workers along */
+            if (s->key_reload_pending) {
+                s->key_reload_pending = 0;
+                config_free(s->pending_cfg);
+                s->pending_cfg = NULL;
+                s->reload_again = 1;
+            }
             continue;
         }
         for (i = 0; i < s->nworkers; i++) {
@@ -625,6 +638,11 @@ static void reload(super *s)
     config *cfg;
     size_t i;
 
+    /* one at a time, so the answer is the pending one's */
+    if (s->key_reload_pending) {
+        s->reload_again = 1;
+        return;
+    }
     cfg = config_load(s->config_path, &problems);
     for (i = 0; i < problems.count; i++)
         log_error("%s", problems.lines[i]);
@@ -634,36 +652,46 @@ static void reload(super *s)
         return;
     }
     if (s->key.pid > 0 && key_send_pins(s, cfg, 0) == 0 &&
-        proc_ctl_send(s->key.control, PROC_CTL_RELOAD, 0, NULL, 0, -1) == 0)
+        proc_ctl_send(s->key.control, PROC_CTL_RELOAD, 0, NULL, 0, -1) == 0) {
         s->key_reload_pending = 1;
+        s->pending_cfg = cfg;
+        cfg = NULL;
+    }
     config_free(cfg);
 }
 
 static void on_key_message(super *s, const proc_ctl *m)
 {
-    config_problems problems = {0};
     config *cfg;
 
     switch (m->type) {
     case PROC_CTL_READY:
         s->key.ready = 1;
         log_info("the key process has its tokens open");
+        if (s->reload_again) {
+            s->reload_again = 0;
+            reload(s);
+        }
         break;
     case PROC_CTL_RELOAD:
         s->key_reload_pending = 0;
-        if (!m->arg)
-            break;
-        /* the supervisor's copy follows, for the children it starts */
-        cfg = config_load(s->config_path, &problems);
-        config_problems_clear(&problems);
-        if (cfg != NULL) {
+        cfg = s->pending_cfg;
+        s->pending_cfg = NULL;
+        if (m->arg && cfg != NULL) {
+            /* the supervisor's copy follows, for the children it starts */
             config_free(s->cfg);
             s->cfg = cfg;
+            cfg = NULL;
             /* its log file is the one the workers take at SIGUSR1 */
-            if (log_open(cfg->log_file, cfg->log_level) != 0)
-                log_error("cannot open log file %s", cfg->log_file);
+            if (log_open(s->cfg->log_file, s->cfg->log_level) != 0)
+                log_error("cannot open log file %s", s->cfg->log_file);
             replace_workers(s);
             s->announce_pending = 1;
+        }
+        config_free(cfg);
+        if (s->reload_again) {
+            s->reload_again = 0;
+            reload(s);
         }
         break;
     case PROC_CTL_WANT_RELOAD:
@@ -920,6 +948,7 @@ out:
     shared_free(s.region);
     if (s.listen_fd >= 0)
         close(s.listen_fd);
+    config_free(s.pending_cfg);
     config_free(s.cfg);
     return ret;
 }
