@@ -197,8 +197,9 @@ typedef struct super {
      * in service once it answers that its tokens serve */
     config *pending_cfg;
     int reload_again; /* a SIGHUP came while one was pending */
-    /* a reload took: "in service" is said once no old worker accepts */
-    int announce_pending;
+    /* reloads that took: "in service" is said for each once no old worker
+     * accepts */
+    unsigned announce_pending;
 } super;
 
 static double now_s(void)
@@ -686,7 +687,7 @@ static void on_key_message(super *s, const proc_ctl *m)
             if (log_open(s->cfg->log_file, s->cfg->log_level) != 0)
                 log_error("cannot open log file %s", s->cfg->log_file);
             replace_workers(s);
-            s->announce_pending = 1;
+            s->announce_pending++;
         }
         config_free(cfg);
         if (s->reload_again) {
@@ -716,8 +717,9 @@ static void announce_if_done(super *s)
         if (s->workers[i].retiring && s->workers[i].pid > 0 &&
             !s->workers[i].quiesced)
             return;
-    s->announce_pending = 0;
-    log_info("configuration %s in service", s->config_path);
+    /* one line per reload: whoever waits for its own finds it */
+    for (; s->announce_pending > 0; s->announce_pending--)
+        log_info("configuration %s in service", s->config_path);
 }
 
 static void on_control(super *s, child *c)

@@ -221,6 +221,35 @@ def reload_on_sighup():
     eq(T.wait_children(2), (key, new), "processes after a refused reload")
 
 
+def reloads_in_turn():
+    """Two SIGHUPs, the file changed once the key process took the first:
+    each reload puts in service the configuration it checked (3 workers,
+    then 2), one after the other, and says so once each. (A SIGHUP before
+    the first was read would merge with it: signals do not queue.)"""
+    def write(text):  # a new inode: a reader never sees half a file
+        tmp = CONF.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(CONF)
+
+    good = CONF.read_text()
+    n = len(re.findall(r"configuration \S+ in service", T.text()))
+    starts = len(re.findall(r"replacing the workers: \d+ start", T.text()))
+    took = len(re.findall(r"the key process serves the tokens", T.text()))
+    try:
+        write(good.replace('"workers": 2', '"workers": 3'))
+        T.proc.send_signal(signal.SIGHUP)
+        T.wait_log(r"the key process serves the tokens", took + 1)
+        write(good)
+        T.proc.send_signal(signal.SIGHUP)
+        T.wait_log(r"configuration \S+ in service", n + 2)
+    finally:
+        write(good)
+    said = re.findall(r"replacing the workers: (\d+) start", T.text())[starts:]
+    eq(said, ["3", "2"], "workers started by the two reloads")
+    key, workers = T.wait_children(2)
+    eq(len(workers), 2, "workers in the end")
+
+
 def alive(pid):
     """1 while pid runs (a zombie has ended)."""
     try:
@@ -283,6 +312,8 @@ def main():
         S.case("the key process killed: replaced, every worker gets a new socket",
                key_process_killed)
         S.case("SIGHUP: the key process reloads", reload_on_sighup)
+        S.case("two SIGHUPs: each reload serves the configuration it checked, in turn",
+               reloads_in_turn)
         S.case("SIGTERM: workers, then the key process; exit 0", sigterm_stops_all)
     S.case("the supervisor killed: its children go too", supervisor_killed)
     S.case("workers is 1 to 256", workers_option)
